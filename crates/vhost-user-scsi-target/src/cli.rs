@@ -1,0 +1,141 @@
+//! Command-line arguments of the target.
+
+use std::path::PathBuf;
+
+use crate::device::MAX_QUEUE_SIZE;
+use crate::scsi::LunSpec;
+
+pub const USAGE: &str = "\
+usage: vhost-user-scsi-target --socket PATH [options]
+
+Serves virtio-scsi over vhost-user on a unix socket.
+
+options:
+  --socket PATH        vhost-user socket to create (must not exist)
+  --control PATH       control socket (line-delimited JSON) to create
+  --lun SPEC           a LUN, repeatable:
+                         T:L:ram:SIZE[:BS][:ro]    RAM, thin (unmapped blocks use no memory)
+                         T:L:null:SIZE[:BS]        reads zeros, discards writes
+                         T:L:file:PATH[:BS][:ro]   a file image; its length is the size
+                       SIZE takes K, M, G, T suffixes; BS is the block size (default 512)
+  --queues N           request queues (default 1, at most 64)
+  --queue-size N       entries per queue, a power of two up to 1024 (default 256)
+  --max-target N       highest target id in the config space (default: highest configured)
+  -v, --verbose        log each request (RUST_LOG=debug works too)
+  -h, --help           this text
+";
+
+#[derive(Debug)]
+pub struct Args {
+    pub socket: PathBuf,
+    pub control: Option<PathBuf>,
+    pub luns: Vec<LunSpec>,
+    pub queues: u16,
+    pub queue_size: u16,
+    pub max_target: Option<u8>,
+    pub verbose: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    Help,
+    Run,
+}
+
+/// Parses the arguments (without the program name).
+pub fn parse(args: impl IntoIterator<Item = String>) -> Result<(Parsed, Option<Args>), String> {
+    let mut it = args.into_iter();
+    let mut socket = None;
+    let mut control = None;
+    let mut luns = Vec::new();
+    let mut queues = 1u16;
+    let mut queue_size = 256u16;
+    let mut max_target = None;
+    let mut verbose = false;
+    while let Some(arg) = it.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = |what: &str| -> Result<String, String> {
+            inline.clone().or_else(|| it.next()).ok_or_else(|| format!("{name} needs {what}"))
+        };
+        match name.as_str() {
+            "-h" | "--help" => return Ok((Parsed::Help, None)),
+            "-v" | "--verbose" => verbose = true,
+            "--socket" => socket = Some(PathBuf::from(value("a path")?)),
+            "--control" => control = Some(PathBuf::from(value("a path")?)),
+            "--lun" => {
+                let v = value("a LUN spec")?;
+                luns.push(v.parse::<LunSpec>().map_err(|e| format!("--lun: {e}"))?);
+            }
+            "--queues" => {
+                let v = value("a number")?;
+                queues = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=64).contains(n))
+                    .ok_or_else(|| format!("--queues: '{v}' is not a number from 1 to 64"))?;
+            }
+            "--queue-size" => {
+                let v = value("a number")?;
+                queue_size = v
+                    .parse()
+                    .ok()
+                    .filter(|n: &u16| n.is_power_of_two() && *n >= 4 && *n <= MAX_QUEUE_SIZE)
+                    .ok_or_else(|| format!("--queue-size: '{v}' is not a power of two from 4 to {MAX_QUEUE_SIZE}"))?;
+            }
+            "--max-target" => {
+                let v = value("a number")?;
+                max_target = Some(v.parse().map_err(|_| format!("--max-target: '{v}' is not a number from 0 to 255"))?);
+            }
+            other => return Err(format!("unknown argument '{other}' (see --help)")),
+        }
+    }
+    let socket = socket.ok_or("--socket is required")?;
+    let mut seen = std::collections::HashSet::new();
+    for l in &luns {
+        if !seen.insert(l.addr) {
+            return Err(format!("--lun: target {} LUN {} is given twice", l.addr.target, l.addr.lun));
+        }
+    }
+    let highest = luns.iter().map(|l| l.addr.target).max().unwrap_or(0);
+    if let Some(m) = max_target {
+        if m < highest {
+            return Err(format!("--max-target {m} is below the highest configured target {highest}"));
+        }
+    }
+    Ok((Parsed::Run, Some(Args { socket, control, luns, queues, queue_size, max_target, verbose })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<Args, String> {
+        parse(args.iter().map(|s| s.to_string())).map(|(_, a)| a.unwrap())
+    }
+
+    #[test]
+    fn full_command_line() {
+        let a = run(&["--socket", "/tmp/s", "--lun", "0:0:ram:64M:512", "--lun=1:2:null:1G:4096", "--queues", "4"])
+            .unwrap();
+        assert_eq!(a.luns.len(), 2);
+        assert_eq!(a.queues, 4);
+        assert_eq!(a.queue_size, 256);
+    }
+
+    #[test]
+    fn errors_name_the_argument() {
+        assert!(run(&[]).unwrap_err().contains("--socket"));
+        assert!(run(&["--socket"]).unwrap_err().contains("--socket needs"));
+        assert!(run(&["--socket", "s", "--queues", "0"]).unwrap_err().contains("--queues"));
+        assert!(run(&["--socket", "s", "--queue-size", "1000"]).unwrap_err().contains("--queue-size"));
+        assert!(run(&["--socket", "s", "--lun", "0:0:disk:1M"]).unwrap_err().starts_with("--lun"));
+        assert!(run(&["--socket", "s", "--bogus"]).unwrap_err().contains("--bogus"));
+        assert!(run(&["--socket", "s", "--lun", "0:0:ram:1M", "--lun", "0:0:null:1M"])
+            .unwrap_err()
+            .contains("twice"));
+        assert!(run(&["--socket", "s", "--lun", "3:0:ram:1M", "--max-target", "1"]).unwrap_err().contains("below"));
+    }
+}

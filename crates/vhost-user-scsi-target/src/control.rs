@@ -1,0 +1,195 @@
+//! The control interface: a unix socket speaking line-delimited JSON, one request per line and
+//! one reply line each. Tests and the CLI use it to change LUNs, inject faults, drop the
+//! frontend and read statistics while the target runs.
+//!
+//! Replies are `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::RawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use log::warn;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use virtio_scsi_proto::{scsi::asc, LunAddress};
+
+use crate::device::ScsiBackend;
+use crate::scsi::{Fault, LunSpec};
+use crate::server::Server;
+use crate::storage::parse_size;
+
+#[derive(Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+enum Request {
+    AddLun { spec: String },
+    RemoveLun { target: u8, lun: u16 },
+    ResizeLun { target: u8, lun: u16, size: Size },
+    Inject {
+        target: u8,
+        lun: u16,
+        fault: FaultKind,
+        #[serde(default = "one")]
+        count: u32,
+        #[serde(default)]
+        key: u8,
+        #[serde(default)]
+        asc: u8,
+        #[serde(default)]
+        ascq: u8,
+        #[serde(default)]
+        ms: u64,
+    },
+    ClearFaults { target: u8, lun: u16 },
+    List,
+    Stats,
+    Disconnect,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum FaultKind {
+    CheckCondition,
+    Busy,
+    TaskSetFull,
+    Delay,
+    Never,
+}
+
+/// Everything a control request may touch.
+#[derive(Clone)]
+pub struct Control {
+    pub backend: ScsiBackend,
+    pub socket: PathBuf,
+    pub listener_fd: RawFd,
+}
+
+impl Control {
+    /// Serves the control socket on its own threads.
+    pub fn spawn(self, path: &Path) -> std::io::Result<()> {
+        if path.symlink_metadata().is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("control socket {}: a file already exists there", path.display()),
+            ));
+        }
+        let listener = UnixListener::bind(path)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("control socket {}: {e}", path.display())))?;
+        std::thread::Builder::new().name("control".into()).spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(stream) => {
+                        let ctl = self.clone();
+                        let _ = std::thread::Builder::new()
+                            .name("control-conn".into())
+                            .spawn(move || ctl.serve(stream));
+                    }
+                    Err(e) => warn!("control socket accept: {e}"),
+                }
+            }
+        })?;
+        Ok(())
+    }
+
+    fn serve(&self, stream: UnixStream) {
+        let Ok(mut out) = stream.try_clone() else { return };
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { return };
+            if line.trim().is_empty() {
+                continue;
+            }
+            let reply = match self.handle_line(&line) {
+                Ok(Value::Object(mut m)) => {
+                    m.insert("ok".into(), Value::Bool(true));
+                    Value::Object(m)
+                }
+                Ok(_) => json!({ "ok": true }),
+                Err(e) => json!({ "ok": false, "error": e }),
+            };
+            if writeln!(out, "{reply}").is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Executes one request line.
+    pub fn handle_line(&self, line: &str) -> Result<Value, String> {
+        let req: Request = serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))?;
+        let bus = self.backend.bus();
+        match req {
+            Request::AddLun { spec } => {
+                let spec: LunSpec = spec.parse().map_err(|e| format!("{e}"))?;
+                bus.add(spec.addr, spec.cfg).map_err(|e| e.to_string())?;
+                self.backend.post_hotplug(spec.addr, true);
+                Ok(json!({}))
+            }
+            Request::RemoveLun { target, lun } => {
+                let addr = LunAddress::new(target, lun);
+                bus.remove(addr).map_err(|e| e.to_string())?;
+                self.backend.post_hotplug(addr, false);
+                Ok(json!({}))
+            }
+            Request::ResizeLun { target, lun, size } => {
+                let bytes = match size {
+                    Size::Bytes(b) => b,
+                    Size::Text(t) => parse_size(&t).map_err(|e| format!("size: {e}"))?,
+                };
+                let addr = LunAddress::new(target, lun);
+                bus.resize(addr, bytes).map_err(|e| e.to_string())?;
+                let (a, q) = asc::CAPACITY_DATA_CHANGED;
+                self.backend.post_param_change(addr, a, q);
+                Ok(json!({}))
+            }
+            Request::Inject { target, lun, fault, count, key, asc, ascq, ms } => {
+                let fault = match fault {
+                    FaultKind::CheckCondition => {
+                        if key == 0 || key > 0xf {
+                            return Err("check_condition needs a sense key 1..15 in \"key\"".into());
+                        }
+                        Fault::CheckCondition { key, asc, ascq }
+                    }
+                    FaultKind::Busy => Fault::Busy,
+                    FaultKind::TaskSetFull => Fault::TaskSetFull,
+                    FaultKind::Delay => Fault::Delay(Duration::from_millis(ms)),
+                    FaultKind::Never => Fault::Never,
+                };
+                bus.inject(LunAddress::new(target, lun), fault, count).map_err(|e| e.to_string())?;
+                Ok(json!({}))
+            }
+            Request::ClearFaults { target, lun } => {
+                bus.clear_faults(LunAddress::new(target, lun)).map_err(|e| e.to_string())?;
+                Ok(json!({}))
+            }
+            Request::List => Ok(json!({ "luns": bus.list(), "config": config_json(&self.backend) })),
+            Request::Stats => Ok(json!({ "queues": self.backend.stats() })),
+            Request::Disconnect => {
+                let cut = Server::disconnect(&self.socket, self.listener_fd).map_err(|e| e.to_string())?;
+                Ok(json!({ "connections": cut }))
+            }
+        }
+    }
+}
+
+fn config_json(backend: &ScsiBackend) -> Value {
+    let c = backend.config();
+    json!({
+        "num_queues": c.num_queues,
+        "seg_max": c.seg_max,
+        "max_sectors": c.max_sectors,
+        "cmd_per_lun": c.cmd_per_lun,
+        "max_target": c.max_target,
+        "max_lun": c.max_lun,
+    })
+}

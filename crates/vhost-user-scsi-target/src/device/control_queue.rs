@@ -1,0 +1,150 @@
+//! The control queue: task management functions and asynchronous-notification requests.
+
+use std::io;
+use std::sync::atomic::Ordering;
+
+use log::{info, warn};
+use vhost_user_backend::{VringRwLock, VringStateMutGuard, VringT};
+use virtio_queue::QueueOwnedT;
+use virtio_scsi_proto::{an, ctrl, response, tmf, AnRequest, LunAddress, TmfRequest};
+
+use super::segments::Segments;
+use super::{Inner, MemGuard};
+
+/// Asynchronous notification classes this device can report.
+const SUPPORTED_AN: u32 = an::OPERATIONAL_CHANGE | an::MEDIA_CHANGE;
+
+impl Inner {
+    pub(super) fn process_control(&self, vring: &VringRwLock, mem: &MemGuard) -> io::Result<()> {
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(io::Error::other)?;
+            }
+            let chains: Vec<_> = {
+                let mut state = vring.get_mut();
+                state.get_queue_mut().iter(mem.clone()).map_err(io::Error::other)?.collect()
+            };
+            let any = !chains.is_empty();
+            for chain in chains {
+                let head = chain.head_index();
+                let segs = Segments::from_descriptors(chain.map(|d| (d.addr(), d.len(), d.is_write_only())));
+                let len = self.control_request(&segs, mem);
+                vring.add_used(head, len).map_err(io::Error::other)?;
+            }
+            if any {
+                Inner::notify(vring);
+            }
+            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Handles one control request and returns the used length.
+    fn control_request(&self, segs: &Segments, mem: &MemGuard) -> u32 {
+        let mut raw = [0u8; TmfRequest::SIZE];
+        let n = raw.len().min(segs.readable.len());
+        if n < 4 || segs.misordered || segs.readable.read(&**mem, 0, &mut raw[..n]).is_err() {
+            warn!("malformed control request");
+            return reply(segs, mem, &[response::FAILURE]);
+        }
+        let kind = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
+        match kind {
+            ctrl::TMF => match TmfRequest::decode(&raw[..n]) {
+                Some(req) => reply(segs, mem, &[self.task_management(req)]),
+                None => reply(segs, mem, &[response::FAILURE]),
+            },
+            ctrl::AN_QUERY | ctrl::AN_SUBSCRIBE => match AnRequest::decode(&raw[..n]) {
+                Some(req) => {
+                    let reply_bytes = self.async_notification(req);
+                    reply(segs, mem, &reply_bytes)
+                }
+                None => reply(segs, mem, &AnRequest::encode_response(0, response::FAILURE)),
+            },
+            other => {
+                warn!("unknown control request type {other}");
+                reply(segs, mem, &[response::FAILURE])
+            }
+        }
+    }
+
+    fn task_management(&self, req: TmfRequest) -> u8 {
+        let Some(addr) = LunAddress::decode(&req.lun) else { return response::BAD_TARGET };
+        if !self.bus.target_exists(addr.target) {
+            return response::BAD_TARGET;
+        }
+        info!("task management {} on {addr:?} tag {}", req.subtype, req.tag);
+        match req.subtype {
+            tmf::ABORT_TASK => {
+                for h in self.deferred.take(|h| h.addr == addr && h.tag == req.tag) {
+                    self.complete(h, Some(response::ABORTED));
+                }
+                response::OK
+            }
+            tmf::ABORT_TASK_SET | tmf::CLEAR_TASK_SET => {
+                for h in self.deferred.take(|h| h.addr == addr) {
+                    self.complete(h, Some(response::ABORTED));
+                }
+                response::OK
+            }
+            tmf::LOGICAL_UNIT_RESET => {
+                for h in self.deferred.take(|h| h.addr == addr) {
+                    self.complete(h, Some(response::RESET));
+                }
+                match self.bus.lun_reset(addr) {
+                    Ok(()) => response::OK,
+                    Err(_) => response::INCORRECT_LUN,
+                }
+            }
+            tmf::I_T_NEXUS_RESET => {
+                for h in self.deferred.take(|h| h.addr.target == addr.target) {
+                    self.complete(h, Some(response::RESET));
+                }
+                self.bus.nexus_reset(addr.target);
+                response::OK
+            }
+            tmf::QUERY_TASK => {
+                if self.deferred.contains(|h| h.addr == addr && h.tag == req.tag) {
+                    response::FUNCTION_SUCCEEDED
+                } else {
+                    response::OK
+                }
+            }
+            tmf::QUERY_TASK_SET => {
+                if self.deferred.contains(|h| h.addr == addr) {
+                    response::FUNCTION_SUCCEEDED
+                } else {
+                    response::OK
+                }
+            }
+            _ => response::FUNCTION_REJECTED,
+        }
+    }
+
+    fn async_notification(&self, req: AnRequest) -> [u8; AnRequest::RESPONSE_SIZE] {
+        match LunAddress::decode(&req.lun) {
+            Some(addr) if self.bus.target_exists(addr.target) => {}
+            _ => return AnRequest::encode_response(0, response::BAD_TARGET),
+        }
+        let actual = req.event_requested & SUPPORTED_AN;
+        if req.kind == ctrl::AN_SUBSCRIBE {
+            self.an_subscribed.fetch_or(actual, Ordering::Relaxed);
+        }
+        AnRequest::encode_response(actual, response::OK)
+    }
+}
+
+fn reply(segs: &Segments, mem: &MemGuard, bytes: &[u8]) -> u32 {
+    if segs.writable.len() < bytes.len() {
+        warn!("control request without room for its {}-byte reply", bytes.len());
+        return 0;
+    }
+    match segs.writable.write(&**mem, 0, bytes) {
+        Ok(()) => bytes.len() as u32,
+        Err(e) => {
+            warn!("cannot write a control reply: {e}");
+            0
+        }
+    }
+}

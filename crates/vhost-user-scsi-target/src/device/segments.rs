@@ -1,0 +1,176 @@
+//! A request's buffers as two byte streams: the device-readable part (header, then data-out) and
+//! the device-writable part (response, then data-in), however the driver split them into
+//! descriptors. The spec lets a driver frame a request any way it likes, so nothing here assumes
+//! that the header sits alone in the first descriptor.
+
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+use crate::scsi::{DataError, DataIn, DataOut};
+
+/// Descriptors of one chain, split by direction.
+#[derive(Clone, Debug, Default)]
+pub struct Segments {
+    pub readable: Stream,
+    pub writable: Stream,
+    /// A readable descriptor followed a writable one, which the spec forbids.
+    pub misordered: bool,
+}
+
+impl Segments {
+    pub fn from_descriptors(descs: impl Iterator<Item = (GuestAddress, u32, bool)>) -> Self {
+        let mut s = Segments::default();
+        for (addr, len, write_only) in descs {
+            if write_only {
+                s.writable.push(addr, len);
+            } else {
+                if !s.writable.parts.is_empty() {
+                    s.misordered = true;
+                }
+                s.readable.push(addr, len);
+            }
+        }
+        s
+    }
+}
+
+/// A scatter list of guest memory read or written at byte offsets.
+#[derive(Clone, Debug, Default)]
+pub struct Stream {
+    parts: Vec<(GuestAddress, u32)>,
+    len: usize,
+}
+
+impl Stream {
+    fn push(&mut self, addr: GuestAddress, len: u32) {
+        if len > 0 {
+            self.parts.push((addr, len));
+            self.len += len as usize;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Calls `f(guest_address, range_in_buf)` for every piece of `[offset, offset + n)`.
+    fn for_each_piece(
+        &self,
+        offset: usize,
+        n: usize,
+        mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), DataError>,
+    ) -> Result<(), DataError> {
+        let end = offset.checked_add(n).filter(|&e| e <= self.len).ok_or(DataError::OutOfRange {
+            offset,
+            len: n,
+            capacity: self.len,
+        })?;
+        let mut base = 0usize;
+        let mut done = offset;
+        for &(addr, plen) in &self.parts {
+            let pend = base + plen as usize;
+            if done < pend && done < end {
+                let start_in_part = done - base;
+                let take = (pend - done).min(end - done);
+                f(addr.unchecked_add(start_in_part as u64), done - offset..done - offset + take)?;
+                done += take;
+            }
+            if done >= end {
+                break;
+            }
+            base = pend;
+        }
+        Ok(())
+    }
+
+    pub fn read<M: GuestMemory>(&self, mem: &M, offset: usize, dst: &mut [u8]) -> Result<(), DataError> {
+        self.for_each_piece(offset, dst.len(), |addr, r| {
+            mem.read_slice(&mut dst[r], addr).map_err(|e| DataError::Memory(e.to_string()))
+        })
+    }
+
+    pub fn write<M: GuestMemory>(&self, mem: &M, offset: usize, src: &[u8]) -> Result<(), DataError> {
+        self.for_each_piece(offset, src.len(), |addr, r| {
+            mem.write_slice(&src[r], addr).map_err(|e| DataError::Memory(e.to_string()))
+        })
+    }
+}
+
+/// The data-out part of a request: the readable stream past the request header.
+pub struct GuestDataOut<'a, M> {
+    pub mem: &'a M,
+    pub stream: &'a Stream,
+    pub skip: usize,
+}
+
+impl<M: GuestMemory> DataOut for GuestDataOut<'_, M> {
+    fn len(&self) -> usize {
+        self.stream.len().saturating_sub(self.skip)
+    }
+
+    fn read_at(&self, offset: usize, dst: &mut [u8]) -> Result<(), DataError> {
+        self.stream.read(self.mem, self.skip + offset, dst)
+    }
+}
+
+/// The data-in part of a request: the writable stream past the response header.
+pub struct GuestDataIn<'a, M> {
+    pub mem: &'a M,
+    pub stream: &'a Stream,
+    pub skip: usize,
+}
+
+impl<M: GuestMemory> DataIn for GuestDataIn<'_, M> {
+    fn capacity(&self) -> usize {
+        self.stream.len().saturating_sub(self.skip)
+    }
+
+    fn write_at(&mut self, offset: usize, src: &[u8]) -> Result<(), DataError> {
+        self.stream.write(self.mem, self.skip + offset, src)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
+    }
+
+    #[test]
+    fn streams_span_descriptors() {
+        let m = mem();
+        let s = Segments::from_descriptors(
+            [(GuestAddress(0x100), 3, false), (GuestAddress(0x200), 5, false), (GuestAddress(0x300), 4, true)]
+                .into_iter(),
+        );
+        assert!(!s.misordered);
+        assert_eq!(s.readable.len(), 8);
+        m.write_slice(&[1, 2, 3], GuestAddress(0x100)).unwrap();
+        m.write_slice(&[4, 5, 6, 7, 8], GuestAddress(0x200)).unwrap();
+        let mut buf = [0u8; 4];
+        s.readable.read(&m, 2, &mut buf).unwrap();
+        assert_eq!(buf, [3, 4, 5, 6]);
+        s.writable.write(&m, 1, &[9, 9]).unwrap();
+        let mut out = [0u8; 4];
+        m.read_slice(&mut out, GuestAddress(0x300)).unwrap();
+        assert_eq!(out, [0, 9, 9, 0]);
+        assert!(s.writable.write(&m, 3, &[1, 1]).is_err());
+    }
+
+    #[test]
+    fn misordered_and_unmapped() {
+        let m = mem();
+        let s = Segments::from_descriptors(
+            [(GuestAddress(0x100), 4, true), (GuestAddress(0x200), 4, false)].into_iter(),
+        );
+        assert!(s.misordered);
+        let bad = Segments::from_descriptors([(GuestAddress(0xfff0_0000), 16, true)].into_iter());
+        assert!(matches!(bad.writable.write(&m, 0, &[0; 16]), Err(DataError::Memory(_))));
+    }
+}

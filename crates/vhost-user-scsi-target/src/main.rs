@@ -1,0 +1,71 @@
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use vhost_user_scsi_target::cli::{self, Parsed};
+use vhost_user_scsi_target::control::Control;
+use vhost_user_scsi_target::device::{DeviceOptions, ScsiBackend};
+use vhost_user_scsi_target::scsi::Bus;
+use vhost_user_scsi_target::server::Server;
+
+fn main() -> ExitCode {
+    let args = match cli::parse(std::env::args().skip(1)) {
+        Ok((Parsed::Help, _)) => {
+            print!("{}", cli::USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Ok((Parsed::Run, Some(a))) => a,
+        Ok((Parsed::Run, None)) => unreachable!("parse returns arguments to run with"),
+        Err(e) => {
+            eprintln!("vhost-user-scsi-target: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let level = if args.verbose { "debug" } else { "info" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vhost-user-scsi-target: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: cli::Args) -> Result<(), String> {
+    // Before any thread starts, so that every thread inherits the signal mask.
+    let mut sockets = vec![args.socket.clone()];
+    sockets.extend(args.control.clone());
+    vhost_user_scsi_target::signals::remove_on_exit(sockets).map_err(|e| format!("signal handling: {e}"))?;
+
+    let highest = args.luns.iter().map(|l| l.addr.target).max().unwrap_or(0);
+    let bus = Arc::new(Bus::new(args.max_target.unwrap_or(highest)));
+    for spec in args.luns {
+        let (t, l) = (spec.addr.target, spec.addr.lun);
+        bus.add(spec.addr, spec.cfg).map_err(|e| format!("--lun {t}:{l}: {e}"))?;
+    }
+    let opts = DeviceOptions { request_queues: args.queues, queue_size: args.queue_size };
+    let backend = ScsiBackend::new(bus.clone(), opts);
+
+    let server = Server::bind(&args.socket).map_err(|e| e.to_string())?;
+    if let Some(path) = &args.control {
+        let ctl = Control { backend: backend.clone(), socket: args.socket.clone(), listener_fd: server.listener_fd() };
+        if let Err(e) = ctl.spawn(path) {
+            let _ = std::fs::remove_file(&args.socket);
+            return Err(e.to_string());
+        }
+    }
+
+    let luns = bus.list();
+    println!(
+        "{}",
+        serde_json::json!({
+            "event": "listening",
+            "socket": args.socket,
+            "control": args.control,
+            "queues": args.queues,
+            "queue_size": args.queue_size,
+            "luns": luns,
+        })
+    );
+    server.run(&backend).map_err(|e| e.to_string())
+}

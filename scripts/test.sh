@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Every test of the project, from a fresh clone: system set-up (packages, guest kernel,
+# hugepages), npm packages, Rust format and lint checks, Rust tests, the release build of the
+# target and the addon, the TypeScript build, and the ava suites (including the QEMU guest tests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "system set-up"
+bash scripts/setup-system.sh
+
+step "npm packages"
+if [ ! -d node_modules ] || [ package.json -nt node_modules/.package-lock.json ]; then
+  if [ -f package-lock.json ]; then npm ci --no-audit --no-fund; else npm install --no-audit --no-fund; fi
+fi
+
+step "rustfmt"
+cargo fmt --all -- --check
+
+step "clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "cargo test"
+cargo test --workspace
+
+step "release build"
+bash scripts/build.sh
+
+step "TypeScript"
+npx tsc -p tsconfig.json
+
+step "ava"
+npx ava
