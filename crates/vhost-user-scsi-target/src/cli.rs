@@ -83,11 +83,15 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<(Parsed, Option<A
                     .parse()
                     .ok()
                     .filter(|n: &u16| n.is_power_of_two() && *n >= 4 && *n <= MAX_QUEUE_SIZE)
-                    .ok_or_else(|| format!("--queue-size: '{v}' is not a power of two from 4 to {MAX_QUEUE_SIZE}"))?;
+                    .ok_or_else(|| {
+                        format!("--queue-size: '{v}' is not a power of two from 4 to {MAX_QUEUE_SIZE}")
+                    })?;
             }
             "--max-target" => {
                 let v = value("a number")?;
-                max_target = Some(v.parse().map_err(|_| format!("--max-target: '{v}' is not a number from 0 to 255"))?);
+                max_target = Some(
+                    v.parse().map_err(|_| format!("--max-target: '{v}' is not a number from 0 to 255"))?,
+                );
             }
             other => return Err(format!("unknown argument '{other}' (see --help)")),
         }
@@ -118,8 +122,16 @@ mod tests {
 
     #[test]
     fn full_command_line() {
-        let a = run(&["--socket", "/tmp/s", "--lun", "0:0:ram:64M:512", "--lun=1:2:null:1G:4096", "--queues", "4"])
-            .unwrap();
+        let a = run(&[
+            "--socket",
+            "/tmp/s",
+            "--lun",
+            "0:0:ram:64M:512",
+            "--lun=1:2:null:1G:4096",
+            "--queues",
+            "4",
+        ])
+        .unwrap();
         assert_eq!(a.luns.len(), 2);
         assert_eq!(a.queues, 4);
         assert_eq!(a.queue_size, 256);
@@ -136,6 +148,8 @@ mod tests {
         assert!(run(&["--socket", "s", "--lun", "0:0:ram:1M", "--lun", "0:0:null:1M"])
             .unwrap_err()
             .contains("twice"));
-        assert!(run(&["--socket", "s", "--lun", "3:0:ram:1M", "--max-target", "1"]).unwrap_err().contains("below"));
+        assert!(run(&["--socket", "s", "--lun", "3:0:ram:1M", "--max-target", "1"])
+            .unwrap_err()
+            .contains("below"));
     }
 }

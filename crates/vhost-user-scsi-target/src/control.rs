@@ -23,9 +23,18 @@ use crate::storage::parse_size;
 #[derive(Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 enum Request {
-    AddLun { spec: String },
-    RemoveLun { target: u8, lun: u16 },
-    ResizeLun { target: u8, lun: u16, size: Size },
+    AddLun {
+        spec: String,
+    },
+    RemoveLun {
+        target: u8,
+        lun: u16,
+    },
+    ResizeLun {
+        target: u8,
+        lun: u16,
+        size: Size,
+    },
     Inject {
         target: u8,
         lun: u16,
@@ -41,7 +50,10 @@ enum Request {
         #[serde(default)]
         ms: u64,
     },
-    ClearFaults { target: u8, lun: u16 },
+    ClearFaults {
+        target: u8,
+        lun: u16,
+    },
     List,
     Stats,
     Disconnect,

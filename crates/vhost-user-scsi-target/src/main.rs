@@ -48,7 +48,11 @@ fn run(args: cli::Args) -> Result<(), String> {
 
     let server = Server::bind(&args.socket).map_err(|e| e.to_string())?;
     if let Some(path) = &args.control {
-        let ctl = Control { backend: backend.clone(), socket: args.socket.clone(), listener_fd: server.listener_fd() };
+        let ctl = Control {
+            backend: backend.clone(),
+            socket: args.socket.clone(),
+            listener_fd: server.listener_fd(),
+        };
         if let Err(e) = ctl.spawn(path) {
             let _ = std::fs::remove_file(&args.socket);
             return Err(e.to_string());

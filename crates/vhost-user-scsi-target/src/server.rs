@@ -115,8 +115,7 @@ fn is_accepted_on(fd: RawFd, path: &Path) -> bool {
         {
             return false;
         }
-        let bytes: Vec<u8> =
-            addr.sun_path.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+        let bytes: Vec<u8> = addr.sun_path.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
         use std::os::unix::ffi::OsStrExt;
         bytes == path.as_os_str().as_bytes()
     }

@@ -4,7 +4,7 @@ use std::io;
 use std::sync::atomic::Ordering;
 
 use log::{info, warn};
-use vhost_user_backend::{VringRwLock, VringStateMutGuard, VringT};
+use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueOwnedT;
 use virtio_scsi_proto::{an, ctrl, response, tmf, AnRequest, LunAddress, TmfRequest};
 

@@ -26,7 +26,15 @@ pub struct Held {
 }
 
 impl Held {
-    pub fn delayed(rq: u16, head: u16, len: u32, addr: LunAddress, tag: u64, segs: Segments, d: Duration) -> Self {
+    pub fn delayed(
+        rq: u16,
+        head: u16,
+        len: u32,
+        addr: LunAddress,
+        tag: u64,
+        segs: Segments,
+        d: Duration,
+    ) -> Self {
         Held { rq, head, len, addr, tag, segs, due: Some(Instant::now() + d) }
     }
 
@@ -77,7 +85,8 @@ impl Deferred {
                     let now = Instant::now();
                     let next = held.iter().filter_map(|h| h.due).min();
                     let wait = next.map_or(Duration::from_millis(200), |t| t.saturating_duration_since(now));
-                    let (held, _) = inner.deferred.wake.wait_timeout(held, wait.min(Duration::from_millis(200))).unwrap();
+                    let (held, _) =
+                        inner.deferred.wake.wait_timeout(held, wait.min(Duration::from_millis(200))).unwrap();
                     drop(held);
                     inner.deferred.take(|h| h.due.is_some_and(|t| t <= Instant::now()))
                 };

@@ -5,8 +5,8 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use log::warn;
-use vhost_user_backend::{VringRwLock, VringStateMutGuard, VringT};
-use virtio_queue::QueueOwnedT;
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
 use virtio_scsi_proto::{event, Event};
 use vm_memory::Bytes;
 

@@ -18,10 +18,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use log::warn;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_bindings::virtio_config::{VIRTIO_F_VERSION_1, VIRTIO_F_NOTIFY_ON_EMPTY};
+use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_scsi_proto::{feature, Config, Event, LunAddress, CDB_SIZE, SENSE_SIZE};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
@@ -269,7 +269,10 @@ impl VhostUserBackend for ScsiBackend {
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("unexpected event set {evset:?}")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("unexpected event set {evset:?}"),
+            ));
         }
         // Thread 0 serves queues 0 and 1; thread k serves request queue k - 1 (queue index k + 1).
         let queue = if thread_id == 0 { device_event } else { thread_id as u16 + 1 };

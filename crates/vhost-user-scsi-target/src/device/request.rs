@@ -4,7 +4,7 @@ use std::io;
 use std::sync::atomic::Ordering;
 
 use log::{debug, warn};
-use vhost_user_backend::{VringRwLock, VringStateMutGuard, VringT};
+use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueOwnedT;
 use virtio_scsi_proto::{response, scsi::status, CmdRequest, CmdResponse, LunAddress};
 
@@ -58,7 +58,10 @@ impl Inner {
         stats.requests.fetch_add(1, Ordering::Relaxed);
         if segs.writable.len() < CmdResponse::SIZE {
             // Nowhere to put a response: all we can do is hand the buffers back.
-            warn!("request queue {rq}: chain {head} has {} writable bytes, no room for a response", segs.writable.len());
+            warn!(
+                "request queue {rq}: chain {head} has {} writable bytes, no room for a response",
+                segs.writable.len()
+            );
             stats.malformed.fetch_add(1, Ordering::Relaxed);
             return Outcome::Done(0);
         }
@@ -74,13 +77,23 @@ impl Inner {
             return respond(&segs, mem, CmdResponse { response: response::FAILURE, ..Default::default() }, 0);
         };
         let Some(addr) = LunAddress::decode(&req.lun) else {
-            return respond(&segs, mem, CmdResponse { response: response::BAD_TARGET, ..Default::default() }, 0);
+            return respond(
+                &segs,
+                mem,
+                CmdResponse { response: response::BAD_TARGET, ..Default::default() },
+                0,
+            );
         };
 
         let out = GuestDataOut { mem: &**mem, stream: &segs.readable, skip: CmdRequest::SIZE };
         let mut inp = GuestDataIn { mem: &**mem, stream: &segs.writable, skip: CmdResponse::SIZE };
         let Some(done) = self.bus.execute(addr, &req.cdb, &out, &mut inp) else {
-            return respond(&segs, mem, CmdResponse { response: response::BAD_TARGET, ..Default::default() }, 0);
+            return respond(
+                &segs,
+                mem,
+                CmdResponse { response: response::BAD_TARGET, ..Default::default() },
+                0,
+            );
         };
         debug!("rq{rq} {addr:?} cdb {:02x?} -> status {:#x}", &req.cdb[..16], done.status);
 

@@ -3,7 +3,7 @@
 //! descriptors. The spec lets a driver frame a request any way it likes, so nothing here assumes
 //! that the header sits alone in the first descriptor.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
 use crate::scsi::{DataError, DataIn, DataOut};
 
@@ -146,8 +146,12 @@ mod tests {
     fn streams_span_descriptors() {
         let m = mem();
         let s = Segments::from_descriptors(
-            [(GuestAddress(0x100), 3, false), (GuestAddress(0x200), 5, false), (GuestAddress(0x300), 4, true)]
-                .into_iter(),
+            [
+                (GuestAddress(0x100), 3, false),
+                (GuestAddress(0x200), 5, false),
+                (GuestAddress(0x300), 4, true),
+            ]
+            .into_iter(),
         );
         assert!(!s.misordered);
         assert_eq!(s.readable.len(), 8);
