@@ -137,10 +137,17 @@ impl LogicalUnit {
         (bytes >> self.shift).max(1)
     }
 
-    /// Queues a unit attention unless the same one is already pending.
+    /// Queues a unit attention unless the same one is already pending. A power-on or reset
+    /// condition (ASC 29h) replaces every other pending one and absorbs later ones until it is
+    /// reported, as SPC-4 ranks it first: the initiator re-reads everything after it anyway.
     pub fn push_ua(&self, sense: Sense) {
+        const RESET_CLASS: u8 = 0x29;
         let mut st = self.lock();
-        if !st.ua.contains(&sense) && st.ua.len() < MAX_PENDING_UA {
+        let reset_pending = st.ua.iter().any(|s| s.asc == RESET_CLASS);
+        if sense.asc == RESET_CLASS && !reset_pending {
+            st.ua.clear();
+            st.ua.push_back(sense);
+        } else if !reset_pending && !st.ua.contains(&sense) && st.ua.len() < MAX_PENDING_UA {
             st.ua.push_back(sense);
         }
         self.update_slow(&st);
@@ -688,12 +695,17 @@ mod tests {
         let (c, _) = run(&bus, A, &[REQUEST_SENSE, 1, 0, 0, 18, 0], &[], 18);
         expect_sense(&c, sense_key::ILLEGAL_REQUEST, asc::INVALID_FIELD_IN_CDB);
 
-        // Queued attentions come out oldest first, one per command, without duplicates.
+        // A reset condition absorbs later ones and anything lesser until it is reported;
+        // lesser ones come out oldest first, one per command, without duplicates.
         bus.nexus_reset(0);
         bus.lun_reset(A).unwrap();
-        bus.nexus_reset(0);
+        bus.resize(A, 2 << 20).unwrap();
         let (c, _) = run(&bus, A, &rw10(READ_10, 0, 1), &[], 512);
         expect_sense(&c, sense_key::UNIT_ATTENTION, asc::I_T_NEXUS_LOSS);
+        assert_eq!(run(&bus, A, &[0; 6], &[], 0).0.status, 0);
+        bus.resize(A, 4 << 20).unwrap();
+        bus.resize(A, 1 << 20).unwrap();
+        bus.lun_reset(A).unwrap();
         expect_sense(&run(&bus, A, &[0; 6], &[], 0).0, sense_key::UNIT_ATTENTION, asc::BUS_DEVICE_RESET);
         assert_eq!(run(&bus, A, &rw10(READ_10, 0, 1), &[], 512).0, Completion::good(512));
     }

@@ -1,0 +1,135 @@
+//! memfd-backed mappings: the memory a device is allowed to see.
+//!
+//! Each region is its own memfd, sized up front, with its pages allocated before it is used
+//! (`fallocate`, then `MAP_POPULATE`), so running out of memory is an error at creation and
+//! never a SIGBUS on first touch inside the data path.
+
+use std::ffi::CStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
+
+use super::error::MemoryError;
+use super::freelist::align_up;
+
+/// Size of the hugepages the pool uses.
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+
+const MEMFD_NAME: &CStr = c"virtio-initiator-dma";
+const SYSFS_HUGEPAGES_2M: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+
+/// Whether the pool is backed by 2 MiB hugepages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HugePages {
+    /// Use hugepages when enough are free, else fall back to ordinary shared memory.
+    #[default]
+    Auto,
+    /// Use hugepages or fail (PCI mode wants them: fewer IOMMU entries, no TLB pressure).
+    Require,
+    /// Always use ordinary shared memory.
+    Never,
+}
+
+/// A mapped, populated memfd region placed at an IOVA.
+pub(crate) struct Backing {
+    pub(crate) mapping: GuestRegionMmap,
+    pub(crate) file: Arc<File>,
+    pub(crate) hugetlb: bool,
+}
+
+pub(crate) fn page_size() -> u64 {
+    // SAFETY: sysconf only reads a system constant.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if size > 0 {
+        size as u64
+    } else {
+        4096
+    }
+}
+
+/// Free 2 MiB hugepages that are not already promised to another mapping, or `None` when
+/// the kernel has no 2 MiB hugetlb pool at all.
+pub fn free_hugepages() -> Option<u64> {
+    let read = |name: &str| -> Option<u64> {
+        std::fs::read_to_string(format!("{SYSFS_HUGEPAGES_2M}/{name}")).ok()?.trim().parse().ok()
+    };
+    if let (Some(free), Some(resv)) = (read("free_hugepages"), read("resv_hugepages")) {
+        return Some(free.saturating_sub(resv));
+    }
+    // Without sysfs, /proc/meminfo describes the default hugepage size only.
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |key: &str| -> Option<u64> {
+        meminfo.lines().find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse().ok())
+    };
+    if field("Hugepagesize:")? != HUGE_PAGE_SIZE / 1024 {
+        return None;
+    }
+    Some(field("HugePages_Free:")?.saturating_sub(field("HugePages_Rsvd:")?))
+}
+
+/// Creates a region of at least `size` bytes at `iova`. Returns the mapping, whose length is
+/// `size` rounded up to the page size in use.
+pub(crate) fn create(size: u64, iova: u64, mode: HugePages) -> Result<Backing, MemoryError> {
+    match mode {
+        HugePages::Never => create_with(size, iova, false),
+        HugePages::Require => create_with(size, iova, true),
+        HugePages::Auto => create_with(size, iova, true).or_else(|err| {
+            log::info!("DMA pool falls back to ordinary shared memory: {err}");
+            create_with(size, iova, false)
+        }),
+    }
+}
+
+fn create_with(size: u64, iova: u64, hugetlb: bool) -> Result<Backing, MemoryError> {
+    let unit = if hugetlb { HUGE_PAGE_SIZE } else { page_size() };
+    let size = align_up(size, unit)
+        .filter(|&s| s > 0 && usize::try_from(s).is_ok() && s <= i64::MAX as u64)
+        .ok_or(MemoryError::InvalidSize { size })?;
+    if hugetlb {
+        let needed = size / HUGE_PAGE_SIZE;
+        let available = free_hugepages().unwrap_or(0);
+        if available < needed {
+            return Err(MemoryError::HugePagesUnavailable { needed, available });
+        }
+    }
+
+    let mut flags = libc::MFD_CLOEXEC;
+    if hugetlb {
+        flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+    }
+    // SAFETY: the name is a valid NUL-terminated string; the call has no memory effects.
+    let raw = unsafe { libc::memfd_create(MEMFD_NAME.as_ptr(), flags) };
+    if raw < 0 {
+        return Err(MemoryError::MemfdCreate { hugetlb, source: io::Error::last_os_error() });
+    }
+    // SAFETY: memfd_create just returned this descriptor and nothing else owns it.
+    let file = Arc::new(File::from(unsafe { OwnedFd::from_raw_fd(raw) }));
+
+    file.set_len(size).map_err(|source| MemoryError::Truncate { size, source })?;
+    // Allocate every page now: for hugetlb this takes the pages from the pool (failing cleanly
+    // when a concurrent user got them first), for shmem it charges the memory up front.
+    // SAFETY: plain syscall on a descriptor we own.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
+    if rc != 0 {
+        let source = io::Error::last_os_error();
+        // Kernels or sandboxes without fallocate on memfds still get MAP_POPULATE below.
+        if source.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(MemoryError::Allocate { size, hugetlb, source });
+        }
+    }
+
+    let region = MmapRegionBuilder::new(size as usize)
+        .with_file_offset(FileOffset::from_arc(file.clone(), 0))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_SHARED | libc::MAP_POPULATE)
+        .with_hugetlbfs(hugetlb)
+        .build()
+        .map_err(|e| MemoryError::Mmap { size, hugetlb, message: e.to_string() })?;
+    let mapping = GuestRegionMmap::new(region, GuestAddress(iova))
+        .ok_or(MemoryError::IovaOverflow { next: iova, size })?;
+    Ok(Backing { mapping, file, hugetlb })
+}

@@ -1,0 +1,417 @@
+//! A virtio-scsi controller: negotiation, the DMA pool, the control and event queues, and the
+//! request queues waiting to be taken by channels.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+use virtio_scsi_proto::{
+    event, feature, response, Config, Event, LunAddress, TmfRequest, CDB_SIZE, SENSE_SIZE,
+};
+
+use super::ScsiError;
+use crate::memory::{DmaBuf, DmaPool, HugePages, PoolConfig};
+use crate::queue::{QueueFeatures, Segment, SplitQueue};
+use crate::transport::{Notifier, QueueHandle, RingAddresses, Transport};
+
+const VIRTIO_F_VERSION_1: u32 = 32;
+const VIRTIO_F_ACCESS_PLATFORM: u32 = 33;
+const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
+const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+
+/// Event buffers kept posted on the event queue.
+const EVENT_BUFFERS: u16 = 8;
+/// Segments a request uses at most: header, data-out, response, data-in.
+pub(super) const SEGMENTS_PER_REQUEST: u16 = 4;
+const TMF_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Debug)]
+pub struct ControllerOptions {
+    /// Request queues to set up; default all the device has, at most 16.
+    pub request_queues: Option<u16>,
+    pub queue_size: u16,
+    pub memory_bytes: u64,
+    pub hugepages: HugePages,
+}
+
+impl Default for ControllerOptions {
+    fn default() -> Self {
+        ControllerOptions {
+            request_queues: None,
+            queue_size: 256,
+            memory_bytes: 64 << 20,
+            hugepages: HugePages::Auto,
+        }
+    }
+}
+
+/// What the controller negotiated and found, for callers and logs.
+#[derive(Clone, Debug)]
+pub struct ControllerInfo {
+    pub transport: String,
+    pub config: Config,
+    pub request_queues: u16,
+    pub queue_size: u16,
+    pub event_idx: bool,
+    pub indirect: bool,
+    pub hotplug: bool,
+    pub change: bool,
+    pub hugepages: bool,
+    pub memory_bytes: u64,
+}
+
+/// An event from the device's event queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScsiEvent {
+    pub event: u32,
+    pub addr: Option<LunAddress>,
+    pub reason: u32,
+}
+
+/// A request queue set up on the device and waiting for a channel.
+pub(super) struct QueueParts {
+    pub index: u16,
+    pub queue: SplitQueue,
+    pub handle: QueueHandle,
+}
+
+struct ControlQueue {
+    queue: SplitQueue,
+    notifier: Notifier,
+    /// Buffers of requests the device still owns, by token.
+    pending: Vec<(u64, DmaBuf)>,
+    next_token: u64,
+}
+
+struct EventQueue {
+    queue: SplitQueue,
+    notifier: Notifier,
+    buffers: Vec<DmaBuf>,
+}
+
+pub struct ScsiController {
+    transport: Mutex<Box<dyn Transport>>,
+    pool: Arc<DmaPool>,
+    info: ControllerInfo,
+    control: Mutex<ControlQueue>,
+    events: Mutex<EventQueue>,
+    request_queues: Mutex<Vec<QueueParts>>,
+    failure: Mutex<Option<String>>,
+    failed: AtomicBool,
+    closed: AtomicBool,
+}
+
+fn has(features: u64, bit: u32) -> bool {
+    features & (1 << bit) != 0
+}
+
+impl ScsiController {
+    /// Brings the device up: features, configuration, memory, every queue, and the event
+    /// buffers. Every failure names what went wrong.
+    pub fn open(mut transport: Box<dyn Transport>, opts: &ControllerOptions) -> Result<Arc<Self>, ScsiError> {
+        let size = opts.queue_size;
+        if !size.is_power_of_two() || !(4..=1024).contains(&size) {
+            return Err(ScsiError::Config(format!("queue size {size} is not a power of two from 4 to 1024")));
+        }
+        let offered = transport.device_features()?;
+        let wanted = [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_F_ACCESS_PLATFORM,
+            VIRTIO_RING_F_INDIRECT_DESC,
+            VIRTIO_RING_F_EVENT_IDX,
+            feature::HOTPLUG,
+            feature::CHANGE,
+        ]
+        .iter()
+        .fold(0u64, |acc, &b| acc | (1 << b));
+        let features = offered & wanted;
+        transport.set_features(features)?;
+
+        let config = match read_config(transport.as_mut()) {
+            Ok(c) => c,
+            Err(e) => {
+                // A backend without the CONFIG protocol feature: the spec's defaults and one
+                // request queue, unless the transport knows better.
+                debug!("no configuration space ({e}); using defaults");
+                Config {
+                    num_queues: 1,
+                    seg_max: u32::from(size) - 2,
+                    max_sectors: 0xffff,
+                    cmd_per_lun: u32::from(size),
+                    event_info_size: Event::SIZE as u32,
+                    sense_size: SENSE_SIZE as u32,
+                    cdb_size: CDB_SIZE as u32,
+                    max_channel: 0,
+                    max_target: 255,
+                    max_lun: u32::from(virtio_scsi_proto::lun::MAX_LUN),
+                }
+            }
+        };
+        let device_queues = match transport.queue_count()? {
+            Some(n) if n >= 3 => n - 2,
+            Some(n) => {
+                return Err(ScsiError::Config(format!(
+                    "device has {n} virtqueues, a virtio-scsi device needs at least 3"
+                )))
+            }
+            None => config.num_queues.clamp(1, 256) as u16,
+        };
+        let request_queues = match opts.request_queues {
+            Some(0) => return Err(ScsiError::Config("requestQueues must be at least 1".into())),
+            Some(n) if n > device_queues => {
+                return Err(ScsiError::Config(format!(
+                    "{n} request queues asked for, the device has {device_queues}"
+                )))
+            }
+            Some(n) => n,
+            None => device_queues.min(16),
+        };
+
+        let pool = Arc::new(DmaPool::new(PoolConfig::new(opts.memory_bytes).hugepages(opts.hugepages))?);
+        transport.set_memory(pool.regions())?;
+
+        let qf = QueueFeatures {
+            event_idx: has(features, VIRTIO_RING_F_EVENT_IDX),
+            indirect: has(features, VIRTIO_RING_F_INDIRECT_DESC),
+            max_segments: SEGMENTS_PER_REQUEST,
+        };
+        let mut setup = |index: u16| -> Result<QueueParts, ScsiError> {
+            let mut queue = SplitQueue::from_pool(&pool, size, qf)?;
+            queue.disable_interrupts();
+            let a = queue.addrs();
+            let host = |iova: u64| pool.translate(iova, 1).map(|p| p as u64);
+            let rings = RingAddresses {
+                size,
+                desc_iova: a.desc,
+                avail_iova: a.avail,
+                used_iova: a.used,
+                desc_host: host(a.desc)?,
+                avail_host: host(a.avail)?,
+                used_host: host(a.used)?,
+            };
+            let handle = transport.setup_queue(index, &rings)?;
+            Ok(QueueParts { index, queue, handle })
+        };
+        let control = setup(virtio_scsi_proto::CONTROL_QUEUE)?;
+        let mut eventq = setup(virtio_scsi_proto::EVENT_QUEUE)?;
+        let mut requests = Vec::with_capacity(request_queues as usize);
+        for i in 0..request_queues {
+            requests.push(setup(virtio_scsi_proto::FIRST_REQUEST_QUEUE + i)?);
+        }
+
+        // The event queue always has buffers posted, so no event is ever missed for want of one.
+        let mut event_buffers = Vec::new();
+        for token in 0..EVENT_BUFFERS {
+            let buf = pool.alloc_shared(Event::SIZE)?;
+            eventq.queue.add(&[], &[Segment::new(buf.iova(), Event::SIZE as u32)], u64::from(token))?;
+            event_buffers.push(buf);
+        }
+        transport.start()?;
+        if eventq.queue.publish() {
+            eventq.handle.notifier.notify().map_err(crate::transport::TransportError::from)?;
+        }
+
+        let info = ControllerInfo {
+            transport: transport.describe(),
+            config,
+            request_queues,
+            queue_size: size,
+            event_idx: qf.event_idx,
+            indirect: qf.indirect,
+            hotplug: has(features, feature::HOTPLUG),
+            change: has(features, feature::CHANGE),
+            hugepages: pool.regions().iter().all(|r| r.hugepages),
+            memory_bytes: pool.total_size(),
+        };
+        debug!("controller up: {info:?}");
+        Ok(Arc::new(ScsiController {
+            transport: Mutex::new(transport),
+            pool,
+            info,
+            control: Mutex::new(ControlQueue {
+                queue: control.queue,
+                notifier: control.handle.notifier,
+                pending: Vec::new(),
+                next_token: 0,
+            }),
+            events: Mutex::new(EventQueue {
+                queue: eventq.queue,
+                notifier: eventq.handle.notifier,
+                buffers: event_buffers,
+            }),
+            request_queues: Mutex::new(requests),
+            failure: Mutex::new(None),
+            failed: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn info(&self) -> &ControllerInfo {
+        &self.info
+    }
+
+    pub fn pool(&self) -> &Arc<DmaPool> {
+        &self.pool
+    }
+
+    /// Marks the controller failed; every later operation reports `reason`.
+    pub fn fail(&self, reason: String) {
+        let mut f = self.failure.lock().unwrap();
+        if f.is_none() {
+            warn!("controller failed: {reason}");
+            *f = Some(reason);
+        }
+        self.failed.store(true, Ordering::Release);
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        if self.failed.load(Ordering::Acquire) {
+            self.failure.lock().unwrap().clone()
+        } else {
+            None
+        }
+    }
+
+    /// Errors out if the controller can no longer be used.
+    pub(super) fn check_usable(&self) -> Result<(), ScsiError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(ScsiError::Closed);
+        }
+        match self.failure() {
+            Some(reason) => Err(ScsiError::Failed(reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// Asks the transport whether the device is still there; fails the controller if not.
+    pub(super) fn check_alive(&self) -> Result<(), ScsiError> {
+        self.check_usable()?;
+        let result = self.transport.lock().unwrap().check_alive();
+        if let Err(e) = result {
+            self.fail(e.to_string());
+            return Err(ScsiError::Failed(e.to_string()));
+        }
+        Ok(())
+    }
+
+    pub(super) fn take_queue(&self) -> Result<QueueParts, ScsiError> {
+        self.check_usable()?;
+        let mut free = self.request_queues.lock().unwrap();
+        if free.is_empty() {
+            return Err(ScsiError::NoFreeQueue(self.info.request_queues));
+        }
+        Ok(free.remove(0))
+    }
+
+    /// A channel gives its queue back; only an idle queue can serve another channel.
+    pub(super) fn return_queue(&self, parts: QueueParts) {
+        if parts.queue.in_flight() == 0 && !parts.queue.is_broken() {
+            let mut free = self.request_queues.lock().unwrap();
+            free.push(parts);
+            free.sort_by_key(|p| p.index);
+        }
+    }
+
+    /// Runs a task management function and waits for the device's answer.
+    pub fn task_management(&self, addr: LunAddress, subtype: u32, tag: u64) -> Result<u8, ScsiError> {
+        self.check_usable()?;
+        let mut cq = self.control.lock().unwrap();
+        let buf_len = TmfRequest::SIZE + TmfRequest::RESPONSE_SIZE;
+        let mut buf = self.pool.alloc_shared(buf_len)?;
+        buf.write_at(0, &TmfRequest { subtype, lun: addr.encode(), tag }.encode())?;
+        buf.write_at(TmfRequest::SIZE, &[0xff])?;
+        let token = cq.next_token;
+        cq.next_token += 1;
+        cq.queue.add(
+            &[Segment::new(buf.iova(), TmfRequest::SIZE as u32)],
+            &[Segment::new(buf.iova() + TmfRequest::SIZE as u64, TmfRequest::RESPONSE_SIZE as u32)],
+            token,
+        )?;
+        cq.pending.push((token, buf));
+        if cq.queue.publish() {
+            cq.notifier.notify().map_err(crate::transport::TransportError::from)?;
+        }
+        let start = Instant::now();
+        loop {
+            match cq.queue.pop_used() {
+                Ok(Some(done)) => {
+                    let Some(pos) = cq.pending.iter().position(|(t, _)| *t == done.token) else { continue };
+                    let (_, buf) = cq.pending.swap_remove(pos);
+                    if done.token != token {
+                        continue; // a reply to an earlier request that had timed out
+                    }
+                    let mut resp = [0u8; 1];
+                    buf.read_at(TmfRequest::SIZE, &mut resp)?;
+                    if done.len < 1 {
+                        return Ok(response::FAILURE);
+                    }
+                    return Ok(resp[0]);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.fail(e.to_string());
+                    return Err(e.into());
+                }
+            }
+            if start.elapsed() > TMF_TIMEOUT {
+                drop(cq);
+                self.check_alive()?;
+                return Err(ScsiError::Timeout(TMF_TIMEOUT));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    /// Takes the events the device posted and gives their buffers back to it.
+    pub fn poll_events(&self) -> Result<Vec<ScsiEvent>, ScsiError> {
+        self.check_usable()?;
+        let mut eq = self.events.lock().unwrap();
+        let mut out = Vec::new();
+        let mut reposted = false;
+        loop {
+            let done = match eq.queue.pop_used() {
+                Ok(Some(d)) => d,
+                Ok(None) => break,
+                Err(e) => {
+                    self.fail(e.to_string());
+                    return Err(e.into());
+                }
+            };
+            let token = done.token as usize;
+            let mut raw = [0u8; Event::SIZE];
+            eq.buffers[token].read_at(0, &mut raw)?;
+            if done.len as usize >= Event::SIZE {
+                if let Some(ev) = Event::decode(&raw) {
+                    if ev.event != event::NO_EVENT || ev.event & event::EVENTS_MISSED != 0 {
+                        let addr = LunAddress::decode(&ev.lun);
+                        out.push(ScsiEvent { event: ev.event, addr, reason: ev.reason });
+                    }
+                }
+            }
+            let seg = Segment::new(eq.buffers[token].iova(), Event::SIZE as u32);
+            eq.queue.add(&[], &[seg], done.token)?;
+            reposted = true;
+        }
+        if reposted && eq.queue.publish() {
+            eq.notifier.notify().map_err(crate::transport::TransportError::from)?;
+        }
+        Ok(out)
+    }
+
+    /// Stops the device. Queues still held by channels fail from now on.
+    pub fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Err(e) = self.transport.lock().unwrap().reset() {
+            debug!("reset on close: {e}");
+        }
+    }
+}
+
+fn read_config(t: &mut dyn Transport) -> Result<Config, ScsiError> {
+    let mut raw = [0u8; Config::SIZE];
+    t.read_config(0, &mut raw)?;
+    Config::decode(&raw).ok_or_else(|| ScsiError::Config("short configuration space".into()))
+}

@@ -1,0 +1,36 @@
+//! The virtio-scsi device layer: device initialisation, the control and event queues, and the
+//! request queues handed out as channels. It talks to the device only through [`Transport`],
+//! so vhost-user and PCI share all of it.
+//!
+//! [`Transport`]: crate::transport::Transport
+
+mod channel;
+mod controller;
+mod records;
+
+pub use channel::{HostBuffer, RequestChannel};
+pub use controller::{ControllerInfo, ControllerOptions, ScsiController, ScsiEvent};
+pub use records::{CompletionRecord, SubmitRecord, COMPLETION_RECORD_SIZE, SUBMIT_RECORD_SIZE};
+
+/// Why a controller or channel operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ScsiError {
+    #[error(transparent)]
+    Transport(#[from] crate::transport::TransportError),
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    #[error(transparent)]
+    Queue(#[from] crate::queue::QueueError),
+    #[error("{0}")]
+    Config(String),
+    #[error("all {0} request queues are in use")]
+    NoFreeQueue(u16),
+    #[error("controller failed: {0}")]
+    Failed(String),
+    #[error("controller is closed")]
+    Closed,
+    #[error("request {index}: {detail}")]
+    BadRequest { index: usize, detail: String },
+    #[error("task management timed out after {0:?}")]
+    Timeout(std::time::Duration),
+}

@@ -1,0 +1,118 @@
+//! How the driver reaches a device: the operations that differ between a vhost-user socket and
+//! a PCI function behind VFIO. Rings, memory and the virtio-scsi device layer sit above this
+//! trait and are shared by every transport.
+
+pub mod vhost_user;
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::Region;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot connect to {path}: {source}")]
+    Connect { path: String, source: io::Error },
+    #[error("{path} does not answer as a vhost-user backend: {detail}")]
+    NotVhostUser { path: String, detail: String },
+    #[error("vhost-user {request} failed: {detail}")]
+    Protocol { request: &'static str, detail: String },
+    #[error("the device does not support {0}")]
+    Unsupported(&'static str),
+    #[error("the device rejected the features {0:#x}")]
+    FeaturesRejected(u64),
+    #[error("queue {index}: {detail}")]
+    Queue { index: u16, detail: String },
+    #[error("the device is gone: {0}")]
+    Disconnected(String),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, TransportError>;
+
+/// Where a ring's three parts live, both as the device addresses them (IOVA) and in our own
+/// address space. vhost-user takes ring addresses in the frontend's address space; a PCI device
+/// takes IOVAs.
+#[derive(Clone, Copy, Debug)]
+pub struct RingAddresses {
+    pub size: u16,
+    pub desc_iova: u64,
+    pub avail_iova: u64,
+    pub used_iova: u64,
+    pub desc_host: u64,
+    pub avail_host: u64,
+    pub used_host: u64,
+}
+
+/// Tells the device that a queue has new buffers.
+pub enum Notifier {
+    /// vhost-user: the queue's kick eventfd.
+    EventFd(EventFd),
+    /// PCI: a 16-bit write of the queue index into the notify area of a mapped BAR.
+    Mmio { addr: *mut u16, queue: u16 },
+}
+
+// SAFETY: the MMIO address points into a BAR mapping that the transport keeps alive for as long
+// as the queue exists; writing to it from whichever thread owns the queue is what the device
+// expects.
+unsafe impl Send for Notifier {}
+
+impl Notifier {
+    #[inline]
+    pub fn notify(&self) -> io::Result<()> {
+        match self {
+            Notifier::EventFd(fd) => fd.write(1),
+            Notifier::Mmio { addr, queue } => {
+                // SAFETY: see `unsafe impl Send`: the mapping outlives the notifier, and a
+                // volatile store is how a doorbell register must be written.
+                unsafe { std::ptr::write_volatile(*addr, queue.to_le()) };
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A queue as set up on the device.
+pub struct QueueHandle {
+    pub notifier: Notifier,
+    /// Signalled by the device on completions when interrupts are enabled (vhost-user call
+    /// eventfd); `None` where the transport has no such descriptor.
+    pub interrupt: Option<EventFd>,
+}
+
+impl QueueHandle {
+    pub fn interrupt_fd(&self) -> Option<RawFd> {
+        self.interrupt.as_ref().map(|e| e.as_raw_fd())
+    }
+}
+
+/// The transport operations a virtio driver needs, in the order it needs them.
+pub trait Transport: Send {
+    /// Feature bits the device offers.
+    fn device_features(&mut self) -> Result<u64>;
+    /// Acknowledges the features the driver uses (a subset of the offer).
+    fn set_features(&mut self, features: u64) -> Result<()>;
+    /// Number of virtqueues the device has, when the transport can tell.
+    fn queue_count(&mut self) -> Result<Option<u16>>;
+    /// Largest size of queue `index`, when the transport can tell.
+    fn max_queue_size(&mut self, index: u16) -> Result<Option<u16>>;
+    /// Reads the device-specific configuration space.
+    fn read_config(&mut self, offset: u32, buf: &mut [u8]) -> Result<()>;
+    /// Makes the DMA pool's regions visible to the device (replacing earlier ones).
+    fn set_memory(&mut self, regions: &[Region]) -> Result<()>;
+    /// Adds one region to what the device sees (the pool grew).
+    fn add_memory(&mut self, region: &Region) -> Result<()>;
+    /// Sets up and enables queue `index` on the given rings.
+    fn setup_queue(&mut self, index: u16, rings: &RingAddresses) -> Result<QueueHandle>;
+    /// Declares the driver ready; the device may process queues from now on.
+    fn start(&mut self) -> Result<()>;
+    /// Stops the device and forgets every queue.
+    fn reset(&mut self) -> Result<()>;
+    /// Returns an error once the device can no longer be reached.
+    fn check_alive(&mut self) -> Result<()>;
+    /// A short name for messages ("vhost-user /run/x.sock", "pci 0000:00:03.0").
+    fn describe(&self) -> String;
+}

@@ -1,0 +1,236 @@
+//! vhost-user transport: the frontend side of the protocol over a unix socket, through the
+//! `vhost` crate. The backend maps our DMA pool from the memfds we pass and drives the rings in
+//! it; kicks and calls travel over eventfds.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use log::debug;
+use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{QueueHandle, Result, RingAddresses, Transport, TransportError};
+use crate::memory::Region;
+
+/// How long a request to the backend may take before it counts as gone. A backend answers in
+/// microseconds; this only bounds a socket that accepted us but never answers.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most queues a frontend message may address.
+const MAX_QUEUES: u64 = 256;
+
+/// Protocol features we use when the backend offers them.
+fn wanted_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::RESET_DEVICE
+}
+
+pub struct VhostUserTransport {
+    path: String,
+    frontend: Frontend,
+    /// A second handle on the socket, to notice a backend that went away.
+    peer: UnixStream,
+    offered: u64,
+    protocol: VhostUserProtocolFeatures,
+    /// Every region the backend has been told about, to resend the table when it cannot take
+    /// regions one at a time.
+    regions: Vec<VhostUserMemoryRegionInfo>,
+    max_mem_slots: u64,
+}
+
+impl VhostUserTransport {
+    /// Connects and negotiates the protocol features. A path with nothing listening, or a peer
+    /// that does not answer GET_FEATURES as a vhost-user backend, is a clear error.
+    pub fn connect(path: &str) -> Result<Self> {
+        let stream = UnixStream::connect(path)
+            .map_err(|source| TransportError::Connect { path: path.into(), source })?;
+        stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
+        stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
+        let peer = stream.try_clone()?;
+        let mut frontend = Frontend::from_stream(stream, MAX_QUEUES);
+
+        let offered = frontend
+            .get_features()
+            .map_err(|e| TransportError::NotVhostUser { path: path.into(), detail: e.to_string() })?;
+        let mut protocol = VhostUserProtocolFeatures::empty();
+        if offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+            let theirs = frontend.get_protocol_features().map_err(proto("GET_PROTOCOL_FEATURES"))?;
+            protocol = theirs & wanted_protocol_features();
+            frontend.set_protocol_features(protocol).map_err(proto("SET_PROTOCOL_FEATURES"))?;
+            if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                // Every request is acknowledged, so a failure surfaces at the request that failed.
+                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
+        }
+        frontend.set_owner().map_err(proto("SET_OWNER"))?;
+        let max_mem_slots = if protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS) {
+            frontend.get_max_mem_slots().map_err(proto("GET_MAX_MEM_SLOTS"))?
+        } else {
+            8
+        };
+        debug!(
+            "vhost-user {path}: features {offered:#x}, protocol {protocol:?}, {max_mem_slots} memory slots"
+        );
+        Ok(VhostUserTransport {
+            path: path.into(),
+            frontend,
+            peer,
+            offered,
+            protocol,
+            regions: Vec::new(),
+            max_mem_slots,
+        })
+    }
+
+    pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        self.protocol
+    }
+
+    fn region_info(r: &Region) -> VhostUserMemoryRegionInfo {
+        VhostUserMemoryRegionInfo {
+            guest_phys_addr: r.iova,
+            memory_size: r.size,
+            userspace_addr: r.host_addr,
+            mmap_offset: r.fd_offset,
+            mmap_handle: r.raw_fd(),
+        }
+    }
+}
+
+fn proto(request: &'static str) -> impl Fn(vhost::Error) -> TransportError {
+    move |e| TransportError::Protocol { request, detail: e.to_string() }
+}
+
+impl Transport for VhostUserTransport {
+    fn device_features(&mut self) -> Result<u64> {
+        Ok(self.offered)
+    }
+
+    fn set_features(&mut self, features: u64) -> Result<()> {
+        if features & !self.offered != 0 {
+            return Err(TransportError::FeaturesRejected(features & !self.offered));
+        }
+        // PROTOCOL_FEATURES stays acked whenever it was offered: it is what enables the rings
+        // only on SET_VRING_ENABLE.
+        let acked = features | (self.offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits());
+        self.frontend.set_features(acked).map_err(proto("SET_FEATURES"))
+    }
+
+    fn queue_count(&mut self) -> Result<Option<u16>> {
+        if !self.protocol.contains(VhostUserProtocolFeatures::MQ) {
+            return Ok(None);
+        }
+        let n = self.frontend.get_queue_num().map_err(proto("GET_QUEUE_NUM"))?;
+        Ok(Some(n.min(MAX_QUEUES) as u16))
+    }
+
+    fn max_queue_size(&mut self, _index: u16) -> Result<Option<u16>> {
+        // vhost-user has no way to ask; SET_VRING_NUM refuses a size the backend cannot take.
+        Ok(None)
+    }
+
+    fn read_config(&mut self, offset: u32, buf: &mut [u8]) -> Result<()> {
+        if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Err(TransportError::Unsupported("GET_CONFIG (protocol feature CONFIG)"));
+        }
+        let zeros = vec![0u8; buf.len()];
+        let (_, payload) = self
+            .frontend
+            .get_config(offset, buf.len() as u32, VhostUserConfigFlags::empty(), &zeros)
+            .map_err(proto("GET_CONFIG"))?;
+        if payload.len() != buf.len() {
+            return Err(TransportError::Protocol { request: "GET_CONFIG", detail: "short reply".into() });
+        }
+        buf.copy_from_slice(&payload);
+        Ok(())
+    }
+
+    fn set_memory(&mut self, regions: &[Region]) -> Result<()> {
+        let infos: Vec<_> = regions.iter().map(Self::region_info).collect();
+        self.frontend.set_mem_table(&infos).map_err(proto("SET_MEM_TABLE"))?;
+        self.regions = infos;
+        Ok(())
+    }
+
+    fn add_memory(&mut self, region: &Region) -> Result<()> {
+        let info = Self::region_info(region);
+        if self.regions.len() as u64 >= self.max_mem_slots {
+            return Err(TransportError::Unsupported("more memory regions (backend's slots are full)"));
+        }
+        if self.protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS) {
+            self.frontend.add_mem_region(&info).map_err(proto("ADD_MEM_REG"))?;
+            self.regions.push(info);
+            Ok(())
+        } else {
+            let mut all = self.regions.clone();
+            all.push(info);
+            self.frontend.set_mem_table(&all).map_err(proto("SET_MEM_TABLE"))?;
+            self.regions = all;
+            Ok(())
+        }
+    }
+
+    fn setup_queue(&mut self, index: u16, rings: &RingAddresses) -> Result<QueueHandle> {
+        let i = index as usize;
+        let kick = EventFd::new(EFD_NONBLOCK)?;
+        let call = EventFd::new(EFD_NONBLOCK)?;
+        let cfg = VringConfigData {
+            queue_max_size: rings.size,
+            queue_size: rings.size,
+            flags: 0,
+            desc_table_addr: rings.desc_host,
+            used_ring_addr: rings.used_host,
+            avail_ring_addr: rings.avail_host,
+            log_addr: None,
+        };
+        self.frontend.set_vring_num(i, rings.size).map_err(|e| TransportError::Queue {
+            index,
+            detail: format!("SET_VRING_NUM {}: {e}", rings.size),
+        })?;
+        self.frontend.set_vring_base(i, 0).map_err(proto("SET_VRING_BASE"))?;
+        self.frontend.set_vring_addr(i, &cfg).map_err(proto("SET_VRING_ADDR"))?;
+        self.frontend.set_vring_call(i, &call).map_err(proto("SET_VRING_CALL"))?;
+        self.frontend.set_vring_kick(i, &kick).map_err(proto("SET_VRING_KICK"))?;
+        if self.offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+            self.frontend.set_vring_enable(i, true).map_err(proto("SET_VRING_ENABLE"))?;
+        }
+        Ok(QueueHandle { notifier: super::Notifier::EventFd(kick), interrupt: Some(call) })
+    }
+
+    fn start(&mut self) -> Result<()> {
+        // A vhost-user device runs once its rings are enabled; there is no status register.
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Result<()> {
+        if self.protocol.contains(VhostUserProtocolFeatures::RESET_DEVICE) {
+            self.frontend.reset_device().map_err(proto("RESET_DEVICE"))
+        } else {
+            Err(TransportError::Unsupported("device reset (protocol feature RESET_DEVICE)"))
+        }
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        let mut pfd = libc::pollfd { fd: self.peer.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+        // SAFETY: one pollfd on the stack, zero timeout.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        if n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            return Err(TransportError::Disconnected(format!(
+                "vhost-user backend at {} closed the connection",
+                self.path
+            )));
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("vhost-user {}", self.path)
+    }
+}

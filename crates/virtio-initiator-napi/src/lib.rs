@@ -1,0 +1,249 @@
+//! Node.js binding of the initiator core, kept thin: argument conversion and error mapping only.
+//! Requests and completions cross in packed batches (see `virtio_initiator_core::scsi::records`),
+//! so one native call carries many of them, and no native thread ever calls into JavaScript.
+
+use std::sync::Arc;
+
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+use virtio_initiator_core::memory::HugePages;
+use virtio_initiator_core::scsi::{self, RequestChannel, ScsiController};
+use virtio_initiator_core::transport::vhost_user::VhostUserTransport;
+use virtio_scsi_proto::LunAddress;
+
+fn err(e: impl std::fmt::Display) -> Error {
+    Error::from_reason(e.to_string())
+}
+
+/// Size of one packed request record.
+#[napi]
+pub const SUBMIT_RECORD_SIZE: u32 = scsi::SUBMIT_RECORD_SIZE as u32;
+/// Size of one packed completion record.
+#[napi]
+pub const COMPLETION_RECORD_SIZE: u32 = scsi::COMPLETION_RECORD_SIZE as u32;
+
+/// Version of the native addon.
+#[napi]
+pub fn native_version() -> String {
+    env!("CARGO_PKG_VERSION").to_string()
+}
+
+#[napi(object)]
+pub struct ControllerOptions {
+    /// Request queues to set up (default: all the device has, at most 16).
+    pub request_queues: Option<u32>,
+    /// Entries per queue, a power of two up to 1024 (default 256).
+    pub queue_size: Option<u32>,
+    /// DMA pool size in bytes (default 64 MiB).
+    pub memory_bytes: Option<f64>,
+    /// "auto" (default), "require" or "never".
+    pub hugepages: Option<String>,
+}
+
+#[napi(object)]
+pub struct ControllerInfo {
+    pub transport: String,
+    pub request_queues: u32,
+    pub queue_size: u32,
+    pub seg_max: u32,
+    pub max_sectors: u32,
+    pub cmd_per_lun: u32,
+    pub max_target: u32,
+    pub max_lun: u32,
+    pub event_idx: bool,
+    pub indirect: bool,
+    pub hotplug: bool,
+    pub change: bool,
+    pub hugepages: bool,
+    pub memory_bytes: f64,
+}
+
+#[napi(object)]
+pub struct ControllerEvent {
+    pub event: u32,
+    pub target: u32,
+    pub lun: u32,
+    pub reason: u32,
+}
+
+fn core_options(o: Option<ControllerOptions>) -> Result<scsi::ControllerOptions> {
+    let mut opts = scsi::ControllerOptions::default();
+    let Some(o) = o else { return Ok(opts) };
+    if let Some(n) = o.request_queues {
+        opts.request_queues =
+            Some(u16::try_from(n).map_err(|_| err(format!("requestQueues {n} is too large")))?);
+    }
+    if let Some(n) = o.queue_size {
+        opts.queue_size = u16::try_from(n).map_err(|_| err(format!("queueSize {n} is too large")))?;
+    }
+    if let Some(b) = o.memory_bytes {
+        if !(b.is_finite() && b >= 1.0) {
+            return Err(err(format!("memoryBytes {b} is not a positive number")));
+        }
+        opts.memory_bytes = b as u64;
+    }
+    if let Some(h) = o.hugepages {
+        opts.hugepages = match h.as_str() {
+            "auto" => HugePages::Auto,
+            "require" => HugePages::Require,
+            "never" => HugePages::Never,
+            other => return Err(err(format!("hugepages '{other}' is not 'auto', 'require' or 'never'"))),
+        };
+    }
+    Ok(opts)
+}
+
+/// A virtio-scsi controller.
+#[napi]
+pub struct Controller {
+    inner: Arc<ScsiController>,
+}
+
+#[napi]
+impl Controller {
+    /// Connects to a vhost-user-scsi socket and brings the device up.
+    #[napi(factory)]
+    pub fn connect_vhost_user(path: String, options: Option<ControllerOptions>) -> Result<Self> {
+        let opts = core_options(options)?;
+        let transport = VhostUserTransport::connect(&path).map_err(err)?;
+        let inner = ScsiController::open(Box::new(transport), &opts).map_err(err)?;
+        Ok(Controller { inner })
+    }
+
+    #[napi(getter)]
+    pub fn info(&self) -> ControllerInfo {
+        let i = self.inner.info();
+        ControllerInfo {
+            transport: i.transport.clone(),
+            request_queues: u32::from(i.request_queues),
+            queue_size: u32::from(i.queue_size),
+            seg_max: i.config.seg_max,
+            max_sectors: i.config.max_sectors,
+            cmd_per_lun: i.config.cmd_per_lun,
+            max_target: u32::from(i.config.max_target),
+            max_lun: i.config.max_lun,
+            event_idx: i.event_idx,
+            indirect: i.indirect,
+            hotplug: i.hotplug,
+            change: i.change,
+            hugepages: i.hugepages,
+            memory_bytes: i.memory_bytes as f64,
+        }
+    }
+
+    /// Takes an exclusive request queue.
+    #[napi]
+    pub fn open_channel(&self) -> Result<Channel> {
+        Ok(Channel { inner: RequestChannel::open(&self.inner).map_err(err)? })
+    }
+
+    /// A Buffer over DMA memory: I/O on it copies nothing. Freed when garbage-collected.
+    #[napi]
+    pub fn alloc_dma_buffer<'env>(&self, env: &'env Env, size: u32) -> Result<BufferSlice<'env>> {
+        if size == 0 {
+            return Err(err("DMA buffer size must be at least 1 byte"));
+        }
+        let mut buf = self.inner.pool().alloc_shared(size as usize).map_err(err)?;
+        let ptr = buf.as_mut_slice().as_mut_ptr();
+        // SAFETY: `buf` owns `size` bytes of the pool's shared mapping and keeps the mapping
+        // alive; it moves into the finalizer, so the memory stays valid until the Buffer is
+        // collected and is returned to the pool only then.
+        unsafe { BufferSlice::from_external(env, ptr, size as usize, buf, |_, buf| drop(buf)) }
+    }
+
+    /// Runs a task management function on the control queue and returns the virtio response.
+    #[napi]
+    pub fn task_management(&self, target: u32, lun: u32, tmf: u32, tag: Option<u32>) -> Result<u32> {
+        let addr = lun_address(target, lun)?;
+        let r = self.inner.task_management(addr, tmf, u64::from(tag.unwrap_or(0))).map_err(err)?;
+        Ok(u32::from(r))
+    }
+
+    /// Events from the event queue since the last call.
+    #[napi]
+    pub fn poll_events(&self) -> Result<Vec<ControllerEvent>> {
+        let events = self.inner.poll_events().map_err(err)?;
+        Ok(events
+            .into_iter()
+            .map(|e| ControllerEvent {
+                event: e.event,
+                target: e.addr.map_or(0, |a| u32::from(a.target)),
+                lun: e.addr.map_or(0, |a| u32::from(a.lun)),
+                reason: e.reason,
+            })
+            .collect())
+    }
+
+    /// Why the controller failed, or null while it works.
+    #[napi(getter)]
+    pub fn failure(&self) -> Option<String> {
+        self.inner.failure()
+    }
+
+    #[napi]
+    pub fn close(&self) {
+        self.inner.close();
+    }
+}
+
+fn lun_address(target: u32, lun: u32) -> Result<LunAddress> {
+    let t = u8::try_from(target).map_err(|_| err(format!("target {target} is above 255")))?;
+    if lun > u32::from(virtio_scsi_proto::lun::MAX_LUN) {
+        return Err(err(format!("LUN {lun} is above {}", virtio_scsi_proto::lun::MAX_LUN)));
+    }
+    Ok(LunAddress::new(t, lun as u16))
+}
+
+/// One request queue, used from one thread.
+#[napi]
+pub struct Channel {
+    inner: RequestChannel,
+}
+
+#[napi]
+impl Channel {
+    #[napi(getter)]
+    pub fn queue_index(&self) -> u32 {
+        u32::from(self.inner.queue_index())
+    }
+
+    #[napi(getter)]
+    pub fn capacity(&self) -> u32 {
+        self.inner.capacity() as u32
+    }
+
+    #[napi(getter)]
+    pub fn in_flight(&self) -> u32 {
+        self.inner.in_flight() as u32
+    }
+
+    /// Submits `count` packed request records; returns how many the ring took.
+    #[napi]
+    pub fn submit(
+        &mut self,
+        batch: BufferSlice,
+        count: u32,
+        buffers: Vec<Option<BufferSlice>>,
+    ) -> Result<u32> {
+        let hosts: Vec<_> = buffers
+            .into_iter()
+            .map(|b| b.map(|mut b| scsi::HostBuffer { ptr: b.as_mut_ptr(), len: b.len() }))
+            .collect();
+        // SAFETY: the JavaScript caller keeps every Buffer referenced until its completion has
+        // been reaped (the TypeScript queue holds them in its in-flight table).
+        let n = unsafe { self.inner.submit(&batch, count as usize, &hosts) }.map_err(err)?;
+        Ok(n as u32)
+    }
+
+    /// Writes up to `max` packed completion records into `out`; returns how many.
+    #[napi]
+    pub fn reap(&mut self, mut out: BufferSlice, max: u32) -> Result<u32> {
+        let n = self.inner.reap(&mut out, max as usize).map_err(err)?;
+        Ok(n as u32)
+    }
+
+    #[napi]
+    pub fn close(&mut self) {
+        self.inner.close();
+    }
+}
