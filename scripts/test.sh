@@ -24,11 +24,8 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 step "cargo test"
 cargo test --workspace
 
-step "release build"
+step "release build (target, addon, TypeScript)"
 bash scripts/build.sh
-
-step "TypeScript"
-npx tsc -p tsconfig.json
 
 step "ava"
 npx ava
