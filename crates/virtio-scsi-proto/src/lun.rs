@@ -21,6 +21,14 @@ impl LunAddress {
         [1, self.target, 0x40 | (lun >> 8) as u8, lun as u8, 0, 0, 0, 0]
     }
 
+    /// The LUN field of an event-queue event. Initiators read bytes 2-3 as the LUN number the
+    /// way REPORT LUNS lists it (Linux takes them as they are), so they carry the REPORT LUNS
+    /// entry: peripheral addressing below 256, flat space above.
+    pub fn encode_for_event(&self) -> [u8; 8] {
+        let e = Self::report_luns_entry(self.lun & MAX_LUN);
+        [1, self.target, e[0], e[1], 0, 0, 0, 0]
+    }
+
     /// Decodes a request's LUN field. LUN 0 is accepted with or without the flat-space bit,
     /// as initiators differ there; any other address method, or a byte 0 that is not 1, is
     /// not a LUN this transport can reach and yields `None`.
@@ -84,6 +92,16 @@ mod tests {
         assert_eq!(LunAddress::decode(&[0, 0, 0x40, 0, 0, 0, 0, 0]), None);
         assert_eq!(LunAddress::decode(&[1, 0, 0x80, 0, 0, 0, 0, 0]), None);
         assert_eq!(LunAddress::decode(&[1, 0, 0x40, 0, 1, 0, 0, 0]), None);
+    }
+
+    #[test]
+    fn event_encoding_matches_report_luns() {
+        assert_eq!(LunAddress::new(0, 4).encode_for_event(), [1, 0, 0, 4, 0, 0, 0, 0]);
+        assert_eq!(LunAddress::new(2, 300).encode_for_event(), [1, 2, 0x41, 44, 0, 0, 0, 0]);
+        for l in [0u16, 4, 255, 256, 0x3fff] {
+            let a = LunAddress::new(1, l);
+            assert_eq!(LunAddress::decode(&a.encode_for_event()), Some(a));
+        }
     }
 
     #[test]

@@ -141,7 +141,7 @@ impl ScsiBackend {
         use virtio_scsi_proto::event;
         let reason = if added { event::REASON_RESCAN } else { event::REASON_REMOVED };
         if self.inner.acked_features.load(Ordering::Relaxed) & (1 << feature::HOTPLUG) != 0 {
-            self.post_event(Event { event: event::TRANSPORT_RESET, lun: addr.encode(), reason });
+            self.post_event(Event { event: event::TRANSPORT_RESET, lun: addr.encode_for_event(), reason });
         }
     }
 
@@ -150,7 +150,7 @@ impl ScsiBackend {
         use virtio_scsi_proto::event;
         if self.inner.acked_features.load(Ordering::Relaxed) & (1 << feature::CHANGE) != 0 {
             let reason = u32::from(asc) | (u32::from(ascq) << 8);
-            self.post_event(Event { event: event::PARAM_CHANGE, lun: addr.encode(), reason });
+            self.post_event(Event { event: event::PARAM_CHANGE, lun: addr.encode_for_event(), reason });
         }
     }
 
