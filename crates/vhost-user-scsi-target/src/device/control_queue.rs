@@ -4,8 +4,7 @@ use std::io;
 use std::sync::atomic::Ordering;
 
 use log::{info, warn};
-use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::QueueOwnedT;
+use vhost_user_backend::VringRwLock;
 use virtio_scsi_proto::{an, ctrl, response, tmf, AnRequest, LunAddress, TmfRequest};
 
 use super::segments::Segments;
@@ -16,29 +15,7 @@ const SUPPORTED_AN: u32 = an::OPERATIONAL_CHANGE | an::MEDIA_CHANGE;
 
 impl Inner {
     pub(super) fn process_control(&self, vring: &VringRwLock, mem: &MemGuard) -> io::Result<()> {
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
-        loop {
-            if event_idx {
-                vring.disable_notification().map_err(io::Error::other)?;
-            }
-            let chains: Vec<_> = {
-                let mut state = vring.get_mut();
-                state.get_queue_mut().iter(mem.clone()).map_err(io::Error::other)?.collect()
-            };
-            let any = !chains.is_empty();
-            for chain in chains {
-                let head = chain.head_index();
-                let segs = Segments::from_descriptors(chain.map(|d| (d.addr(), d.len(), d.is_write_only())));
-                let len = self.control_request(&segs, mem);
-                vring.add_used(head, len).map_err(io::Error::other)?;
-            }
-            if any {
-                Inner::notify(vring);
-            }
-            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
-                return Ok(());
-            }
-        }
+        self.drain(vring, mem, |_, segs| Some(self.control_request(&segs, mem)))
     }
 
     /// Handles one control request and returns the used length.

@@ -20,6 +20,7 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueOwnedT;
 use virtio_scsi_proto::{feature, Config, Event, LunAddress, CDB_SIZE, SENSE_SIZE};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -171,6 +172,44 @@ impl Inner {
     fn flush_events(&self) {
         if let (Some(vring), Some(mem)) = (self.vring(virtio_scsi_proto::EVENT_QUEUE), self.memory()) {
             self.events.deliver(&vring, &mem);
+        }
+    }
+
+    /// Serves every chain the driver has made available, with EVENT_IDX notification
+    /// suppression while doing so. `serve` returns the used length, or `None` when it kept the
+    /// chain for later completion.
+    fn drain(
+        &self,
+        vring: &VringRwLock,
+        mem: &MemGuard,
+        mut serve: impl FnMut(u16, segments::Segments) -> Option<u32>,
+    ) -> io::Result<()> {
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(io::Error::other)?;
+            }
+            let chains: Vec<_> = {
+                let mut state = vring.get_mut();
+                state.get_queue_mut().iter(mem.clone()).map_err(io::Error::other)?.collect()
+            };
+            let mut completed = false;
+            for chain in chains {
+                let head = chain.head_index();
+                let segs = segments::Segments::from_descriptors(
+                    chain.map(|d| (d.addr(), d.len(), d.is_write_only())),
+                );
+                if let Some(len) = serve(head, segs) {
+                    vring.add_used(head, len).map_err(io::Error::other)?;
+                    completed = true;
+                }
+            }
+            if completed {
+                Inner::notify(vring);
+            }
+            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+                return Ok(());
+            }
         }
     }
 

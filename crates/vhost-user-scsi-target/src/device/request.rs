@@ -4,8 +4,7 @@ use std::io;
 use std::sync::atomic::Ordering;
 
 use log::{debug, warn};
-use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::QueueOwnedT;
+use vhost_user_backend::VringRwLock;
 use virtio_scsi_proto::{response, scsi::status, CmdRequest, CmdResponse, LunAddress};
 
 use super::deferred::Held;
@@ -23,34 +22,10 @@ enum Outcome {
 
 impl Inner {
     pub(super) fn process_requests(&self, rq: u16, vring: &VringRwLock, mem: &MemGuard) -> io::Result<()> {
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
-        loop {
-            if event_idx {
-                vring.disable_notification().map_err(io::Error::other)?;
-            }
-            let chains: Vec<_> = {
-                let mut state = vring.get_mut();
-                state.get_queue_mut().iter(mem.clone()).map_err(io::Error::other)?.collect()
-            };
-            let mut completed = false;
-            for chain in chains {
-                let head = chain.head_index();
-                let segs = Segments::from_descriptors(chain.map(|d| (d.addr(), d.len(), d.is_write_only())));
-                match self.execute(rq, head, segs, mem) {
-                    Outcome::Done(len) => {
-                        vring.add_used(head, len).map_err(io::Error::other)?;
-                        completed = true;
-                    }
-                    Outcome::Deferred => {}
-                }
-            }
-            if completed {
-                Inner::notify(vring);
-            }
-            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
-                return Ok(());
-            }
-        }
+        self.drain(vring, mem, |head, segs| match self.execute(rq, head, segs, mem) {
+            Outcome::Done(len) => Some(len),
+            Outcome::Deferred => None,
+        })
     }
 
     fn execute(&self, rq: u16, head: u16, segs: Segments, mem: &MemGuard) -> Outcome {
