@@ -5,6 +5,7 @@ import { homedir } from 'node:os';
 import { delimiter, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { ImplementationFn } from 'ava';
+import { defaultTargetBinary } from '../../ts/bundled-target.js';
 
 export const repoRoot: string = fileURLToPath(new URL('../../', import.meta.url));
 
@@ -41,9 +42,7 @@ export function guestKernelDir(): string {
 }
 
 /** The bundled target binary: $VHOST_USER_SCSI_TARGET, else the release build. */
-export function targetBinary(): string {
-  return process.env.VHOST_USER_SCSI_TARGET ?? join(repoRoot, 'target', 'release', 'vhost-user-scsi-target');
-}
+export const targetBinary: () => string = defaultTargetBinary;
 
 export const requireRoot: Requirement = () =>
   process.getuid?.() === 0 ? undefined : 'not root (QEMU guests need /dev access and hugepages)';
