@@ -1,0 +1,165 @@
+// The main job on the embedded default: start the bundled target, scan it, verify data on every
+// disk, and benchmark 4 KiB random reads. Run with `npm run demo` (which builds everything first)
+// or `node --import tsx examples/demo.ts`.
+import { randomBytes, randomInt } from 'node:crypto';
+import { mkdtemp, open, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { performance } from 'node:perf_hooks';
+
+import { startTarget } from '../ts/bundled-target.js';
+import { Controller, type BlockDevice } from '../ts/index.js';
+
+const BENCH_SECONDS = Number(process.env.DEMO_BENCH_SECONDS ?? 3);
+
+function size(bytes: bigint): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let v = Number(bytes);
+  let u = 0;
+  while (v >= 1024 && u < units.length - 1) {
+    v /= 1024;
+    u++;
+  }
+  return `${v.toFixed(v < 10 && u > 0 ? 1 : 0)} ${units[u]}`;
+}
+
+function table(rows: string[][]): string {
+  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
+  return rows.map((r) => r.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd()).join('\n');
+}
+
+/** Writes a distinct pattern at the first, a middle and the last blocks, reads it back, compares,
+ *  then unmaps it and expects zeros. Returns a one-line account. */
+async function verify(disk: BlockDevice): Promise<string> {
+  const bs = disk.blockSize;
+  const blocks = Number(disk.blockCount);
+  const span = Math.min(64, blocks);
+  const places = [0, Math.floor(blocks / 2), blocks - span];
+  for (const [i, lba] of places.entries()) {
+    // Alternate the zero-copy DMA path and the plain-Buffer (bounce) path.
+    const data = i % 2 === 0 ? disk.allocBuffer(span * bs) : Buffer.alloc(span * bs);
+    randomBytes(data.length).copy(data);
+    await disk.write(lba, data);
+    const back = await disk.read(lba, span);
+    if (!back.equals(data)) throw new Error(`${disk.info.name}: data at LBA ${lba} read back different`);
+  }
+  let zeros = 'no unmap';
+  if (disk.info.unmap) {
+    await disk.unmap({ lba: places[1]!, blocks: span });
+    const back = await disk.read(places[1]!, span);
+    if (back.some((b) => b !== 0)) throw new Error(`${disk.info.name}: unmapped blocks do not read as zeros`);
+    zeros = 'unmap reads zeros';
+  }
+  await disk.flush();
+  return `${places.length} x ${span} blocks written and read back, ${zeros}, flushed`;
+}
+
+/** 4 KiB random reads at a queue depth for a while, with a progress line. */
+async function bench(disk: BlockDevice, depth: number, seconds: number) {
+  const io = 4096;
+  const blocks = io / disk.blockSize;
+  const last = Number(disk.blockCount) - blocks;
+  const lat: number[] = [];
+  const end = performance.now() + seconds * 1000;
+  let done = 0;
+  // Progress on a terminal only: a log gets the result line alone.
+  const progress = setInterval(() => {
+    if (!process.stdout.isTTY) return;
+    const left = Math.max(0, (end - performance.now()) / 1000);
+    process.stdout.write(`\r  ${disk.info.name} qd ${depth}: ${done} reads, ${left.toFixed(1)} s left   `);
+  }, 250);
+  const worker = async () => {
+    const buf = disk.allocBuffer(io);
+    while (performance.now() < end) {
+      const t0 = performance.now();
+      await disk.read(Math.floor(randomInt(0, last / blocks + 1)) * blocks, buf);
+      lat.push(performance.now() - t0);
+      done++;
+    }
+  };
+  const t0 = performance.now();
+  await Promise.all(Array.from({ length: depth }, worker));
+  const elapsed = (performance.now() - t0) / 1000;
+  clearInterval(progress);
+  if (process.stdout.isTTY) process.stdout.write('\r'.padEnd(70) + '\r');
+  lat.sort((a, b) => a - b);
+  const pct = (p: number) => Math.round(lat[Math.min(lat.length - 1, Math.floor(lat.length * p))]! * 1000);
+  return {
+    device: disk.info.name,
+    depth,
+    iops: Math.round(done / elapsed),
+    mbPerSec: +((done * io) / elapsed / 1e6).toFixed(1),
+    meanUs: Math.round((lat.reduce((a, b) => a + b, 0) / lat.length) * 1000),
+    p50Us: pct(0.5),
+    p99Us: pct(0.99),
+  };
+}
+
+async function main(): Promise<void> {
+  const dir = await mkdtemp(join(tmpdir(), 'virtio-initiator-demo-'));
+  const image = join(dir, 'disk.img');
+  const fh = await open(image, 'w');
+  await fh.truncate(64 << 20);
+  await fh.close();
+  const socket = join(dir, 'vhost-scsi.sock');
+  const luns = ['0:0:ram:256M:512', `0:1:file:${image}:4096`, '1:0:null:4G:4096'];
+  console.log(`starting the bundled target on ${socket}`);
+  for (const l of luns) console.log(`  --lun ${l}`);
+  const target = await startTarget({ socket, control: join(dir, 'control.sock'), luns });
+  try {
+    await using ctrl = await Controller.connect(socket);
+    const info = ctrl.info;
+    console.log(
+      `\nconnected: ${info.transport}, ${info.requestQueues} request queue(s) of ${info.queueSize}, ` +
+        `${size(BigInt(info.memoryBytes))} DMA memory${info.hugepages ? ' in hugepages' : ''}`,
+    );
+
+    const scan = await ctrl.scan();
+    console.log(`\nscan: ${scan.luns.length} LUN(s)`);
+    const rows = [['name', 'target', 'lun', 'type', 'vendor', 'product', 'block', 'blocks', 'size', 'serial']];
+    for (const l of scan.luns) {
+      rows.push([
+        l.name,
+        String(l.target),
+        String(l.lun),
+        l.deviceTypeName,
+        l.vendor,
+        l.product,
+        String(l.geometry?.blockSize ?? '-'),
+        String(l.geometry?.blockCount ?? '-'),
+        l.geometry ? size(BigInt(l.geometry.blockSize) * BigInt(l.geometry.blockCount)) : '-',
+        l.serial ?? '-',
+      ]);
+    }
+    console.log(table(rows));
+    for (const p of scan.problems) console.log(`  note: ${JSON.stringify(p)}`);
+
+    console.log('\nverify:');
+    for (const disk of ctrl.devices) {
+      if (disk.info.product.includes('NULL')) continue; // discards writes by design
+      console.log(`  ${disk.info.name}: ${await verify(disk)}`);
+    }
+
+    const nullDisk = ctrl.devices.find((d) => d.info.product.includes('NULL'));
+    const ramDisk = ctrl.devices.find((d) => d.info.product.includes('RAM'));
+    console.log(`\nbenchmark: 4 KiB random reads, ${BENCH_SECONDS} s each`);
+    const results = [];
+    for (const disk of [nullDisk, ramDisk]) {
+      if (disk === undefined) continue;
+      for (const depth of [1, 32]) results.push(await bench(disk, depth, BENCH_SECONDS));
+    }
+    console.log(table([
+      ['device', 'qd', 'IOPS', 'MB/s', 'mean us', 'p50 us', 'p99 us'],
+      ...results.map((r) => [r.device, String(r.depth), String(r.iops), String(r.mbPerSec), String(r.meanUs), String(r.p50Us), String(r.p99Us)]),
+    ]));
+    console.log(JSON.stringify({ benchmark: results }));
+  } finally {
+    await target.stop();
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+main().catch((e: unknown) => {
+  console.error(`demo failed: ${e instanceof Error ? e.message : String(e)}`);
+  process.exitCode = 1;
+});
