@@ -2,6 +2,7 @@
 //! `vhost` crate. The backend maps our DMA pool from the memfds we pass and drives the rings in
 //! it; kicks and calls travel over eventfds.
 
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -16,9 +17,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{QueueHandle, Result, RingAddresses, Transport, TransportError};
 use crate::memory::Region;
 
-/// How long a request to the backend may take before it counts as gone. A backend answers in
-/// microseconds; this only bounds a socket that accepted us but never answers.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the backend may take to answer the first request. A backend answers in
+/// microseconds; this only bounds a socket that accepted us but does not speak vhost-user.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Most queues a frontend message may address.
 const MAX_QUEUES: u64 = 256;
@@ -51,8 +52,7 @@ impl VhostUserTransport {
     pub fn connect(path: &str) -> Result<Self> {
         let stream = UnixStream::connect(path)
             .map_err(|source| TransportError::Connect { path: path.into(), source })?;
-        stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
-        stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
+        probe(&stream, path)?;
         let peer = stream.try_clone()?;
         let mut frontend = Frontend::from_stream(stream, MAX_QUEUES);
 
@@ -102,6 +102,47 @@ impl VhostUserTransport {
             mmap_handle: r.raw_fd(),
         }
     }
+}
+
+/// Sends GET_FEATURES by hand and waits for its reply with a deadline. The `vhost` crate retries
+/// a read that times out for ever, so a peer that accepts but never answers would hang it; here
+/// that is a clear error instead. The reply is consumed, and the frontend starts afresh.
+fn probe(stream: &UnixStream, path: &str) -> Result<()> {
+    const GET_FEATURES: u32 = 1;
+    const VERSION_1: u32 = 0x1;
+    const REPLY: u32 = 0x4;
+    let not_vhost = |detail: String| TransportError::NotVhostUser { path: path.into(), detail };
+
+    let mut request = [0u8; 12];
+    request[0..4].copy_from_slice(&GET_FEATURES.to_le_bytes());
+    request[4..8].copy_from_slice(&VERSION_1.to_le_bytes());
+    stream.set_write_timeout(Some(PROBE_TIMEOUT))?;
+    (&*stream).write_all(&request).map_err(|e| not_vhost(format!("cannot send GET_FEATURES: {e}")))?;
+
+    let mut reply = [0u8; 20];
+    let deadline = std::time::Instant::now() + PROBE_TIMEOUT;
+    let mut got = 0;
+    while got < reply.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut pfd = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd on the stack.
+        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if n == 0 {
+            return Err(not_vhost(format!("no answer to GET_FEATURES within {PROBE_TIMEOUT:?}")));
+        }
+        match (&*stream).read(&mut reply[got..]) {
+            Ok(0) => return Err(not_vhost("the peer closed the connection on GET_FEATURES".into())),
+            Ok(k) => got += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(not_vhost(format!("reading the GET_FEATURES reply: {e}"))),
+        }
+    }
+    let word = |i: usize| u32::from_le_bytes([reply[i], reply[i + 1], reply[i + 2], reply[i + 3]]);
+    if word(0) != GET_FEATURES || word(4) & REPLY == 0 || word(8) != 8 {
+        return Err(not_vhost(format!("the reply to GET_FEATURES is not vhost-user: {:02x?}", &reply[..12])));
+    }
+    stream.set_write_timeout(None)?;
+    Ok(())
 }
 
 fn proto(request: &'static str) -> impl Fn(vhost::Error) -> TransportError {
