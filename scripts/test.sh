@@ -27,5 +27,8 @@ cargo test --workspace
 step "release build (target, addon, TypeScript)"
 bash scripts/build.sh
 
+step "interop target (rust-vmm vhost-device-scsi)"
+bash scripts/setup-interop.sh
+
 step "ava"
 npx ava
