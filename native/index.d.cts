@@ -25,6 +25,11 @@ export declare class Channel {
 export declare class Controller {
   /** Connects to a vhost-user-scsi socket and brings the device up. */
   static connectVhostUser(path: string, options?: ControllerOptions | undefined | null): Controller
+  /**
+   * Opens a virtio-scsi PCI function bound to vfio-pci ("0000:00:03.0") and brings the
+   * device up.
+   */
+  static openPci(address: string, options?: ControllerOptions | undefined | null): Controller
   get info(): ControllerInfo
   /** Takes an exclusive request queue. */
   openChannel(): Channel
@@ -38,6 +43,12 @@ export declare class Controller {
   get failure(): string | null
   close(): void
 }
+
+/**
+ * Hands a virtio-scsi PCI function to vfio-pci (through driver_override); returns its new
+ * state. Needs root.
+ */
+export declare function bindVfioPci(address: string): PciDeviceInfo
 
 /** Size of one packed completion record. */
 export declare const COMPLETION_RECORD_SIZE: number
@@ -77,8 +88,29 @@ export interface ControllerOptions {
   hugepages?: string
 }
 
+/** Every virtio-scsi PCI function of the system, with its driver and IOMMU group. */
+export declare function listPciDevices(): Array<PciDeviceInfo>
+
 /** Version of the native addon. */
 export declare function nativeVersion(): string
 
+/** A virtio-scsi PCI function as sysfs describes it. */
+export interface PciDeviceInfo {
+  /** "0000:00:03.0". */
+  address: string
+  vendorId: number
+  deviceId: number
+  /** "modern" (1af4:1048) or "transitional" (1af4:1004). */
+  interface: string
+  /** Bound driver ("virtio-pci", "vfio-pci"), or null. */
+  driver?: string
+  /** IOMMU group, or null when the system has no IOMMU. */
+  iommuGroup?: number
+  numaNode?: number
+}
+
 /** Size of one packed request record. */
 export declare const SUBMIT_RECORD_SIZE: number
+
+/** Gives a PCI function back from vfio-pci to its kernel driver; returns its new state. */
+export declare function unbindVfioPci(address: string): PciDeviceInfo

@@ -171,7 +171,10 @@ fn malformed_chains_get_failures_and_the_target_survives() {
     let wild = Segment::new(0x7000_0000_0000, 512);
     rig.run(&[seg(&read, CmdRequest::SIZE)], &[seg(&resp, CmdResponse::SIZE), wild]);
     let r = response_of(&resp);
-    assert!(r.response != response::OK || r.status != status::GOOD, "a read into unmapped memory succeeded: {r:?}");
+    assert!(
+        r.response != response::OK || r.status != status::GOOD,
+        "a read into unmapped memory succeeded: {r:?}"
+    );
 
     // The request header itself outside shared memory: nothing can be read, so FAILURE.
     let resp = rig.buf(CmdResponse::SIZE);

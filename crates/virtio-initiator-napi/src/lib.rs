@@ -8,6 +8,7 @@ use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use virtio_initiator_core::memory::HugePages;
 use virtio_initiator_core::scsi::{self, RequestChannel, ScsiController};
+use virtio_initiator_core::transport::pci::{self as pci, PciTransport, Sysfs, VirtioInterface};
 use virtio_initiator_core::transport::vhost_user::VhostUserTransport;
 use virtio_scsi_proto::LunAddress;
 
@@ -106,6 +107,16 @@ impl Controller {
     pub fn connect_vhost_user(path: String, options: Option<ControllerOptions>) -> Result<Self> {
         let opts = core_options(options)?;
         let transport = VhostUserTransport::connect(&path).map_err(err)?;
+        let inner = ScsiController::open(Box::new(transport), &opts).map_err(err)?;
+        Ok(Controller { inner })
+    }
+
+    /// Opens a virtio-scsi PCI function bound to vfio-pci ("0000:00:03.0") and brings the
+    /// device up.
+    #[napi(factory)]
+    pub fn open_pci(address: String, options: Option<ControllerOptions>) -> Result<Self> {
+        let opts = core_options(options)?;
+        let transport = PciTransport::open(&address).map_err(err)?;
         let inner = ScsiController::open(Box::new(transport), &opts).map_err(err)?;
         Ok(Controller { inner })
     }
@@ -246,4 +257,61 @@ impl Channel {
     pub fn close(&mut self) {
         self.inner.close();
     }
+}
+
+/// A virtio-scsi PCI function as sysfs describes it.
+#[napi(object)]
+pub struct PciDeviceInfo {
+    /// "0000:00:03.0".
+    pub address: String,
+    pub vendor_id: u32,
+    pub device_id: u32,
+    /// "modern" (1af4:1048) or "transitional" (1af4:1004).
+    pub interface: String,
+    /// Bound driver ("virtio-pci", "vfio-pci"), or null.
+    pub driver: Option<String>,
+    /// IOMMU group, or null when the system has no IOMMU.
+    pub iommu_group: Option<u32>,
+    pub numa_node: Option<u32>,
+}
+
+fn pci_info(f: pci::PciFunction) -> PciDeviceInfo {
+    PciDeviceInfo {
+        address: f.address.to_string(),
+        vendor_id: u32::from(f.vendor),
+        device_id: u32::from(f.device),
+        interface: match f.interface() {
+            Some(VirtioInterface::Modern) => "modern",
+            Some(VirtioInterface::Transitional) => "transitional",
+            None => "none",
+        }
+        .to_string(),
+        driver: f.driver,
+        iommu_group: f.iommu_group,
+        numa_node: f.numa_node,
+    }
+}
+
+fn pci_address(address: &str) -> Result<pci::PciAddress> {
+    address.parse().map_err(err)
+}
+
+/// Every virtio-scsi PCI function of the system, with its driver and IOMMU group.
+#[napi]
+pub fn list_pci_devices() -> Result<Vec<PciDeviceInfo>> {
+    let functions = Sysfs::new().virtio_scsi_functions().map_err(err)?;
+    Ok(functions.into_iter().map(pci_info).collect())
+}
+
+/// Hands a virtio-scsi PCI function to vfio-pci (through driver_override); returns its new
+/// state. Needs root.
+#[napi]
+pub fn bind_vfio_pci(address: String) -> Result<PciDeviceInfo> {
+    Ok(pci_info(Sysfs::new().bind_vfio(pci_address(&address)?).map_err(err)?))
+}
+
+/// Gives a PCI function back from vfio-pci to its kernel driver; returns its new state.
+#[napi]
+pub fn unbind_vfio_pci(address: String) -> Result<PciDeviceInfo> {
+    Ok(pci_info(Sysfs::new().unbind_vfio(pci_address(&address)?).map_err(err)?))
 }

@@ -39,6 +39,8 @@ pub(crate) struct Backing {
     pub(crate) mapping: GuestRegionMmap,
     pub(crate) file: Arc<File>,
     pub(crate) hugetlb: bool,
+    /// Where the mapping starts in `file`.
+    pub(crate) fd_offset: u64,
 }
 
 pub(crate) fn page_size() -> u64 {
@@ -85,6 +87,63 @@ pub(crate) fn create(size: u64, iova: u64, mode: HugePages) -> Result<Backing, M
 }
 
 fn create_with(size: u64, iova: u64, hugetlb: bool) -> Result<Backing, MemoryError> {
+    let (file, size) = allocate(size, hugetlb, false)?;
+    let mapping = map(&file, 0, size, iova, hugetlb)?;
+    Ok(Backing { mapping, file, hugetlb, fd_offset: 0 })
+}
+
+/// Finds the physical address of each page of a mapping: `pages` entries for the pages of
+/// `page_size` bytes starting at `host_addr`. Used for devices that bypass the IOMMU.
+pub type PhysResolver = fn(host_addr: u64, page_size: u64, pages: usize) -> io::Result<Vec<u64>>;
+
+/// Creates hugepage memory of at least `size` bytes for a device that takes physical
+/// addresses. Each 2 MiB hugepage is physically contiguous; pages that happen to be adjacent
+/// in both the memfd and physical memory are merged. Every piece is mapped on its own and
+/// placed at its physical address, so an IOVA of the pool *is* the physical address and no
+/// buffer spans memory that is not contiguous for the device.
+pub(crate) fn create_physical(size: u64, resolve: PhysResolver) -> Result<Vec<Backing>, MemoryError> {
+    // Pages are taken last to first: the kernel hands out free hugepages most recently freed
+    // first, which after a fresh reservation is descending physical order, so this order
+    // usually yields one physically contiguous run.
+    let (file, size) = allocate(size, true, true)?;
+    let pages = (size / HUGE_PAGE_SIZE) as usize;
+    // A first mapping of the whole memfd, only to learn where its pages are.
+    let whole = map(&file, 0, size, 0, true)?;
+    let physical = resolve(whole.as_ptr() as u64, HUGE_PAGE_SIZE, pages)
+        .map_err(|e| MemoryError::PhysicalAddress(e.to_string()))?;
+    drop(whole);
+    if physical.len() != pages {
+        return Err(MemoryError::PhysicalAddress(format!(
+            "{} physical addresses for {pages} hugepages",
+            physical.len()
+        )));
+    }
+    physical_runs(&physical, HUGE_PAGE_SIZE)
+        .into_iter()
+        .map(|(offset, pa, len)| {
+            // The memfd keeps its pages, so the new mappings see the same physical memory.
+            let mapping = map(&file, offset, len, pa, true)?;
+            Ok(Backing { mapping, file: file.clone(), hugetlb: true, fd_offset: offset })
+        })
+        .collect()
+}
+
+/// Groups pages (physical address of each, in memfd order) into runs that are contiguous both
+/// in the memfd and physically: `(memfd offset, physical address, length)`.
+pub(crate) fn physical_runs(physical: &[u64], page_size: u64) -> Vec<(u64, u64, u64)> {
+    let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+    for (i, &pa) in physical.iter().enumerate() {
+        match runs.last_mut() {
+            Some((_, start, len)) if *start + *len == pa => *len += page_size,
+            _ => runs.push((i as u64 * page_size, pa, page_size)),
+        }
+    }
+    runs
+}
+
+/// A memfd of `size` bytes (rounded up to the page size in use) with all its pages allocated,
+/// hugepage by hugepage from the end when `backwards`.
+fn allocate(size: u64, hugetlb: bool, backwards: bool) -> Result<(Arc<File>, u64), MemoryError> {
     let unit = if hugetlb { HUGE_PAGE_SIZE } else { page_size() };
     let size = align_up(size, unit)
         .filter(|&s| s > 0 && usize::try_from(s).is_ok() && s <= i64::MAX as u64)
@@ -112,24 +171,38 @@ fn create_with(size: u64, iova: u64, hugetlb: bool) -> Result<Backing, MemoryErr
     file.set_len(size).map_err(|source| MemoryError::Truncate { size, source })?;
     // Allocate every page now: for hugetlb this takes the pages from the pool (failing cleanly
     // when a concurrent user got them first), for shmem it charges the memory up front.
-    // SAFETY: plain syscall on a descriptor we own.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
-    if rc != 0 {
-        let source = io::Error::last_os_error();
-        // Kernels or sandboxes without fallocate on memfds still get MAP_POPULATE below.
-        if source.raw_os_error() != Some(libc::EOPNOTSUPP) {
-            return Err(MemoryError::Allocate { size, hugetlb, source });
+    let pieces: Vec<(u64, u64)> =
+        if backwards { (0..size / unit).rev().map(|i| (i * unit, unit)).collect() } else { vec![(0, size)] };
+    for (offset, len) in pieces {
+        // SAFETY: plain syscall on a descriptor we own.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset as libc::off_t, len as libc::off_t) };
+        if rc != 0 {
+            let source = io::Error::last_os_error();
+            // Kernels or sandboxes without fallocate on memfds still get MAP_POPULATE below.
+            if source.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                return Err(MemoryError::Allocate { size, hugetlb, source });
+            }
+            break;
         }
     }
+    Ok((file, size))
+}
 
-    let region = MmapRegionBuilder::new(size as usize)
-        .with_file_offset(FileOffset::from_arc(file.clone(), 0))
+/// Maps `len` bytes of `file` from `offset`, shared and populated, placed at `iova`.
+fn map(
+    file: &Arc<File>,
+    offset: u64,
+    len: u64,
+    iova: u64,
+    hugetlb: bool,
+) -> Result<GuestRegionMmap, MemoryError> {
+    let region = MmapRegionBuilder::new(len as usize)
+        .with_file_offset(FileOffset::from_arc(file.clone(), offset))
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
         .with_mmap_flags(libc::MAP_SHARED | libc::MAP_POPULATE)
         .with_hugetlbfs(hugetlb)
         .build()
-        .map_err(|e| MemoryError::Mmap { size, hugetlb, message: e.to_string() })?;
-    let mapping = GuestRegionMmap::new(region, GuestAddress(iova))
-        .ok_or(MemoryError::IovaOverflow { next: iova, size })?;
-    Ok(Backing { mapping, file, hugetlb })
+        .map_err(|e| MemoryError::Mmap { size: len, hugetlb, message: e.to_string() })?;
+    GuestRegionMmap::new(region, GuestAddress(iova))
+        .ok_or(MemoryError::IovaOverflow { next: iova, size: len })
 }

@@ -72,6 +72,15 @@ pub enum MemoryError {
     #[error("IOVA range {iova:#x}+{len} is not inside the DMA pool")]
     BadIova { iova: u64, len: u64 },
 
+    #[error("a DMA pool placed at physical addresses needs hugepages (hugepages: never was asked for)")]
+    PhysicalNeedsHugePages,
+
+    #[error("cannot find the physical address of DMA memory: {0}")]
+    PhysicalAddress(String),
+
+    #[error("a DMA pool placed at physical addresses cannot grow; create it with the size it needs")]
+    PhysicalCannotGrow,
+
     #[error("access of {len} bytes at offset {offset} is outside a {size}-byte DMA buffer")]
     OutOfBounds { offset: usize, len: usize, size: usize },
 }

@@ -18,10 +18,13 @@ mod freelist;
 mod pool;
 
 pub use arena::Arena;
-pub use backing::{free_hugepages, HugePages, HUGE_PAGE_SIZE};
+pub use backing::{free_hugepages, HugePages, PhysResolver, HUGE_PAGE_SIZE};
 pub use buf::DmaBuf;
 pub use error::MemoryError;
-pub use pool::{DmaPool, PoolConfig, Region};
+pub use pool::{DmaPool, IovaPlacement, PoolConfig, Region};
+
+#[cfg(test)]
+pub(crate) use backing::physical_runs as physical_runs_for_tests;
 
 #[cfg(test)]
 mod tests;

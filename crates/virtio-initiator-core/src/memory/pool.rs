@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
 use super::arena::{Arena, Chunk};
-use super::backing::{self, HugePages, HUGE_PAGE_SIZE};
+use super::backing::{self, HugePages, PhysResolver, HUGE_PAGE_SIZE};
 use super::buf::DmaBuf;
 use super::error::MemoryError;
 use super::freelist::{align_up, FreeList};
@@ -25,6 +25,43 @@ pub struct PoolConfig {
     /// Upper bound on regions, e.g. the vhost-user backend's memory slots (8 without
     /// CONFIGURE_MEM_SLOTS).
     pub max_regions: usize,
+    /// How regions get their IOVAs.
+    pub placement: IovaPlacement,
+}
+
+/// How the pool assigns IOVAs to its regions.
+#[derive(Clone, Copy, Default)]
+pub enum IovaPlacement {
+    /// One region after the other from `iova_base`, each 2 MiB aligned: for vhost-user
+    /// backends and for devices behind an IOMMU, which see whatever layout we map.
+    #[default]
+    Contiguous,
+    /// Every IOVA is the physical address of its memory, found with the resolver: for a PCI
+    /// device that bypasses the IOMMU (no VIRTIO_F_ACCESS_PLATFORM) and so takes physical
+    /// addresses. Needs hugepages; the pool becomes one region per physically contiguous run
+    /// of them, so a buffer never spans memory the device would not see as contiguous.
+    Physical(PhysResolver),
+}
+
+impl PartialEq for IovaPlacement {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (IovaPlacement::Contiguous, IovaPlacement::Contiguous) => true,
+            (IovaPlacement::Physical(a), IovaPlacement::Physical(b)) => *a as usize == *b as usize,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for IovaPlacement {}
+
+impl fmt::Debug for IovaPlacement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IovaPlacement::Contiguous => f.write_str("Contiguous"),
+            IovaPlacement::Physical(_) => f.write_str("Physical"),
+        }
+    }
 }
 
 impl PoolConfig {
@@ -38,7 +75,13 @@ impl PoolConfig {
             hugepages: HugePages::Auto,
             iova_base: Self::DEFAULT_IOVA_BASE,
             max_regions: Self::DEFAULT_MAX_REGIONS,
+            placement: IovaPlacement::Contiguous,
         }
+    }
+
+    pub fn placement(mut self, placement: IovaPlacement) -> Self {
+        self.placement = placement;
+        self
     }
 
     pub fn hugepages(mut self, hugepages: HugePages) -> Self {
@@ -62,12 +105,14 @@ impl PoolConfig {
 /// descriptor alive.
 #[derive(Clone)]
 pub struct Region {
-    /// Device-visible address of the first byte; 2 MiB aligned.
+    /// Device-visible address of the first byte; 2 MiB aligned (a physical address with
+    /// [`IovaPlacement::Physical`]).
     pub iova: u64,
     pub size: u64,
     /// Where the region is mapped in this process.
     pub host_addr: u64,
-    /// Offset of the region within its memfd (always 0: one memfd per region).
+    /// Offset of the region within its memfd: 0, except for physically placed pools, whose
+    /// regions are pieces of one memfd.
     pub fd_offset: u64,
     /// Backed by 2 MiB hugepages.
     pub hugepages: bool,
@@ -174,7 +219,8 @@ impl fmt::Debug for DmaPool {
 }
 
 impl DmaPool {
-    /// Creates the pool with its first region of `config.size` bytes.
+    /// Creates the pool with its first region of `config.size` bytes (several regions with
+    /// [`IovaPlacement::Physical`], one per physically contiguous run of hugepages).
     pub fn new(config: PoolConfig) -> Result<Self, MemoryError> {
         if config.iova_base % HUGE_PAGE_SIZE != 0 {
             return Err(MemoryError::UnalignedIovaBase { base: config.iova_base });
@@ -185,10 +231,27 @@ impl DmaPool {
         if config.max_regions == 0 {
             return Err(MemoryError::TooManyRegions { max: 0 });
         }
-        let first = backing::create(config.size, config.iova_base, config.hugepages)?;
-        let mapping = Arc::new(first.mapping);
-        let next_iova = next_iova_after(&mapping)?;
-        let memory = GuestMemoryMmap::from_arc_regions(vec![mapping.clone()])
+        let mut backings = match config.placement {
+            IovaPlacement::Contiguous => {
+                vec![backing::create(config.size, config.iova_base, config.hugepages)?]
+            }
+            IovaPlacement::Physical(resolve) => {
+                if config.hugepages == HugePages::Never {
+                    return Err(MemoryError::PhysicalNeedsHugePages);
+                }
+                backing::create_physical(config.size, resolve)?
+            }
+        };
+        if backings.len() > config.max_regions {
+            return Err(MemoryError::TooManyRegions { max: config.max_regions });
+        }
+        // vm-memory wants its regions in address order.
+        backings.sort_by_key(|b| b.mapping.start_addr().0);
+        let pieces: Vec<_> =
+            backings.into_iter().map(|b| (Arc::new(b.mapping), b.file, b.hugetlb, b.fd_offset)).collect();
+        let last = pieces.last().ok_or(MemoryError::InvalidSize { size: config.size })?;
+        let next_iova = next_iova_after(&last.0)?;
+        let memory = GuestMemoryMmap::from_arc_regions(pieces.iter().map(|p| p.0.clone()).collect())
             .map_err(|e| MemoryError::RegionTable(e.to_string()))?;
         let mut pool = DmaPool {
             next_iova,
@@ -197,13 +260,20 @@ impl DmaPool {
             memory,
             state: Arc::new(Mutex::new(PoolState { regions: Vec::new() })),
         };
-        pool.register(mapping, first.file, first.hugetlb, next_iova);
+        for (mapping, file, hugetlb, fd_offset) in pieces {
+            pool.register(mapping, file, hugetlb, fd_offset, next_iova);
+        }
         Ok(pool)
     }
 
     /// Adds a region of at least `bytes`, placed at the next 2 MiB-aligned IOVA after the
     /// existing ones. The transport must then tell the device about it (ADD_MEM_REG, MAP_DMA).
+    /// A physically placed pool cannot grow this way (its new memory may be several regions):
+    /// size it up front.
     pub fn grow(&mut self, bytes: u64) -> Result<&Region, MemoryError> {
+        if let IovaPlacement::Physical(_) = self.config.placement {
+            return Err(MemoryError::PhysicalCannotGrow);
+        }
         if self.regions.len() >= self.config.max_regions {
             return Err(MemoryError::TooManyRegions { max: self.config.max_regions });
         }
@@ -218,7 +288,7 @@ impl DmaPool {
             .memory
             .insert_region(mapping.clone())
             .map_err(|e| MemoryError::RegionTable(e.to_string()))?;
-        Ok(self.register(mapping, backing.file, backing.hugetlb, next_iova))
+        Ok(self.register(mapping, backing.file, backing.hugetlb, backing.fd_offset, next_iova))
     }
 
     fn register(
@@ -226,6 +296,7 @@ impl DmaPool {
         mapping: Arc<GuestRegionMmap>,
         file: Arc<File>,
         hugepages: bool,
+        fd_offset: u64,
         next_iova: u64,
     ) -> &Region {
         let iova = mapping.start_addr().0;
@@ -238,7 +309,7 @@ impl DmaPool {
             iova,
             size,
             host_addr: mapping.as_ptr() as u64,
-            fd_offset: 0,
+            fd_offset,
             hugepages,
             file,
             _mapping: mapping,

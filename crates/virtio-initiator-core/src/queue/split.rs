@@ -69,6 +69,9 @@ pub struct SplitQueue {
     /// With EVENT_IDX and interrupts off: last_used when used_event was last parked.
     used_event_parked_at: u16,
     broken: bool,
+    /// Clamp a used length beyond the writable bytes instead of failing (see
+    /// [`SplitQueue::clamp_used_len`]).
+    clamp_used_len: bool,
 }
 
 impl SplitQueue {
@@ -134,6 +137,7 @@ impl SplitQueue {
             interrupts: true,
             used_event_parked_at: 0,
             broken: false,
+            clamp_used_len: false,
         };
         queue.init_state();
         // We poll: no interrupts unless asked for.
@@ -214,6 +218,14 @@ impl SplitQueue {
     /// The used index the driver will consume next.
     pub fn last_used_idx(&self) -> u16 {
         self.last_used
+    }
+
+    /// Tolerates used lengths larger than the writable bytes of a request, reporting the
+    /// writable bytes instead of failing the queue. For device types whose implementations are
+    /// known to count readable bytes too (QEMU's virtio-scsi adds the data-out length); the
+    /// driver must then not rely on the length. Nothing beyond the writable bytes is ever read.
+    pub fn clamp_used_len(&mut self, clamp: bool) {
+        self.clamp_used_len = clamp;
     }
 
     pub fn is_broken(&self) -> bool {
@@ -362,7 +374,7 @@ impl SplitQueue {
         }
         let elem = self.layout.used_elem(self.last_used & (self.size - 1));
         let id = self.ring.read_u32(elem);
-        let len = self.ring.read_u32(elem + 4);
+        let mut len = self.ring.read_u32(elem + 4);
         let head = match u16::try_from(id) {
             Ok(h) if h < self.size => h,
             _ => return Err(self.device_bug(DeviceBug::IdOutOfRange { id, size: self.size })),
@@ -370,7 +382,10 @@ impl SplitQueue {
         let (token, descs) = match self.state[head as usize] {
             DescState::Head { token, descs, writable, published: true } => {
                 if u64::from(len) > writable {
-                    return Err(self.device_bug(DeviceBug::LengthTooLarge { id, len, writable }));
+                    if !self.clamp_used_len {
+                        return Err(self.device_bug(DeviceBug::LengthTooLarge { id, len, writable }));
+                    }
+                    len = writable as u32;
                 }
                 (token, descs)
             }

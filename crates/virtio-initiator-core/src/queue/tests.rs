@@ -624,3 +624,18 @@ fn required_bytes_is_enough_for_an_arena() {
         }
     }
 }
+
+#[test]
+fn over_reported_used_length_is_clamped_when_asked() {
+    // QEMU's virtio-scsi counts data-out bytes into the used length of a WRITE.
+    let pool = pool();
+    let (mut q, chains) = hostile_setup(&pool);
+    q.clamp_used_len(true);
+    let mut dev = SimDevice::new(pool.memory(), q.addrs(), 8);
+    dev.last_avail = 2;
+    dev.complete(chains[0].head, 4096 + 100);
+    assert_eq!(q.pop_used().unwrap(), Some(Completion { token: 10, len: 100 }));
+    dev.complete(chains[1].head, u32::MAX);
+    assert_eq!(q.pop_used().unwrap(), Some(Completion { token: 11, len: 8 }));
+    assert!(!q.is_broken());
+}

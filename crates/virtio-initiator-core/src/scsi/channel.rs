@@ -31,6 +31,9 @@ struct Slot {
     /// Caller memory that a data-in bounce buffer is copied back to on completion.
     copy_back: Option<HostBuffer>,
     bounce: Option<DmaBuf>,
+    /// Bytes of the data-in buffer (0 for other directions): the most data the device can
+    /// have returned, whatever its used length says.
+    data_in: u32,
 }
 
 pub struct RequestChannel {
@@ -203,7 +206,11 @@ impl RequestChannel {
         let parts = self.parts()?;
         match parts.queue.add(&readable, &writable, u64::from(slot)) {
             Ok(()) => {
-                self.slots[slot as usize] = Some(Slot { token: rec.token, copy_back, bounce });
+                let data_in = match (rec.direction, data) {
+                    (Direction::FromDevice, Some(b)) => b.len as u32,
+                    _ => 0,
+                };
+                self.slots[slot as usize] = Some(Slot { token: rec.token, copy_back, bounce, data_in });
                 Ok(true)
             }
             Err(QueueError::Full) => {
@@ -259,7 +266,7 @@ impl RequestChannel {
                 (CmdResponse { response: response::FAILURE, ..Default::default() }, 0)
             } else {
                 let r = CmdResponse::decode(&raw).unwrap_or_default();
-                (r, (written - CmdResponse::SIZE) as u32)
+                (r, ((written - CmdResponse::SIZE) as u32).min(slot.data_in))
             };
             if let (Some(dst), Some(buf)) = (slot.copy_back, slot.bounce.as_ref()) {
                 let len = (data_len as usize).min(dst.len);

@@ -91,7 +91,8 @@ struct EventQueue {
 }
 
 pub struct ScsiController {
-    transport: Mutex<Box<dyn Transport>>,
+    /// `None` once closed: dropping the transport ends the connection (or releases the device).
+    transport: Mutex<Option<Box<dyn Transport>>>,
     pool: Arc<DmaPool>,
     info: ControllerInfo,
     control: Mutex<ControlQueue>,
@@ -168,7 +169,27 @@ impl ScsiController {
             None => device_queues.min(16),
         };
 
-        let pool = Arc::new(DmaPool::new(PoolConfig::new(opts.memory_bytes).hugepages(opts.hugepages))?);
+        // A device may take smaller rings than asked for (a PCI function reports its maximum).
+        let mut size = size;
+        for index in 0..2 + request_queues {
+            match transport.max_queue_size(index)? {
+                Some(0) => {
+                    return Err(ScsiError::Config(format!(
+                        "virtqueue {index} is not available on the device"
+                    )))
+                }
+                Some(max) if max < size => {
+                    // Split rings are a power of two; take the largest that fits.
+                    size = 1 << (15 - max.leading_zeros());
+                    debug!("virtqueue {index} takes at most {max} entries; queues get {size}");
+                }
+                _ => {}
+            }
+        }
+
+        let pool_config =
+            transport.pool_config(PoolConfig::new(opts.memory_bytes).hugepages(opts.hugepages))?;
+        let pool = Arc::new(DmaPool::new(pool_config)?);
         transport.set_memory(pool.regions())?;
 
         let qf = QueueFeatures {
@@ -179,6 +200,9 @@ impl ScsiController {
         let mut setup = |index: u16| -> Result<QueueParts, ScsiError> {
             let mut queue = SplitQueue::from_pool(&pool, size, qf)?;
             queue.disable_interrupts();
+            // QEMU's virtio-scsi counts data-out bytes into the used length; the scsi layer
+            // takes data lengths from the response instead of trusting it.
+            queue.clamp_used_len(true);
             let a = queue.addrs();
             let host = |iova: u64| pool.translate(iova, 1).map(|p| p as u64);
             let rings = RingAddresses {
@@ -226,7 +250,7 @@ impl ScsiController {
         };
         debug!("controller up: {info:?}");
         Ok(Arc::new(ScsiController {
-            transport: Mutex::new(transport),
+            transport: Mutex::new(Some(transport)),
             pool,
             info,
             control: Mutex::new(ControlQueue {
@@ -287,7 +311,10 @@ impl ScsiController {
     /// Asks the transport whether the device is still there; fails the controller if not.
     pub(super) fn check_alive(&self) -> Result<(), ScsiError> {
         self.check_usable()?;
-        let result = self.transport.lock().unwrap().check_alive();
+        let result = match self.transport.lock().unwrap().as_mut() {
+            Some(t) => t.check_alive(),
+            None => return Err(ScsiError::Closed),
+        };
         if let Err(e) = result {
             self.fail(e.to_string());
             return Err(ScsiError::Failed(e.to_string()));
@@ -399,13 +426,16 @@ impl ScsiController {
         Ok(out)
     }
 
-    /// Stops the device. Queues still held by channels fail from now on.
+    /// Stops the device and lets it go: a vhost-user connection is closed, so the backend can
+    /// serve another frontend at once. Queues still held by channels fail from now on.
     pub fn close(&self) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        if let Err(e) = self.transport.lock().unwrap().reset() {
-            debug!("reset on close: {e}");
+        if let Some(mut t) = self.transport.lock().unwrap().take() {
+            if let Err(e) = t.reset() {
+                debug!("reset on close: {e}");
+            }
         }
     }
 }

@@ -2,14 +2,18 @@
 //! a PCI function behind VFIO. Rings, memory and the virtio-scsi device layer sit above this
 //! trait and are shared by every transport.
 
+pub mod pci;
 pub mod vhost_user;
 
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::memory::Region;
+use crate::memory::{PoolConfig, Region};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -27,6 +31,8 @@ pub enum TransportError {
     Queue { index: u16, detail: String },
     #[error("the device is gone: {0}")]
     Disconnected(String),
+    #[error(transparent)]
+    Pci(#[from] pci::PciError),
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -53,11 +59,15 @@ pub enum Notifier {
     EventFd(EventFd),
     /// PCI: a 16-bit write of the queue index into the notify area of a mapped BAR.
     Mmio { addr: *mut u16, queue: u16 },
+    /// PCI, when the BAR cannot be mapped: the same write through the VFIO device file at
+    /// the notify address's offset. (The file keeps the device open until the queue is gone.)
+    File { file: Arc<File>, offset: u64, queue: u16 },
 }
 
-// SAFETY: the MMIO address points into a BAR mapping that the transport keeps alive for as long
-// as the queue exists; writing to it from whichever thread owns the queue is what the device
-// expects.
+// SAFETY: the MMIO address points into a BAR mapping of the PCI transport. When the transport
+// lets the device go (controller closed), it replaces those pages with inert anonymous memory
+// instead of unmapping them, so the address stays writable for as long as a queue may hold it;
+// writing to it from whichever thread owns the queue is what the device expects.
 unsafe impl Send for Notifier {}
 
 impl Notifier {
@@ -71,6 +81,7 @@ impl Notifier {
                 unsafe { std::ptr::write_volatile(*addr, queue.to_le()) };
                 Ok(())
             }
+            Notifier::File { file, offset, queue } => file.write_all_at(&queue.to_le_bytes(), *offset),
         }
     }
 }
@@ -101,6 +112,12 @@ pub trait Transport: Send {
     fn max_queue_size(&mut self, index: u16) -> Result<Option<u16>>;
     /// Reads the device-specific configuration space.
     fn read_config(&mut self, offset: u32, buf: &mut [u8]) -> Result<()>;
+    /// Adapts the DMA pool's settings to what the device can address, once the features are
+    /// set and before the pool exists: a PCI function picks IOVAs inside its IOMMU's ranges,
+    /// or physical placement when it bypasses the IOMMU. The default keeps them.
+    fn pool_config(&mut self, config: PoolConfig) -> Result<PoolConfig> {
+        Ok(config)
+    }
     /// Makes the DMA pool's regions visible to the device (replacing earlier ones).
     fn set_memory(&mut self, regions: &[Region]) -> Result<()>;
     /// Adds one region to what the device sees (the pool grew).
