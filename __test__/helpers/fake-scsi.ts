@@ -1,0 +1,209 @@
+// A small scripted SCSI target behind the CommandExecutor interface, for unit tests of the scan
+// and block-device logic against targets that implement less than the bundled one: no REPORT
+// LUNS, no VPD pages, no READ CAPACITY (16), no WRITE SAME, units that need starting, and
+// pending unit attentions. Data commands work on an in-memory image.
+import type { CommandExecutor, CommandResult, ScsiCommand } from '../../ts/queue.js';
+
+export interface FakeLun {
+  /** Peripheral device type (default 0, disk). */
+  type?: number;
+  blockSize?: number;
+  blocks?: bigint;
+  vpd?: boolean;
+  rc10?: boolean;
+  rc16?: boolean;
+  writeSame?: boolean;
+  /** Unit attentions TEST UNIT READY reports before it passes. */
+  unitAttentions?: number;
+  /** NOT READY, initializing command required, until START STOP UNIT. */
+  needsStart?: boolean;
+  /** NOT READY with this ASC/ASCQ, always. */
+  stuck?: [number, number];
+  serial?: string;
+  /** Most blocks per READ/WRITE (VPD 0xB0). */
+  maxTransfer?: number;
+}
+
+export interface FakeTarget {
+  reportLuns?: boolean;
+  luns: Record<number, FakeLun>;
+}
+
+export interface LoggedCommand {
+  target: number;
+  lun: number;
+  op: number;
+  cdb: Uint8Array;
+}
+
+const GOOD: CommandResult = { response: 0, status: 0, residual: 0, dataLength: 0 };
+
+function checkCondition(key: number, asc: number, ascq: number): CommandResult {
+  const sense = new Uint8Array(18);
+  sense[0] = 0x70;
+  sense[2] = key;
+  sense[7] = 10;
+  sense[12] = asc;
+  sense[13] = ascq;
+  return { response: 0, status: 2, sense, residual: 0, dataLength: 0 };
+}
+
+const illegal = (asc = 0x20): CommandResult => checkCondition(5, asc, 0);
+
+function send(cmd: ScsiCommand, data: Uint8Array): CommandResult {
+  const buf = cmd.dataIn ?? new Uint8Array(0);
+  const n = Math.min(buf.length, data.length);
+  buf.set(data.subarray(0, n));
+  return { ...GOOD, residual: buf.length - n, dataLength: n };
+}
+
+function be(bytes: number, value: bigint | number): Uint8Array {
+  const out = new Uint8Array(bytes);
+  let v = BigInt(value);
+  for (let i = bytes - 1; i >= 0; i--) {
+    out[i] = Number(v & 0xffn);
+    v >>= 8n;
+  }
+  return out;
+}
+
+class Unit {
+  readonly blockSize: number;
+  readonly blocks: bigint;
+  started = false;
+  ua: number;
+  readonly image = new Map<bigint, Uint8Array>();
+
+  constructor(readonly spec: FakeLun) {
+    this.blockSize = spec.blockSize ?? 512;
+    this.blocks = spec.blocks ?? 2048n;
+    this.ua = spec.unitAttentions ?? 0;
+  }
+
+  block(lba: bigint): Uint8Array {
+    return this.image.get(lba) ?? new Uint8Array(this.blockSize);
+  }
+}
+
+export class FakeScsiTarget implements CommandExecutor {
+  readonly log: LoggedCommand[] = [];
+  private readonly units = new Map<string, Unit>();
+
+  constructor(private readonly targets: Record<number, FakeTarget>) {
+    for (const [t, target] of Object.entries(targets)) {
+      for (const [l, spec] of Object.entries(target.luns)) this.units.set(`${t}:${l}`, new Unit(spec));
+    }
+  }
+
+  unit(target: number, lun: number): Unit {
+    const u = this.units.get(`${target}:${lun}`);
+    if (!u) throw new Error(`no unit ${target}:${lun}`);
+    return u;
+  }
+
+  ops(op: number): LoggedCommand[] {
+    return this.log.filter((c) => c.op === op);
+  }
+
+  async execute(cmd: ScsiCommand): Promise<CommandResult> {
+    await Promise.resolve();
+    const cdb = cmd.cdb;
+    const op = cdb[0]!;
+    this.log.push({ target: cmd.target, lun: cmd.lun, op, cdb: Uint8Array.from(cdb) });
+    const target = this.targets[cmd.target];
+    if (!target) return { ...GOOD, response: 3 };
+    const unit = this.units.get(`${cmd.target}:${cmd.lun}`);
+    if (op === 0xa0) {
+      if (!target.reportLuns) return illegal();
+      const luns = Object.keys(target.luns).map(Number);
+      const data = new Uint8Array(8 + 8 * luns.length);
+      data.set(be(4, 8 * luns.length), 0);
+      luns.forEach((l, i) => data.set(be(2, l < 256 ? l : 0x4000 | l), 8 + 8 * i));
+      return send(cmd, data);
+    }
+    if (op === 0x12) return this.inquiry(cmd, unit);
+    if (!unit) return checkCondition(5, 0x25, 0);
+    const spec = unit.spec;
+    switch (op) {
+      case 0x00: {
+        if (unit.ua > 0) {
+          unit.ua--;
+          return checkCondition(6, 0x29, 0);
+        }
+        if (spec.stuck) return checkCondition(2, spec.stuck[0], spec.stuck[1]);
+        if (spec.needsStart && !unit.started) return checkCondition(2, 0x04, 0x02);
+        return GOOD;
+      }
+      case 0x1b:
+        unit.started = (cdb[4]! & 1) === 1;
+        return GOOD;
+      case 0x25: {
+        if (spec.rc10 === false) return illegal();
+        const last = unit.blocks - 1n > 0xffffffffn ? 0xffffffffn : unit.blocks - 1n;
+        return send(cmd, new Uint8Array([...be(4, last), ...be(4, unit.blockSize)]));
+      }
+      case 0x9e: {
+        if (!spec.rc16) return illegal();
+        const data = new Uint8Array(32);
+        data.set(be(8, unit.blocks - 1n), 0);
+        data.set(be(4, unit.blockSize), 8);
+        return send(cmd, data);
+      }
+      case 0x28:
+      case 0x88:
+      case 0x2a:
+      case 0x8a:
+        return this.rw(cmd, unit);
+      case 0x93: {
+        if (!spec.writeSame) return illegal();
+        return GOOD;
+      }
+      default:
+        return illegal();
+    }
+  }
+
+  private inquiry(cmd: ScsiCommand, unit: Unit | undefined): CommandResult {
+    const cdb = cmd.cdb;
+    if ((cdb[1]! & 1) === 0) {
+      const data = new Uint8Array(36).fill(0x20);
+      data.fill(0, 0, 8);
+      data[0] = unit ? (unit.spec.type ?? 0) : 0x7f;
+      data[2] = 5;
+      data[3] = 2;
+      data[4] = 31;
+      data.set(Buffer.from('FAKE    TINY DISK       0042', 'latin1'), 8);
+      return send(cmd, data);
+    }
+    if (!unit || !unit.spec.vpd) return illegal(0x24);
+    const page = cdb[2]!;
+    const pages = [0x00, 0x80, 0xb0];
+    let body: Uint8Array;
+    if (page === 0x00) body = Uint8Array.from(pages);
+    else if (page === 0x80) body = Buffer.from(unit.spec.serial ?? 'SERIAL', 'latin1');
+    else if (page === 0xb0) {
+      body = new Uint8Array(0x3c);
+      body.set(be(4, unit.spec.maxTransfer ?? 0), 4);
+    } else return illegal(0x24);
+    return send(cmd, new Uint8Array([unit.spec.type ?? 0, page, ...be(2, body.length), ...body]));
+  }
+
+  private rw(cmd: ScsiCommand, unit: Unit): CommandResult {
+    const cdb = cmd.cdb;
+    const long = cdb[0] === 0x88 || cdb[0] === 0x8a;
+    const dv = new DataView(cdb.buffer, cdb.byteOffset, cdb.byteLength);
+    const lba = long ? dv.getBigUint64(2) : BigInt(dv.getUint32(2));
+    const blocks = long ? dv.getUint32(10) : dv.getUint16(7);
+    if (unit.spec.maxTransfer && blocks > unit.spec.maxTransfer) return illegal(0x24);
+    if (lba + BigInt(blocks) > unit.blocks) return illegal(0x21);
+    const bs = unit.blockSize;
+    if (cdb[0] === 0x28 || cdb[0] === 0x88) {
+      const out = cmd.dataIn!;
+      for (let i = 0; i < blocks; i++) out.set(unit.block(lba + BigInt(i)), i * bs);
+      return { ...GOOD, residual: out.length - blocks * bs, dataLength: blocks * bs };
+    }
+    const src = cmd.dataOut!;
+    for (let i = 0; i < blocks; i++) unit.image.set(lba + BigInt(i), Uint8Array.from(src.subarray(i * bs, (i + 1) * bs)));
+    return GOOD;
+  }
+}

@@ -1,0 +1,471 @@
+// Initiator checks that do not depend on the transport: scan, data verification, unmap,
+// flush, reset, error cases and batching, written against the native binding (packed
+// submit/reap records). The same bodies run over a vhost-user socket on the host and over a
+// VFIO PCI function inside a QEMU guest (scripts/guest/pci-check.sh), so both transports are
+// held to identical assertions.
+//
+// `Check` is the part of ava's ExecutionContext the bodies use: ava's `t` can be passed as it
+// is, and the guest runner supplies one that records failures and prints them.
+
+import { setImmediate as yieldToLoop } from 'node:timers/promises';
+
+import { CompletionRecord, Direction, SubmitRecord, type NativeChannel, type NativeController } from '../../ts/native.js';
+import {
+  decodeSense,
+  inquiry,
+  parseInquiry,
+  parseReadCapacity10,
+  parseReportLuns,
+  read10,
+  readCapacity10,
+  reportLuns,
+  ScsiStatus,
+  SenseKey,
+  synchronizeCache10,
+  synchronizeCache16,
+  testUnitReady,
+  unmap,
+  unmapParameterList,
+  write10,
+  write16,
+  read16,
+} from '../../ts/scsi/index.js';
+
+export interface Check {
+  is(actual: unknown, expected: unknown, message?: string): unknown;
+  true(actual: boolean, message?: string): unknown;
+  deepEqual(actual: unknown, expected: unknown, message?: string): unknown;
+  log(...values: unknown[]): void;
+}
+
+/** Bytes at `offset` of a LUN whose contents are pattern(`seed`). */
+export interface PatternRegion {
+  offset: number;
+  bytes: number;
+  seed: number;
+}
+
+export interface LunSpec {
+  target: number;
+  lun: number;
+  blockSize: number;
+  blocks: number;
+  /** Put on the LUN by the host before the run: the initiator must read exactly these bytes. */
+  preset?: PatternRegion;
+  /** Written by the data body; the host compares its own view (image file) afterwards. */
+  hostCheck?: PatternRegion;
+}
+
+export interface BodyContext {
+  controller: NativeController;
+  luns: LunSpec[];
+}
+
+export type Body = (t: Check, ctx: BodyContext) => Promise<void>;
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+/** Scratch areas of every LUN (LUNs are at least 16 MiB). */
+const AREA = { data: 4 * MiB, unmap: 6 * MiB, batch: 8 * MiB, reset: 12 * MiB } as const;
+export const MIN_LUN_BYTES = 16 * MiB;
+
+/** Deterministic bytes for a seed (xorshift32): the host and the guest compute the same. */
+export function pattern(seed: number, len: number): Buffer {
+  const out = Buffer.alloc(len);
+  let x = (Math.imul(seed + 1, 0x9e3779b1) ^ 0x5bd1e995) >>> 0 || 1;
+  for (let i = 0; i < len; i += 4) {
+    x ^= x << 13;
+    x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
+    out.writeUInt32LE(x, i);
+  }
+  return out;
+}
+
+/** Seeds for the preset and host-check regions of a LUN, distinct per LUN. */
+export function regionsFor(target: number, lun: number): { preset: PatternRegion; hostCheck: PatternRegion } {
+  const id = target * 64 + lun;
+  return {
+    preset: { offset: 2 * MiB, bytes: 64 * KiB, seed: 2000 + id },
+    hostCheck: { offset: 1 * MiB, bytes: 64 * KiB, seed: 1000 + id },
+  };
+}
+
+export const lunId = (l: { target: number; lun: number }): string => `${l.target}:${l.lun}`;
+
+// ---------------------------------------------------------------- raw commands
+
+export interface Command {
+  target: number;
+  lun: number;
+  cdb: Uint8Array;
+  /** Direction.NONE, IN or OUT. */
+  dir: number;
+  buffer?: Buffer;
+}
+
+export interface Completion {
+  response: number;
+  status: number;
+  sense: Buffer;
+  residual: number;
+  dataLength: number;
+}
+
+const SUBMIT_SIZE = SubmitRecord.SIZE;
+const REAP_SIZE = CompletionRecord.SIZE;
+/** Longest a command may take inside a TCG guest before the test gives up on it. */
+const COMMAND_TIMEOUT_MS = 60_000;
+
+/**
+ * One request queue driven through packed records: many commands per submit call, many
+ * completions per reap call, polled (yielding to the event loop) until all are back.
+ */
+export class RawChannel {
+  readonly channel: NativeChannel;
+  private nextToken = 1;
+  submitCalls = 0;
+
+  constructor(controller: NativeController) {
+    this.channel = controller.openChannel();
+  }
+
+  close(): void {
+    this.channel.close();
+  }
+
+  async run(cmds: Command[]): Promise<Completion[]> {
+    const batch = Buffer.alloc(SUBMIT_SIZE * cmds.length);
+    const buffers: (Buffer | null)[] = [];
+    const byToken = new Map<number, number>();
+    cmds.forEach((c, i) => {
+      const token = this.nextToken++ >>> 0;
+      byToken.set(token, i);
+      const r = batch.subarray(i * SUBMIT_SIZE, (i + 1) * SUBMIT_SIZE);
+      r.writeUInt32LE(token, SubmitRecord.TOKEN);
+      r[SubmitRecord.TARGET] = c.target;
+      r[SubmitRecord.DIRECTION] = c.dir;
+      r.writeUInt16LE(c.lun, SubmitRecord.LUN);
+      r.writeUInt32LE(buffers.length, SubmitRecord.BUFFER_INDEX);
+      r[SubmitRecord.CDB_LENGTH] = c.cdb.length;
+      r.set(c.cdb, SubmitRecord.CDB);
+      buffers.push(c.buffer ?? null);
+    });
+    const done: (Completion | undefined)[] = new Array(cmds.length);
+    const out = Buffer.alloc(REAP_SIZE * 64);
+    let submitted = 0;
+    let completed = 0;
+    const deadline = Date.now() + COMMAND_TIMEOUT_MS;
+    while (completed < cmds.length) {
+      if (submitted < cmds.length) {
+        this.submitCalls++;
+        // Buffer indexes in the records are absolute: the whole list goes down every time.
+        submitted += this.channel.submit(batch.subarray(submitted * SUBMIT_SIZE), cmds.length - submitted, buffers);
+      }
+      const n = this.channel.reap(out, 64);
+      for (let i = 0; i < n; i++) {
+        const r = out.subarray(i * REAP_SIZE, (i + 1) * REAP_SIZE);
+        const idx = byToken.get(r.readUInt32LE(CompletionRecord.TOKEN));
+        if (idx === undefined || done[idx]) throw new Error(`completion with unknown token ${r.readUInt32LE(0)}`);
+        const senseLen = Math.min(r.readUInt16LE(CompletionRecord.SENSE_LENGTH), CompletionRecord.SENSE_MAX);
+        done[idx] = {
+          response: r[CompletionRecord.RESPONSE]!,
+          status: r[CompletionRecord.STATUS]!,
+          sense: Buffer.from(r.subarray(CompletionRecord.SENSE, CompletionRecord.SENSE + senseLen)),
+          residual: r.readUInt32LE(CompletionRecord.RESIDUAL),
+          dataLength: r.readUInt32LE(CompletionRecord.DATA_LENGTH),
+        };
+        completed++;
+      }
+      if (n === 0) {
+        if (Date.now() > deadline) {
+          throw new Error(`${cmds.length - completed} of ${cmds.length} commands did not complete in ${COMMAND_TIMEOUT_MS} ms`);
+        }
+        await yieldToLoop();
+      }
+    }
+    return done as Completion[];
+  }
+
+  /** One command; UNIT ATTENTION, BUSY and TASK SET FULL are retried a few times. */
+  async exec(cmd: Command, retries = 6): Promise<Completion> {
+    for (let attempt = 0; ; attempt++) {
+      const [c] = await this.run([cmd]);
+      if (attempt < retries && retryable(c!)) continue;
+      return c!;
+    }
+  }
+}
+
+function retryable(c: Completion): boolean {
+  if (c.response !== 0) return false;
+  if (c.status === ScsiStatus.BUSY || c.status === ScsiStatus.TASK_SET_FULL) return true;
+  return c.status === ScsiStatus.CHECK_CONDITION && senseKey(c) === SenseKey.UNIT_ATTENTION;
+}
+
+function senseKey(c: Completion): number | undefined {
+  try {
+    return c.sense.length > 0 ? decodeSense(c.sense).key : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function senseOf(c: Completion): { key: number; asc: number } | undefined {
+  try {
+    if (c.sense.length === 0) return undefined;
+    const s = decodeSense(c.sense);
+    return { key: s.key, asc: s.asc };
+  } catch {
+    return undefined;
+  }
+}
+
+function describe(c: Completion): string {
+  const s = senseOf(c);
+  return `response ${c.response} status ${c.status}${s ? ` sense ${s.key.toString(16)}/${s.asc.toString(16)}` : ''}`;
+}
+
+function good(t: Check, c: Completion, what: string): boolean {
+  const ok = c.response === 0 && c.status === ScsiStatus.GOOD;
+  t.true(ok, `${what}: ${describe(c)}`);
+  return ok;
+}
+
+// ---------------------------------------------------------------- data helpers
+
+function rw(write: boolean, l: LunSpec, lba: number, blocks: number, buffer: Buffer): Command {
+  const cdb = lba + blocks > 0xffffffff || blocks > 0xffff
+    ? (write ? write16 : read16)({ lba: BigInt(lba), blocks })
+    : (write ? write10 : read10)({ lba, blocks });
+  return { target: l.target, lun: l.lun, cdb, dir: write ? Direction.OUT : Direction.IN, buffer };
+}
+
+async function writeAt(t: Check, ch: RawChannel, l: LunSpec, offset: number, data: Buffer, what: string): Promise<boolean> {
+  const c = await ch.exec(rw(true, l, offset / l.blockSize, data.length / l.blockSize, data));
+  return good(t, c, `${what}: WRITE ${data.length} bytes at ${offset} of ${lunId(l)}`);
+}
+
+async function readAt(t: Check, ch: RawChannel, l: LunSpec, offset: number, into: Buffer, what: string): Promise<boolean> {
+  into.fill(0xee);
+  const c = await ch.exec(rw(false, l, offset / l.blockSize, into.length / l.blockSize, into));
+  if (!good(t, c, `${what}: READ ${into.length} bytes at ${offset} of ${lunId(l)}`)) return false;
+  t.is(c.residual, 0, `${what}: residual of the READ at ${offset} of ${lunId(l)}`);
+  t.is(c.dataLength, into.length, `${what}: data length of the READ at ${offset} of ${lunId(l)}`);
+  return true;
+}
+
+function sameBytes(t: Check, actual: Buffer, expected: Buffer, what: string): void {
+  if (actual.equals(expected)) {
+    t.true(true, what);
+    return;
+  }
+  let i = 0;
+  while (i < actual.length && actual[i] === expected[i]) i++;
+  t.true(false, `${what}: first difference at byte ${i} of ${expected.length} (${actual[i]} != ${expected[i]})`);
+}
+
+async function withChannel<T>(ctx: BodyContext, f: (ch: RawChannel) => Promise<T>): Promise<T> {
+  const ch = new RawChannel(ctx.controller);
+  try {
+    return await f(ch);
+  } finally {
+    ch.close();
+  }
+}
+
+// ---------------------------------------------------------------- bodies
+
+/** REPORT LUNS per target, INQUIRY and READ CAPACITY per LUN: what the host configured. */
+const scan: Body = async (t, ctx) =>
+  withChannel(ctx, async (ch) => {
+    const targets = [...new Set(ctx.luns.map((l) => l.target))].sort((a, b) => a - b);
+    for (const target of targets) {
+      const buf = Buffer.alloc(4096);
+      const c = await ch.exec({ target, lun: 0, cdb: reportLuns(buf.length), dir: Direction.IN, buffer: buf });
+      if (!good(t, c, `REPORT LUNS of target ${target}`)) continue;
+      const expected = ctx.luns.filter((l) => l.target === target).map((l) => l.lun);
+      t.deepEqual(parseReportLuns(buf.subarray(0, c.dataLength)).sort((a, b) => a - b), expected.sort((a, b) => a - b), `LUNs of target ${target}`);
+    }
+    for (const l of ctx.luns) {
+      const inq = Buffer.alloc(96);
+      const c = await ch.exec({ target: l.target, lun: l.lun, cdb: inquiry({ allocationLength: inq.length }), dir: Direction.IN, buffer: inq });
+      if (good(t, c, `INQUIRY of ${lunId(l)}`)) {
+        const parsed = parseInquiry(inq.subarray(0, c.dataLength));
+        t.is(parsed.deviceType, 0, `${lunId(l)} is a disk`);
+        t.is(parsed.peripheralQualifier, 0, `${lunId(l)} is connected`);
+        t.log(`${lunId(l)}: ${parsed.vendor.trim()} ${parsed.product.trim()} ${parsed.revision.trim()}`);
+      }
+      const cap = Buffer.alloc(8);
+      const rc = await ch.exec({ target: l.target, lun: l.lun, cdb: readCapacity10(), dir: Direction.IN, buffer: cap });
+      if (good(t, rc, `READ CAPACITY(10) of ${lunId(l)}`)) {
+        const p = parseReadCapacity10(cap);
+        t.deepEqual({ blocks: p.lastLba + 1, blockSize: p.blockSize }, { blocks: l.blocks, blockSize: l.blockSize }, `geometry of ${lunId(l)}`);
+      }
+    }
+  });
+
+/** Write, read back and compare: DMA buffers (zero copy) and plain Buffers (bounce), one block
+ * and many, at the start, middle and end of every LUN; the host's preset bytes read back
+ * unchanged; the host-check region written for the host to verify. */
+const data: Body = async (t, ctx) =>
+  withChannel(ctx, async (ch) => {
+    for (const [i, l] of ctx.luns.entries()) {
+      const bs = l.blockSize;
+      const size = l.blocks * bs;
+      t.true(size >= MIN_LUN_BYTES, `${lunId(l)} has at least ${MIN_LUN_BYTES} bytes`);
+      const spots: Array<{ offset: number; bytes: number; dma: boolean }> = [
+        { offset: 0, bytes: bs, dma: true },
+        { offset: AREA.data, bytes: 64 * KiB, dma: false },
+        { offset: AREA.data + 128 * KiB, bytes: 1 * MiB, dma: true },
+        { offset: AREA.data + 2 * MiB - bs * 3, bytes: bs * 3, dma: false },
+        { offset: size - 8 * bs, bytes: 8 * bs, dma: true },
+      ];
+      for (const [j, s] of spots.entries()) {
+        const what = `spot ${j} (${s.dma ? 'DMA buffer' : 'plain Buffer'})`;
+        const expected = pattern(100 * i + j, s.bytes);
+        const out = s.dma ? ctx.controller.allocDmaBuffer(s.bytes) : Buffer.alloc(s.bytes);
+        expected.copy(out);
+        if (!(await writeAt(t, ch, l, s.offset, out, what))) continue;
+        const back = s.dma ? ctx.controller.allocDmaBuffer(s.bytes) : Buffer.alloc(s.bytes);
+        if (await readAt(t, ch, l, s.offset, back, what)) sameBytes(t, back, expected, `${what} of ${lunId(l)} reads back`);
+      }
+      if (l.preset) {
+        const back = Buffer.alloc(l.preset.bytes);
+        if (await readAt(t, ch, l, l.preset.offset, back, 'preset')) {
+          sameBytes(t, back, pattern(l.preset.seed, l.preset.bytes), `bytes the host put on ${lunId(l)}`);
+        }
+      }
+      if (l.hostCheck) {
+        await writeAt(t, ch, l, l.hostCheck.offset, pattern(l.hostCheck.seed, l.hostCheck.bytes), 'host check');
+      }
+    }
+    // The host-check data must be on the medium, not in a cache, when the host looks.
+    for (const l of ctx.luns) good(t, await ch.exec({ target: l.target, lun: l.lun, cdb: synchronizeCache10(), dir: Direction.NONE }), `SYNCHRONIZE CACHE of ${lunId(l)}`);
+  });
+
+/** SYNCHRONIZE CACHE (10) of the whole medium and of a range; (16) where the target has it
+ * (it is optional: QEMU's scsi-hd refuses it as an unknown opcode). */
+const flush: Body = async (t, ctx) =>
+  withChannel(ctx, async (ch) => {
+    for (const l of ctx.luns) {
+      const at = (cdb: Uint8Array) => ch.exec({ target: l.target, lun: l.lun, cdb, dir: Direction.NONE });
+      good(t, await at(synchronizeCache10()), `SYNCHRONIZE CACHE(10) of ${lunId(l)}`);
+      good(t, await at(synchronizeCache10({ lba: 8, blocks: 16 })), `SYNCHRONIZE CACHE(10) of a range of ${lunId(l)}`);
+      const c16 = await at(synchronizeCache16());
+      const s = senseOf(c16);
+      const unsupported = c16.status === ScsiStatus.CHECK_CONDITION && s?.key === SenseKey.ILLEGAL_REQUEST && s.asc === 0x20;
+      t.true(c16.response === 0 && (c16.status === ScsiStatus.GOOD || unsupported), `SYNCHRONIZE CACHE(16) of ${lunId(l)}: ${describe(c16)}`);
+      if (unsupported) t.log(`${lunId(l)}: SYNCHRONIZE CACHE(16) is not implemented by this target`);
+    }
+  });
+
+/** UNMAP a written range: it reads back as zeros, the blocks around it keep their data. */
+const unmapBody: Body = async (t, ctx) =>
+  withChannel(ctx, async (ch) => {
+    for (const [i, l] of ctx.luns.entries()) {
+      const bytes = 256 * KiB;
+      const before = pattern(500 + i, bytes);
+      if (!(await writeAt(t, ch, l, AREA.unmap, before, 'unmap setup'))) continue;
+      const first = AREA.unmap + 64 * KiB;
+      const list = Buffer.from(unmapParameterList([{ lba: first / l.blockSize, blocks: (128 * KiB) / l.blockSize }]));
+      const c = await ch.exec({ target: l.target, lun: l.lun, cdb: unmap(list.length), dir: Direction.OUT, buffer: list });
+      if (!good(t, c, `UNMAP of ${lunId(l)}`)) continue;
+      const back = Buffer.alloc(bytes);
+      if (!(await readAt(t, ch, l, AREA.unmap, back, 'after UNMAP'))) continue;
+      sameBytes(t, back.subarray(0, 64 * KiB), before.subarray(0, 64 * KiB), `data before the unmapped range of ${lunId(l)}`);
+      sameBytes(t, back.subarray(64 * KiB, 192 * KiB), Buffer.alloc(128 * KiB), `unmapped range of ${lunId(l)} reads zeros`);
+      sameBytes(t, back.subarray(192 * KiB), before.subarray(192 * KiB), `data after the unmapped range of ${lunId(l)}`);
+    }
+  });
+
+/** LOGICAL UNIT RESET through the control queue; the unit answers again (after its UNIT
+ * ATTENTION) and keeps its data. */
+const reset: Body = async (t, ctx) =>
+  withChannel(ctx, async (ch) => {
+    const l = ctx.luns[0]!;
+    const data = pattern(900, 32 * KiB);
+    await writeAt(t, ch, l, AREA.reset, data, 'before reset');
+    const LOGICAL_UNIT_RESET = 5;
+    const response = ctx.controller.taskManagement(l.target, l.lun, LOGICAL_UNIT_RESET);
+    // FUNCTION COMPLETE (0) or FUNCTION SUCCEEDED (10).
+    t.true(response === 0 || response === 10, `LOGICAL UNIT RESET of ${lunId(l)}: virtio response ${response}`);
+    good(t, await ch.exec({ target: l.target, lun: l.lun, cdb: testUnitReady(), dir: Direction.NONE }), `TEST UNIT READY after the reset`);
+    const back = Buffer.alloc(data.length);
+    if (await readAt(t, ch, l, AREA.reset, back, 'after reset')) sameBytes(t, back, data, `data of ${lunId(l)} survives the reset`);
+    t.is(ctx.controller.failure, null, 'controller still healthy');
+  });
+
+/** What a target must refuse, it refuses with the right status and sense. */
+const errors: Body = async (t, ctx) =>
+  withChannel(ctx, async (ch) => {
+    const l = ctx.luns[0]!;
+    const one = Buffer.alloc(l.blockSize);
+    const beyond = await ch.exec(rw(false, l, l.blocks, 1, one));
+    t.deepEqual(
+      { response: beyond.response, status: beyond.status, sense: senseOf(beyond) },
+      { response: 0, status: ScsiStatus.CHECK_CONDITION, sense: { key: SenseKey.ILLEGAL_REQUEST, asc: 0x21 } },
+      'READ past the last block: LBA OUT OF RANGE',
+    );
+    const bogus = await ch.exec({ target: l.target, lun: l.lun, cdb: Uint8Array.of(0xff, 0, 0, 0, 0, 0), dir: Direction.NONE });
+    t.deepEqual(
+      { status: bogus.status, sense: senseOf(bogus) },
+      { status: ScsiStatus.CHECK_CONDITION, sense: { key: SenseKey.ILLEGAL_REQUEST, asc: 0x20 } },
+      'unknown opcode: INVALID COMMAND OPERATION CODE',
+    );
+    // An absent LUN of a present target (SPC-4 4.6.9): INQUIRY says "no logical unit",
+    // other commands fail with LOGICAL UNIT NOT SUPPORTED.
+    const missingLun = Math.max(...ctx.luns.filter((x) => x.target === l.target).map((x) => x.lun)) + 1;
+    const inq = Buffer.alloc(36);
+    const noLunInq = await ch.exec({ target: l.target, lun: missingLun, cdb: inquiry({ allocationLength: 36 }), dir: Direction.IN, buffer: inq });
+    if (good(t, noLunInq, `INQUIRY of the absent LUN ${l.target}:${missingLun}`)) {
+      t.is(inq[0], 0x7f, `INQUIRY of the absent LUN ${l.target}:${missingLun}: peripheral qualifier 3, type 0x1f`);
+    }
+    const noLun = await ch.exec({ target: l.target, lun: missingLun, cdb: testUnitReady(), dir: Direction.NONE });
+    t.deepEqual(
+      { response: noLun.response, status: noLun.status, sense: senseOf(noLun) },
+      { response: 0, status: ScsiStatus.CHECK_CONDITION, sense: { key: SenseKey.ILLEGAL_REQUEST, asc: 0x25 } },
+      `TEST UNIT READY of the absent LUN ${l.target}:${missingLun}: LOGICAL UNIT NOT SUPPORTED`,
+    );
+    const missingTarget = Math.max(...ctx.luns.map((x) => x.target)) + 7;
+    const noTarget = await ch.exec({ target: missingTarget, lun: 0, cdb: testUnitReady(), dir: Direction.NONE });
+    t.is(noTarget.response, 3, `command to the absent target ${missingTarget}: virtio BAD_TARGET`);
+    t.is(ctx.controller.failure, null, 'refused commands leave the controller healthy');
+  });
+
+/** Many requests in one submit call, completions reaped in batches, data verified. */
+const batch: Body = async (t, ctx) =>
+  withChannel(ctx, async (ch) => {
+    const l = ctx.luns[ctx.luns.length - 1]!;
+    const count = 48;
+    const bytes = Math.max(l.blockSize, 4 * KiB);
+    const bufs = Array.from({ length: count }, (_, i) => {
+      const b = i % 2 === 0 ? ctx.controller.allocDmaBuffer(bytes) : Buffer.alloc(bytes);
+      pattern(700 + i, bytes).copy(b);
+      return b;
+    });
+    const calls = ch.submitCalls;
+    const writes = await ch.run(bufs.map((b, i) => rw(true, l, (AREA.batch + i * bytes) / l.blockSize, bytes / l.blockSize, b)));
+    t.true(ch.submitCalls - calls <= Math.ceil(count / 16), `${count} writes went down in ${ch.submitCalls - calls} submit calls`);
+    writes.forEach((c, i) => good(t, c, `batched WRITE ${i}`));
+    const backs = Array.from({ length: count }, () => Buffer.alloc(bytes, 0xee));
+    const reads = await ch.run(backs.map((b, i) => rw(false, l, (AREA.batch + i * bytes) / l.blockSize, bytes / l.blockSize, b)));
+    let same = 0;
+    reads.forEach((c, i) => {
+      if (good(t, c, `batched READ ${i}`) && backs[i]!.equals(pattern(700 + i, bytes))) same++;
+    });
+    t.is(same, count, 'every batched block reads back what was written');
+  });
+
+/** Every body, by name, in the order they run. */
+export const BODIES: ReadonlyArray<readonly [string, Body]> = [
+  ['scan', scan],
+  ['data', data],
+  ['batch', batch],
+  ['flush', flush],
+  ['unmap', unmapBody],
+  ['reset', reset],
+  ['errors', errors],
+];

@@ -1,0 +1,292 @@
+// Runs inside the QEMU guest (through scripts/guest/pci-check.sh): opens a virtio-scsi PCI
+// function through VFIO with the native binding, runs the shared initiator bodies on it, and
+// checks the bad-input errors and the driver binding. Everything it finds is printed as marker
+// lines (`@@NAME subject key=value ...`) that __test__/pci-initiator.spec.ts asserts on; failed
+// assertions follow their marker as lines starting with "!! ".
+//
+// usage: node --import tsx pci-guest-runner.ts BASE64(JSON RunnerSpec)
+
+import { spawnSync } from 'node:child_process';
+import { readdirSync, readFileSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { isDeepStrictEqual, inspect } from 'node:util';
+
+import { loadNative, type Native, type NativeController, type NativeControllerOptions } from '../../ts/native.js';
+import { BODIES, RawChannel, lunId, pattern, type Check, type LunSpec } from './initiator-bodies.js';
+import { Controller, type ControllerOptions } from '../../ts/index.js';
+import { Direction } from '../../ts/native.js';
+import { read10, write10 } from '../../ts/scsi/index.js';
+
+export interface RunnerSpec {
+  /** The function to test; default the first of $VFIO_BDFS. */
+  address?: string;
+  /** How the device reaches memory: through the IOMMU, or by physical address. */
+  expectDma: 'iommu' | 'physical';
+  luns: LunSpec[];
+  options: NativeControllerOptions;
+  /** Run the bad-input and binding checks (they need the transitional devices of the spec). */
+  badInput: boolean;
+  /** LUN of the first transitional device (behind a PCI bridge) for the binding checks. */
+  transitionalLun?: LunSpec;
+}
+
+const nativePath = fileURLToPath(new URL('../../native/index.cjs', import.meta.url));
+
+const out = (line: string): void => {
+  process.stdout.write(`${line}\n`);
+};
+const fmt = (v: unknown): string => inspect(v, { depth: 4, breakLength: Infinity });
+
+/** Check that records failures instead of throwing, so one body reports all of them; its
+ * log lines follow the body's marker. */
+class Recorder implements Check {
+  readonly failures: string[] = [];
+  readonly logs: string[] = [];
+  passed = 0;
+
+  private record(ok: boolean, text: () => string): boolean {
+    if (ok) this.passed++;
+    else this.failures.push(text());
+    return ok;
+  }
+
+  is(actual: unknown, expected: unknown, message = 'is'): boolean {
+    return this.record(Object.is(actual, expected), () => `${message}: expected ${fmt(expected)}, got ${fmt(actual)}`);
+  }
+
+  true(actual: boolean, message = 'true'): boolean {
+    return this.record(actual === true, () => message);
+  }
+
+  deepEqual(actual: unknown, expected: unknown, message = 'deepEqual'): boolean {
+    return this.record(isDeepStrictEqual(actual, expected), () => `${message}: expected ${fmt(expected)}, got ${fmt(actual)}`);
+  }
+
+  log(...values: unknown[]): void {
+    this.logs.push(values.map((v) => (typeof v === 'string' ? v : fmt(v))).join(' '));
+  }
+}
+
+function report(kind: 'BODY' | 'CHECK', name: string, r: Recorder, ms: number): boolean {
+  const ok = r.failures.length === 0;
+  out(`@@${kind} ${name} status=${ok ? 'pass' : 'fail'} assertions=${r.passed + r.failures.length} ms=${ms}`);
+  for (const f of r.failures) out(`!! ${f.replace(/\n/g, ' ')}`);
+  for (const l of r.logs) out(`   ${l.replace(/\n/g, ' ')}`);
+  return ok;
+}
+
+function message(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
+}
+
+/** `f` must throw an error whose message matches `re`. */
+function refuses(t: Check, what: string, f: () => unknown, re: RegExp): void {
+  try {
+    f();
+    t.true(false, `${what}: no error`);
+  } catch (e) {
+    t.true(re.test(message(e)), `${what}: error "${message(e)}" does not match ${re}`);
+    t.log(`${what}: ${message(e)}`);
+  }
+}
+
+/** PCI functions from sysfs: address and vendor:device. */
+function pciFunctions(): Array<{ address: string; id: string }> {
+  const dir = '/sys/bus/pci/devices';
+  return readdirSync(dir)
+    .sort()
+    .map((address) => {
+      const rd = (f: string) => readFileSync(`${dir}/${address}/${f}`, 'utf8').trim().replace(/^0x/, '');
+      return { address, id: `${rd('vendor')}:${rd('device')}` };
+    });
+}
+
+async function smallIo(t: Check, controller: NativeController, l: LunSpec, seed: number): Promise<void> {
+  const ch = new RawChannel(controller);
+  try {
+    const data = pattern(seed, l.blockSize * 4);
+    const w = await ch.exec({ target: l.target, lun: l.lun, cdb: write10({ lba: 8, blocks: 4 }), dir: Direction.OUT, buffer: data });
+    t.deepEqual([w.response, w.status], [0, 0], `WRITE to ${lunId(l)}`);
+    const back = Buffer.alloc(data.length);
+    const r = await ch.exec({ target: l.target, lun: l.lun, cdb: read10({ lba: 8, blocks: 4 }), dir: Direction.IN, buffer: back });
+    t.deepEqual([r.response, r.status], [0, 0], `READ from ${lunId(l)}`);
+    t.true(back.equals(data), `data of ${lunId(l)} reads back`);
+  } finally {
+    ch.close();
+  }
+}
+
+/** Bad input, binding through driver_override, a non-viable IOMMU group, and a transitional
+ * device driven through its modern interface (physical addresses: no ACCESS_PLATFORM). */
+async function bindingChecks(native: Native, main: string, open: NativeController, spec: RunnerSpec): Promise<boolean> {
+  let ok = true;
+  const check = async (name: string, f: (t: Recorder) => void | Promise<void>) => {
+    const r = new Recorder();
+    const t0 = Date.now();
+    try {
+      await f(r);
+    } catch (e) {
+      r.failures.push(`threw: ${message(e)}`);
+    }
+    ok = report('CHECK', name, r, Date.now() - t0) && ok;
+  };
+  const all = pciFunctions();
+  const transitional = all.filter((f) => f.id === '1af4:1004').map((f) => f.address);
+  const otherVirtio = all.find((f) => f.id.startsWith('1af4:') && f.id !== '1af4:1004' && f.id !== '1af4:1048');
+  const nonVirtio = all.find((f) => !f.id.startsWith('1af4:'));
+
+  await check('bad-addresses', (t) => {
+    refuses(t, 'malformed address', () => native.Controller.openPci('not-a-bdf'), /'not-a-bdf' is not a PCI address/);
+    refuses(t, 'nonexistent address', () => native.Controller.openPci('0000:3f:1f.7'), /no PCI device at 0000:3f:1f\.7/);
+    t.true(nonVirtio !== undefined, 'a non-virtio function exists');
+    if (nonVirtio) {
+      refuses(t, `non-virtio ${nonVirtio.id}`, () => native.Controller.openPci(nonVirtio.address), /is not a virtio device/);
+      refuses(t, `binding non-virtio ${nonVirtio.id}`, () => native.bindVfioPci(nonVirtio.address), /is not a virtio device/);
+    }
+    t.true(otherVirtio !== undefined, 'a virtio function of another type exists');
+    if (otherVirtio) {
+      refuses(t, `virtio ${otherVirtio.id}`, () => native.Controller.openPci(otherVirtio.address), /is a virtio device but not virtio-scsi/);
+    }
+    refuses(t, 'the open function again', () => native.Controller.openPci(main), /is in use/);
+    // vfio-pci's unbind would wait for this very process to let the device go: refused.
+    refuses(t, 'unbinding the open function', () => native.unbindVfioPci(main), /is in use/);
+    // Without root the group node cannot be opened.
+    const asNobody = spawnSync(
+      process.execPath,
+      ['-e', `try { require(${JSON.stringify(nativePath)}).Controller.openPci(${JSON.stringify(main)}); console.log('opened'); } catch (e) { console.log(e.message); }`],
+      { uid: 65534, gid: 65534, encoding: 'utf8', timeout: 30_000 },
+    );
+    const said = `${asNobody.stdout ?? ''}${asNobody.stderr ?? ''}`.trim();
+    t.true(/permission denied on \/dev\/vfio\/\d+/.test(said), `opening as nobody: ${said}`);
+    t.log(`opening as nobody: ${said}`);
+    t.true(open.failure === null, 'the open controller is not disturbed');
+  });
+
+  await check('binding', async (t) => {
+    t.is(transitional.length, 2, `two transitional virtio-scsi functions behind the bridge: ${transitional.join(' ')}`);
+    const [a, b] = transitional;
+    if (!a || !b || !spec.transitionalLun) return;
+    const listed = native.listPciDevices();
+    t.deepEqual(
+      listed.filter((d) => transitional.includes(d.address)).map((d) => [d.driver, d.interface]),
+      [['virtio-pci', 'transitional'], ['virtio-pci', 'transitional']],
+      'transitional functions listed with their driver',
+    );
+    refuses(t, 'function on virtio-pci', () => native.Controller.openPci(a), /bound to virtio-pci, not to vfio-pci/);
+    const bound = native.bindVfioPci(a);
+    t.is(bound.driver, 'vfio-pci', `${a} moved to vfio-pci`);
+    // Its bridge mate still belongs to virtio-pci: VFIO cannot use the group.
+    refuses(t, 'half-bound IOMMU group', () => native.Controller.openPci(a), new RegExp(`IOMMU group \\d+ of ${a.replace(/\./g, '\\.')} also holds ${b.replace(/\./g, '\\.')} \\(virtio-pci\\)`));
+    t.is(native.bindVfioPci(b).driver, 'vfio-pci', `${b} moved to vfio-pci`);
+    refuses(
+      t,
+      'physical addresses without hugepages',
+      () => native.Controller.openPci(a, { hugepages: 'never', memoryBytes: 4 << 20 }),
+      /takes physical addresses/,
+    );
+    const c = native.Controller.openPci(a, { memoryBytes: 8 << 20, queueSize: 64 });
+    try {
+      t.true(c.info.transport.includes('physical addresses'), `transitional device: ${c.info.transport}`);
+      await smallIo(t, c, spec.transitionalLun, 4242);
+    } finally {
+      c.close();
+    }
+    for (const x of [a, b]) t.is(native.unbindVfioPci(x).driver, 'virtio-pci', `${x} given back to virtio-pci`);
+  });
+  return ok;
+}
+
+/** The TypeScript facade over the same function: scan, then block I/O on each disk. */
+async function facadeCheck(t: Check, address: string, spec: RunnerSpec): Promise<void> {
+  const opts: ControllerOptions = { name: 'Pci0' };
+  if (spec.options.memoryBytes != null) opts.memoryBytes = spec.options.memoryBytes;
+  if (spec.options.hugepages != null) opts.hugepages = spec.options.hugepages as ControllerOptions['hugepages'];
+  const c = await Controller.openPci(address, opts);
+  try {
+    const result = await c.scan();
+    t.deepEqual(result.problems, [], 'scan problems');
+    const found = c.devices.map((d) => ({ name: d.info.name, blockSize: d.blockSize, blocks: Number(d.blockCount) }));
+    const expected = spec.luns.map((l) => ({
+      name: l.lun === 0 ? `Pci0t${l.target}` : `Pci0t${l.target}l${l.lun}`,
+      blockSize: l.blockSize,
+      blocks: l.blocks,
+    }));
+    t.deepEqual(found, expected, 'block devices found by the facade');
+    for (const [i, d] of c.devices.entries()) {
+      const data = pattern(3000 + i, 16 * d.blockSize);
+      const lba = BigInt(10 * 1024 * 1024) / BigInt(d.blockSize);
+      await d.write(lba, data);
+      await d.flush();
+      const back = await d.read(lba, 16);
+      t.true(Buffer.from(back).equals(data), `${d.info.name}: facade write and read back`);
+    }
+  } finally {
+    c.close();
+  }
+}
+
+async function main(): Promise<number> {
+  const spec = JSON.parse(Buffer.from(process.argv[2] ?? '', 'base64').toString('utf8')) as RunnerSpec;
+  const native = loadNative();
+  const address = spec.address ?? (process.env.VFIO_BDFS ?? '').split(' ')[0] ?? '';
+  for (const d of native.listPciDevices()) {
+    out(`@@PCI ${d.address} driver=${d.driver ?? 'none'} group=${d.iommuGroup ?? 'none'} interface=${d.interface}`);
+  }
+  const t0 = Date.now();
+  let controller: NativeController;
+  try {
+    controller = native.Controller.openPci(address, spec.options);
+  } catch (e) {
+    out(`@@OPEN ${address} status=fail`);
+    out(`!! ${message(e)}`);
+    return 1;
+  }
+  const info = controller.info;
+  out(
+    `@@OPEN ${address} status=pass ms=${Date.now() - t0} queues=${info.requestQueues} queue_size=${info.queueSize} ` +
+      `hugepages=${info.hugepages} memory=${info.memoryBytes}`,
+  );
+  out(`@@TRANSPORT ${info.transport}`);
+  let ok = true;
+  const dmaOk = info.transport.includes(spec.expectDma === 'iommu' ? 'through the IOMMU' : 'physical addresses');
+  out(`@@DMA ${spec.expectDma} status=${dmaOk ? 'pass' : 'fail'}`);
+  ok &&= dmaOk;
+  for (const [name, body] of BODIES) {
+    const r = new Recorder();
+    const start = Date.now();
+    out(`@@BODY_START ${name}`);
+    try {
+      await body(r, { controller, luns: spec.luns });
+    } catch (e) {
+      r.failures.push(`threw: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`);
+    }
+    ok = report('BODY', name, r, Date.now() - start) && ok;
+  }
+  if (spec.badInput) ok = (await bindingChecks(native, address, controller, spec)) && ok;
+  const failure = controller.failure;
+  if (failure !== null) {
+    out(`!! controller failed: ${failure}`);
+    ok = false;
+  }
+  controller.close();
+  // Closing let the device go: the facade can open it again at once.
+  const r = new Recorder();
+  const t1 = Date.now();
+  try {
+    await facadeCheck(r, address, spec);
+  } catch (e) {
+    r.failures.push(`threw: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`);
+  }
+  ok = report('CHECK', 'facade', r, Date.now() - t1) && ok;
+  out(`@@RESULT ${ok ? 'PASS' : 'FAIL'}`);
+  return ok ? 0 : 1;
+}
+
+main().then(
+  (code) => process.exit(code),
+  (e: unknown) => {
+    out(`!! runner crashed: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`);
+    out('@@RESULT FAIL');
+    process.exit(1);
+  },
+);

@@ -1,0 +1,572 @@
+// A direct-access logical unit as a block device: read, write, flush, unmap, write zeroes, reset
+// and raw passthrough, with arguments checked before anything reaches the device and transfers
+// split to the device's and the transport's limits.
+
+import { isIllegalRequest, type RetryPolicy, runCommand, throwForResult } from './command.js';
+import { ClosedError, DeviceError, NotSupportedError, TaskManagementError, VirtioResponse } from './errors.js';
+import type { CommandExecutor, CommandResult, ScsiCommand } from './queue.js';
+import { type Geometry, readGeometry, type ScannedLun } from './scan.js';
+import {
+  type BlockLimits,
+  type DecodedSense,
+  type Designator,
+  type Lba,
+  read as readCdb,
+  synchronizeCache10,
+  synchronizeCache16,
+  unmap as unmapCdb,
+  MAX_UNMAP_DESCRIPTORS,
+  unmapParameterList,
+  write as writeCdb,
+  writeSame16,
+} from './scsi/index.js';
+
+/** Task management function LOGICAL UNIT RESET (virtio-scsi VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET). */
+export const TMF_LOGICAL_UNIT_RESET = 5;
+
+/** What a block device needs from its controller; a worker thread can supply its own. */
+export interface DeviceContext {
+  readonly controllerName: string;
+  /** The request queue of the calling thread. */
+  executor(): CommandExecutor;
+  allocBuffer(bytes: number): Buffer;
+  /** Returns the virtio-scsi response of the task management function. */
+  taskManagement(target: number, lun: number, fn: number): number;
+  /** From the device config space: largest transfer in 512-byte sectors (0 = not stated). */
+  readonly maxSectors: number;
+  /** Largest single request the caller allows, in bytes (0 = no extra cap). */
+  readonly maxTransferBytes: number;
+  readonly policy: Readonly<RetryPolicy>;
+}
+
+export interface IoOptions {
+  signal?: AbortSignal;
+}
+
+export interface WriteOptions extends IoOptions {
+  /** Force unit access: the data is on stable storage when the write completes. */
+  fua?: boolean;
+}
+
+export interface BlockRange {
+  lba: Lba;
+  blocks: number | bigint;
+}
+
+export interface PassthroughOptions extends IoOptions {
+  /** Data-in: a byte count to allocate, or a buffer for the device to fill. */
+  dataIn?: number | Uint8Array;
+  /** Data-out: the bytes the device reads. */
+  dataOut?: Uint8Array;
+  /** SAM task attribute (0 simple). */
+  taskAttribute?: number;
+}
+
+export interface PassthroughResult {
+  /** virtio-scsi response: always 0 (OK) here, other responses reject. */
+  response: number;
+  /** SAM status: GOOD or CONDITION MET (anything else rejects with ScsiError). */
+  status: number;
+  sense?: Uint8Array;
+  residual: number;
+  /** Bytes transferred into the data-in buffer. */
+  dataLength: number;
+  /** The data-in bytes received (a view of the data-in buffer). */
+  data?: Buffer;
+}
+
+export interface BlockDeviceLimits {
+  /** Most blocks in one READ or WRITE command (device, transport and configured caps). */
+  maxTransferBlocks: number;
+  /** Preferred transfer size in blocks (0 = not stated). */
+  optimalTransferBlocks: number;
+  /** Most blocks one UNMAP descriptor covers. */
+  maxUnmapBlocks: number;
+  /** Most descriptors in one UNMAP command. */
+  maxUnmapDescriptors: number;
+  /** Unmap granularity in blocks (0 = not stated). */
+  unmapGranularity: number;
+  /** Most blocks in one WRITE SAME command. */
+  maxWriteSameBlocks: number;
+}
+
+export interface BlockDeviceInfo {
+  name: string;
+  target: number;
+  lun: number;
+  blockSize: number;
+  blockCount: bigint;
+  /** blockSize * blockCount. */
+  sizeBytes: bigint;
+  physicalBlockSize: number;
+  vendor: string;
+  product: string;
+  revision: string;
+  serial?: string;
+  identifiers: Designator[];
+  /** Logical block provisioning management enabled (thin provisioning). */
+  thinProvisioned: boolean;
+  /** UNMAP is supported. */
+  unmap: boolean;
+  /** WRITE SAME (16) with the UNMAP bit is supported. */
+  writeSameUnmap: boolean;
+  /** Unmapped blocks read back as zeroes. */
+  unmappedReadsZero: boolean;
+  /** 0 none, else protection type 1..3. */
+  protectionType: number;
+  /** 0 not reported, 1 solid state, else RPM. */
+  rotationRate: number;
+  limits: BlockDeviceLimits;
+}
+
+const U32 = 0xffffffff;
+/** Sub-requests of one call kept in flight at once. */
+const WINDOW = 64;
+/** Size of the shared zero buffer for writeZeroes by plain WRITE. */
+const ZERO_BUFFER_BYTES = 1 << 20;
+/** WRITE SAME length when the device states none (what Linux assumes). */
+const DEFAULT_WRITE_SAME_BLOCKS = 0xffff;
+
+type ZeroStrategy = 'write-same-unmap' | 'write-same' | 'write';
+
+function toBigLba(value: unknown, field: string): bigint {
+  if (typeof value === 'bigint') {
+    if (value < 0n) throw new RangeError(`${field} ${value} is negative`);
+    return value;
+  }
+  if (typeof value === 'number' && Number.isSafeInteger(value)) {
+    if (value < 0) throw new RangeError(`${field} ${value} is negative`);
+    return BigInt(value);
+  }
+  throw new RangeError(`${field} must be a non-negative safe integer or a bigint, got ${String(value)}`);
+}
+
+function positiveBlocks(value: unknown, field: string): bigint {
+  const b = toBigLba(value, field);
+  if (b === 0n) throw new RangeError(`${field} must be at least 1`);
+  return b;
+}
+
+function asBuffer(data: Uint8Array): Buffer {
+  return Buffer.isBuffer(data) ? data : Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+}
+
+function minPositive(...values: number[]): number {
+  let m = Infinity;
+  for (const v of values) if (v > 0 && v < m) m = v;
+  return m;
+}
+
+/**
+ * Runs `count` sub-requests in order with at most WINDOW in flight. On the first failure no
+ * further ones start; the ones already running are awaited (they may still be using the
+ * caller's buffer) and the first error is thrown.
+ */
+async function windowed(count: number, run: (i: number) => Promise<void>): Promise<void> {
+  let next = 0;
+  let failure: { error: unknown } | undefined;
+  const worker = async (): Promise<void> => {
+    while (failure === undefined && next < count) {
+      const i = next++;
+      try {
+        await run(i);
+      } catch (e) {
+        failure ??= { error: e };
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(WINDOW, count) }, worker));
+  if (failure) throw failure.error;
+}
+
+export class BlockDevice {
+  readonly name: string;
+  readonly target: number;
+  readonly lun: number;
+  private lunInfo: ScannedLun;
+  private geometry: Geometry;
+  private cachedInfo: BlockDeviceInfo | undefined;
+  private zeroStrategy: ZeroStrategy;
+  private zeroBuffer: Buffer | undefined;
+  private zeroBlock: Buffer | undefined;
+  private removed: Error | undefined;
+  private refreshing: Promise<void> | undefined;
+
+  /** Built by Controller.scan from a ready disk with geometry. */
+  constructor(
+    private readonly ctx: DeviceContext,
+    lun: ScannedLun,
+  ) {
+    if (!lun.geometry) throw new DeviceError(`${lun.name}: no geometry (${lun.problem ?? 'not scanned'})`);
+    this.name = lun.name;
+    this.target = lun.target;
+    this.lun = lun.lun;
+    this.lunInfo = lun;
+    this.geometry = lun.geometry;
+    this.zeroStrategy = this.initialZeroStrategy();
+  }
+
+  get info(): BlockDeviceInfo {
+    this.cachedInfo ??= Object.freeze(this.buildInfo());
+    return this.cachedInfo;
+  }
+
+  get blockSize(): number {
+    return this.geometry.blockSize;
+  }
+
+  get blockCount(): bigint {
+    return this.geometry.blockCount;
+  }
+
+  /** A zero-copy DMA buffer of the controller's pool. */
+  allocBuffer(bytes: number): Buffer {
+    return this.ctx.allocBuffer(bytes);
+  }
+
+  /** Reads `blocks` blocks into a new buffer, or fills `buffer` (a whole number of blocks). */
+  async read(lba: Lba, blocksOrBuffer: number | Uint8Array, opts: IoOptions = {}): Promise<Buffer> {
+    this.checkUsable();
+    const start = toBigLba(lba, 'lba');
+    let buf: Buffer;
+    if (typeof blocksOrBuffer === 'number') {
+      if (!Number.isSafeInteger(blocksOrBuffer) || blocksOrBuffer < 1) {
+        throw new RangeError(`blocks must be a positive integer, got ${String(blocksOrBuffer)}`);
+      }
+      this.checkRange(start, BigInt(blocksOrBuffer));
+      const bytes = blocksOrBuffer * this.blockSize;
+      if (bytes > U32) throw new RangeError(`blocks ${blocksOrBuffer}: ${bytes} bytes is more than one call reads`);
+      buf = this.allocData(bytes);
+    } else {
+      buf = this.checkBuffer(blocksOrBuffer);
+      this.checkRange(start, BigInt(buf.length / this.blockSize));
+    }
+    await this.transfer('read', start, buf, opts);
+    return buf;
+  }
+
+  /** Writes `buffer` (a whole number of blocks) at `lba`. */
+  async write(lba: Lba, buffer: Uint8Array, opts: WriteOptions = {}): Promise<void> {
+    this.checkUsable();
+    const start = toBigLba(lba, 'lba');
+    const buf = this.checkBuffer(buffer);
+    this.checkRange(start, BigInt(buf.length / this.blockSize));
+    await this.transfer('write', start, buf, opts);
+  }
+
+  /** SYNCHRONIZE CACHE over the whole device. */
+  async flush(opts: IoOptions = {}): Promise<void> {
+    this.checkUsable();
+    // Zero LBA and zero blocks mean "the whole medium"; the 16-byte form only matters when a
+    // 10-byte LBA could not address the device anyway.
+    const cdb = this.blockCount > BigInt(U32) ? synchronizeCache16() : synchronizeCache10();
+    await this.run({ cdb }, opts);
+  }
+
+  /** Deallocates the ranges (UNMAP). Throws NotSupportedError when the device has no UNMAP. */
+  async unmap(ranges: BlockRange | readonly BlockRange[], opts: IoOptions = {}): Promise<void> {
+    this.checkUsable();
+    const list = Array.isArray(ranges) ? (ranges as readonly BlockRange[]) : [ranges as BlockRange];
+    if (list.length === 0) throw new RangeError('ranges must hold at least one range');
+    const checked = list.map((r, i) => {
+      if (typeof r !== 'object' || r === null) throw new RangeError(`ranges[${i}] must be { lba, blocks }`);
+      const lba = toBigLba(r.lba, `ranges[${i}].lba`);
+      const blocks = positiveBlocks(r.blocks, `ranges[${i}].blocks`);
+      this.checkRange(lba, blocks, `ranges[${i}]`);
+      return { lba, blocks };
+    });
+    if (!this.info.unmap) {
+      throw new NotSupportedError(`${this.name} does not support UNMAP (logical block provisioning VPD page)`);
+    }
+    const { maxUnmapBlocks, maxUnmapDescriptors } = this.info.limits;
+    const pieces: Array<{ lba: bigint; blocks: number }> = [];
+    for (const r of checked) {
+      for (let lba = r.lba, left = r.blocks; left > 0n; ) {
+        const n = left < BigInt(maxUnmapBlocks) ? Number(left) : maxUnmapBlocks;
+        pieces.push({ lba, blocks: n });
+        lba += BigInt(n);
+        left -= BigInt(n);
+      }
+    }
+    const perCommand = Math.min(maxUnmapDescriptors, MAX_UNMAP_DESCRIPTORS);
+    const commands = Math.ceil(pieces.length / perCommand);
+    await windowed(commands, async (i) => {
+      const params = unmapParameterList(pieces.slice(i * perCommand, (i + 1) * perCommand));
+      await this.run({ cdb: unmapCdb(params.length), dataOut: params }, opts);
+    });
+  }
+
+  /**
+   * Writes zeroes over `blocks` blocks: WRITE SAME (16) with UNMAP where unmapped blocks read
+   * as zeroes, else WRITE SAME (16) of a zero block, else plain WRITEs of a zero buffer. A
+   * method the device rejects as an ILLEGAL REQUEST is not tried again.
+   */
+  async writeZeroes(lba: Lba, blocks: number | bigint, opts: IoOptions = {}): Promise<void> {
+    this.checkUsable();
+    const start = toBigLba(lba, 'lba');
+    const count = positiveBlocks(blocks, 'blocks');
+    this.checkRange(start, count);
+    for (;;) {
+      const strategy = this.zeroStrategy;
+      try {
+        if (strategy === 'write') return await this.zeroByWrite(start, count, opts);
+        return await this.zeroByWriteSame(start, count, strategy === 'write-same-unmap', opts);
+      } catch (e) {
+        // Only "not implemented" answers (invalid opcode, invalid field in CDB) mean the method is
+        // unavailable; any other error is the caller's.
+        const unsupported = isIllegalRequest(e) && (e.asc === 0x20 || e.asc === 0x24);
+        if (!unsupported || strategy === 'write' || opts.signal?.aborted) throw e;
+        this.zeroStrategy = strategy === 'write-same-unmap' ? 'write-same' : 'write';
+      }
+    }
+  }
+
+  /** LOGICAL UNIT RESET through the control queue. Commands in flight on the LUN are aborted. */
+  async reset(opts: IoOptions = {}): Promise<void> {
+    this.checkUsable();
+    opts.signal?.throwIfAborted();
+    const response = this.ctx.taskManagement(this.target, this.lun, TMF_LOGICAL_UNIT_RESET);
+    if (response !== VirtioResponse.OK && response !== VirtioResponse.FUNCTION_SUCCEEDED) {
+      throw new TaskManagementError(`LOGICAL UNIT RESET of ${this.name}`, response);
+    }
+  }
+
+  /**
+   * Sends any CDB as is, without retries. Rejects with VirtioResponseError when the command did
+   * not reach the logical unit and with ScsiError for any status but GOOD / CONDITION MET.
+   */
+  async passthrough(cdb: Uint8Array, opts: PassthroughOptions = {}): Promise<PassthroughResult> {
+    this.checkUsable();
+    if (!(cdb instanceof Uint8Array)) throw new TypeError('cdb must be a Buffer or Uint8Array');
+    if (cdb.length < 6 || cdb.length > 32) throw new RangeError(`cdb length ${cdb.length} out of range 6..32`);
+    if (opts.dataIn !== undefined && opts.dataOut !== undefined) {
+      throw new TypeError('passthrough takes dataIn or dataOut, not both');
+    }
+    const cmd: ScsiCommand = { target: this.target, lun: this.lun, cdb };
+    let dataIn: Buffer | undefined;
+    if (typeof opts.dataIn === 'number') {
+      if (!Number.isSafeInteger(opts.dataIn) || opts.dataIn < 0 || opts.dataIn > U32) {
+        throw new RangeError(`dataIn ${opts.dataIn} is not a byte count`);
+      }
+      dataIn = Buffer.alloc(opts.dataIn);
+    } else if (opts.dataIn !== undefined) {
+      if (!(opts.dataIn instanceof Uint8Array)) throw new TypeError('dataIn must be a byte count or a buffer');
+      dataIn = asBuffer(opts.dataIn);
+    }
+    if (dataIn) cmd.dataIn = dataIn;
+    if (opts.dataOut !== undefined) {
+      if (!(opts.dataOut instanceof Uint8Array)) throw new TypeError('dataOut must be a Buffer or Uint8Array');
+      cmd.dataOut = opts.dataOut;
+    }
+    if (opts.taskAttribute !== undefined) cmd.taskAttribute = opts.taskAttribute;
+    if (opts.signal) cmd.signal = opts.signal;
+    const r = await this.ctx.executor().execute(cmd);
+    throwForResult(r, cmd, this.name);
+    const out: PassthroughResult = { response: r.response, status: r.status, residual: r.residual, dataLength: 0 };
+    if (r.sense) out.sense = r.sense;
+    if (dataIn) {
+      out.dataLength = dataIn.length - Math.min(r.residual, dataIn.length);
+      out.data = dataIn.subarray(0, out.dataLength);
+    }
+    return out;
+  }
+
+  /** Re-reads the capacity (the device reports CAPACITY DATA HAS CHANGED on its own, too). */
+  async refresh(opts: IoOptions = {}): Promise<void> {
+    this.checkUsable();
+    this.refreshing ??= (async () => {
+      try {
+        const scanOpts = {
+          controllerName: this.ctx.controllerName,
+          maxTarget: this.target,
+          maxLun: this.lun,
+          inquiry: this.lunInfo.inquiry,
+          vpdPages: this.lunInfo.vpdPages,
+          policy: this.ctx.policy,
+          ...(opts.signal ? { signal: opts.signal } : {}),
+        };
+        this.geometry = await readGeometry(this.ctx.executor(), this.target, this.lun, scanOpts);
+        this.cachedInfo = undefined;
+      } finally {
+        this.refreshing = undefined;
+      }
+    })();
+    await this.refreshing;
+  }
+
+  /** Takes the result of a rescan of the same logical unit. */
+  update(lun: ScannedLun): void {
+    if (!lun.geometry) return;
+    this.lunInfo = lun;
+    this.geometry = lun.geometry;
+    this.cachedInfo = undefined;
+    this.zeroStrategy = this.initialZeroStrategy();
+  }
+
+  /** Marks the device gone (LUN removed, controller closed): every later call rejects. */
+  detach(reason: string): void {
+    this.removed ??= new ClosedError(`${this.name}: ${reason}`);
+  }
+
+  private checkUsable(): void {
+    if (this.removed) throw this.removed;
+  }
+
+  private checkRange(lba: bigint, blocks: bigint, what = 'request'): void {
+    const capacity = this.blockCount;
+    if (lba >= capacity || blocks > capacity - lba) {
+      throw new RangeError(
+        `${this.name}: ${what} lba ${lba} + blocks ${blocks} exceeds the capacity of ${capacity} blocks`,
+      );
+    }
+  }
+
+  private checkBuffer(data: unknown): Buffer {
+    if (!(data instanceof Uint8Array)) throw new TypeError('buffer must be a Buffer or Uint8Array');
+    if (data.length === 0 || data.length % this.blockSize !== 0) {
+      throw new RangeError(
+        `${this.name}: buffer length ${data.length} is not a positive multiple of the block size ${this.blockSize}`,
+      );
+    }
+    return asBuffer(data);
+  }
+
+  private allocData(bytes: number): Buffer {
+    try {
+      return this.ctx.allocBuffer(bytes);
+    } catch {
+      // The DMA pool is full: a plain buffer works too, through a bounce buffer.
+      return Buffer.alloc(bytes);
+    }
+  }
+
+  private runOptions() {
+    return {
+      device: this.name,
+      policy: this.ctx.policy,
+      onUnitAttention: async (sense: DecodedSense) => {
+        // CAPACITY DATA HAS CHANGED: later range checks must see the new size.
+        if (sense.asc === 0x2a && sense.ascq === 0x09) await this.refresh().catch(() => undefined);
+      },
+    };
+  }
+
+  private run(cmd: Omit<ScsiCommand, 'target' | 'lun'>, opts: IoOptions): Promise<CommandResult> {
+    const full: ScsiCommand = { target: this.target, lun: this.lun, ...cmd };
+    if (opts.signal) full.signal = opts.signal;
+    return runCommand(this.ctx.executor(), full, this.runOptions());
+  }
+
+  private async transfer(kind: 'read' | 'write', lba: bigint, buf: Buffer, opts: WriteOptions): Promise<void> {
+    const bs = this.blockSize;
+    const total = buf.length / bs;
+    const max = this.info.limits.maxTransferBlocks;
+    const count = Math.ceil(total / max);
+    await windowed(count, async (i) => {
+      const first = i * max;
+      const blocks = Math.min(max, total - first);
+      const part = buf.subarray(first * bs, (first + blocks) * bs);
+      const args = { lba: lba + BigInt(first), blocks, fua: opts.fua ?? false };
+      if (kind === 'read') {
+        const r = await this.run({ cdb: readCdb(args), dataIn: part }, opts);
+        if (r.residual !== 0) {
+          throw new DeviceError(
+            `${this.name}: READ lba ${args.lba} blocks ${blocks} returned ${part.length - r.residual} of ${part.length} bytes`,
+          );
+        }
+      } else {
+        await this.run({ cdb: writeCdb(args), dataOut: part }, opts);
+      }
+    });
+  }
+
+  private async zeroByWriteSame(lba: bigint, count: bigint, unmap: boolean, opts: IoOptions): Promise<void> {
+    const bs = this.blockSize;
+    if (this.zeroBlock === undefined || this.zeroBlock.length !== bs) this.zeroBlock = this.allocData(bs).fill(0);
+    const block = this.zeroBlock;
+    const max = BigInt(this.info.limits.maxWriteSameBlocks);
+    const commands = Number((count + max - 1n) / max);
+    await windowed(commands, async (i) => {
+      const first = BigInt(i) * max;
+      const n = count - first < max ? count - first : max;
+      const cdb = writeSame16({ lba: lba + first, blocks: Number(n), unmap });
+      await this.run({ cdb, dataOut: block }, opts);
+    });
+  }
+
+  private async zeroByWrite(lba: bigint, count: bigint, opts: IoOptions): Promise<void> {
+    const bs = this.blockSize;
+    const chunkBlocks = Math.max(1, Math.min(this.info.limits.maxTransferBlocks, Math.floor(ZERO_BUFFER_BYTES / bs)));
+    if (this.zeroBuffer === undefined || this.zeroBuffer.length !== chunkBlocks * bs) {
+      this.zeroBuffer = this.allocData(chunkBlocks * bs).fill(0);
+    }
+    // Every chunk writes from the same buffer: the device only reads it.
+    const zeroes = this.zeroBuffer;
+    const step = BigInt(chunkBlocks);
+    const commands = Number((count + step - 1n) / step);
+    await windowed(commands, async (i) => {
+      const first = BigInt(i) * step;
+      const n = Number(count - first < step ? count - first : step);
+      const cdb = writeCdb({ lba: lba + first, blocks: n });
+      await this.run({ cdb, dataOut: zeroes.subarray(0, n * bs) }, opts);
+    });
+  }
+
+  private initialZeroStrategy(): ZeroStrategy {
+    const prov = this.lunInfo.provisioning;
+    const lbprz = (this.geometry.capacity16?.lbprz ?? false) || (prov?.lbprz ?? false);
+    if (prov?.lbpws && lbprz) return 'write-same-unmap';
+    return 'write-same';
+  }
+
+  private buildInfo(): BlockDeviceInfo {
+    const lun = this.lunInfo;
+    const g = this.geometry;
+    const bs = g.blockSize;
+    const bl: BlockLimits | undefined = lun.blockLimits;
+    const prov = lun.provisioning;
+    const rc16 = g.capacity16;
+
+    // Per-command transfer cap: the device (VPD 0xB0), the transport (max_sectors), the
+    // caller's cap and the 32-bit READ(16)/WRITE(16) length field.
+    const transportBlocks = this.ctx.maxSectors > 0 ? Math.floor((this.ctx.maxSectors * 512) / bs) : 0;
+    const callerBlocks = this.ctx.maxTransferBytes > 0 ? Math.floor(this.ctx.maxTransferBytes / bs) : 0;
+    const maxTransferBlocks = Math.max(1, Math.min(minPositive(bl?.maxTransferLength ?? 0, transportBlocks, callerBlocks), U32));
+
+    const unmap = prov?.lbpu ?? false;
+    const maxUnmapBlocks = Math.min(minPositive(bl?.maxUnmapLbaCount ?? 0), U32);
+    const maxUnmapDescriptors = Math.min(minPositive(bl?.maxUnmapBlockDescriptorCount ?? 0), MAX_UNMAP_DESCRIPTORS);
+    const ws = bl?.maxWriteSameLength ?? 0n;
+    const maxWriteSameBlocks = ws > 0n ? Number(ws < BigInt(U32) ? ws : BigInt(U32)) : DEFAULT_WRITE_SAME_BLOCKS;
+
+    const info: BlockDeviceInfo = {
+      name: this.name,
+      target: this.target,
+      lun: this.lun,
+      blockSize: bs,
+      blockCount: g.blockCount,
+      sizeBytes: g.blockCount * BigInt(bs),
+      physicalBlockSize: bs * 2 ** (rc16?.physicalBlockExponent ?? 0),
+      vendor: lun.vendor,
+      product: lun.product,
+      revision: lun.revision,
+      identifiers: lun.identifiers,
+      thinProvisioned: rc16?.lbpme ?? false,
+      unmap,
+      writeSameUnmap: prov?.lbpws ?? false,
+      unmappedReadsZero: (rc16?.lbprz ?? false) || (prov?.lbprz ?? false),
+      protectionType: rc16?.protectionType ?? 0,
+      rotationRate: lun.characteristics?.rotationRate ?? 0,
+      limits: {
+        maxTransferBlocks,
+        optimalTransferBlocks: bl?.optimalTransferLength ?? 0,
+        maxUnmapBlocks: unmap ? maxUnmapBlocks : 0,
+        maxUnmapDescriptors: unmap ? maxUnmapDescriptors : 0,
+        unmapGranularity: bl?.optimalUnmapGranularity ?? 0,
+        maxWriteSameBlocks,
+      },
+    };
+    if (lun.serial !== undefined) info.serial = lun.serial;
+    return info;
+  }
+}

@@ -1,0 +1,392 @@
+// A virtio-scsi controller: the connection to one device (a vhost-user socket today, a VFIO PCI
+// function later), its request queue for the calling thread, the scan and the block devices.
+
+import { stat } from 'node:fs/promises';
+
+import { BlockDevice, type DeviceContext } from './block-device.js';
+import { DEFAULT_RETRY_POLICY, type RetryPolicy } from './command.js';
+import { ClosedError, ConnectError } from './errors.js';
+import { loadNative, type NativeController, type NativeControllerOptions } from './native.js';
+import { RequestQueue, type RequestQueueStats } from './queue.js';
+import { lunName, type ScannedLun, scanTargets, type ScanResult } from './scan.js';
+
+/**
+ * How to reach the device: a vhost-user-scsi socket, or a virtio-scsi PCI function bound to
+ * vfio-pci (inside a VM), e.g. "0000:00:03.0".
+ */
+export type Transport = { type: 'vhost-user'; path: string } | { type: 'pci'; address: string };
+
+export interface ControllerOptions {
+  /** Prefix of device names (default "VirtioScsi0"). */
+  name?: string;
+  /** Request queues to set up (default: all the device offers, at most 16). */
+  requestQueues?: number;
+  /** Ring entries per queue, a power of two up to 1024 (default 256). */
+  queueSize?: number;
+  /** Size of the DMA memory pool (default 64 MiB). */
+  memoryBytes?: number;
+  /** Back the pool with hugepages: 'auto' (default), 'require' or 'never'. */
+  hugepages?: 'auto' | 'require' | 'never';
+  /**
+   * Cap on the bytes of one READ or WRITE command; larger transfers are split. Default: an
+   * eighth of the DMA pool, so that several bounced transfers fit at once.
+   */
+  maxTransferBytes?: number;
+  /** Retry bounds for BUSY, TASK SET FULL and UNIT ATTENTION. */
+  retry?: Partial<RetryPolicy>;
+}
+
+/** What the device and the negotiation gave (virtio-scsi config space and features). */
+export interface ControllerInfo {
+  /** e.g. "vhost-user /tmp/x.sock". */
+  transport: string;
+  requestQueues: number;
+  queueSize: number;
+  segMax: number;
+  maxSectors: number;
+  cmdPerLun: number;
+  maxTarget: number;
+  maxLun: number;
+  eventIdx: boolean;
+  indirect: boolean;
+  hotplug: boolean;
+  change: boolean;
+  hugepages: boolean;
+  memoryBytes: number;
+}
+
+export const ControllerEventType = {
+  NO_EVENT: 0,
+  TRANSPORT_RESET: 1,
+  ASYNC_NOTIFY: 2,
+  PARAM_CHANGE: 3,
+} as const;
+
+/** Set in the event code when the device dropped events: rescan everything. */
+export const EVENTS_MISSED = 0x80000000;
+
+/** An event-queue event (virtio 1.2, 5.6.6.3). */
+export interface ControllerEvent {
+  type: 'transport-reset' | 'async-notify' | 'param-change' | 'none' | 'unknown';
+  /** The raw event code, EVENTS_MISSED bit included. */
+  event: number;
+  eventsMissed: boolean;
+  target: number;
+  lun: number;
+  /** Name the LUN has (or would have) under this controller. */
+  device: string;
+  /** TRANSPORT_RESET: 0 reset, 1 rescan (LUN added), 2 removed. PARAM_CHANGE: asc | ascq << 8. */
+  reason: number;
+}
+
+const DEFAULT_NAME = 'VirtioScsi0';
+/** Default transfer cap: this fraction of the DMA pool per command. */
+const POOL_SHARE_PER_TRANSFER = 8;
+const PCI_ADDRESS = /^([0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$/;
+const NAME_PATTERN = /^[A-Za-z0-9_.-]{1,64}$/;
+const EVENT_TYPES: Record<number, ControllerEvent['type']> = {
+  0: 'none',
+  1: 'transport-reset',
+  2: 'async-notify',
+  3: 'param-change',
+};
+
+function errorText(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
+}
+
+function checkCount(value: unknown, field: string): void {
+  if (value !== undefined && (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 1)) {
+    throw new RangeError(`${field} must be a positive integer, got ${String(value)}`);
+  }
+}
+
+function nativeOptions(o: ControllerOptions): NativeControllerOptions {
+  checkCount(o.requestQueues, 'requestQueues');
+  checkCount(o.queueSize, 'queueSize');
+  checkCount(o.memoryBytes, 'memoryBytes');
+  if (o.hugepages !== undefined && !['auto', 'require', 'never'].includes(o.hugepages)) {
+    throw new RangeError(`hugepages must be 'auto', 'require' or 'never', got ${String(o.hugepages)}`);
+  }
+  const out: NativeControllerOptions = {};
+  if (o.requestQueues !== undefined) out.requestQueues = o.requestQueues;
+  if (o.queueSize !== undefined) out.queueSize = o.queueSize;
+  if (o.memoryBytes !== undefined) out.memoryBytes = o.memoryBytes;
+  if (o.hugepages !== undefined) out.hugepages = o.hugepages;
+  return out;
+}
+
+function retryPolicy(r: Partial<RetryPolicy> | undefined): Readonly<RetryPolicy> {
+  const policy = { ...DEFAULT_RETRY_POLICY, ...r };
+  for (const [k, v] of Object.entries(policy)) {
+    if (typeof v !== 'number' || !Number.isFinite(v) || v < 0) {
+      throw new RangeError(`retry.${k} must be a non-negative number, got ${String(v)}`);
+    }
+  }
+  return Object.freeze(policy);
+}
+
+async function checkSocket(path: string, label: string): Promise<void> {
+  let st;
+  try {
+    st = await stat(path);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    throw new ConnectError(label, code === 'ENOENT' ? 'no such file or directory' : errorText(e), { cause: e });
+  }
+  if (!st.isSocket()) throw new ConnectError(label, 'not a unix socket');
+}
+
+export class Controller implements AsyncDisposable {
+  readonly name: string;
+  readonly transport: Readonly<Transport>;
+  private readonly handle: NativeController;
+  private readonly policy: Readonly<RetryPolicy>;
+  private readonly context: DeviceContext;
+  private queue: RequestQueue | undefined;
+  private closedError: ClosedError | undefined;
+  private scanned: ScannedLun[] = [];
+  private blockDevices = new Map<string, BlockDevice>();
+
+  private constructor(
+    handle: NativeController,
+    name: string,
+    transport: Transport,
+    options: ControllerOptions,
+    policy: Readonly<RetryPolicy>,
+  ) {
+    this.handle = handle;
+    this.name = name;
+    this.transport = Object.freeze({ ...transport });
+    this.policy = policy;
+    const info = handle.info;
+    this.context = {
+      controllerName: name,
+      executor: () => this.executor(),
+      allocBuffer: (bytes) => this.allocBuffer(bytes),
+      taskManagement: (target, lun, fn) => this.taskManagement(target, lun, fn),
+      maxSectors: info.maxSectors,
+      maxTransferBytes: options.maxTransferBytes ?? Math.floor(info.memoryBytes / POOL_SHARE_PER_TRANSFER),
+      policy,
+    };
+  }
+
+  /** Connects to a vhost-user-scsi socket. */
+  static connect(socketPath: string, options: ControllerOptions = {}): Promise<Controller> {
+    return Controller.open({ type: 'vhost-user', path: socketPath }, options);
+  }
+
+  /** Opens a virtio-scsi PCI function bound to vfio-pci (see `Transport`). */
+  static openPci(address: string, options: ControllerOptions = {}): Promise<Controller> {
+    return Controller.open({ type: 'pci', address }, options);
+  }
+
+  static async open(transport: Transport, options: ControllerOptions = {}): Promise<Controller> {
+    const name = options.name ?? DEFAULT_NAME;
+    if (typeof name !== 'string' || !NAME_PATTERN.test(name)) {
+      throw new RangeError(`name ${JSON.stringify(name)} must be 1 to 64 letters, digits, '_', '.' or '-'`);
+    }
+    checkCount(options.maxTransferBytes, 'maxTransferBytes');
+    const policy = retryPolicy(options.retry);
+    const nativeOpts = nativeOptions(options);
+    let label: string;
+    let connect: (native: ReturnType<typeof loadNative>) => NativeController;
+    if (transport?.type === 'vhost-user') {
+      const path = transport.path;
+      if (typeof path !== 'string' || path === '') {
+        throw new TypeError('the vhost-user socket path must be a non-empty string');
+      }
+      label = `vhost-user socket ${path}`;
+      await checkSocket(path, label);
+      connect = (native) => native.Controller.connectVhostUser(path, nativeOpts);
+    } else if (transport?.type === 'pci') {
+      const address = transport.address;
+      if (typeof address !== 'string' || !PCI_ADDRESS.test(address)) {
+        throw new TypeError(`PCI address ${JSON.stringify(address)} is not of the form 0000:00:03.0`);
+      }
+      label = `PCI function ${address}`;
+      connect = (native) => native.Controller.openPci(address, nativeOpts);
+    } else {
+      throw new TypeError(`unsupported transport ${JSON.stringify(transport)} (use 'vhost-user' or 'pci')`);
+    }
+    const native = loadNative();
+    let handle: NativeController;
+    try {
+      handle = connect(native);
+    } catch (e) {
+      throw new ConnectError(label, errorText(e), { cause: e });
+    }
+    return new Controller(handle, name, transport, options, policy);
+  }
+
+  get info(): ControllerInfo {
+    this.checkOpen();
+    return { ...this.handle.info };
+  }
+
+  /** Why the controller stopped working (target gone, protocol violation), or null. */
+  get failure(): string | null {
+    if (this.closedError) return null;
+    return this.handle.failure;
+  }
+
+  get closed(): boolean {
+    return this.closedError !== undefined;
+  }
+
+  /** Every LUN the last scan found, disks or not, ordered by target and LUN. */
+  get luns(): readonly ScannedLun[] {
+    return this.scanned;
+  }
+
+  /** Block devices (ready disks) from the last scan. */
+  get devices(): readonly BlockDevice[] {
+    return [...this.blockDevices.values()];
+  }
+
+  /** The block device of that name; throws naming the known ones when there is none. */
+  device(name: string): BlockDevice {
+    const dev = this.blockDevices.get(name);
+    if (dev) return dev;
+    const known = [...this.blockDevices.keys()];
+    throw new RangeError(
+      `${this.name} has no block device ${JSON.stringify(name)}` +
+        (known.length > 0 ? ` (known: ${known.join(', ')})` : ' (none found: call scan() first)'),
+    );
+  }
+
+  /** Name a LUN has under this controller. */
+  lunName(target: number, lun: number): string {
+    return lunName(this.name, target, lun);
+  }
+
+  /**
+   * Enumerates targets and LUNs and (re)builds the block devices. Devices that survive a
+   * rescan keep their object; devices that disappeared are detached.
+   */
+  async scan(opts: { signal?: AbortSignal } = {}): Promise<ScanResult> {
+    const info = this.info;
+    const result = await scanTargets(this.executor(), {
+      controllerName: this.name,
+      maxTarget: info.maxTarget,
+      maxLun: info.maxLun,
+      policy: this.policy,
+      ...(opts.signal ? { signal: opts.signal } : {}),
+    });
+    this.checkOpen();
+    const next = new Map<string, BlockDevice>();
+    for (const lun of result.luns) {
+      if (lun.deviceType !== 0 || !lun.geometry) continue;
+      const old = this.blockDevices.get(lun.name);
+      if (old && sameUnit(old, lun)) {
+        old.update(lun);
+        next.set(lun.name, old);
+      } else {
+        old?.detach('replaced by a different logical unit');
+        next.set(lun.name, new BlockDevice(this.context, lun));
+      }
+    }
+    for (const [name, dev] of this.blockDevices) {
+      if (!next.has(name)) dev.detach('no longer present on the controller');
+    }
+    this.blockDevices = next;
+    this.scanned = result.luns;
+    return result;
+  }
+
+  /** A zero-copy Buffer over the controller's DMA pool, released when garbage-collected. */
+  allocBuffer(bytes: number): Buffer {
+    this.checkOpen();
+    if (!Number.isSafeInteger(bytes) || bytes < 1) {
+      throw new RangeError(`bytes must be a positive integer, got ${String(bytes)}`);
+    }
+    try {
+      return this.handle.allocDmaBuffer(bytes);
+    } catch (e) {
+      throw new Error(`${this.name}: cannot allocate ${bytes} bytes of DMA memory: ${errorText(e)}`, { cause: e });
+    }
+  }
+
+  /**
+   * A task management function on the control queue (0 ABORT TASK, 1 ABORT TASK SET,
+   * 4 I_T NEXUS RESET, 5 LOGICAL UNIT RESET); returns the virtio-scsi response code.
+   */
+  taskManagement(target: number, lun: number, fn: number, tag?: number): number {
+    this.checkOpen();
+    for (const [field, v, max] of [
+      ['target', target, 255],
+      ['lun', lun, 0x3fff],
+      ['fn', fn, 0xffffffff],
+    ] as const) {
+      if (!Number.isInteger(v) || v < 0 || v > max) throw new RangeError(`${field} ${String(v)} out of range 0..${max}`);
+    }
+    try {
+      return this.handle.taskManagement(target, lun, fn, tag ?? null);
+    } catch (e) {
+      throw new Error(
+        `${this.name}: task management function ${fn} for ${lunName(this.name, target, lun)} failed: ${errorText(e)}`,
+        { cause: e },
+      );
+    }
+  }
+
+  /** Events the device posted since the last call. */
+  pollEvents(): ControllerEvent[] {
+    this.checkOpen();
+    return this.handle.pollEvents().map((e) => {
+      const code = e.event & ~EVENTS_MISSED;
+      return {
+        type: EVENT_TYPES[code] ?? 'unknown',
+        event: e.event,
+        eventsMissed: (e.event & EVENTS_MISSED) !== 0,
+        target: e.target,
+        lun: e.lun,
+        device: lunName(this.name, e.target, e.lun),
+        reason: e.reason,
+      };
+    });
+  }
+
+  /** Statistics of this thread's request queue (undefined before the first command). */
+  get queueStats(): RequestQueueStats | undefined {
+    return this.queue?.stats;
+  }
+
+  /** Rejects everything in flight, detaches the devices and disconnects. */
+  close(): void {
+    if (this.closedError) return;
+    this.closedError = new ClosedError(`controller ${this.name} is closed`);
+    for (const dev of this.blockDevices.values()) dev.detach(`controller ${this.name} closed`);
+    this.queue?.close();
+    this.queue = undefined;
+    try {
+      this.handle.close();
+    } catch {
+      // A failed controller may refuse a clean shutdown; its resources go either way.
+    }
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.close();
+  }
+
+  /** This thread's request queue, opened on first use. */
+  private executor(): RequestQueue {
+    this.checkOpen();
+    this.queue ??= new RequestQueue(this.handle.openChannel(), {
+      label: this.name,
+      controllerFailure: () => this.handle.failure,
+    });
+    return this.queue;
+  }
+
+  private checkOpen(): void {
+    if (this.closedError) throw this.closedError;
+  }
+}
+
+/** Same logical unit as before: serial number and first designator unchanged. */
+function sameUnit(dev: BlockDevice, lun: ScannedLun): boolean {
+  const info = dev.info;
+  return info.serial === lun.serial && info.identifiers[0]?.value === lun.identifiers[0]?.value;
+}

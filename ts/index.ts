@@ -1,0 +1,47 @@
+// virtio-initiator: a userspace poll-mode virtio-scsi initiator.
+
+export {
+  Controller,
+  ControllerEventType,
+  EVENTS_MISSED,
+  type ControllerEvent,
+  type ControllerInfo,
+  type ControllerOptions,
+  type Transport,
+} from './controller.js';
+export {
+  BlockDevice,
+  TMF_LOGICAL_UNIT_RESET,
+  type BlockDeviceInfo,
+  type BlockDeviceLimits,
+  type BlockRange,
+  type IoOptions,
+  type PassthroughOptions,
+  type PassthroughResult,
+  type WriteOptions,
+} from './block-device.js';
+export { DEFAULT_RETRY_POLICY, type RetryPolicy } from './command.js';
+export {
+  ClosedError,
+  ConnectError,
+  ControllerFailedError,
+  DeviceError,
+  InitiatorError,
+  NotSupportedError,
+  TaskManagementError,
+  VirtioResponse,
+  VirtioResponseError,
+  virtioResponseName,
+  type InitiatorErrorCode,
+} from './errors.js';
+export { NativeLoadError } from './native.js';
+export {
+  RequestQueue,
+  type CommandExecutor,
+  type CommandResult,
+  type RequestQueueStats,
+  type ScsiCommand,
+} from './queue.js';
+export { lunName, type Geometry, type ScannedLun, type ScanProblem, type ScanResult } from './scan.js';
+export { ScsiError, type DecodedSense, type Lba } from './scsi/index.js';
+export * as scsi from './scsi/index.js';

@@ -1,0 +1,88 @@
+// Loads the napi addon and describes the fixed record layouts shared with it.
+//
+// The addon is loaded on first use rather than at import time, so that the SCSI helpers and the
+// types of this package stay usable (and a missing binary is reported with a clear error at the
+// point where a controller is opened).
+
+import { createRequire } from 'node:module';
+
+import type * as NativeModule from '../native/index.cjs';
+
+export type Native = typeof NativeModule;
+export type NativeController = NativeModule.Controller;
+export type NativeChannel = NativeModule.Channel;
+export type NativeControllerInfo = NativeModule.ControllerInfo;
+export type NativeControllerOptions = NativeModule.ControllerOptions;
+export type NativeControllerEvent = NativeModule.ControllerEvent;
+
+/** Submit record layout (little-endian), see `Channel.submit`. */
+export const SubmitRecord = {
+  SIZE: 64,
+  TOKEN: 0,
+  TARGET: 4,
+  DIRECTION: 5,
+  LUN: 6,
+  BUFFER_INDEX: 8,
+  CDB_LENGTH: 12,
+  TASK_ATTR: 13,
+  CDB: 16,
+  CDB_MAX: 32,
+} as const;
+
+/** Completion record layout (little-endian), see `Channel.reap`. */
+export const CompletionRecord = {
+  SIZE: 112,
+  TOKEN: 0,
+  RESPONSE: 4,
+  STATUS: 5,
+  SENSE_LENGTH: 6,
+  RESIDUAL: 8,
+  DATA_LENGTH: 12,
+  SENSE: 16,
+  SENSE_MAX: 96,
+} as const;
+
+/** Data direction byte of a submit record. */
+export const Direction = { NONE: 0, IN: 1, OUT: 2 } as const;
+
+export class NativeLoadError extends Error {
+  constructor(cause: unknown) {
+    const why = cause instanceof Error ? cause.message : String(cause);
+    super(`virtio-initiator: cannot load the native addon: ${why}`, { cause });
+    this.name = 'NativeLoadError';
+  }
+}
+
+let loaded: Native | undefined;
+let loadError: NativeLoadError | undefined;
+
+/** The addon, loaded once. Throws NativeLoadError when it is missing or does not match. */
+export function loadNative(): Native {
+  if (loaded) return loaded;
+  if (loadError) throw loadError;
+  try {
+    const mod = createRequire(import.meta.url)('../native/index.cjs') as Native;
+    // The record layouts are compiled into both sides; a mismatch means a stale binary.
+    if (mod.SUBMIT_RECORD_SIZE !== SubmitRecord.SIZE || mod.COMPLETION_RECORD_SIZE !== CompletionRecord.SIZE) {
+      throw new Error(
+        `record sizes ${mod.SUBMIT_RECORD_SIZE}/${mod.COMPLETION_RECORD_SIZE} do not match ` +
+          `${SubmitRecord.SIZE}/${CompletionRecord.SIZE} (rebuild with npm run build:napi)`,
+      );
+    }
+    loaded = mod;
+    return mod;
+  } catch (e) {
+    loadError = new NativeLoadError(e);
+    throw loadError;
+  }
+}
+
+/** Why the addon cannot be loaded, or undefined when it can. */
+export function nativeUnavailableReason(): string | undefined {
+  try {
+    loadNative();
+    return undefined;
+  } catch (e) {
+    return e instanceof Error ? e.message : String(e);
+  }
+}

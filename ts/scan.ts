@@ -1,0 +1,402 @@
+// Target and LUN enumeration (design D6): REPORT LUNS per target with a LUN 0 fallback, then
+// INQUIRY, TEST UNIT READY, the VPD pages and READ CAPACITY per logical unit. Targets that
+// implement less (no REPORT LUNS, no VPD pages, no READ CAPACITY (16)) are handled through the
+// ILLEGAL REQUEST they answer with; only transport-level failures end a scan.
+
+import { DEFAULT_RETRY_POLICY, isIllegalRequest, type RetryPolicy, runCommand } from './command.js';
+import { DeviceError, InitiatorError, VirtioResponse, VirtioResponseError } from './errors.js';
+import type { CommandExecutor } from './queue.js';
+import {
+  type BlockCharacteristics,
+  type BlockLimits,
+  type Capacity16,
+  type Designator,
+  inquiry,
+  type LogicalBlockProvisioning,
+  parseInquiry,
+  parseReadCapacity10,
+  parseReadCapacity16,
+  parseReportLuns,
+  parseVpdBlockCharacteristics,
+  parseVpdBlockLimits,
+  parseVpdDeviceId,
+  parseVpdLogicalBlockProvisioning,
+  parseVpdSerial,
+  parseVpdSupportedPages,
+  PQ_NOT_CONNECTED,
+  readCapacity10,
+  readCapacity16,
+  reportLuns,
+  ScsiDataError,
+  ScsiError,
+  SenseKey,
+  type StandardInquiry,
+  startStopUnit,
+  testUnitReady,
+  TruncatedDataError,
+  VpdPage,
+} from './scsi/index.js';
+
+/** Peripheral device type of a direct-access block device. */
+export const DEVICE_TYPE_DISK = 0x00;
+/** Peripheral device type "unknown or no device". */
+const DEVICE_TYPE_NONE = 0x1f;
+/** Highest LUN a virtio-scsi single-level LUN can address. */
+export const MAX_VIRTIO_LUN = 0x3fff;
+
+/** Block geometry and provisioning from READ CAPACITY. */
+export interface Geometry {
+  blockSize: number;
+  blockCount: bigint;
+  /** From READ CAPACITY (16), when the device answered it. */
+  capacity16?: Capacity16;
+}
+
+/** One logical unit found by a scan. */
+export interface ScannedLun {
+  /** `<controller>t<target>` for LUN 0, `<controller>t<target>l<lun>` otherwise. */
+  name: string;
+  target: number;
+  lun: number;
+  inquiry: StandardInquiry;
+  deviceType: number;
+  deviceTypeName: string;
+  vendor: string;
+  product: string;
+  revision: string;
+  /** VPD 0x80, when offered. */
+  serial?: string;
+  /** VPD 0x83 designators (empty when the page is not offered). */
+  identifiers: Designator[];
+  /** VPD pages the unit lists in page 0x00 (empty when it has none). */
+  vpdPages: number[];
+  blockLimits?: BlockLimits;
+  characteristics?: BlockCharacteristics;
+  provisioning?: LogicalBlockProvisioning;
+  /** Disks only: whether TEST UNIT READY passed (after START STOP UNIT where needed). */
+  ready: boolean;
+  /** Disks that are ready: READ CAPACITY data. */
+  geometry?: Geometry;
+  /** Why a disk has no geometry (not ready, READ CAPACITY failed, bad data). */
+  problem?: string;
+}
+
+/** A target or LUN the scan could not examine; the rest of the scan went on. */
+export interface ScanProblem {
+  target: number;
+  lun?: number;
+  error: Error;
+}
+
+export interface ScanResult {
+  luns: ScannedLun[];
+  problems: ScanProblem[];
+}
+
+export interface ScanOptions {
+  /** Prefix of the LUN names. */
+  controllerName: string;
+  /** Highest target id to probe (from the device config space). */
+  maxTarget: number;
+  /** Highest LUN to accept (from the device config space). */
+  maxLun: number;
+  /** Probe only these targets (default 0..maxTarget). */
+  targets?: readonly number[];
+  signal?: AbortSignal;
+  policy?: Readonly<RetryPolicy>;
+}
+
+/** Name of a LUN under a controller (SPDK's naming for LUN 0). */
+export function lunName(controller: string, target: number, lun: number): string {
+  return lun === 0 ? `${controller}t${target}` : `${controller}t${target}l${lun}`;
+}
+
+/**
+ * Errors that end a scan: the controller failed or closed, or the caller aborted. Everything
+ * else (SCSI errors, odd virtio responses, malformed data) only concerns one target or LUN.
+ */
+function isFatal(e: unknown, signal: AbortSignal | undefined): boolean {
+  if (signal?.aborted) return true;
+  if (e instanceof InitiatorError) {
+    return e.code === 'ERR_VIRTIO_CONTROLLER_FAILED' || e.code === 'ERR_VIRTIO_CLOSED';
+  }
+  return !(e instanceof ScsiError || e instanceof ScsiDataError);
+}
+
+const INQUIRY_LENGTH = 96;
+const VPD_FIRST_LENGTH = 252;
+const REPORT_LUNS_FIRST_LENGTH = 16 + 8 * 64;
+/** Reissues of a command whose data did not fit the first allocation length. */
+const MAX_REGROW = 2;
+/** UNIT ATTENTIONs are queued per condition (power on, nexus loss, LUN changes, ...). */
+const SCAN_UNIT_ATTENTION_RETRIES = 8;
+
+class LunProber {
+  private readonly device: string;
+  private readonly policy: Readonly<RetryPolicy>;
+
+  constructor(
+    private readonly exec: CommandExecutor,
+    private readonly target: number,
+    private readonly lun: number,
+    private readonly opts: ScanOptions,
+  ) {
+    this.device = lunName(opts.controllerName, target, lun);
+    const base = opts.policy ?? DEFAULT_RETRY_POLICY;
+    this.policy = {
+      ...base,
+      unitAttentionRetries: Math.max(base.unitAttentionRetries, SCAN_UNIT_ATTENTION_RETRIES),
+    };
+  }
+
+  /** Runs a command and returns its data-in bytes. */
+  async dataIn(cdb: Uint8Array, length: number): Promise<Uint8Array> {
+    const buf = Buffer.alloc(length);
+    const cmd = { target: this.target, lun: this.lun, cdb, dataIn: buf, ...this.signal() };
+    const r = await runCommand(this.exec, cmd, { device: this.device, policy: this.policy });
+    // The residual is what SAM and Linux go by; bytes the device claims beyond it are ignored.
+    return buf.subarray(0, length - Math.min(r.residual, length));
+  }
+
+  async noData(cdb: Uint8Array): Promise<void> {
+    const cmd = { target: this.target, lun: this.lun, cdb, ...this.signal() };
+    await runCommand(this.exec, cmd, { device: this.device, policy: this.policy });
+  }
+
+  private signal(): { signal?: AbortSignal } {
+    return this.opts.signal ? { signal: this.opts.signal } : {};
+  }
+
+  /**
+   * Issues a command built for an allocation length, parses the answer, and reissues it with
+   * the length the data says it needs when the first one was too short.
+   */
+  async grown<T>(build: (alloc: number) => Uint8Array, first: number, max: number, parse: (d: Uint8Array) => T) {
+    let alloc = first;
+    for (let attempt = 0; ; attempt++) {
+      const data = await this.dataIn(build(alloc), alloc);
+      try {
+        return parse(data);
+      } catch (e) {
+        // Only a truncation the allocation length caused is worth another round.
+        if (
+          e instanceof TruncatedDataError &&
+          data.length === alloc &&
+          e.needed > alloc &&
+          e.needed <= max &&
+          attempt < MAX_REGROW
+        ) {
+          alloc = e.needed;
+          continue;
+        }
+        throw e;
+      }
+    }
+  }
+
+  async vpd<T>(page: number, parse: (d: Uint8Array) => T): Promise<T> {
+    return this.grown((alloc) => inquiry({ page, allocationLength: alloc }), VPD_FIRST_LENGTH, 0xffff, parse);
+  }
+
+  /** INQUIRY; undefined when no logical unit answers at this address. */
+  async standardInquiry(): Promise<StandardInquiry | undefined> {
+    let data: Uint8Array;
+    try {
+      data = await this.dataIn(inquiry({ allocationLength: INQUIRY_LENGTH }), INQUIRY_LENGTH);
+    } catch (e) {
+      if (e instanceof VirtioResponseError && e.response === VirtioResponse.INCORRECT_LUN) return undefined;
+      throw e;
+    }
+    const inq = parseInquiry(data);
+    // Qualifier 1 (capable, not connected) and 3 (not capable) both mean nothing is here now.
+    if (inq.peripheralQualifier !== 0 || inq.deviceType === DEVICE_TYPE_NONE) return undefined;
+    return inq;
+  }
+
+  /** TEST UNIT READY, starting the unit when it asks for it. Returns why it is not ready. */
+  async makeReady(): Promise<string | undefined> {
+    let started = false;
+    for (;;) {
+      try {
+        await this.noData(testUnitReady());
+        return undefined;
+      } catch (e) {
+        if (!(e instanceof ScsiError)) throw e;
+        if (e.key === SenseKey.NOT_READY && e.asc === 0x04 && e.ascq === 0x02 && !started) {
+          // "Initializing command required": SBC-3 says that command is START STOP UNIT.
+          started = true;
+          await this.noData(startStopUnit({ start: true }));
+          continue;
+        }
+        return e.message;
+      }
+    }
+  }
+
+  async capacity(inq: StandardInquiry, vpdPages: readonly number[]): Promise<Geometry> {
+    let rc10: ReturnType<typeof parseReadCapacity10> | undefined;
+    try {
+      rc10 = parseReadCapacity10(await this.dataIn(readCapacity10(), 8));
+    } catch (e) {
+      // Some devices implement only READ CAPACITY (16).
+      if (!isIllegalRequest(e)) throw e;
+    }
+    // READ CAPACITY (16) for large devices, and for what only it reports: protection
+    // information and thin provisioning (LBPME / LBPRZ).
+    const want16 =
+      rc10 === undefined ||
+      rc10.needs16 ||
+      inq.protect ||
+      vpdPages.includes(VpdPage.LOGICAL_BLOCK_PROVISIONING);
+    let rc16: Capacity16 | undefined;
+    if (want16) {
+      try {
+        rc16 = parseReadCapacity16(await this.dataIn(readCapacity16(32), 32));
+      } catch (e) {
+        if (!isIllegalRequest(e) || rc10 === undefined || rc10.needs16) throw e;
+      }
+    }
+    const blockSize = rc16?.blockSize ?? rc10?.blockSize ?? 0;
+    const blockCount = rc16 !== undefined ? rc16.lastLba + 1n : BigInt((rc10?.lastLba ?? -1) + 1);
+    if (blockSize === 0) throw new DeviceError(`${this.device}: READ CAPACITY reports a block size of 0`);
+    const geometry: Geometry = { blockSize, blockCount };
+    if (rc16) geometry.capacity16 = rc16;
+    return geometry;
+  }
+
+  /** Reads a VPD page the unit listed; undefined when it then refuses it. */
+  async optionalVpd<T>(pages: readonly number[], page: number, parse: (d: Uint8Array) => T) {
+    if (!pages.includes(page)) return undefined;
+    try {
+      return await this.vpd(page, parse);
+    } catch (e) {
+      if (isIllegalRequest(e)) return undefined;
+      throw e;
+    }
+  }
+
+  async probe(): Promise<ScannedLun | undefined> {
+    const inq = await this.standardInquiry();
+    if (inq === undefined) return undefined;
+    let vpdPages: number[] = [];
+    try {
+      vpdPages = await this.vpd(VpdPage.SUPPORTED_PAGES, parseVpdSupportedPages);
+    } catch (e) {
+      // No VPD support at all (an SPC-2 style target).
+      if (!isIllegalRequest(e)) throw e;
+    }
+    const lun: ScannedLun = {
+      name: this.device,
+      target: this.target,
+      lun: this.lun,
+      inquiry: inq,
+      deviceType: inq.deviceType,
+      deviceTypeName: inq.deviceTypeName,
+      vendor: inq.vendor,
+      product: inq.product,
+      revision: inq.revision,
+      identifiers: [],
+      vpdPages,
+      ready: false,
+    };
+    const serial = await this.optionalVpd(vpdPages, VpdPage.UNIT_SERIAL_NUMBER, parseVpdSerial);
+    if (serial !== undefined) lun.serial = serial;
+    lun.identifiers = (await this.optionalVpd(vpdPages, VpdPage.DEVICE_IDENTIFICATION, parseVpdDeviceId)) ?? [];
+    if (inq.deviceType !== DEVICE_TYPE_DISK) return lun;
+
+    const limits = await this.optionalVpd(vpdPages, VpdPage.BLOCK_LIMITS, parseVpdBlockLimits);
+    if (limits) lun.blockLimits = limits;
+    const chars = await this.optionalVpd(vpdPages, VpdPage.BLOCK_DEVICE_CHARACTERISTICS, parseVpdBlockCharacteristics);
+    if (chars) lun.characteristics = chars;
+    const prov = await this.optionalVpd(vpdPages, VpdPage.LOGICAL_BLOCK_PROVISIONING, parseVpdLogicalBlockProvisioning);
+    if (prov) lun.provisioning = prov;
+
+    const notReady = await this.makeReady();
+    if (notReady !== undefined) {
+      lun.problem = `not ready: ${notReady}`;
+      return lun;
+    }
+    lun.ready = true;
+    try {
+      lun.geometry = await this.capacity(inq, vpdPages);
+    } catch (e) {
+      if (isFatal(e, this.opts.signal)) throw e;
+      lun.problem = e instanceof Error ? e.message : String(e);
+    }
+    return lun;
+  }
+}
+
+/** REPORT LUNS on LUN 0; undefined when the target is absent (virtio BAD_TARGET). */
+async function targetLuns(exec: CommandExecutor, target: number, opts: ScanOptions): Promise<number[] | undefined> {
+  const prober = new LunProber(exec, target, 0, opts);
+  let luns: number[];
+  try {
+    luns = await prober.grown((alloc) => reportLuns(alloc), REPORT_LUNS_FIRST_LENGTH, 0xffffffff, parseReportLuns);
+  } catch (e) {
+    if (e instanceof VirtioResponseError && e.response === VirtioResponse.BAD_TARGET) return undefined;
+    // A target without REPORT LUNS (or one whose answer makes no sense): probe LUN 0 alone.
+    if (e instanceof ScsiError || e instanceof ScsiDataError) return [0];
+    throw e;
+  }
+  const limit = Math.min(opts.maxLun, MAX_VIRTIO_LUN);
+  return [...new Set(luns)].filter((l) => l <= limit).sort((a, b) => a - b);
+}
+
+async function settleAll<T>(work: Promise<T>[]): Promise<T[]> {
+  // Waits for every probe before reporting, so no command of this scan is left running.
+  const results = await Promise.allSettled(work);
+  const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed) throw failed.reason;
+  return results.map((r) => (r as PromiseFulfilledResult<T>).value);
+}
+
+/** Scans every target of a controller; LUNs come back ordered by target, then LUN. */
+export async function scanTargets(exec: CommandExecutor, opts: ScanOptions): Promise<ScanResult> {
+  if (!Number.isInteger(opts.maxTarget) || opts.maxTarget < 0 || opts.maxTarget > 255) {
+    throw new RangeError(`maxTarget ${String(opts.maxTarget)} out of range 0..255`);
+  }
+  const targets = opts.targets ?? Array.from({ length: opts.maxTarget + 1 }, (_, i) => i);
+  const problems: ScanProblem[] = [];
+  const note = (target: number, lun: number | undefined, e: unknown): void => {
+    if (isFatal(e, opts.signal)) throw e;
+    const error = e instanceof Error ? e : new Error(String(e));
+    problems.push(lun === undefined ? { target, error } : { target, lun, error });
+  };
+
+  const perTarget = await settleAll(
+    targets.map(async (target): Promise<ScannedLun[]> => {
+      let luns: number[] | undefined;
+      try {
+        luns = await targetLuns(exec, target, opts);
+      } catch (e) {
+        note(target, undefined, e);
+        return [];
+      }
+      if (luns === undefined) return [];
+      const found = await settleAll(
+        luns.map(async (lun) => {
+          try {
+            return await new LunProber(exec, target, lun, opts).probe();
+          } catch (e) {
+            note(target, lun, e);
+            return undefined;
+          }
+        }),
+      );
+      return found.filter((l): l is ScannedLun => l !== undefined);
+    }),
+  );
+  opts.signal?.throwIfAborted();
+  return { luns: perTarget.flat(), problems };
+}
+
+/** Re-reads the geometry of one disk (after CAPACITY DATA HAS CHANGED). */
+export async function readGeometry(
+  exec: CommandExecutor,
+  target: number,
+  lun: number,
+  opts: ScanOptions & { inquiry: StandardInquiry; vpdPages: readonly number[] },
+): Promise<Geometry> {
+  return new LunProber(exec, target, lun, opts).capacity(opts.inquiry, opts.vpdPages);
+}
