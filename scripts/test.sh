@@ -11,8 +11,10 @@ step "system set-up"
 bash scripts/setup-system.sh
 
 step "npm packages"
+# npm install (not npm ci): npm 11 leaves other platforms' optional packages out of the lock
+# file and then refuses it in npm ci.
 if [ ! -d node_modules ] || [ package.json -nt node_modules/.package-lock.json ]; then
-  if [ -f package-lock.json ]; then npm ci --no-audit --no-fund; else npm install --no-audit --no-fund; fi
+  npm install --no-audit --no-fund
 fi
 
 step "rustfmt"

@@ -1,0 +1,23 @@
+// PCI functions for PCI mode: find virtio-scsi functions, hand them to vfio-pci and back.
+// Opening one is `Controller.openPci(address)`.
+
+import { loadNative } from './native.js';
+import type * as NativeModule from '../native/index.cjs';
+
+/** A virtio-scsi PCI function as sysfs describes it. */
+export type PciDeviceInfo = NativeModule.PciDeviceInfo;
+
+/** Every virtio-scsi function (1af4:1004 transitional, 1af4:1048 modern) with its driver and IOMMU group. */
+export function listPciDevices(): PciDeviceInfo[] {
+  return loadNative().listPciDevices();
+}
+
+/** Unbinds `address` ("0000:00:04.0") from its kernel driver and binds it to vfio-pci (root only). */
+export function bindVfioPci(address: string): PciDeviceInfo {
+  return loadNative().bindVfioPci(address);
+}
+
+/** Gives `address` back from vfio-pci to its kernel driver; refused while a controller has it open. */
+export function unbindVfioPci(address: string): PciDeviceInfo {
+  return loadNative().unbindVfioPci(address);
+}
