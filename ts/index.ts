@@ -35,6 +35,17 @@ export {
   type InitiatorErrorCode,
 } from './errors.js';
 export { NativeLoadError } from './native.js';
+export { bindVfioPci, listPciDevices, unbindVfioPci, type PciDeviceInfo } from './pci.js';
+export {
+  ControlClient,
+  ControlError,
+  defaultTargetBinary,
+  startTarget,
+  TargetProcess,
+  type Fault,
+  type LunInfo,
+  type TargetOptions,
+} from './bundled-target.js';
 export {
   RequestQueue,
   type CommandExecutor,
