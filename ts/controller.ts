@@ -5,7 +5,7 @@ import { stat } from 'node:fs/promises';
 
 import { BlockDevice, type DeviceContext } from './block-device.js';
 import { DEFAULT_RETRY_POLICY, type RetryPolicy } from './command.js';
-import { ClosedError, ConnectError } from './errors.js';
+import { ClosedError, ConnectError, InitiatorError } from './errors.js';
 import { loadNative, type NativeController, type NativeControllerOptions } from './native.js';
 import { RequestQueue, type RequestQueueStats } from './queue.js';
 import { lunName, type ScannedLun, scanTargets, type ScanResult } from './scan.js';
@@ -323,7 +323,8 @@ export class Controller implements AsyncDisposable {
     try {
       return this.handle.taskManagement(target, lun, fn, tag ?? null);
     } catch (e) {
-      throw new Error(
+      throw new InitiatorError(
+        'ERR_VIRTIO_TASK_MANAGEMENT',
         `${this.name}: task management function ${fn} for ${lunName(this.name, target, lun)} failed: ${errorText(e)}`,
         { cause: e },
       );
