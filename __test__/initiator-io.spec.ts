@@ -1,7 +1,7 @@
 // Data through the initiator to the bundled target and back: both block sizes, the first and
 // last LBA, split transfers, DMA and plain buffers, more requests than the ring holds, a file
 // LUN checked on disk, unmap / write zeroes / flush / reset, and raw passthrough.
-import test from 'ava';
+import test, { type ImplementationFn } from 'ava';
 import { closeSync, mkdtempSync, openSync, readSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -51,7 +51,7 @@ function dev(name: string): BlockDevice {
   return ctx.ctrl.device(name);
 }
 
-const io = (title: string, impl: Parameters<typeof test>[1]) => testWhen(test, title, initiatorRequirements, impl);
+const io = (title: string, impl: ImplementationFn<[]>) => testWhen(test, title, initiatorRequirements, impl);
 
 io('patterns at the first and last LBA, 512 and 4096 byte blocks', async (t) => {
   for (const name of ['VirtioScsi0t0', 'VirtioScsi0t0l1']) {
@@ -178,7 +178,7 @@ io('unmap and writeZeroes read back zeros, neighbours keep their data', async (t
     t.true(same(0, 2) && zero(2, 12) && same(12, 20) && zero(20, 25) && same(25, 40), `${name} unmap`);
     t.true(zero(40, 56) && same(56, 64), `${name} writeZeroes`);
 
-    // The whole device, in more than one WRITE SAME where the limit asks for it.
+    // The whole device, up to its last block.
     await d.write(d.blockCount - 4n, pattern(4 * bs, 11));
     await d.writeZeroes(0, d.blockCount);
     t.true((await d.read(d.blockCount - 4n, 4)).every((b) => b === 0), `${name} zeroed to the end`);

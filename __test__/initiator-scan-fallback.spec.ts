@@ -153,3 +153,56 @@ test('passthrough returns raw data and throws ScsiError on CHECK CONDITION', asy
   t.is(e?.asc, 0x20);
   t.regex(e?.message ?? '', /^opcode 0xc0 on Fake0t0: SCSI CHECK CONDITION: ILLEGAL REQUEST, INVALID COMMAND OPERATION CODE/);
 });
+
+test('UNMAP and WRITE SAME are split by the block limits the device reports', async (t) => {
+  const fake = new FakeScsiTarget({
+    0: {
+      luns: {
+        0: {
+          vpd: true,
+          unmap: true,
+          writeSame: true,
+          rc16: true,
+          blocks: 1000n,
+          maxUnmapBlocks: 100,
+          maxUnmapDescriptors: 2,
+          maxWriteSame: 64,
+        },
+      },
+    },
+  });
+  const { luns } = await scanTargets(fake, opts);
+  const dev = device(fake, luns[0]!);
+  t.like(dev.info, { unmap: true, writeSameUnmap: true, unmappedReadsZero: true });
+  t.like(dev.info.limits, { maxUnmapBlocks: 100, maxUnmapDescriptors: 2, maxWriteSameBlocks: 64 });
+
+  await dev.write(0, Buffer.alloc(300 * 512, 0x11));
+  await dev.unmap([
+    { lba: 0, blocks: 250 },
+    { lba: 260, blocks: 10 },
+  ]);
+  const unmaps = fake.ops(0x42).map((c) => Buffer.from(c.cdb).readUInt16BE(7));
+  // Pieces 0+100, 100+100, 200+50, 260+10: two commands of two descriptors each.
+  t.deepEqual(unmaps, [8 + 32, 8 + 32]);
+  const back = await dev.read(0, 300);
+  t.true(back.subarray(0, 250 * 512).every((b) => b === 0));
+  t.true(back.subarray(250 * 512, 260 * 512).every((b) => b === 0x11));
+  t.true(back.subarray(260 * 512, 270 * 512).every((b) => b === 0));
+  t.true(back.subarray(270 * 512).every((b) => b === 0x11));
+
+  await dev.write(500, Buffer.alloc(200 * 512, 0x22));
+  await dev.writeZeroes(510, 150);
+  const ws = fake.ops(0x93).map((c) => {
+    const b = Buffer.from(c.cdb);
+    return [Number(b.readBigUInt64BE(2)), b.readUInt32BE(10), (b[1]! & 0x08) !== 0];
+  });
+  t.deepEqual(ws, [
+    [510, 64, true],
+    [574, 64, true],
+    [638, 22, true],
+  ]);
+  const z = await dev.read(500, 200);
+  t.true(z.subarray(0, 10 * 512).every((b) => b === 0x22));
+  t.true(z.subarray(10 * 512, 160 * 512).every((b) => b === 0));
+  t.true(z.subarray(160 * 512).every((b) => b === 0x22));
+});

@@ -29,6 +29,9 @@ cargo test --workspace
 step "release build (target, addon, TypeScript)"
 bash scripts/build.sh
 
+step "TypeScript type check of tests, benchmarks and examples"
+npx tsc -p tsconfig.test.json
+
 step "interop target (rust-vmm vhost-device-scsi)"
 bash scripts/setup-interop.sh
 

@@ -470,8 +470,9 @@ export class BlockDevice {
       if (kind === 'read') {
         const r = await this.run({ cdb: readCdb(args), dataIn: part }, opts);
         if (r.residual !== 0) {
+          const got = part.length - Math.min(r.residual, part.length);
           throw new DeviceError(
-            `${this.name}: READ lba ${args.lba} blocks ${blocks} returned ${part.length - r.residual} of ${part.length} bytes`,
+            `${this.name}: READ lba ${args.lba} blocks ${blocks} returned ${got} of ${part.length} bytes`,
           );
         }
       } else {
@@ -531,7 +532,8 @@ export class BlockDevice {
     // caller's cap and the 32-bit READ(16)/WRITE(16) length field.
     const transportBlocks = this.ctx.maxSectors > 0 ? Math.floor((this.ctx.maxSectors * 512) / bs) : 0;
     const callerBlocks = this.ctx.maxTransferBytes > 0 ? Math.floor(this.ctx.maxTransferBytes / bs) : 0;
-    const maxTransferBlocks = Math.max(1, Math.min(minPositive(bl?.maxTransferLength ?? 0, transportBlocks, callerBlocks), U32));
+    const limit = minPositive(bl?.maxTransferLength ?? 0, transportBlocks, callerBlocks);
+    const maxTransferBlocks = Math.max(1, Math.min(limit, U32));
 
     const unmap = prov?.lbpu ?? false;
     const maxUnmapBlocks = Math.min(minPositive(bl?.maxUnmapLbaCount ?? 0), U32);

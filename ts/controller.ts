@@ -318,7 +318,9 @@ export class Controller implements AsyncDisposable {
       ['lun', lun, 0x3fff],
       ['fn', fn, 0xffffffff],
     ] as const) {
-      if (!Number.isInteger(v) || v < 0 || v > max) throw new RangeError(`${field} ${String(v)} out of range 0..${max}`);
+      if (!Number.isInteger(v) || v < 0 || v > max) {
+        throw new RangeError(`${field} ${String(v)} out of range 0..${max}`);
+      }
     }
     try {
       return this.handle.taskManagement(target, lun, fn, tag ?? null);

@@ -22,6 +22,12 @@ export interface FakeLun {
   serial?: string;
   /** Most blocks per READ/WRITE (VPD 0xB0). */
   maxTransfer?: number;
+  /** Thin provisioning: VPD 0xB2 with UNMAP and WRITE SAME (16) UNMAP, LBPRZ. */
+  unmap?: boolean;
+  /** VPD 0xB0 limits for UNMAP and WRITE SAME. */
+  maxUnmapBlocks?: number;
+  maxUnmapDescriptors?: number;
+  maxWriteSame?: number;
 }
 
 export interface FakeTarget {
@@ -156,6 +162,26 @@ export class FakeScsiTarget implements CommandExecutor {
         return this.rw(cmd, unit);
       case 0x93: {
         if (!spec.writeSame) return illegal();
+        const dv = new DataView(cdb.buffer, cdb.byteOffset, cdb.byteLength);
+        const lba = dv.getBigUint64(2);
+        const blocks = dv.getUint32(10);
+        if (spec.maxWriteSame && blocks > spec.maxWriteSame) return illegal(0x24);
+        const block = cmd.dataOut!.subarray(0, unit.blockSize);
+        for (let i = 0n; i < BigInt(blocks); i++) unit.image.set(lba + i, Uint8Array.from(block));
+        return GOOD;
+      }
+      case 0x42: {
+        if (!spec.unmap) return illegal();
+        const list = cmd.dataOut!;
+        const dv = new DataView(list.buffer, list.byteOffset, list.byteLength);
+        const count = (list.length - 8) / 16;
+        if (spec.maxUnmapDescriptors && count > spec.maxUnmapDescriptors) return illegal(0x26);
+        for (let i = 0; i < count; i++) {
+          const lba = dv.getBigUint64(8 + 16 * i);
+          const blocks = dv.getUint32(16 + 16 * i);
+          if (spec.maxUnmapBlocks && blocks > spec.maxUnmapBlocks) return illegal(0x26);
+          for (let b = 0n; b < BigInt(blocks); b++) unit.image.delete(lba + b);
+        }
         return GOOD;
       }
       default:
@@ -177,13 +203,19 @@ export class FakeScsiTarget implements CommandExecutor {
     }
     if (!unit || !unit.spec.vpd) return illegal(0x24);
     const page = cdb[2]!;
-    const pages = [0x00, 0x80, 0xb0];
+    const pages = unit.spec.unmap ? [0x00, 0x80, 0xb0, 0xb2] : [0x00, 0x80, 0xb0];
     let body: Uint8Array;
     if (page === 0x00) body = Uint8Array.from(pages);
     else if (page === 0x80) body = Buffer.from(unit.spec.serial ?? 'SERIAL', 'latin1');
     else if (page === 0xb0) {
+      // Offsets are page offsets minus the 4-byte header.
       body = new Uint8Array(0x3c);
       body.set(be(4, unit.spec.maxTransfer ?? 0), 4);
+      body.set(be(4, unit.spec.maxUnmapBlocks ?? 0), 16);
+      body.set(be(4, unit.spec.maxUnmapDescriptors ?? 0), 20);
+      body.set(be(8, unit.spec.maxWriteSame ?? 0), 32);
+    } else if (page === 0xb2 && unit.spec.unmap) {
+      body = Uint8Array.from([0, 0x80 | 0x40 | 0x04, 2, 0]);
     } else return illegal(0x24);
     return send(cmd, new Uint8Array([unit.spec.type ?? 0, page, ...be(2, body.length), ...body]));
   }

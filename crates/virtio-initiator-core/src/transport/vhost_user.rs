@@ -127,6 +127,13 @@ fn probe(stream: &UnixStream, path: &str) -> Result<()> {
         let mut pfd = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one pollfd on the stack.
         let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue; // a signal (SIGCHLD, say): wait again for what is left of the deadline
+            }
+            return Err(not_vhost(format!("waiting for the GET_FEATURES reply: {e}")));
+        }
         if n == 0 {
             return Err(not_vhost(format!("no answer to GET_FEATURES within {PROBE_TIMEOUT:?}")));
         }
