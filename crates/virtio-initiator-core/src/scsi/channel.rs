@@ -145,6 +145,9 @@ impl RequestChannel {
 
     /// Puts one request on the ring; false when there is no room for it now.
     fn add(&mut self, index: usize, rec: &SubmitRecord, data: Option<HostBuffer>) -> Result<bool, ScsiError> {
+        // Whether completions will come that can free bounce memory (before this request's slot
+        // is taken, which would count it).
+        let others_in_flight = self.in_flight() > 0;
         let Some(slot) = self.free.pop() else { return Ok(false) };
         let base = slot as usize * SLOT_BYTES;
         let mut cdb = [0u8; virtio_scsi_proto::CDB_SIZE];
@@ -173,7 +176,7 @@ impl RequestChannel {
                         Ok(buf) => buf,
                         // Bounce memory frees up as requests complete: wait, unless nothing is
                         // in flight and so nothing will free up.
-                        Err(_) if self.in_flight() > 0 => {
+                        Err(_) if others_in_flight => {
                             self.free.push(slot);
                             return Ok(false);
                         }
