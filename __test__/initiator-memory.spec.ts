@@ -52,7 +52,8 @@ testWhen(test.serial, 'an exhausted pool is a clear error, not a hang', initiato
   t.timeout(20_000);
   const s = await startTestTarget({ luns: ['0:0:ram:64M:4096'] });
   t.teardown(() => s.cleanup());
-  const ctrl = await connectAndScan(s, { memoryBytes: 8 << 20, hugepages: 'never' });
+  // No room to grow: the limit is the pool's own size.
+  const ctrl = await connectAndScan(s, { memoryBytes: 8 << 20, maxMemoryBytes: 8 << 20, hugepages: 'never' });
   t.teardown(() => ctrl.close());
   const disk = ctrl.device('VirtioScsi0t0');
   const held: Buffer[] = [];
@@ -69,4 +70,33 @@ testWhen(test.serial, 'an exhausted pool is a clear error, not a hang', initiato
   held[1]!.fill(0);
   await disk.read(0, held[1]!);
   t.true(held[1]!.equals(pattern(CHUNK, 7)));
+});
+
+testWhen(test.serial, 'DMA memory grows when it runs dry, and the target uses the new regions', initiatorRequirements, async (t) => {
+  const s = await startTestTarget({ luns: ['0:0:ram:64M:4096'] });
+  t.teardown(() => s.cleanup());
+  const ctrl = await connectAndScan(s, { memoryBytes: 8 << 20, maxMemoryBytes: 40 << 20, hugepages: 'never' });
+  t.teardown(() => ctrl.close());
+  t.is(ctrl.info.maxMemoryBytes, 40 << 20);
+  const start = ctrl.info.memoryBytes;
+  const disk = ctrl.device('VirtioScsi0t0');
+  const blocks = CHUNK / disk.blockSize;
+  // Three times what the pool started with: most of these buffers live in regions added later,
+  // which the target must have mapped for the data to arrive.
+  const bufs = Array.from({ length: 24 }, (_, i) => {
+    const b = disk.allocBuffer(CHUNK);
+    pattern(CHUNK, 100 + i).copy(b);
+    return b;
+  });
+  t.true(ctrl.info.memoryBytes > start, `memory grew from ${start} to ${ctrl.info.memoryBytes} bytes`);
+  await Promise.all(bufs.map((b, i) => disk.write(i * blocks, b)));
+  bufs.forEach((b) => b.fill(0));
+  await Promise.all(bufs.map((b, i) => disk.read(i * blocks, b)));
+  bufs.forEach((b, i) => t.true(b.equals(pattern(CHUNK, 100 + i)), `chunk ${i}`));
+  // Past the limit: a clear error that names the knob.
+  const e = t.throws(() => {
+    for (;;) bufs.push(disk.allocBuffer(CHUNK));
+  });
+  t.regex(e!.message, /maxMemoryBytes/);
+  t.true(ctrl.info.memoryBytes <= 40 << 20);
 });

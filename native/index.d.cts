@@ -74,7 +74,9 @@ export interface ControllerInfo {
   hotplug: boolean
   change: boolean
   hugepages: boolean
+  /** DMA memory now; it grows up to `maxMemoryBytes` when allocations run dry. */
   memoryBytes: number
+  maxMemoryBytes: number
 }
 
 export interface ControllerOptions {
@@ -84,6 +86,8 @@ export interface ControllerOptions {
   queueSize?: number
   /** DMA pool size in bytes (default 64 MiB). */
   memoryBytes?: number
+  /** How far the DMA memory may grow when it runs dry (default 4 x memoryBytes). */
+  maxMemoryBytes?: number
   /** "auto" (default), "require" or "never". */
   hugepages?: string
 }

@@ -25,6 +25,11 @@ export interface ControllerOptions {
   queueSize?: number;
   /** Size of the DMA memory pool (default 64 MiB). */
   memoryBytes?: number;
+  /**
+   * How far DMA memory may grow when allocations run dry (default four times memoryBytes); the
+   * device is told of each new region (vhost-user ADD_MEM_REG, VFIO MAP_DMA).
+   */
+  maxMemoryBytes?: number;
   /** Back the pool with hugepages: 'auto' (default), 'require' or 'never'. */
   hugepages?: 'auto' | 'require' | 'never';
   /**
@@ -52,7 +57,9 @@ export interface ControllerInfo {
   hotplug: boolean;
   change: boolean;
   hugepages: boolean;
+  /** DMA memory now; it grows up to maxMemoryBytes. */
   memoryBytes: number;
+  maxMemoryBytes: number;
 }
 
 export const ControllerEventType = {
@@ -105,6 +112,7 @@ function nativeOptions(o: ControllerOptions): NativeControllerOptions {
   checkCount(o.requestQueues, 'requestQueues');
   checkCount(o.queueSize, 'queueSize');
   checkCount(o.memoryBytes, 'memoryBytes');
+  checkCount(o.maxMemoryBytes, 'maxMemoryBytes');
   if (o.hugepages !== undefined && !['auto', 'require', 'never'].includes(o.hugepages)) {
     throw new RangeError(`hugepages must be 'auto', 'require' or 'never', got ${String(o.hugepages)}`);
   }
@@ -112,6 +120,7 @@ function nativeOptions(o: ControllerOptions): NativeControllerOptions {
   if (o.requestQueues !== undefined) out.requestQueues = o.requestQueues;
   if (o.queueSize !== undefined) out.queueSize = o.queueSize;
   if (o.memoryBytes !== undefined) out.memoryBytes = o.memoryBytes;
+  if (o.maxMemoryBytes !== undefined) out.maxMemoryBytes = o.maxMemoryBytes;
   if (o.hugepages !== undefined) out.hugepages = o.hugepages;
   return out;
 }

@@ -37,6 +37,8 @@ pub struct ControllerOptions {
     pub queue_size: Option<u32>,
     /// DMA pool size in bytes (default 64 MiB).
     pub memory_bytes: Option<f64>,
+    /// How far the DMA memory may grow when it runs dry (default 4 x memoryBytes).
+    pub max_memory_bytes: Option<f64>,
     /// "auto" (default), "require" or "never".
     pub hugepages: Option<String>,
 }
@@ -56,7 +58,9 @@ pub struct ControllerInfo {
     pub hotplug: bool,
     pub change: bool,
     pub hugepages: bool,
+    /// DMA memory now; it grows up to `maxMemoryBytes` when allocations run dry.
     pub memory_bytes: f64,
+    pub max_memory_bytes: f64,
 }
 
 #[napi(object)]
@@ -82,6 +86,12 @@ fn core_options(o: Option<ControllerOptions>) -> Result<scsi::ControllerOptions>
             return Err(err(format!("memoryBytes {b} is not a positive number")));
         }
         opts.memory_bytes = b as u64;
+    }
+    if let Some(b) = o.max_memory_bytes {
+        if !(b.is_finite() && b >= opts.memory_bytes as f64) {
+            return Err(err(format!("maxMemoryBytes {b} is below memoryBytes {}", opts.memory_bytes)));
+        }
+        opts.max_memory_bytes = Some(b as u64);
     }
     if let Some(h) = o.hugepages {
         opts.hugepages = match h.as_str() {
@@ -138,7 +148,8 @@ impl Controller {
             hotplug: i.hotplug,
             change: i.change,
             hugepages: i.hugepages,
-            memory_bytes: i.memory_bytes as f64,
+            memory_bytes: self.inner.memory_bytes().0 as f64,
+            max_memory_bytes: self.inner.memory_bytes().1 as f64,
         }
     }
 
@@ -154,7 +165,7 @@ impl Controller {
         if size == 0 {
             return Err(err("DMA buffer size must be at least 1 byte"));
         }
-        let mut buf = self.inner.pool().alloc_shared(size as usize).map_err(err)?;
+        let mut buf = self.inner.alloc_dma(size as usize, 4096).map_err(err)?;
         let ptr = buf.as_mut_slice().as_mut_ptr();
         // SAFETY: `buf` owns `size` bytes of the pool's shared mapping and keeps the mapping
         // alive; it moves into the finalizer, so the memory stays valid until the Buffer is

@@ -44,6 +44,8 @@ pub struct RequestChannel {
     headers_arena: ManuallyDrop<Arena>,
     slots: Vec<Option<Slot>>,
     free: Vec<u16>,
+    /// DMA memory as of a generation (see `dma_address`).
+    spans: (u64, Vec<super::Span>),
     last_progress: Instant,
 }
 
@@ -65,6 +67,7 @@ impl RequestChannel {
             headers_arena: ManuallyDrop::new(arena),
             slots: (0..size).map(|_| None).collect(),
             free: (0..size as u16).rev().collect(),
+            spans: controller.memory_spans(),
             last_progress: Instant::now(),
         })
     }
@@ -172,7 +175,7 @@ impl RequestChannel {
             Some(b) => Some(match self.dma_address(b) {
                 Some(iova) => Segment::new(iova, b.len as u32),
                 None => {
-                    let mut buf = match self.controller.pool().alloc_shared_aligned(b.len, 64) {
+                    let mut buf = match self.controller.alloc_dma(b.len, 64) {
                         Ok(buf) => buf,
                         // Bounce memory frees up as requests complete: wait, unless nothing is
                         // in flight and so nothing will free up.
@@ -227,13 +230,13 @@ impl RequestChannel {
         }
     }
 
-    /// IOVA of caller memory that lies inside the DMA pool, so it needs no bounce buffer.
-    fn dma_address(&self, b: HostBuffer) -> Option<u64> {
-        let p = b.ptr as u64;
-        self.controller.pool().regions().iter().find_map(|r| {
-            let end = r.host_addr + r.size;
-            (p >= r.host_addr && p.checked_add(b.len as u64)? <= end).then(|| r.iova + (p - r.host_addr))
-        })
+    /// IOVA of caller memory that lies inside DMA memory, so it needs no bounce buffer. The
+    /// spans are refreshed only when the memory has grown since the last look.
+    fn dma_address(&mut self, b: HostBuffer) -> Option<u64> {
+        if self.controller.memory_generation() != self.spans.0 {
+            self.spans = self.controller.memory_spans();
+        }
+        self.spans.1.iter().find_map(|s| s.iova_of(b.ptr as u64, b.len as u64))
     }
 
     /// Writes up to `max` completion records into `out` and returns how many. When the device

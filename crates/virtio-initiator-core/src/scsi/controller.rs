@@ -10,6 +10,7 @@ use virtio_scsi_proto::{
     event, feature, response, Config, Event, LunAddress, TmfRequest, CDB_SIZE, SENSE_SIZE,
 };
 
+use super::dma::{DmaMemory, Span};
 use super::ScsiError;
 use crate::memory::{DmaBuf, DmaPool, HugePages, PoolConfig};
 use crate::queue::{QueueFeatures, Segment, SplitQueue};
@@ -32,6 +33,9 @@ pub struct ControllerOptions {
     pub request_queues: Option<u16>,
     pub queue_size: u16,
     pub memory_bytes: u64,
+    /// How far the DMA memory may grow when allocations run dry; default four times
+    /// `memory_bytes`. Equal to `memory_bytes`, it never grows.
+    pub max_memory_bytes: Option<u64>,
     pub hugepages: HugePages,
 }
 
@@ -41,6 +45,7 @@ impl Default for ControllerOptions {
             request_queues: None,
             queue_size: 256,
             memory_bytes: 64 << 20,
+            max_memory_bytes: None,
             hugepages: HugePages::Auto,
         }
     }
@@ -93,7 +98,7 @@ struct EventQueue {
 pub struct ScsiController {
     /// `None` once closed: dropping the transport ends the connection (or releases the device).
     transport: Mutex<Option<Box<dyn Transport>>>,
-    pool: Arc<DmaPool>,
+    memory: DmaMemory,
     info: ControllerInfo,
     control: Mutex<ControlQueue>,
     events: Mutex<EventQueue>,
@@ -236,6 +241,8 @@ impl ScsiController {
             eventq.handle.notifier.notify().map_err(crate::transport::TransportError::from)?;
         }
 
+        let memory_limit =
+            opts.max_memory_bytes.unwrap_or(opts.memory_bytes.saturating_mul(4)).max(pool.total_size());
         let info = ControllerInfo {
             transport: transport.describe(),
             config,
@@ -251,7 +258,7 @@ impl ScsiController {
         debug!("controller up: {info:?}");
         Ok(Arc::new(ScsiController {
             transport: Mutex::new(Some(transport)),
-            pool,
+            memory: DmaMemory::new(pool, memory_limit, opts.hugepages),
             info,
             control: Mutex::new(ControlQueue {
                 queue: control.queue,
@@ -275,8 +282,31 @@ impl ScsiController {
         &self.info
     }
 
-    pub fn pool(&self) -> &Arc<DmaPool> {
-        &self.pool
+    /// The pool the controller started with (rings, headers and channel arenas live there).
+    pub fn pool(&self) -> Arc<DmaPool> {
+        self.memory.first()
+    }
+
+    /// A DMA buffer for long-lived use (JavaScript buffers, bounce buffers): from any pool with
+    /// room, growing the memory by one pool when all are full and the limit allows.
+    pub fn alloc_dma(&self, len: usize, align: usize) -> Result<DmaBuf, ScsiError> {
+        self.memory.alloc_or_grow(len, align, &self.transport)
+    }
+
+    /// Changes whenever the memory grows; see [`Self::memory_spans`].
+    #[inline]
+    pub fn memory_generation(&self) -> u64 {
+        self.memory.generation()
+    }
+
+    /// All DMA memory, for telling whether caller memory can go to the device as it is.
+    pub fn memory_spans(&self) -> (u64, Vec<Span>) {
+        self.memory.spans()
+    }
+
+    /// DMA memory now, and how far it may grow.
+    pub fn memory_bytes(&self) -> (u64, u64) {
+        (self.memory.total_bytes(), self.memory.limit())
     }
 
     /// Marks the controller failed; every later operation reports `reason`.
@@ -345,7 +375,7 @@ impl ScsiController {
         self.check_usable()?;
         let mut cq = self.control.lock().unwrap();
         let buf_len = TmfRequest::SIZE + TmfRequest::RESPONSE_SIZE;
-        let mut buf = self.pool.alloc_shared(buf_len)?;
+        let mut buf = self.alloc_dma(buf_len, 64)?;
         buf.write_at(0, &TmfRequest { subtype, lun: addr.encode(), tag }.encode())?;
         buf.write_at(TmfRequest::SIZE, &[0xff])?;
         let token = cq.next_token;

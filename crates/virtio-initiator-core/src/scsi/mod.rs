@@ -6,10 +6,12 @@
 
 mod channel;
 mod controller;
+mod dma;
 mod records;
 
 pub use channel::{HostBuffer, RequestChannel};
 pub use controller::{ControllerInfo, ControllerOptions, ScsiController, ScsiEvent};
+pub use dma::Span;
 pub use records::{CompletionRecord, SubmitRecord, COMPLETION_RECORD_SIZE, SUBMIT_RECORD_SIZE};
 
 /// Why a controller or channel operation failed.
@@ -25,6 +27,11 @@ pub enum ScsiError {
     Config(String),
     #[error("all {0} request queues are in use")]
     NoFreeQueue(u16),
+    #[error(
+        "DMA memory exhausted: {requested} bytes wanted, {have} bytes in use of a limit of {limit} \
+         (raise maxMemoryBytes): {cause}"
+    )]
+    MemoryLimit { requested: u64, have: u64, limit: u64, cause: crate::memory::MemoryError },
     #[error("controller failed: {0}")]
     Failed(String),
     #[error("controller is closed")]

@@ -854,7 +854,8 @@ fn controller_opens_over_the_transport_with_the_devices_queue_limit() {
     assert_eq!(info.request_queues, 2);
     assert_eq!(info.transport, "pci 0000:00:02.0 (DMA through the IOMMU)");
     // Only low IOVAs exist here: the pool went to 2 MiB, and every ring lies inside it.
-    let region = &c.pool().regions()[0];
+    let pool = c.pool();
+    let region = &pool.regions()[0];
     assert_eq!(region.iova, 2 * MIB);
     {
         let s = dev.s();
