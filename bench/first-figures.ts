@@ -37,6 +37,7 @@ import {
   type NativeController,
   SubmitRecord,
 } from '../ts/native.js';
+import { Latencies, type LatencySummary, RandomOffsets, randomReads } from '../ts/bench.js';
 
 const IO_BYTES = 4096;
 const READ_10 = 0x28;
@@ -44,7 +45,6 @@ const WRITE_10 = 0x2a;
 /** Ring entries per queue: room for the deepest queue depth with slack. */
 const QUEUE_SIZE = 256;
 /** Latency samples kept per case (Float64Array, 8 bytes each). */
-const MAX_SAMPLES = 1 << 22;
 
 interface LunDef {
   kind: 'null' | 'ram';
@@ -122,32 +122,6 @@ function parseArgs(argv: string[]): Options {
 const log = (msg: string) => process.stderr.write(`first-figures: ${msg}\n`);
 
 // ---- measurements ------------------------------------------------------------------------
-
-class Latencies {
-  private readonly samples = new Float64Array(MAX_SAMPLES);
-  private n = 0;
-  count = 0;
-  sum = 0;
-
-  add(us: number): void {
-    this.count++;
-    this.sum += us;
-    if (this.n < MAX_SAMPLES) this.samples[this.n++] = us;
-  }
-
-  summary(): { mean: number; p50: number; p99: number; max: number; samples: number } {
-    const s = this.samples.subarray(0, this.n).sort();
-    const pick = (q: number) => (s.length === 0 ? 0 : s[Math.min(s.length - 1, Math.floor(q * s.length))]!);
-    const round = (x: number) => Math.round(x * 10) / 10;
-    return {
-      mean: round(this.count === 0 ? 0 : this.sum / this.count),
-      p50: round(pick(0.5)),
-      p99: round(pick(0.99)),
-      max: round(s.length === 0 ? 0 : s[s.length - 1]!),
-      samples: this.n,
-    };
-  }
-}
 
 let clockTicks = 100;
 try {
@@ -236,33 +210,11 @@ function statsDelta(before: QueueStats[], after: QueueStats[]): QueueStats[] {
 // ---- workload ----------------------------------------------------------------------------
 
 /** xorshift32: cheap, deterministic offsets. */
-class Offsets {
-  private x: number;
-  private readonly slots: number;
-  private readonly blocksPerIo: number;
-
-  constructor(lun: LunDef, seed: number) {
-    this.x = seed >>> 0 || 1;
-    this.slots = Math.floor(lun.bytes / IO_BYTES);
-    this.blocksPerIo = IO_BYTES / lun.blockSize;
-  }
-
-  /** A 4 KiB-aligned LBA. */
-  next(): number {
-    let x = this.x;
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    this.x = x >>> 0;
-    return (this.x % this.slots) * this.blocksPerIo;
-  }
-}
-
 interface RunResult {
   ios: number;
   errors: number;
   seconds: number;
-  latency: ReturnType<Latencies['summary']>;
+  latency: LatencySummary;
 }
 
 /** Writes one packed READ(10)/WRITE(10) record at record position `k`. */
@@ -327,7 +279,7 @@ function runBatch(
   const batch = Buffer.alloc(depth * SubmitRecord.SIZE);
   const out = Buffer.alloc(depth * CompletionRecord.SIZE);
   const started = new Float64Array(depth);
-  const offsets = new Offsets(lun, seed);
+  const offsets = new RandomOffsets(lun.bytes, lun.blockSize, IO_BYTES, seed);
   const lat = new Latencies();
   const blocks = IO_BYTES / lun.blockSize;
   let errors = 0;
@@ -433,34 +385,9 @@ async function runPromise(
   seed: number,
 ): Promise<RunResult> {
   const dev = controller.device(controller.lunName(lun.target, lun.lun));
-  const lat = new Latencies();
-  let errors = 0;
-  let firstError: unknown;
-  const t0 = performance.now();
-  const end = t0 + seconds * 1000;
-  let last = t0;
-  await Promise.all(
-    Array.from({ length: depth }, async (_, w) => {
-      const buf = controller.allocBuffer(IO_BYTES);
-      const offsets = new Offsets(lun, seed + w * 7919);
-      for (;;) {
-        const start = performance.now();
-        if (start >= end) return;
-        try {
-          await dev.read(offsets.next(), buf);
-        } catch (e) {
-          errors++;
-          firstError ??= e;
-          if (errors > 100) throw e;
-        }
-        const now = performance.now();
-        last = now;
-        lat.add((now - start) * 1000);
-      }
-    }),
-  );
-  if (firstError !== undefined) log(`promise path: ${errors} errors, the first: ${String(firstError)}`);
-  return { ios: lat.count, errors, seconds: (last - t0) / 1000, latency: lat.summary() };
+  const r = await randomReads(dev, { depth, seconds, ioBytes: IO_BYTES, seed });
+  if (r.errors > 0) log(`promise path: ${r.errors} errors`);
+  return { ios: r.ios, errors: r.errors, seconds: r.seconds, latency: r.latencyUs };
 }
 
 // ---- driver ------------------------------------------------------------------------------

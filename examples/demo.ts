@@ -1,12 +1,12 @@
 // The main job on the embedded default: start the bundled target, scan it, verify data on every
 // disk, and benchmark 4 KiB random reads. Run with `npm run demo` (which builds everything first)
 // or `node --import tsx examples/demo.ts`.
-import { randomBytes, randomInt } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { mkdtemp, open, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { performance } from 'node:perf_hooks';
 
+import { randomReads } from '../ts/bench.js';
 import { startTarget } from '../ts/bundled-target.js';
 import { Controller, type BlockDevice } from '../ts/index.js';
 
@@ -54,45 +54,15 @@ async function verify(disk: BlockDevice): Promise<string> {
   return `${places.length} x ${span} blocks written and read back, ${zeros}, flushed`;
 }
 
-/** 4 KiB random reads at a queue depth for a while, with a progress line. */
+/** 4 KiB random reads at a queue depth for a while, with a progress line on a terminal. */
 async function bench(disk: BlockDevice, depth: number, seconds: number) {
-  const io = 4096;
-  const blocks = io / disk.blockSize;
-  const last = Number(disk.blockCount) - blocks;
-  const lat: number[] = [];
-  const end = performance.now() + seconds * 1000;
-  let done = 0;
-  // Progress on a terminal only: a log gets the result line alone.
-  const progress = setInterval(() => {
-    if (!process.stdout.isTTY) return;
-    const left = Math.max(0, (end - performance.now()) / 1000);
-    process.stdout.write(`\r  ${disk.info.name} qd ${depth}: ${done} reads, ${left.toFixed(1)} s left   `);
-  }, 250);
-  const worker = async () => {
-    const buf = disk.allocBuffer(io);
-    while (performance.now() < end) {
-      const t0 = performance.now();
-      await disk.read(Math.floor(randomInt(0, last / blocks + 1)) * blocks, buf);
-      lat.push(performance.now() - t0);
-      done++;
-    }
-  };
-  const t0 = performance.now();
-  await Promise.all(Array.from({ length: depth }, worker));
-  const elapsed = (performance.now() - t0) / 1000;
-  clearInterval(progress);
-  if (process.stdout.isTTY) process.stdout.write('\r'.padEnd(70) + '\r');
-  lat.sort((a, b) => a - b);
-  const pct = (p: number) => Math.round(lat[Math.min(lat.length - 1, Math.floor(lat.length * p))]! * 1000);
-  return {
-    device: disk.info.name,
-    depth,
-    iops: Math.round(done / elapsed),
-    mbPerSec: +((done * io) / elapsed / 1e6).toFixed(1),
-    meanUs: Math.round((lat.reduce((a, b) => a + b, 0) / lat.length) * 1000),
-    p50Us: pct(0.5),
-    p99Us: pct(0.99),
-  };
+  const onProgress = process.stdout.isTTY
+    ? (done: number, left: number) =>
+        process.stdout.write(`\r  ${disk.info.name} qd ${depth}: ${done} reads, ${left.toFixed(1)} s left   `)
+    : undefined;
+  const r = await randomReads(disk, { depth, seconds, onProgress });
+  if (onProgress) process.stdout.write('\r'.padEnd(70) + '\r');
+  return { device: disk.info.name, depth, ...r };
 }
 
 async function main(): Promise<void> {
@@ -150,7 +120,15 @@ async function main(): Promise<void> {
     }
     console.log(table([
       ['device', 'qd', 'IOPS', 'MB/s', 'mean us', 'p50 us', 'p99 us'],
-      ...results.map((r) => [r.device, String(r.depth), String(r.iops), String(r.mbPerSec), String(r.meanUs), String(r.p50Us), String(r.p99Us)]),
+      ...results.map((r) => [
+        r.device,
+        String(r.depth),
+        String(r.iops),
+        String(r.mbPerSecond),
+        String(r.latencyUs.mean),
+        String(r.latencyUs.p50),
+        String(r.latencyUs.p99),
+      ]),
     ]));
     console.log(JSON.stringify({ benchmark: results }));
   } finally {
