@@ -204,13 +204,16 @@ impl RequestChannel {
                 }
             }),
         };
-        let (readable, writable): (Vec<Segment>, Vec<Segment>) = match (rec.direction, data_seg) {
-            (Direction::ToDevice, Some(d)) => (vec![req_seg, d], vec![resp_seg]),
-            (Direction::FromDevice, Some(d)) => (vec![req_seg], vec![resp_seg, d]),
-            _ => (vec![req_seg], vec![resp_seg]),
+        // Header then data-out (readable), response then data-in (writable), on the stack.
+        let (readable, writable) =
+            ([req_seg, data_seg.unwrap_or(req_seg)], [resp_seg, data_seg.unwrap_or(resp_seg)]);
+        let (r, w) = match (rec.direction, data_seg) {
+            (Direction::ToDevice, Some(_)) => (2, 1),
+            (Direction::FromDevice, Some(_)) => (1, 2),
+            _ => (1, 1),
         };
         let parts = self.parts()?;
-        match parts.queue.add(&readable, &writable, u64::from(slot)) {
+        match parts.queue.add(&readable[..r], &writable[..w], u64::from(slot)) {
             Ok(()) => {
                 let data_in = match (rec.direction, data) {
                     (Direction::FromDevice, Some(b)) => b.len as u32,
