@@ -63,7 +63,6 @@ pub struct ControllerInfo {
     pub hotplug: bool,
     pub change: bool,
     pub hugepages: bool,
-    pub memory_bytes: u64,
 }
 
 /// An event from the device's event queue.
@@ -253,7 +252,6 @@ impl ScsiController {
             hotplug: has(features, feature::HOTPLUG),
             change: has(features, feature::CHANGE),
             hugepages: pool.regions().iter().all(|r| r.hugepages),
-            memory_bytes: pool.total_size(),
         };
         debug!("controller up: {info:?}");
         Ok(Arc::new(ScsiController {

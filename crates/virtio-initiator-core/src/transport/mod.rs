@@ -7,7 +7,6 @@ pub mod vhost_user;
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
@@ -90,14 +89,9 @@ impl Notifier {
 pub struct QueueHandle {
     pub notifier: Notifier,
     /// Signalled by the device on completions when interrupts are enabled (vhost-user call
-    /// eventfd); `None` where the transport has no such descriptor.
+    /// eventfd, which the protocol wants set even in poll mode); `None` where the transport has
+    /// no such descriptor.
     pub interrupt: Option<EventFd>,
-}
-
-impl QueueHandle {
-    pub fn interrupt_fd(&self) -> Option<RawFd> {
-        self.interrupt.as_ref().map(|e| e.as_raw_fd())
-    }
 }
 
 /// The transport operations a virtio driver needs, in the order it needs them.
