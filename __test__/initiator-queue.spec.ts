@@ -5,7 +5,8 @@ import test from 'ava';
 import { setImmediate as tick, setTimeout as sleep } from 'node:timers/promises';
 
 import { ClosedError, ControllerFailedError } from '../ts/errors.js';
-import { RequestQueue, type ScsiCommand } from '../ts/queue.js';
+import { RequestQueue, RequestRefusedError, type ScsiCommand } from '../ts/queue.js';
+import { RESPONSE_REFUSED } from '../ts/records.js';
 import { readCapacity10, testUnitReady } from '../ts/scsi/index.js';
 import { FakeChannel } from './helpers/fake-channel.js';
 
@@ -221,27 +222,17 @@ test('bad commands are refused before they are queued', async (t) => {
 
 test('a request the native side refuses fails alone while the controller works', async (t) => {
   const ch = new FakeChannel(8);
-  ch.auto = () => ({});
-  let failure: string | null = null;
-  const q = new RequestQueue(ch, { label: 'R0', controllerFailure: () => failure });
-  const realSubmit = ch.submit.bind(ch);
-  let refuse = true;
-  ch.submit = (batch, count, buffers) => {
-    if (refuse) {
-      refuse = false;
-      throw new Error('request 0: no DMA memory for a 999-byte bounce buffer: pool exhausted');
-    }
-    return realSubmit(batch, count, buffers);
-  };
+  const refusal = 'no DMA memory for a 999-byte bounce buffer: pool exhausted';
+  ch.auto = (r) => (r.lun === 1 ? { response: RESPONSE_REFUSED, sense: Buffer.from(refusal) } : {});
+  const q = new RequestQueue(ch, { label: 'R0' });
   const ps = [q.execute(tur({ lun: 1 })), q.execute(tur({ lun: 2 })), q.execute(tur({ lun: 3 }))];
-  await t.throwsAsync(ps[0]!, { message: /^R0: request refused: request 0: no DMA memory/ });
+  await t.throwsAsync(ps[0]!, { instanceOf: RequestRefusedError, message: `R0: request refused: ${refusal}` });
   t.is((await ps[1]!).status, 0);
   t.is((await ps[2]!).status, 0);
   t.false(q.closed);
 
-  // Once the controller reports a failure, a submit error fails everything.
-  failure = 'device gone';
-  refuse = true;
-  await t.throwsAsync(q.execute(tur()), { instanceOf: ControllerFailedError });
+  // A native call that throws means the controller is gone: everything fails.
+  ch.failure = new Error('device gone');
+  await t.throwsAsync(q.execute(tur()), { instanceOf: ControllerFailedError, message: /device gone/ });
   t.true(q.closed);
 });

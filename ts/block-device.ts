@@ -2,14 +2,15 @@
 // and raw passthrough, with arguments checked before anything reaches the device and transfers
 // split to the device's and the transport's limits.
 
-import { isIllegalRequest, type RetryPolicy, runCommand, throwForResult } from './command.js';
+import { isIllegalRequest, type RetryPolicy, runCommand, type RunOptions, throwForResult } from './command.js';
 import { ClosedError, DeviceError, NotSupportedError, TaskManagementError, VirtioResponse } from './errors.js';
-import type { CommandExecutor, CommandResult, ScsiCommand } from './queue.js';
+import type { CommandResult, IoQueue, ScsiCommand } from './queue.js';
 import { type Geometry, readGeometry, type ScannedLun } from './scan.js';
 import {
   type BlockLimits,
   type DecodedSense,
   type Designator,
+  describeCdb,
   type Lba,
   read as readCdb,
   synchronizeCache10,
@@ -28,7 +29,7 @@ export const TMF_LOGICAL_UNIT_RESET = 5;
 export interface DeviceContext {
   readonly controllerName: string;
   /** The request queue of the calling thread. */
-  executor(): CommandExecutor;
+  executor(): IoQueue;
   allocBuffer(bytes: number): Buffer;
   /** Returns the virtio-scsi response of the task management function. */
   taskManagement(target: number, lun: number, fn: number): number;
@@ -120,6 +121,7 @@ export interface BlockDeviceInfo {
 }
 
 const U32 = 0xffffffff;
+const MAX_SAFE_LBA = BigInt(Number.MAX_SAFE_INTEGER);
 /** Sub-requests of one call kept in flight at once. */
 const WINDOW = 64;
 /** Size of the shared zero buffer for writeZeroes by plain WRITE. */
@@ -191,6 +193,9 @@ export class BlockDevice {
   private zeroBlock: Buffer | undefined;
   private removed: Error | undefined;
   private refreshing: Promise<void> | undefined;
+  /** blockCount as a number, for range checks without BigInt (exact below 2^53). */
+  private blockCountNumber = 0;
+  private readonly runOptions: RunOptions;
 
   /** Built by Controller.scan from a ready disk with geometry. */
   constructor(
@@ -203,7 +208,13 @@ export class BlockDevice {
     this.lun = lun.lun;
     this.lunInfo = lun;
     this.geometry = lun.geometry;
+    this.setGeometry(lun.geometry);
     this.zeroStrategy = this.initialZeroStrategy();
+    this.runOptions = {
+      device: this.name,
+      policy: ctx.policy,
+      onUnitAttention: (sense) => this.onUnitAttention(sense),
+    };
   }
 
   get info(): BlockDeviceInfo {
@@ -224,34 +235,45 @@ export class BlockDevice {
     return this.ctx.allocBuffer(bytes);
   }
 
-  /** Reads `blocks` blocks into a new buffer, or fills `buffer` (a whole number of blocks). */
-  async read(lba: Lba, blocksOrBuffer: number | Uint8Array, opts: IoOptions = {}): Promise<Buffer> {
-    this.checkUsable();
-    const start = toBigLba(lba, 'lba');
-    let buf: Buffer;
-    if (typeof blocksOrBuffer === 'number') {
-      if (!Number.isSafeInteger(blocksOrBuffer) || blocksOrBuffer < 1) {
-        throw new RangeError(`blocks must be a positive integer, got ${String(blocksOrBuffer)}`);
+  /**
+   * Reads `blocks` blocks into a new buffer, or fills `buffer` (a whole number of blocks).
+   * One command's worth with a number LBA takes the fast path: the READ is built natively and
+   * nothing but the Promise is allocated; retries run only after a completion that was not GOOD.
+   */
+  read(lba: Lba, blocksOrBuffer: number | Uint8Array, opts?: IoOptions): Promise<Buffer> {
+    try {
+      if (this.removed) throw this.removed;
+      let buf: Buffer;
+      let blocks: number;
+      if (typeof blocksOrBuffer === 'number') {
+        blocks = blocksOrBuffer;
+        if (!Number.isSafeInteger(blocks) || blocks < 1) {
+          throw new RangeError(`blocks must be a positive integer, got ${String(blocksOrBuffer)}`);
+        }
+        const bytes = blocks * this.geometry.blockSize;
+        if (bytes > U32) throw new RangeError(`blocks ${blocks}: ${bytes} bytes is more than one call reads`);
+        const start = this.checkLba(lba, blocks);
+        buf = this.allocData(bytes);
+        return this.transfer(false, start, blocks, buf, false, opts, buf) as Promise<Buffer>;
       }
-      this.checkRange(start, BigInt(blocksOrBuffer));
-      const bytes = blocksOrBuffer * this.blockSize;
-      if (bytes > U32) throw new RangeError(`blocks ${blocksOrBuffer}: ${bytes} bytes is more than one call reads`);
-      buf = this.allocData(bytes);
-    } else {
       buf = this.checkBuffer(blocksOrBuffer);
-      this.checkRange(start, BigInt(buf.length / this.blockSize));
+      blocks = buf.length / this.geometry.blockSize;
+      return this.transfer(false, this.checkLba(lba, blocks), blocks, buf, false, opts, buf) as Promise<Buffer>;
+    } catch (e) {
+      return Promise.reject(e);
     }
-    await this.transfer('read', start, buf, opts);
-    return buf;
   }
 
-  /** Writes `buffer` (a whole number of blocks) at `lba`. */
-  async write(lba: Lba, buffer: Uint8Array, opts: WriteOptions = {}): Promise<void> {
-    this.checkUsable();
-    const start = toBigLba(lba, 'lba');
-    const buf = this.checkBuffer(buffer);
-    this.checkRange(start, BigInt(buf.length / this.blockSize));
-    await this.transfer('write', start, buf, opts);
+  /** Writes `buffer` (a whole number of blocks) at `lba`; the fast path as for `read`. */
+  write(lba: Lba, buffer: Uint8Array, opts?: WriteOptions): Promise<void> {
+    try {
+      if (this.removed) throw this.removed;
+      const buf = this.checkBuffer(buffer);
+      const blocks = buf.length / this.geometry.blockSize;
+      return this.transfer(true, this.checkLba(lba, blocks), blocks, buf, opts?.fua === true, opts, undefined) as Promise<void>;
+    } catch (e) {
+      return Promise.reject(e);
+    }
   }
 
   /** SYNCHRONIZE CACHE over the whole device. */
@@ -385,8 +407,7 @@ export class BlockDevice {
           policy: this.ctx.policy,
           ...(opts.signal ? { signal: opts.signal } : {}),
         };
-        this.geometry = await readGeometry(this.ctx.executor(), this.target, this.lun, scanOpts);
-        this.cachedInfo = undefined;
+        this.setGeometry(await readGeometry(this.ctx.executor(), this.target, this.lun, scanOpts));
       } finally {
         this.refreshing = undefined;
       }
@@ -398,8 +419,7 @@ export class BlockDevice {
   update(lun: ScannedLun): void {
     if (!lun.geometry) return;
     this.lunInfo = lun;
-    this.geometry = lun.geometry;
-    this.cachedInfo = undefined;
+    this.setGeometry(lun.geometry);
     this.zeroStrategy = this.initialZeroStrategy();
   }
 
@@ -440,45 +460,85 @@ export class BlockDevice {
     }
   }
 
-  private runOptions() {
-    return {
-      device: this.name,
-      policy: this.ctx.policy,
-      onUnitAttention: async (sense: DecodedSense) => {
-        // CAPACITY DATA HAS CHANGED: later range checks must see the new size.
-        if (sense.asc === 0x2a && sense.ascq === 0x09) await this.refresh().catch(() => undefined);
-      },
-    };
-  }
-
   private run(cmd: Omit<ScsiCommand, 'target' | 'lun'>, opts: IoOptions): Promise<CommandResult> {
     const full: ScsiCommand = { target: this.target, lun: this.lun, ...cmd };
     if (opts.signal) full.signal = opts.signal;
-    return runCommand(this.ctx.executor(), full, this.runOptions());
+    return runCommand(this.ctx.executor(), full, this.runOptions);
   }
 
-  private async transfer(kind: 'read' | 'write', lba: bigint, buf: Buffer, opts: WriteOptions): Promise<void> {
+  /**
+   * READ or WRITE of `blocks` blocks from `buf` at `lba` (checked). One command with an LBA
+   * below 2^53 goes down the queue's fast path; larger transfers are split at the transfer
+   * limit, with at most WINDOW commands in flight.
+   */
+  private transfer(
+    write: boolean,
+    lba: number | bigint,
+    blocks: number,
+    buf: Buffer,
+    fua: boolean,
+    opts: IoOptions | undefined,
+    value: unknown,
+  ): Promise<unknown> {
+    const max = this.maxTransferBlocks;
+    if (typeof lba === 'number' && blocks <= max) {
+      return this.ctx.executor().transfer(write, this.target, this.lun, lba, blocks, buf, fua, opts?.signal, value, this.recover);
+    }
     const bs = this.blockSize;
-    const total = buf.length / bs;
-    const max = this.info.limits.maxTransferBlocks;
-    const count = Math.ceil(total / max);
-    await windowed(count, async (i) => {
+    const start = BigInt(lba);
+    const signal = opts?.signal;
+    return windowed(Math.ceil(blocks / max), async (i) => {
       const first = i * max;
-      const blocks = Math.min(max, total - first);
-      const part = buf.subarray(first * bs, (first + blocks) * bs);
-      const args = { lba: lba + BigInt(first), blocks, fua: opts.fua ?? false };
-      if (kind === 'read') {
-        const r = await this.run({ cdb: readCdb(args), dataIn: part }, opts);
-        if (r.residual !== 0) {
-          const got = part.length - Math.min(r.residual, part.length);
-          throw new DeviceError(
-            `${this.name}: READ lba ${args.lba} blocks ${blocks} returned ${got} of ${part.length} bytes`,
-          );
-        }
-      } else {
-        await this.run({ cdb: writeCdb(args), dataOut: part }, opts);
-      }
+      const n = Math.min(max, blocks - first);
+      const part = buf.subarray(first * bs, (first + n) * bs);
+      const args = { lba: start + BigInt(first), blocks: n, fua };
+      const cmd: ScsiCommand = write
+        ? { target: this.target, lun: this.lun, cdb: writeCdb(args), dataOut: part }
+        : { target: this.target, lun: this.lun, cdb: readCdb(args), dataIn: part };
+      if (signal) cmd.signal = signal;
+      this.checkTransferred(await runCommand(this.ctx.executor(), cmd, this.runOptions), cmd);
+    }).then(() => value);
+  }
+
+  /** A fast-path READ/WRITE that did not simply succeed: the retry rules, from its result on. */
+  private readonly recover = (result: CommandResult, cmd: ScsiCommand): Promise<unknown> =>
+    runCommand(this.ctx.executor(), cmd, this.runOptions, result).then((r) => {
+      this.checkTransferred(r, cmd);
+      return cmd.dataIn;
     });
+
+  /** A READ that succeeded must have filled its buffer. */
+  private checkTransferred(r: CommandResult, cmd: ScsiCommand): void {
+    const part = cmd.dataIn;
+    if (part === undefined || r.residual === 0) return;
+    const got = part.length - Math.min(r.residual, part.length);
+    throw new DeviceError(`${this.name}: ${describeCdb(cmd.cdb)} returned ${got} of ${part.length} bytes`);
+  }
+
+  private async onUnitAttention(sense: DecodedSense): Promise<void> {
+    // CAPACITY DATA HAS CHANGED: later range checks must see the new size.
+    if (sense.asc === 0x2a && sense.ascq === 0x09) await this.refresh().catch(() => undefined);
+  }
+
+  /** Range check of a READ/WRITE; a number LBA is checked without BigInt arithmetic. */
+  private checkLba(lba: Lba, blocks: number): number | bigint {
+    if (typeof lba === 'number' && Number.isSafeInteger(lba) && lba >= 0) {
+      if (lba + blocks > this.blockCountNumber) this.checkRange(BigInt(lba), BigInt(blocks));
+      return lba;
+    }
+    const big = toBigLba(lba, 'lba');
+    this.checkRange(big, BigInt(blocks));
+    return big <= MAX_SAFE_LBA ? Number(big) : big;
+  }
+
+  private get maxTransferBlocks(): number {
+    return this.info.limits.maxTransferBlocks;
+  }
+
+  private setGeometry(g: Geometry): void {
+    this.geometry = g;
+    this.blockCountNumber = Number(g.blockCount);
+    this.cachedInfo = undefined;
   }
 
   private async zeroByWriteSame(lba: bigint, count: bigint, unmap: boolean, opts: IoOptions): Promise<void> {

@@ -73,6 +73,7 @@ export async function runCommand(
   exec: CommandExecutor,
   cmd: ScsiCommand,
   opts: RunOptions,
+  first?: CommandResult,
 ): Promise<CommandResult> {
   const policy = opts.policy ?? DEFAULT_RETRY_POLICY;
   let busy = 0;
@@ -82,8 +83,8 @@ export async function runCommand(
     const ms = Math.min(policy.backoffMs * 2 ** (busy - 1), policy.maxBackoffMs);
     await sleep(ms, undefined, cmd.signal ? { signal: cmd.signal } : undefined);
   };
-  for (;;) {
-    const r = await exec.execute(cmd);
+  for (let pending = first; ; pending = undefined) {
+    const r = pending ?? (await exec.execute(cmd));
     if (succeeded(r)) return r;
 
     if (r.response !== VirtioResponse.OK) {

@@ -6,7 +6,7 @@ import { stat } from 'node:fs/promises';
 import { BlockDevice, type DeviceContext } from './block-device.js';
 import { DEFAULT_RETRY_POLICY, type RetryPolicy } from './command.js';
 import { ClosedError, ConnectError, InitiatorError } from './errors.js';
-import { loadNative, type NativeController, type NativeControllerOptions } from './native.js';
+import { loadNative, type NativeChannel, type NativeController, type NativeControllerOptions } from './native.js';
 import { RequestQueue, type RequestQueueStats } from './queue.js';
 import { lunName, type ScannedLun, scanTargets, type ScanResult } from './scan.js';
 
@@ -156,6 +156,12 @@ export class Controller implements AsyncDisposable {
   private closedError: ClosedError | undefined;
   private scanned: ScannedLun[] = [];
   private blockDevices = new Map<string, BlockDevice>();
+  /** Host address of each DMA Buffer's memory, for requests that name their data by address. */
+  private readonly dmaBase = new WeakMap<ArrayBufferLike, number>();
+  private readonly addressOf = (data: Uint8Array): number => {
+    const base = this.dmaBase.get(data.buffer);
+    return base === undefined ? -1 : base + data.byteOffset;
+  };
 
   private constructor(
     handle: NativeController,
@@ -310,7 +316,10 @@ export class Controller implements AsyncDisposable {
       throw new RangeError(`bytes must be a positive integer, got ${String(bytes)}`);
     }
     try {
-      return this.handle.allocDmaBuffer(bytes);
+      const buf = this.handle.allocDmaBuffer(bytes);
+      const base = this.handle.dmaAddress(buf) - buf.byteOffset;
+      if (base >= 0) this.dmaBase.set(buf.buffer, base);
+      return buf;
     } catch (e) {
       throw new Error(`${this.name}: cannot allocate ${bytes} bytes of DMA memory: ${errorText(e)}`, { cause: e });
     }
@@ -359,6 +368,18 @@ export class Controller implements AsyncDisposable {
     });
   }
 
+  /**
+   * @internal For the benchmark's batch and native modes: gives back this thread's request
+   * queue (it must be idle) and opens the native channel of a request queue directly, with the
+   * native controller it belongs to.
+   */
+  rawChannel(): { channel: NativeChannel; controller: NativeController; addressOf: (data: Uint8Array) => number } {
+    this.checkOpen();
+    this.queue?.close();
+    this.queue = undefined;
+    return { channel: this.handle.openChannel(), controller: this.handle, addressOf: this.addressOf };
+  }
+
   /** Statistics of this thread's request queue (undefined before the first command). */
   get queueStats(): RequestQueueStats | undefined {
     return this.queue?.stats;
@@ -369,13 +390,14 @@ export class Controller implements AsyncDisposable {
     if (this.closedError) return;
     this.closedError = new ClosedError(`controller ${this.name} is closed`);
     for (const dev of this.blockDevices.values()) dev.detach(`controller ${this.name} closed`);
-    this.queue?.close();
-    this.queue = undefined;
+    // The device is reset and let go before the queue releases anything it might still write.
     try {
       this.handle.close();
     } catch {
       // A failed controller may refuse a clean shutdown; its resources go either way.
     }
+    this.queue?.close();
+    this.queue = undefined;
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
@@ -385,10 +407,7 @@ export class Controller implements AsyncDisposable {
   /** This thread's request queue, opened on first use. */
   private executor(): RequestQueue {
     this.checkOpen();
-    this.queue ??= new RequestQueue(this.handle.openChannel(), {
-      label: this.name,
-      controllerFailure: () => this.handle.failure,
-    });
+    this.queue ??= new RequestQueue(this.handle.openChannel(), { label: this.name, addressOf: this.addressOf });
     return this.queue;
   }
 

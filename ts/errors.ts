@@ -46,7 +46,8 @@ export type InitiatorErrorCode =
   | 'ERR_VIRTIO_RESPONSE'
   | 'ERR_VIRTIO_NOT_SUPPORTED'
   | 'ERR_VIRTIO_DEVICE'
-  | 'ERR_VIRTIO_TASK_MANAGEMENT';
+  | 'ERR_VIRTIO_TASK_MANAGEMENT'
+  | 'ERR_VIRTIO_REQUEST_REFUSED';
 
 /** Base class of the initiator's own errors; `code` tells them apart without instanceof. */
 export class InitiatorError extends Error {

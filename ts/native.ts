@@ -7,6 +7,7 @@
 import { createRequire } from 'node:module';
 
 import type * as NativeModule from '../native/index.cjs';
+import { CompletionRecord, RESPONSE_REFUSED, SubmitRecord } from './records.js';
 
 export type Native = typeof NativeModule;
 export type NativeController = NativeModule.Controller;
@@ -14,36 +15,8 @@ export type NativeChannel = NativeModule.Channel;
 export type NativeControllerInfo = NativeModule.ControllerInfo;
 export type NativeControllerOptions = NativeModule.ControllerOptions;
 export type NativeControllerEvent = NativeModule.ControllerEvent;
-
-/** Submit record layout (little-endian), see `Channel.submit`. */
-export const SubmitRecord = {
-  SIZE: 64,
-  TOKEN: 0,
-  TARGET: 4,
-  DIRECTION: 5,
-  LUN: 6,
-  BUFFER_INDEX: 8,
-  CDB_LENGTH: 12,
-  TASK_ATTR: 13,
-  CDB: 16,
-  CDB_MAX: 32,
-} as const;
-
-/** Completion record layout (little-endian), see `Channel.reap`. */
-export const CompletionRecord = {
-  SIZE: 112,
-  TOKEN: 0,
-  RESPONSE: 4,
-  STATUS: 5,
-  SENSE_LENGTH: 6,
-  RESIDUAL: 8,
-  DATA_LENGTH: 12,
-  SENSE: 16,
-  SENSE_MAX: 96,
-} as const;
-
-/** Data direction byte of a submit record. */
-export const Direction = { NONE: 0, IN: 1, OUT: 2 } as const;
+export type NativeLoadSpec = NativeModule.LoadSpec;
+export type NativeLoadResult = NativeModule.LoadResult;
 
 export class NativeLoadError extends Error {
   constructor(cause: unknown) {
@@ -63,10 +36,15 @@ export function loadNative(): Native {
   try {
     const mod = createRequire(import.meta.url)('../native/index.cjs') as Native;
     // The record layouts are compiled into both sides; a mismatch means a stale binary.
-    if (mod.SUBMIT_RECORD_SIZE !== SubmitRecord.SIZE || mod.COMPLETION_RECORD_SIZE !== CompletionRecord.SIZE) {
+    if (
+      mod.SUBMIT_RECORD_SIZE !== SubmitRecord.SIZE ||
+      mod.COMPLETION_RECORD_SIZE !== CompletionRecord.SIZE ||
+      mod.COMPLETION_SLOT_SIZE !== CompletionRecord.SLOT_SIZE ||
+      mod.RESPONSE_REFUSED !== RESPONSE_REFUSED
+    ) {
       throw new Error(
-        `record sizes ${mod.SUBMIT_RECORD_SIZE}/${mod.COMPLETION_RECORD_SIZE} do not match ` +
-          `${SubmitRecord.SIZE}/${CompletionRecord.SIZE} (rebuild with npm run build:napi)`,
+        `record layout ${mod.SUBMIT_RECORD_SIZE}/${mod.COMPLETION_RECORD_SIZE}/${mod.COMPLETION_SLOT_SIZE} does not ` +
+          `match ${SubmitRecord.SIZE}/${CompletionRecord.SIZE}/${CompletionRecord.SLOT_SIZE} (rebuild with npm run build:napi)`,
       );
     }
     loaded = mod;

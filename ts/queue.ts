@@ -1,19 +1,29 @@
 // A request queue over one native channel (one exclusive virtqueue), owned by one thread.
 //
-// Requests issued in the same tick go down in one `submit` call; a full ring parks the rest in a
-// JS FIFO that drains as completions free slots. Completions are found by polling `reap` from
-// setImmediate while anything is on the device, so other JavaScript runs between polls; with
-// nothing outstanding the poller stops and the queue holds no handle, so an idle process uses no
-// CPU and can exit (design D3).
+// The slot index is the request's token. Everything a request needs is kept per slot in typed
+// arrays and plain arrays allocated once, so a request costs its Promise and nothing else on the
+// heap. Requests are written as packed records straight into the channel's submission area;
+// one native `pump` call takes the batch down and brings completions back in the channel's
+// completion area (design D3).
+//
+// Passes run from a microtask loop while work keeps coming (so completions are seen as soon as
+// the continuations they wake have queued their next requests), yield to the event loop through
+// setImmediate after a budget of passes or when a pass found nothing, and stop when nothing is
+// outstanding: an idle queue holds no handle and uses no CPU.
 
 import { ClosedError, ControllerFailedError, InitiatorError } from './errors.js';
-import { CompletionRecord, Direction, SubmitRecord } from './native.js';
+import { CompletionReader, Direction, RecordWriter, RESPONSE_REFUSED, SubmitRecord } from './records.js';
+import { read as readCdb, write as writeCdb } from './scsi/cdb.js';
 
 /** What a request queue needs from a channel; the native Channel has exactly this shape. */
 export interface ChannelLike {
   readonly capacity: number;
-  submit(batch: Buffer, count: number, buffers: Array<Buffer | null>): number;
-  reap(out: Buffer, max: number): number;
+  /** `capacity` submission records, shared with the channel. */
+  submissionArea(): Buffer;
+  /** `capacity` completion records and their sense slots, shared with the channel. */
+  completionArea(): Buffer;
+  /** Takes `count` records, reaps completions; returns `taken * 65536 + completed`. */
+  pump(count: number, buffers?: Array<Buffer | null> | null): number;
   close(): void;
 }
 
@@ -49,11 +59,22 @@ export interface CommandExecutor {
   execute(cmd: ScsiCommand): Promise<CommandResult>;
 }
 
+/**
+ * Called for a READ or WRITE of the fast path that did not complete with GOOD status and the
+ * whole transfer; what it returns (or throws) settles the request. Retries go here, so that the
+ * common case runs no retry machinery at all.
+ */
+export type Recover = (result: CommandResult, cmd: ScsiCommand) => unknown;
+
+/** What block devices need of a queue: commands, and the READ/WRITE fast path. */
+export type IoQueue = Pick<RequestQueue, 'execute' | 'transfer'>;
+
 export interface RequestQueueStats {
-  /** Requests waiting in the JS FIFO for a ring slot. */
+  /** Requests waiting for a slot or for the next native call. */
   queued: number;
   /** Requests on the device, including abandoned (aborted) ones whose completion is pending. */
   inFlight: number;
+  /** Native calls (each submits and reaps). */
   submitCalls: number;
   submitted: number;
   completed: number;
@@ -64,32 +85,52 @@ export interface RequestQueueOptions {
   /** Names the controller in errors. */
   label?: string;
   /**
-   * Why the controller failed, or null while it works. Tells a refused request (bad record, no
-   * DMA memory for its bounce buffer) from a dead controller when `submit` throws; without it
-   * every submit error counts as a controller failure.
+   * The host address of memory inside the controller's DMA memory, or -1 for any other memory
+   * (then copied through a bounce buffer by the native side).
    */
-  controllerFailure?: () => string | null;
+  addressOf?: (data: Uint8Array) => number;
+}
+
+/** The native side refused a request before it reached the device (it names why). */
+export class RequestRefusedError extends InitiatorError {
+  constructor(label: string, reason: string) {
+    super('ERR_VIRTIO_REQUEST_REFUSED', `${label}: request refused: ${reason}`);
+    this.name = 'RequestRefusedError';
+  }
 }
 
 const enum State {
-  Queued,
+  Free,
+  /** Written into the submission area, waiting for the next native call. */
+  Staged,
   OnDevice,
   /** Aborted by the caller while on the device: the completion is awaited and dropped. */
   Abandoned,
-  /** Aborted while still in the FIFO: skipped when the FIFO drains. */
-  Cancelled,
-  Done,
 }
 
-interface Pending {
-  token: number;
-  state: State;
-  cmd: ScsiCommand;
+const enum Mode {
+  /** Resolves with a CommandResult. */
+  Command,
+  /** READ/WRITE fast path: resolves with a fixed value on success, else asks `recover`. */
+  Transfer,
+}
+
+/** A request that found no free slot, waiting in order for one. */
+interface Waiting {
+  mode: Mode;
+  cmd: ScsiCommand | undefined;
+  write: boolean;
+  target: number;
+  lun: number;
+  lba: number;
+  blocks: number;
   data: Buffer | null;
-  direction: number;
-  resolve: (r: CommandResult) => void;
+  fua: boolean;
+  signal: AbortSignal | undefined;
+  value: unknown;
+  recover: Recover | undefined;
+  resolve: (v: unknown) => void;
   reject: (e: unknown) => void;
-  onAbort: (() => void) | undefined;
 }
 
 const MAX_TARGET = 255;
@@ -97,8 +138,10 @@ const MAX_LUN = 0x3fff;
 const MIN_CDB = 6;
 /** Poll period while only abandoned requests are on the device. */
 const ABANDONED_POLL_MS = 10;
-/** FIFO compaction threshold: reclaim consumed slots once this many have piled up. */
-const COMPACT_AT = 1024;
+/** Passes run back to back from microtasks before the event loop gets a turn. */
+const MICROTASK_BUDGET = 16;
+
+const noAddress = (): number => -1;
 
 function asBuffer(data: Uint8Array): Buffer {
   // Shares memory: a DMA Buffer (or a view of one) must stay zero-copy.
@@ -120,12 +163,9 @@ function validate(cmd: ScsiCommand): string | undefined {
   if (cmd.dataIn !== undefined && cmd.dataOut !== undefined) {
     return 'a command takes a data-in or a data-out buffer, not both';
   }
-  for (const [name, buf] of [
-    ['dataIn', cmd.dataIn],
-    ['dataOut', cmd.dataOut],
-  ] as const) {
-    if (buf !== undefined && !(buf instanceof Uint8Array)) return `${name} must be a Buffer or Uint8Array`;
-    if (buf !== undefined && buf.length > 0xffffffff) return `${name} is larger than 4 GiB`;
+  if (cmd.dataIn !== undefined && !(cmd.dataIn instanceof Uint8Array)) return 'dataIn must be a Buffer or Uint8Array';
+  if (cmd.dataOut !== undefined && !(cmd.dataOut instanceof Uint8Array)) {
+    return 'dataOut must be a Buffer or Uint8Array';
   }
   const attr = cmd.taskAttribute ?? 0;
   if (!Number.isInteger(attr) || attr < 0 || attr > 0xff) return `taskAttribute ${String(attr)} out of range`;
@@ -135,35 +175,99 @@ function validate(cmd: ScsiCommand): string | undefined {
 export class RequestQueue implements CommandExecutor {
   readonly label: string;
   private readonly channel: ChannelLike;
-  private readonly controllerFailure: (() => string | null) | undefined;
+  private readonly addressOf: (data: Uint8Array) => number;
   private readonly capacity: number;
-  private readonly batch: Buffer;
-  private readonly completions: Buffer;
-  /** Requests not yet on the device, oldest first, from `head` on. */
-  private fifo: Pending[] = [];
-  private head = 0;
-  private queuedCount = 0;
-  /** Requests on the device (including abandoned ones) by token. */
-  private readonly onDevice = new Map<number, Pending>();
+  private readonly writer: RecordWriter;
+  private readonly reader: CompletionReader;
+
+  // Per slot.
+  private readonly state: Uint8Array;
+  private readonly mode: Uint8Array;
+  private readonly isWrite: Uint8Array;
+  private readonly fua: Uint8Array;
+  private readonly target: Uint8Array;
+  private readonly lun: Uint16Array;
+  private readonly lba: Float64Array;
+  private readonly blocks: Uint32Array;
+  private readonly cmd: Array<ScsiCommand | undefined>;
+  private readonly data: Array<Buffer | null>;
+  private readonly signal: Array<AbortSignal | undefined>;
+  private readonly value: unknown[];
+  private readonly recover: Array<Recover | undefined>;
+  private readonly resolveOf: Array<((v: unknown) => void) | undefined>;
+  private readonly rejectOf: Array<((e: unknown) => void) | undefined>;
+  private readonly freeSlots: Int32Array;
+  private freeCount: number;
+
+  /** Slots staged for the next native call, in record order. */
+  private readonly staged: Int32Array;
+  private stagedCount = 0;
+  /** Plain (non-DMA) buffers named by index in the staged records. */
+  private passBuffers: Array<Buffer | null> = [];
+  private waiting: Waiting[] = [];
+  private waitingHead = 0;
+
+  private onDevice = 0;
   private abandoned = 0;
-  private nextToken = 1;
-  private flushScheduled = false;
-  /** The next poll: an immediate while someone waits, a slow unref'd timer otherwise. */
-  private poller: { kind: 'fast'; handle: NodeJS.Immediate } | { kind: 'slow'; handle: NodeJS.Timeout } | undefined;
+  private microScheduled = false;
+  private burst = 0;
+  private immediate: NodeJS.Immediate | undefined;
+  private slowTimer: NodeJS.Timeout | undefined;
+  private readonly watched = new WeakSet<AbortSignal>();
   private closedError: Error | undefined;
-  private counters = { submitCalls: 0, submitted: 0, completed: 0, reapCalls: 0 };
+  private counters = { submitCalls: 0, submitted: 0, completed: 0 };
+
+  // Promise executor state: one shared executor instead of a closure per request.
+  private nextResolve: ((v: unknown) => void) | undefined;
+  private nextReject: ((e: unknown) => void) | undefined;
+  private readonly capture = (resolve: (v: unknown) => void, reject: (e: unknown) => void): void => {
+    this.nextResolve = resolve;
+    this.nextReject = reject;
+  };
+  private readonly runPass = (): void => {
+    this.microScheduled = false;
+    this.pass();
+  };
+  private readonly runImmediate = (): void => {
+    this.immediate = undefined;
+    this.burst = 0;
+    this.pass();
+  };
+  private readonly runSlow = (): void => {
+    this.slowTimer = undefined;
+    this.pass();
+  };
 
   constructor(channel: ChannelLike, options: RequestQueueOptions = {}) {
     this.channel = channel;
     this.label = options.label ?? 'virtio-scsi';
-    this.controllerFailure = options.controllerFailure;
+    this.addressOf = options.addressOf ?? noAddress;
     const cap = channel.capacity;
-    if (!Number.isInteger(cap) || cap < 1) {
-      throw new RangeError(`channel capacity ${String(cap)} is not a positive integer`);
+    if (!Number.isInteger(cap) || cap < 1 || cap > 0xffff) {
+      throw new RangeError(`channel capacity ${String(cap)} is not an integer from 1 to 65535`);
     }
     this.capacity = cap;
-    this.batch = Buffer.alloc(cap * SubmitRecord.SIZE);
-    this.completions = Buffer.alloc(cap * CompletionRecord.SIZE);
+    this.writer = new RecordWriter(channel.submissionArea());
+    this.reader = new CompletionReader(channel.completionArea(), cap);
+    this.state = new Uint8Array(cap);
+    this.mode = new Uint8Array(cap);
+    this.isWrite = new Uint8Array(cap);
+    this.fua = new Uint8Array(cap);
+    this.target = new Uint8Array(cap);
+    this.lun = new Uint16Array(cap);
+    this.lba = new Float64Array(cap);
+    this.blocks = new Uint32Array(cap);
+    this.cmd = new Array<ScsiCommand | undefined>(cap).fill(undefined);
+    this.data = new Array<Buffer | null>(cap).fill(null);
+    this.signal = new Array<AbortSignal | undefined>(cap).fill(undefined);
+    this.value = new Array<unknown>(cap).fill(undefined);
+    this.recover = new Array<Recover | undefined>(cap).fill(undefined);
+    this.resolveOf = new Array<((v: unknown) => void) | undefined>(cap).fill(undefined);
+    this.rejectOf = new Array<((e: unknown) => void) | undefined>(cap).fill(undefined);
+    this.freeSlots = new Int32Array(cap);
+    for (let i = 0; i < cap; i++) this.freeSlots[i] = cap - 1 - i;
+    this.freeCount = cap;
+    this.staged = new Int32Array(cap);
   }
 
   /** True once closed or failed: every later request rejects. */
@@ -172,44 +276,42 @@ export class RequestQueue implements CommandExecutor {
   }
 
   get stats(): RequestQueueStats {
-    return { queued: this.queuedCount, inFlight: this.onDevice.size, ...this.counters };
+    return {
+      queued: this.stagedCount + this.waiting.length - this.waitingHead,
+      inFlight: this.onDevice,
+      submitCalls: this.counters.submitCalls,
+      submitted: this.counters.submitted,
+      completed: this.counters.completed,
+      reapCalls: this.counters.submitCalls,
+    };
   }
 
   /** Queues one SCSI command. Rejects only for bad arguments, abort, close or controller failure. */
   execute(cmd: ScsiCommand): Promise<CommandResult> {
     const bad = validate(cmd);
     if (bad !== undefined) return Promise.reject(new TypeError(`${this.label}: ${bad}`));
-    if (this.closedError) return Promise.reject(this.closedError);
-    const signal = cmd.signal;
-    if (signal?.aborted) return Promise.reject(signal.reason);
+    return this.enqueue(Mode.Command, cmd, false, cmd.target, cmd.lun, 0, 0, null, false, cmd.signal, undefined, undefined) as Promise<CommandResult>;
+  }
 
-    const buf = cmd.dataIn ?? cmd.dataOut;
-    const data = buf !== undefined && buf.length > 0 ? asBuffer(buf) : null;
-    const direction = data === null ? Direction.NONE : cmd.dataIn !== undefined ? Direction.IN : Direction.OUT;
-    return new Promise<CommandResult>((resolve, reject) => {
-      const p: Pending = {
-        token: 0,
-        state: State.Queued,
-        cmd,
-        data,
-        direction,
-        resolve,
-        reject,
-        onAbort: undefined,
-      };
-      if (signal) {
-        p.onAbort = () => this.abort(p);
-        signal.addEventListener('abort', p.onAbort, { once: true });
-      }
-      this.fifo.push(p);
-      this.queuedCount++;
-      if (!this.flushScheduled) {
-        this.flushScheduled = true;
-        // A microtask runs after the caller's synchronous code (and the continuations already
-        // queued), so a burst of requests from one tick goes down in one batch.
-        queueMicrotask(() => this.flush());
-      }
-    });
+  /**
+   * READ (`write` false) or WRITE of `blocks` blocks at `lba` (below 2^53) with `data`, built
+   * natively. Resolves with `value` when the command completes with GOOD status and the whole
+   * transfer; otherwise settles with what `recover` returns or throws. Arguments are trusted:
+   * the block device checks them.
+   */
+  transfer(
+    write: boolean,
+    target: number,
+    lun: number,
+    lba: number,
+    blocks: number,
+    data: Buffer,
+    fua: boolean,
+    signal: AbortSignal | undefined,
+    value: unknown,
+    recover: Recover,
+  ): Promise<unknown> {
+    return this.enqueue(Mode.Transfer, undefined, write, target, lun, lba, blocks, data, fua, signal, value, recover);
   }
 
   /** Rejects everything queued or in flight and releases the channel. */
@@ -218,217 +320,327 @@ export class RequestQueue implements CommandExecutor {
     this.shutDown(new ClosedError(`${this.label}: request queue closed`));
   }
 
-  private abort(p: Pending): void {
-    const reason: unknown = p.cmd.signal?.reason;
-    if (p.state === State.Queued) {
-      p.state = State.Cancelled;
-      this.queuedCount--;
-      p.reject(reason);
-    } else if (p.state === State.OnDevice) {
-      // The device may still write into the buffer: keep the entry (and with it the buffer)
-      // until the completion arrives, then drop it.
-      p.state = State.Abandoned;
-      this.abandoned++;
-      p.reject(reason);
-      // The fast poll already scheduled re-plans itself at its end.
+  private enqueue(
+    mode: Mode,
+    cmd: ScsiCommand | undefined,
+    write: boolean,
+    target: number,
+    lun: number,
+    lba: number,
+    blocks: number,
+    data: Buffer | null,
+    fua: boolean,
+    signal: AbortSignal | undefined,
+    value: unknown,
+    recover: Recover | undefined,
+  ): Promise<unknown> {
+    if (this.closedError) return Promise.reject(this.closedError);
+    if (signal !== undefined) {
+      if (signal.aborted) return Promise.reject(signal.reason);
+      this.watch(signal);
+    }
+    const promise = new Promise<unknown>(this.capture);
+    const resolve = this.nextResolve!;
+    const reject = this.nextReject!;
+    if (this.freeCount === 0 || this.waiting.length > this.waitingHead) {
+      this.waiting.push({ mode, cmd, write, target, lun, lba, blocks, data, fua, signal, value, recover, resolve, reject });
+    } else {
+      const slot = this.freeSlots[--this.freeCount]!;
+      this.fill(slot, mode, cmd, write, target, lun, lba, blocks, data, fua, signal, value, recover, resolve, reject);
+      this.stage(slot);
+    }
+    this.ensurePass();
+    return promise;
+  }
+
+  private fill(
+    slot: number,
+    mode: Mode,
+    cmd: ScsiCommand | undefined,
+    write: boolean,
+    target: number,
+    lun: number,
+    lba: number,
+    blocks: number,
+    data: Buffer | null,
+    fua: boolean,
+    signal: AbortSignal | undefined,
+    value: unknown,
+    recover: Recover | undefined,
+    resolve: (v: unknown) => void,
+    reject: (e: unknown) => void,
+  ): void {
+    this.mode[slot] = mode;
+    this.cmd[slot] = cmd;
+    this.isWrite[slot] = write ? 1 : 0;
+    this.target[slot] = target;
+    this.lun[slot] = lun;
+    this.lba[slot] = lba;
+    this.blocks[slot] = blocks;
+    this.fua[slot] = fua ? 1 : 0;
+    this.signal[slot] = signal;
+    this.value[slot] = value;
+    this.recover[slot] = recover;
+    this.resolveOf[slot] = resolve;
+    this.rejectOf[slot] = reject;
+    if (mode === Mode.Command) {
+      const buf = cmd!.dataIn ?? cmd!.dataOut;
+      this.data[slot] = buf !== undefined && buf.length > 0 ? asBuffer(buf) : null;
+    } else {
+      this.data[slot] = data;
     }
   }
 
-  private settle(p: Pending): void {
-    if (p.onAbort) p.cmd.signal?.removeEventListener('abort', p.onAbort);
-    p.onAbort = undefined;
-  }
-
-  private flush(): void {
-    this.flushScheduled = false;
-    if (this.closedError || this.queuedCount === 0) return;
-    const free = this.capacity - this.onDevice.size;
-    if (free <= 0) return;
-
-    const entries: Pending[] = [];
-    /** FIFO position just past each collected entry. */
-    const ends: number[] = [];
-    const buffers: Array<Buffer | null> = [];
-    const batch = this.batch;
-    let i = this.head;
-    while (i < this.fifo.length && entries.length < free) {
-      const p = this.fifo[i++]!;
-      if (p.state !== State.Queued) continue;
-      const off = entries.length * SubmitRecord.SIZE;
-      batch.fill(0, off, off + SubmitRecord.SIZE);
-      p.token = this.allocToken();
-      batch.writeUInt32LE(p.token, off + SubmitRecord.TOKEN);
-      batch.writeUInt8(p.cmd.target, off + SubmitRecord.TARGET);
-      batch.writeUInt8(p.direction, off + SubmitRecord.DIRECTION);
-      batch.writeUInt16LE(p.cmd.lun, off + SubmitRecord.LUN);
-      if (p.data !== null) {
-        batch.writeUInt32LE(buffers.length, off + SubmitRecord.BUFFER_INDEX);
-        buffers.push(p.data);
+  /** Writes the slot's record at the end of the submission area. */
+  private stage(slot: number): void {
+    const i = this.stagedCount++;
+    this.staged[i] = slot;
+    this.state[slot] = State.Staged;
+    const data = this.data[slot] ?? null;
+    let addr = -1;
+    let length = 0;
+    let index = 0;
+    if (data !== null) {
+      length = data.length;
+      addr = this.addressOf(data);
+      if (addr < 0) {
+        index = this.passBuffers.length;
+        this.passBuffers.push(data);
       }
-      batch.writeUInt8(p.cmd.cdb.length, off + SubmitRecord.CDB_LENGTH);
-      batch.writeUInt8(p.cmd.taskAttribute ?? 0, off + SubmitRecord.TASK_ATTR);
-      batch.set(p.cmd.cdb, off + SubmitRecord.CDB);
-      entries.push(p);
-      ends.push(i);
     }
-    if (entries.length === 0) {
-      // Only cancelled entries were left.
-      this.head = i;
-      this.compact();
-      return;
+    if (this.mode[slot] === Mode.Transfer) {
+      this.writer.readWrite(
+        i,
+        slot,
+        this.target[slot]!,
+        this.lun[slot]!,
+        this.isWrite[slot] === 1,
+        this.lba[slot]!,
+        this.blocks[slot]!,
+        this.fua[slot] === 1,
+        addr,
+        length,
+        index,
+      );
+    } else {
+      const cmd = this.cmd[slot]!;
+      const direction = data === null ? Direction.NONE : cmd.dataIn !== undefined ? Direction.IN : Direction.OUT;
+      this.writer.cdb(i, slot, cmd.target, cmd.lun, cmd.cdb, cmd.taskAttribute ?? 0, direction, addr, length, index);
     }
+  }
 
-    let accepted: number;
+  /** Rewrites the submission area from the staged slots still waiting (after a partial take or an abort). */
+  private restage(from: number): void {
+    const keep: number[] = [];
+    for (let i = from; i < this.stagedCount; i++) {
+      const slot = this.staged[i]!;
+      if (this.state[slot] === State.Staged) keep.push(slot);
+    }
+    this.stagedCount = 0;
+    this.passBuffers = [];
+    for (const slot of keep) this.stage(slot);
+  }
+
+  private ensurePass(): void {
+    if (!this.microScheduled) {
+      this.microScheduled = true;
+      queueMicrotask(this.runPass);
+    }
+  }
+
+  /** One native call: submit what is staged, take completions, settle them, plan the next pass. */
+  private pass(): void {
+    if (this.closedError) return;
+    this.admitWaiting();
+    const count = this.stagedCount;
+    if (count === 0 && this.onDevice === 0) return;
+    let result: number;
     try {
       this.counters.submitCalls++;
-      accepted = this.channel.submit(batch, entries.length, buffers);
+      result = this.channel.pump(count, this.passBuffers.length > 0 ? this.passBuffers : null);
     } catch (e) {
-      this.refused(entries, e);
-      return;
-    }
-    if (!Number.isInteger(accepted) || accepted < 0 || accepted > entries.length) {
-      this.fail(new Error(`submit accepted ${String(accepted)} of ${entries.length} requests`));
-      return;
-    }
-    for (let k = 0; k < accepted; k++) {
-      const p = entries[k]!;
-      p.state = State.OnDevice;
-      this.onDevice.set(p.token, p);
-    }
-    this.counters.submitted += accepted;
-    this.queuedCount -= accepted;
-    if (accepted === entries.length) this.head = i;
-    else if (accepted > 0) this.head = ends[accepted - 1]!;
-    this.compact();
-    this.schedulePoll();
-  }
-
-  /**
-   * `submit` threw. The native side refuses a batch only at its first record (a later record
-   * that does not fit just ends the batch), so while the controller still works the first
-   * request alone is rejected and the rest stay queued.
-   */
-  private refused(entries: Pending[], e: unknown): void {
-    const message = e instanceof Error ? e.message : String(e);
-    const index = /^request (\d+): /.exec(message)?.[1];
-    let failure: string | null = message;
-    try {
-      failure = this.controllerFailure ? this.controllerFailure() : message;
-    } catch {
-      // The controller cannot even say: treat it as failed.
-    }
-    if (failure !== null || (index !== undefined && index !== '0')) {
       this.fail(e);
       return;
     }
-    const p = entries[0]!;
-    p.state = State.Done;
-    this.queuedCount--;
-    this.settle(p);
-    p.reject(new Error(`${this.label}: request refused: ${message}`, { cause: e }));
-    if (this.queuedCount > 0 && !this.flushScheduled) {
-      this.flushScheduled = true;
-      queueMicrotask(() => this.flush());
+    const taken = result >>> 16;
+    const done = result & 0xffff;
+    if (taken > count || done > this.capacity) {
+      this.fail(new Error(`pump took ${taken} of ${count} requests and returned ${done} completions`));
+      return;
     }
-  }
-
-  private allocToken(): number {
-    // Tokens wrap at 2^32; skip any still held by a request on the device.
-    for (;;) {
-      const t = this.nextToken;
-      this.nextToken = t === 0xffffffff ? 1 : t + 1;
-      if (!this.onDevice.has(t)) return t;
-    }
-  }
-
-  private compact(): void {
-    if (this.head === this.fifo.length) {
-      this.fifo = [];
-      this.head = 0;
-    } else if (this.head >= COMPACT_AT && this.head * 2 >= this.fifo.length) {
-      this.fifo = this.fifo.slice(this.head);
-      this.head = 0;
-    }
-  }
-
-  /**
-   * Polls from setImmediate while a caller waits for a completion. Requests nobody waits for
-   * any more (all abandoned) are polled from a slow unref'd timer instead: a target that never
-   * answers them must neither spin a core nor keep the process alive.
-   */
-  private schedulePoll(): void {
-    if (this.closedError || this.onDevice.size === 0) return;
-    const waited = this.onDevice.size > this.abandoned;
-    if (this.poller?.kind === 'fast' || (this.poller?.kind === 'slow' && !waited)) return;
-    this.cancelPoll();
-    if (waited) {
-      this.poller = { kind: 'fast', handle: setImmediate(() => this.poll()) };
+    for (let i = 0; i < taken; i++) this.state[this.staged[i]!] = State.OnDevice;
+    this.onDevice += taken;
+    this.counters.submitted += taken;
+    if (taken === count) {
+      this.stagedCount = 0;
+      if (this.passBuffers.length > 0) this.passBuffers = [];
     } else {
-      this.poller = { kind: 'slow', handle: setTimeout(() => this.poll(), ABANDONED_POLL_MS).unref() };
+      this.restage(taken);
+    }
+    for (let k = 0; k < done; k++) {
+      this.complete(k);
+      if (this.closedError) return;
+    }
+    this.plan(taken + done > 0);
+  }
+
+  private plan(didWork: boolean): void {
+    if (this.closedError) return;
+    if (this.stagedCount > 0 || this.waiting.length > this.waitingHead) {
+      // Staged requests the ring could not take yet wait for completions: poll, yielding.
+      if (this.freeCount === 0 || this.stagedCount > 0) this.scheduleImmediate();
+      else this.ensurePass();
+      return;
+    }
+    if (this.onDevice > this.abandoned) {
+      if (didWork && this.burst < MICROTASK_BUDGET) {
+        this.burst++;
+        this.ensurePass();
+      } else {
+        this.scheduleImmediate();
+      }
+    } else if (this.onDevice > 0 && this.slowTimer === undefined) {
+      // Only abandoned requests: nobody waits, so poll slowly and keep the process free to exit.
+      this.slowTimer = setTimeout(this.runSlow, ABANDONED_POLL_MS).unref();
     }
   }
 
-  private cancelPoll(): void {
-    if (this.poller?.kind === 'fast') clearImmediate(this.poller.handle);
-    else if (this.poller?.kind === 'slow') clearTimeout(this.poller.handle);
-    this.poller = undefined;
+  private scheduleImmediate(): void {
+    if (this.immediate === undefined) this.immediate = setImmediate(this.runImmediate);
   }
 
-  private poll(): void {
-    this.poller = undefined;
-    if (this.closedError) return;
-    const out = this.completions;
-    const max = this.capacity;
-    let n: number;
-    do {
-      try {
-        this.counters.reapCalls++;
-        n = this.channel.reap(out, max);
-      } catch (e) {
-        this.fail(e);
-        return;
+  /** Moves waiting requests into free slots, in order. */
+  private admitWaiting(): void {
+    while (this.freeCount > 0 && this.waitingHead < this.waiting.length) {
+      const w = this.waiting[this.waitingHead]!;
+      this.waiting[this.waitingHead++] = undefined as unknown as Waiting;
+      if (w.signal?.aborted) {
+        w.reject(w.signal.reason);
+        continue;
       }
-      if (!Number.isInteger(n) || n < 0 || n > max) {
-        this.fail(new Error(`reap returned ${String(n)} completions, at most ${max} fit`));
-        return;
-      }
-      for (let k = 0; k < n; k++) this.complete(out, k * CompletionRecord.SIZE);
-    } while (n === max);
-    if (this.queuedCount > 0) this.flush();
-    this.schedulePoll();
+      const slot = this.freeSlots[--this.freeCount]!;
+      this.fill(slot, w.mode, w.cmd, w.write, w.target, w.lun, w.lba, w.blocks, w.data, w.fua, w.signal, w.value, w.recover, w.resolve, w.reject);
+      this.stage(slot);
+    }
+    if (this.waitingHead === this.waiting.length && this.waitingHead > 0) {
+      this.waiting = [];
+      this.waitingHead = 0;
+    }
   }
 
-  private complete(out: Buffer, off: number): void {
-    const token = out.readUInt32LE(off + CompletionRecord.TOKEN);
-    const p = this.onDevice.get(token);
-    if (p === undefined) {
+  private release(slot: number): void {
+    this.state[slot] = State.Free;
+    this.cmd[slot] = undefined;
+    this.data[slot] = null;
+    this.signal[slot] = undefined;
+    this.value[slot] = undefined;
+    this.recover[slot] = undefined;
+    this.resolveOf[slot] = undefined;
+    this.rejectOf[slot] = undefined;
+    this.freeSlots[this.freeCount++] = slot;
+  }
+
+  private complete(k: number): void {
+    const r = this.reader;
+    const slot = r.token(k);
+    const state = slot < this.capacity ? this.state[slot] : State.Free;
+    if (state !== State.OnDevice && state !== State.Abandoned) {
       // The native layer validates used-ring entries; an unknown token here means the two
       // sides disagree, and nothing can be trusted any more.
-      this.fail(new Error(`completion for unknown request token ${token}`));
+      this.fail(new Error(`completion for unknown request token ${slot}`));
       return;
     }
-    this.onDevice.delete(token);
+    this.onDevice--;
     this.counters.completed++;
-    if (p.state === State.Abandoned) {
+    if (state === State.Abandoned) {
       this.abandoned--;
-      p.state = State.Done;
+      this.release(slot);
       return;
     }
-    p.state = State.Done;
-    this.settle(p);
-    const senseLength = Math.min(out.readUInt16LE(off + CompletionRecord.SENSE_LENGTH), CompletionRecord.SENSE_MAX);
-    const result: CommandResult = {
-      response: out.readUInt8(off + CompletionRecord.RESPONSE),
-      status: out.readUInt8(off + CompletionRecord.STATUS),
-      residual: out.readUInt32LE(off + CompletionRecord.RESIDUAL),
-      dataLength: out.readUInt32LE(off + CompletionRecord.DATA_LENGTH),
-    };
-    if (senseLength > 0) {
-      const start = off + CompletionRecord.SENSE;
-      // A copy: the completion buffer is reused by the next reap.
-      result.sense = new Uint8Array(out.subarray(start, start + senseLength));
+    const resolve = this.resolveOf[slot]!;
+    const reject = this.rejectOf[slot]!;
+    const response = r.response(k);
+    const status = r.status(k);
+    if (this.mode[slot] === Mode.Transfer && response === 0 && status === 0 && (this.isWrite[slot] === 1 || r.residual(k) === 0)) {
+      const value = this.value[slot];
+      this.release(slot);
+      resolve(value);
+      return;
     }
-    p.resolve(result);
+    if (response === RESPONSE_REFUSED) {
+      const reason = r.refusal(k);
+      this.release(slot);
+      reject(new RequestRefusedError(this.label, reason));
+      return;
+    }
+    const result: CommandResult = { response, status, residual: r.residual(k), dataLength: r.dataLength(k) };
+    if (r.senseLength(k) > 0) result.sense = r.sense(k);
+    if (this.mode[slot] === Mode.Command) {
+      this.release(slot);
+      resolve(result);
+      return;
+    }
+    // A fast READ/WRITE that needs attention: rebuild the command for retries and messages.
+    const write = this.isWrite[slot] === 1;
+    const args = { lba: this.lba[slot]!, blocks: this.blocks[slot]!, fua: this.fua[slot] === 1 };
+    const cmd: ScsiCommand = { target: this.target[slot]!, lun: this.lun[slot]!, cdb: write ? writeCdb(args) : readCdb(args) };
+    const data = this.data[slot]!;
+    if (write) cmd.dataOut = data;
+    else cmd.dataIn = data;
+    const signal = this.signal[slot];
+    if (signal !== undefined) cmd.signal = signal;
+    const recover = this.recover[slot]!;
+    this.release(slot);
+    try {
+      resolve(recover(result, cmd));
+    } catch (e) {
+      reject(e);
+    }
+  }
+
+  /** One listener per signal and queue, however many requests carry it. */
+  private watch(signal: AbortSignal): void {
+    if (this.watched.has(signal)) return;
+    this.watched.add(signal);
+    signal.addEventListener('abort', () => this.aborted(signal), { once: true });
+  }
+
+  private aborted(signal: AbortSignal): void {
+    const reason: unknown = signal.reason;
+    let unstaged = false;
+    for (let slot = 0; slot < this.capacity; slot++) {
+      if (this.signal[slot] !== signal) continue;
+      const state = this.state[slot];
+      const reject = this.rejectOf[slot];
+      if (state === State.Staged) {
+        this.release(slot);
+        unstaged = true;
+      } else if (state === State.OnDevice) {
+        // The device may still write into the buffer: keep the slot (and with it the buffer)
+        // until the completion arrives, then drop it.
+        this.state[slot] = State.Abandoned;
+        this.abandoned++;
+        this.resolveOf[slot] = undefined;
+        this.rejectOf[slot] = undefined;
+      } else {
+        continue;
+      }
+      reject?.(reason);
+    }
+    if (unstaged) this.restage(0);
+    // Waiting requests with this signal are dropped when they would be admitted.
+    for (let i = this.waitingHead; i < this.waiting.length; i++) {
+      const w = this.waiting[i]!;
+      if (w.signal === signal) {
+        w.reject(reason);
+        w.signal = undefined;
+        w.reject = noop;
+        w.resolve = noop;
+        w.mode = Mode.Command;
+        w.cmd = CANCELLED;
+      }
+    }
+    this.waiting = this.waiting.filter((w, i) => i < this.waitingHead || w.cmd !== CANCELLED);
   }
 
   private fail(cause: unknown): void {
@@ -439,29 +651,35 @@ export class RequestQueue implements CommandExecutor {
 
   private shutDown(err: InitiatorError): void {
     this.closedError = err;
-    this.cancelPoll();
-    for (let i = this.head; i < this.fifo.length; i++) {
-      const p = this.fifo[i]!;
-      if (p.state !== State.Queued) continue;
-      p.state = State.Done;
-      this.settle(p);
-      p.reject(err);
-    }
-    this.fifo = [];
-    this.head = 0;
-    this.queuedCount = 0;
-    for (const p of this.onDevice.values()) {
-      if (p.state !== State.OnDevice) continue;
-      p.state = State.Done;
-      this.settle(p);
-      p.reject(err);
-    }
-    this.onDevice.clear();
-    this.abandoned = 0;
+    if (this.immediate !== undefined) clearImmediate(this.immediate);
+    if (this.slowTimer !== undefined) clearTimeout(this.slowTimer);
+    this.immediate = undefined;
+    this.slowTimer = undefined;
+    // The channel goes first: it stops the queue (or keeps its memory) before anything the
+    // device might still write is let go here.
     try {
       this.channel.close();
     } catch {
       // Already failed or closed on the native side: nothing left to release.
     }
+    for (let slot = 0; slot < this.capacity; slot++) {
+      const state = this.state[slot];
+      if (state === State.Free) continue;
+      const reject = this.rejectOf[slot];
+      this.release(slot);
+      if (state !== State.Abandoned) reject?.(err);
+    }
+    for (let i = this.waitingHead; i < this.waiting.length; i++) this.waiting[i]!.reject(err);
+    this.waiting = [];
+    this.waitingHead = 0;
+    this.stagedCount = 0;
+    this.passBuffers = [];
+    this.onDevice = 0;
+    this.abandoned = 0;
   }
 }
+
+function noop(): void {}
+
+/** Marks a waiting request whose signal fired. */
+const CANCELLED: ScsiCommand = Object.freeze({ target: 0, lun: 0, cdb: new Uint8Array(6) }) as ScsiCommand;

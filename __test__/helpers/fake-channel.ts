@@ -1,7 +1,9 @@
 // A scripted stand-in for the native Channel, for unit tests of the request queue: it decodes
-// the submit records the queue writes, holds the requests "on the device" until the test
+// the records the queue writes into its submission area, holds the requests "on the device" until the test
 // completes them, and encodes completion records the way the addon does.
 import type { ChannelLike } from '../../ts/queue.js';
+import { completionAreaBytes, CompletionRecord, Flag, Kind, SubmitRecord } from '../../ts/records.js';
+import { read as readCdb, write as writeCdb } from '../../ts/scsi/cdb.js';
 
 export interface SubmittedRecord {
   token: number;
@@ -35,27 +37,58 @@ export class FakeChannel implements ChannelLike {
   /** Completes every request on the device at the next reap, with this answer. */
   auto: ((r: SubmittedRecord) => FakeCompletion) | undefined;
 
-  constructor(readonly capacity: number) {}
+  private readonly submissions: Buffer;
+  private readonly completions: Buffer;
 
-  submit(batch: Buffer, count: number, buffers: Array<Buffer | null>): number {
+  constructor(readonly capacity: number) {
+    this.submissions = Buffer.alloc(capacity * SubmitRecord.SIZE);
+    this.completions = Buffer.alloc(completionAreaBytes(capacity));
+  }
+
+  submissionArea(): Buffer {
+    return this.submissions;
+  }
+
+  completionArea(): Buffer {
+    return this.completions;
+  }
+
+  pump(count: number, buffers?: Array<Buffer | null> | null): number {
+    const taken = count > 0 ? this.submit(this.submissions, count, buffers ?? []) : 0;
+    return taken * 65536 + this.reap(this.completions, this.capacity);
+  }
+
+  /** Decodes the records the queue wrote, as the native side does. */
+  private submit(batch: Buffer, count: number, buffers: Array<Buffer | null>): number {
     if (this.closed) throw new Error('channel closed');
     if (this.failure) throw this.failure;
     const free = this.capacity - this.onDevice.size;
     const n = Math.min(count, free, this.acceptLimit);
     const records: SubmittedRecord[] = [];
     for (let i = 0; i < count; i++) {
-      const off = i * 64;
-      const cdbLen = batch.readUInt8(off + 12);
-      const direction = batch.readUInt8(off + 5);
-      const bufferIndex = batch.readUInt32LE(off + 8);
+      const off = i * SubmitRecord.SIZE;
+      const kind = batch[off + SubmitRecord.KIND]!;
+      const direction = batch[off + SubmitRecord.DIRECTION]!;
+      const bufferIndex = batch.readUInt32LE(off + SubmitRecord.DATA);
+      let cdb: Buffer;
+      if (kind === Kind.CDB) {
+        cdb = Buffer.from(batch.subarray(off + SubmitRecord.CDB, off + SubmitRecord.CDB + batch[off + SubmitRecord.CDB_LENGTH]!));
+      } else {
+        const args = {
+          lba: batch.readUInt32LE(off + SubmitRecord.LBA) + batch.readUInt32LE(off + SubmitRecord.LBA + 4) * 2 ** 32,
+          blocks: batch.readUInt32LE(off + SubmitRecord.BLOCKS),
+          fua: (batch[off + SubmitRecord.FLAGS]! & Flag.FUA) !== 0,
+        };
+        cdb = Buffer.from(kind === Kind.WRITE ? writeCdb(args) : readCdb(args));
+      }
       const rec: SubmittedRecord = {
-        token: batch.readUInt32LE(off),
-        target: batch.readUInt8(off + 4),
+        token: batch.readUInt32LE(off + SubmitRecord.TOKEN),
+        target: batch[off + SubmitRecord.TARGET]!,
         direction,
-        lun: batch.readUInt16LE(off + 6),
+        lun: batch.readUInt16LE(off + SubmitRecord.LUN),
         bufferIndex,
-        cdb: Buffer.from(batch.subarray(off + 16, off + 16 + cdbLen)),
-        taskAttribute: batch.readUInt8(off + 13),
+        cdb,
+        taskAttribute: batch[off + SubmitRecord.TASK_ATTR]!,
         buffer: direction === 0 ? null : (buffers[bufferIndex] ?? null),
       };
       records.push(rec);
@@ -71,7 +104,7 @@ export class FakeChannel implements ChannelLike {
     this.ready.push({ token, c });
   }
 
-  reap(out: Buffer, max: number): number {
+  private reap(out: Buffer, max: number): number {
     if (this.closed) throw new Error('channel closed');
     this.reapCalls++;
     if (this.failure) throw this.failure;
@@ -85,16 +118,16 @@ export class FakeChannel implements ChannelLike {
     while (n < max && this.ready.length > 0) {
       const { token, c } = this.ready.shift()!;
       this.onDevice.delete(token);
-      const off = n * 112;
-      out.fill(0, off, off + 112);
-      out.writeUInt32LE(token, off);
-      out.writeUInt8(c.response ?? 0, off + 4);
-      out.writeUInt8(c.status ?? 0, off + 5);
+      const off = n * CompletionRecord.SIZE;
+      out.fill(0, off, off + CompletionRecord.SIZE);
+      out.writeUInt32LE(token, off + CompletionRecord.TOKEN);
+      out.writeUInt8(c.response ?? 0, off + CompletionRecord.RESPONSE);
+      out.writeUInt8(c.status ?? 0, off + CompletionRecord.STATUS);
       const sense = c.sense ?? new Uint8Array(0);
-      out.writeUInt16LE(sense.length, off + 6);
-      out.writeUInt32LE(c.residual ?? 0, off + 8);
-      out.writeUInt32LE(c.dataLength ?? 0, off + 12);
-      out.set(sense, off + 16);
+      out.writeUInt16LE(sense.length, off + CompletionRecord.SENSE_LENGTH);
+      out.writeUInt32LE(c.residual ?? 0, off + CompletionRecord.RESIDUAL);
+      out.writeUInt32LE(c.dataLength ?? 0, off + CompletionRecord.DATA_LENGTH);
+      out.set(sense, max * CompletionRecord.SIZE + n * CompletionRecord.SENSE_MAX);
       n++;
     }
     return n;

@@ -2,7 +2,8 @@
 // and block-device logic against targets that implement less than the bundled one: no REPORT
 // LUNS, no VPD pages, no READ CAPACITY (16), no WRITE SAME, units that need starting, and
 // pending unit attentions. Data commands work on an in-memory image.
-import type { CommandExecutor, CommandResult, ScsiCommand } from '../../ts/queue.js';
+import type { CommandResult, IoQueue, Recover, ScsiCommand } from '../../ts/queue.js';
+import { read as readCdb, write as writeCdb } from '../../ts/scsi/cdb.js';
 
 export interface FakeLun {
   /** Peripheral device type (default 0, disk). */
@@ -91,7 +92,7 @@ class Unit {
   }
 }
 
-export class FakeScsiTarget implements CommandExecutor {
+export class FakeScsiTarget implements IoQueue {
   readonly log: LoggedCommand[] = [];
   private readonly units = new Map<string, Unit>();
 
@@ -109,6 +110,29 @@ export class FakeScsiTarget implements CommandExecutor {
 
   ops(op: number): LoggedCommand[] {
     return this.log.filter((c) => c.op === op);
+  }
+
+  /** The queue's READ/WRITE fast path, on top of `execute`, with the same settling rules. */
+  async transfer(
+    write: boolean,
+    target: number,
+    lun: number,
+    lba: number,
+    blocks: number,
+    data: Buffer,
+    fua: boolean,
+    signal: AbortSignal | undefined,
+    value: unknown,
+    recover: Recover,
+  ): Promise<unknown> {
+    const args = { lba, blocks, fua };
+    const cmd: ScsiCommand = write
+      ? { target, lun, cdb: writeCdb(args), dataOut: data }
+      : { target, lun, cdb: readCdb(args), dataIn: data };
+    if (signal) cmd.signal = signal;
+    const r = await this.execute(cmd);
+    if (r.response === 0 && r.status === 0 && (write || r.residual === 0)) return value;
+    return recover(r, cmd);
   }
 
   async execute(cmd: ScsiCommand): Promise<CommandResult> {

@@ -9,7 +9,8 @@
 
 import { setImmediate as yieldToLoop } from 'node:timers/promises';
 
-import { CompletionRecord, Direction, SubmitRecord, type NativeChannel, type NativeController } from '../../ts/native.js';
+import type { NativeChannel, NativeController } from '../../ts/native.js';
+import { CompletionReader, completionAreaBytes, Direction, RecordWriter, SubmitRecord } from '../../ts/records.js';
 import {
   decodeSense,
   inquiry,
@@ -114,8 +115,8 @@ export interface Completion {
   dataLength: number;
 }
 
-const SUBMIT_SIZE = SubmitRecord.SIZE;
-const REAP_SIZE = CompletionRecord.SIZE;
+/** Completions taken per reap call. */
+const REAP_MAX = 64;
 /** Longest a command may take inside a TCG guest before the test gives up on it. */
 const COMMAND_TIMEOUT_MS = 60_000;
 
@@ -137,24 +138,19 @@ export class RawChannel {
   }
 
   async run(cmds: Command[]): Promise<Completion[]> {
-    const batch = Buffer.alloc(SUBMIT_SIZE * cmds.length);
+    const batch = Buffer.alloc(SubmitRecord.SIZE * cmds.length);
+    const writer = new RecordWriter(batch);
     const buffers: (Buffer | null)[] = [];
     const byToken = new Map<number, number>();
     cmds.forEach((c, i) => {
       const token = this.nextToken++ >>> 0;
       byToken.set(token, i);
-      const r = batch.subarray(i * SUBMIT_SIZE, (i + 1) * SUBMIT_SIZE);
-      r.writeUInt32LE(token, SubmitRecord.TOKEN);
-      r[SubmitRecord.TARGET] = c.target;
-      r[SubmitRecord.DIRECTION] = c.dir;
-      r.writeUInt16LE(c.lun, SubmitRecord.LUN);
-      r.writeUInt32LE(buffers.length, SubmitRecord.BUFFER_INDEX);
-      r[SubmitRecord.CDB_LENGTH] = c.cdb.length;
-      r.set(c.cdb, SubmitRecord.CDB);
+      writer.cdb(i, token, c.target, c.lun, c.cdb, 0, c.buffer ? c.dir : Direction.NONE, -1, 0, buffers.length);
       buffers.push(c.buffer ?? null);
     });
     const done: (Completion | undefined)[] = new Array(cmds.length);
-    const out = Buffer.alloc(REAP_SIZE * 64);
+    const out = Buffer.alloc(completionAreaBytes(REAP_MAX));
+    const reader = new CompletionReader(out, REAP_MAX);
     let submitted = 0;
     let completed = 0;
     const deadline = Date.now() + COMMAND_TIMEOUT_MS;
@@ -162,20 +158,18 @@ export class RawChannel {
       if (submitted < cmds.length) {
         this.submitCalls++;
         // Buffer indexes in the records are absolute: the whole list goes down every time.
-        submitted += this.channel.submit(batch.subarray(submitted * SUBMIT_SIZE), cmds.length - submitted, buffers);
+        submitted += this.channel.submit(batch.subarray(submitted * SubmitRecord.SIZE), cmds.length - submitted, buffers);
       }
-      const n = this.channel.reap(out, 64);
+      const n = this.channel.reap(out, REAP_MAX);
       for (let i = 0; i < n; i++) {
-        const r = out.subarray(i * REAP_SIZE, (i + 1) * REAP_SIZE);
-        const idx = byToken.get(r.readUInt32LE(CompletionRecord.TOKEN));
-        if (idx === undefined || done[idx]) throw new Error(`completion with unknown token ${r.readUInt32LE(0)}`);
-        const senseLen = Math.min(r.readUInt16LE(CompletionRecord.SENSE_LENGTH), CompletionRecord.SENSE_MAX);
+        const idx = byToken.get(reader.token(i));
+        if (idx === undefined || done[idx]) throw new Error(`completion with unknown token ${reader.token(i)}`);
         done[idx] = {
-          response: r[CompletionRecord.RESPONSE]!,
-          status: r[CompletionRecord.STATUS]!,
-          sense: Buffer.from(r.subarray(CompletionRecord.SENSE, CompletionRecord.SENSE + senseLen)),
-          residual: r.readUInt32LE(CompletionRecord.RESIDUAL),
-          dataLength: r.readUInt32LE(CompletionRecord.DATA_LENGTH),
+          response: reader.response(i),
+          status: reader.status(i),
+          sense: Buffer.from(reader.sense(i)),
+          residual: reader.residual(i),
+          dataLength: reader.dataLength(i),
         };
         completed++;
       }

@@ -14,7 +14,7 @@ import { isDeepStrictEqual, inspect } from 'node:util';
 import { loadNative, type Native, type NativeController, type NativeControllerOptions } from '../../ts/native.js';
 import { BODIES, RawChannel, lunId, pattern, type Check, type LunSpec } from './initiator-bodies.js';
 import { Controller, type ControllerOptions } from '../../ts/index.js';
-import { Direction } from '../../ts/native.js';
+import { Direction } from '../../ts/records.js';
 import { read10, write10 } from '../../ts/scsi/index.js';
 
 export interface RunnerSpec {

@@ -2,6 +2,7 @@
 //! Requests and completions cross in packed batches (see `virtio_initiator_core::scsi::records`),
 //! so one native call carries many of them, and no native thread ever calls into JavaScript.
 
+use std::cell::UnsafeCell;
 use std::sync::Arc;
 
 use napi::bindgen_prelude::*;
@@ -11,6 +12,8 @@ use virtio_initiator_core::scsi::{self, RequestChannel, ScsiController};
 use virtio_initiator_core::transport::pci::{self as pci, PciTransport, Sysfs, VirtioInterface};
 use virtio_initiator_core::transport::vhost_user::VhostUserTransport;
 use virtio_scsi_proto::LunAddress;
+
+mod load;
 
 fn err(e: impl std::fmt::Display) -> Error {
     Error::from_reason(e.to_string())
@@ -22,6 +25,12 @@ pub const SUBMIT_RECORD_SIZE: u32 = scsi::SUBMIT_RECORD_SIZE as u32;
 /// Size of one packed completion record.
 #[napi]
 pub const COMPLETION_RECORD_SIZE: u32 = scsi::COMPLETION_RECORD_SIZE as u32;
+/// Bytes per completion in a completion area: the record and its sense slot.
+#[napi]
+pub const COMPLETION_SLOT_SIZE: u32 = scsi::COMPLETION_SLOT_SIZE as u32;
+/// Response code of a completion for a request refused before it reached the device.
+#[napi]
+pub const RESPONSE_REFUSED: u32 = scsi::RESPONSE_REFUSED as u32;
 
 /// Version of the native addon.
 #[napi]
@@ -156,7 +165,7 @@ impl Controller {
     /// Takes an exclusive request queue.
     #[napi]
     pub fn open_channel(&self) -> Result<Channel> {
-        Ok(Channel { inner: RequestChannel::open(&self.inner).map_err(err)? })
+        Ok(Channel::new(RequestChannel::open(&self.inner).map_err(err)?))
     }
 
     /// A Buffer over DMA memory: I/O on it copies nothing. Freed when garbage-collected.
@@ -171,6 +180,18 @@ impl Controller {
         // alive; it moves into the finalizer, so the memory stays valid until the Buffer is
         // collected and is returned to the pool only then.
         unsafe { BufferSlice::from_external(env, ptr, size as usize, buf, |_, buf| drop(buf)) }
+    }
+
+    /// The address of a DMA Buffer of this controller in this process (for by-address records),
+    /// or -1 when the Buffer is not DMA memory of this controller.
+    #[napi]
+    pub fn dma_address(&self, buffer: BufferSlice) -> f64 {
+        let (gen_spans, addr, len) = (self.inner.memory_spans(), buffer.as_ptr() as u64, buffer.len() as u64);
+        if gen_spans.1.iter().any(|s| s.iova_of(addr, len.max(1)).is_some()) {
+            addr as f64
+        } else {
+            -1.0
+        }
     }
 
     /// Runs a task management function on the control queue and returns the virtio response.
@@ -216,19 +237,82 @@ fn lun_address(target: u32, lun: u32) -> Result<LunAddress> {
     Ok(LunAddress::new(t, lun as u16))
 }
 
-/// One request queue, used from one thread.
+/// Fixed memory shared with JavaScript as a Buffer: 8-byte aligned, alive as long as either
+/// side holds it.
+struct SharedArea {
+    words: Box<[UnsafeCell<u64>]>,
+}
+
+// SAFETY: the area is plain bytes; the channel and its JavaScript thread use it in turn, never
+// at once (JavaScript writes records, then calls into the channel, which reads them).
+unsafe impl Send for SharedArea {}
+unsafe impl Sync for SharedArea {}
+
+impl SharedArea {
+    fn new(bytes: usize) -> Arc<Self> {
+        Arc::new(SharedArea { words: (0..bytes.div_ceil(8)).map(|_| UnsafeCell::new(0)).collect() })
+    }
+
+    fn ptr(&self) -> *mut u8 {
+        UnsafeCell::raw_get(self.words.as_ptr()) as *mut u8
+    }
+
+    fn len(&self) -> usize {
+        self.words.len() * 8
+    }
+
+    /// The bytes, for the duration of one native call.
+    ///
+    /// # Safety
+    /// No other slice of the area may be alive, and JavaScript runs nothing meanwhile (it is
+    /// the same thread, blocked in the call).
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn bytes(&self) -> &mut [u8] {
+        std::slice::from_raw_parts_mut(self.ptr(), self.len())
+    }
+
+    fn buffer<'env>(self: &Arc<Self>, env: &'env Env) -> Result<BufferSlice<'env>> {
+        let keep = self.clone();
+        // SAFETY: the memory lives as long as `keep`, which the finalizer holds.
+        unsafe { BufferSlice::from_external(env, self.ptr(), self.len(), keep, |_, keep| drop(keep)) }
+    }
+}
+
+/// One request queue, used from one thread. Requests go down as packed records (see
+/// `virtio_initiator_core::scsi::records`) in the submission area and come back in the
+/// completion area, both shared with JavaScript, so that one `pump` call moves both ways.
 #[napi]
 pub struct Channel {
     inner: RequestChannel,
+    submissions: Arc<SharedArea>,
+    completions: Arc<SharedArea>,
+}
+
+fn host_buffers(buffers: Option<Vec<Option<BufferSlice>>>) -> Vec<Option<scsi::HostBuffer>> {
+    buffers
+        .unwrap_or_default()
+        .into_iter()
+        .map(|b| b.map(|mut b| scsi::HostBuffer { ptr: b.as_mut_ptr(), len: b.len() }))
+        .collect()
 }
 
 #[napi]
 impl Channel {
+    fn new(inner: RequestChannel) -> Self {
+        let n = inner.capacity();
+        Channel {
+            inner,
+            submissions: SharedArea::new(n * scsi::SUBMIT_RECORD_SIZE),
+            completions: SharedArea::new(n * scsi::COMPLETION_SLOT_SIZE),
+        }
+    }
+
     #[napi(getter)]
     pub fn queue_index(&self) -> u32 {
         u32::from(self.inner.queue_index())
     }
 
+    /// Most requests in flight at once; also the record capacity of both areas.
     #[napi(getter)]
     pub fn capacity(&self) -> u32 {
         self.inner.capacity() as u32
@@ -239,31 +323,70 @@ impl Channel {
         self.inner.in_flight() as u32
     }
 
-    /// Submits `count` packed request records; returns how many the ring took.
+    /// The submission area: `capacity` records of SUBMIT_RECORD_SIZE bytes.
+    #[napi]
+    pub fn submission_area<'env>(&self, env: &'env Env) -> Result<BufferSlice<'env>> {
+        self.submissions.buffer(env)
+    }
+
+    /// The completion area: `capacity` records of COMPLETION_RECORD_SIZE bytes, then one
+    /// sense slot of SENSE_SLOT_SIZE bytes per record.
+    #[napi]
+    pub fn completion_area<'env>(&self, env: &'env Env) -> Result<BufferSlice<'env>> {
+        self.completions.buffer(env)
+    }
+
+    /// Submits the first `count` records of the submission area, then reaps completions into
+    /// the completion area. Returns `taken * 65536 + completed`. `buffers` is the list that
+    /// by-index records name (plain Buffers, bounced through DMA memory); by-address records
+    /// need none. Throws only when the controller is closed or failed.
+    #[napi]
+    pub fn pump(&mut self, count: u32, buffers: Option<Vec<Option<BufferSlice>>>) -> Result<u32> {
+        let hosts = host_buffers(buffers);
+        let capacity = self.inner.capacity();
+        // SAFETY: the areas are used only inside this call on the JavaScript thread that owns
+        // the channel; the caller keeps every data buffer referenced until its completion.
+        let (taken, done) = unsafe {
+            let batch = self.submissions.bytes();
+            let out = self.completions.bytes();
+            self.inner.pump(batch, (count as usize).min(capacity), &hosts, out, capacity)
+        }
+        .map_err(err)?;
+        Ok(((taken as u32) << 16) | done as u32)
+    }
+
+    /// Submits `count` packed records from `batch`; returns how many the ring took.
     #[napi]
     pub fn submit(
         &mut self,
         batch: BufferSlice,
         count: u32,
-        buffers: Vec<Option<BufferSlice>>,
+        buffers: Option<Vec<Option<BufferSlice>>>,
     ) -> Result<u32> {
-        let hosts: Vec<_> = buffers
-            .into_iter()
-            .map(|b| b.map(|mut b| scsi::HostBuffer { ptr: b.as_mut_ptr(), len: b.len() }))
-            .collect();
+        let hosts = host_buffers(buffers);
         // SAFETY: the JavaScript caller keeps every Buffer referenced until its completion has
-        // been reaped (the TypeScript queue holds them in its in-flight table).
+        // been reaped.
         let n = unsafe { self.inner.submit(&batch, count as usize, &hosts) }.map_err(err)?;
         Ok(n as u32)
     }
 
-    /// Writes up to `max` packed completion records into `out`; returns how many.
+    /// Writes up to `max` completions into `out` (records, then sense slots, as the
+    /// completion area); returns how many.
     #[napi]
     pub fn reap(&mut self, mut out: BufferSlice, max: u32) -> Result<u32> {
         let n = self.inner.reap(&mut out, max as usize).map_err(err)?;
         Ok(n as u32)
     }
 
+    /// Runs a load from native code alone, with no JavaScript per request: the upper bound
+    /// the JavaScript paths are measured against. Blocks the calling thread for its duration.
+    #[napi]
+    pub fn run_load(&mut self, controller: &Controller, spec: load::LoadSpec) -> Result<load::LoadResult> {
+        load::run(&mut self.inner, &controller.inner, &spec).map_err(err)
+    }
+
+    /// Gives the queue back. Requests in flight are abandoned; the queue is stopped before
+    /// their memory is released, or that memory is never reused.
     #[napi]
     pub fn close(&mut self) {
         self.inner.close();

@@ -5,18 +5,37 @@ use std::mem::ManuallyDrop;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use virtio_scsi_proto::{response, CmdRequest, CmdResponse};
+use virtio_scsi_proto::{response, CmdRequest, CmdResponse, SENSE_SIZE};
 
 use super::controller::{QueueParts, ScsiController};
-use super::records::{CompletionRecord, Direction, SubmitRecord, COMPLETION_RECORD_SIZE, SUBMIT_RECORD_SIZE};
+use super::records::{
+    CompletionArea, CompletionRecord, DataRef, Direction, SubmitRecord, SUBMIT_RECORD_SIZE,
+};
 use super::ScsiError;
 use crate::memory::{Arena, DmaBuf};
 use crate::queue::{QueueError, Segment};
 
-/// Header bytes per request slot: the request header, then the response, 64-byte aligned.
-const SLOT_BYTES: usize = (CmdRequest::SIZE + CmdResponse::SIZE + 63) & !63;
+/// Header bytes per request slot: the request header at 0, the response at `RESPONSE_AT`. A
+/// power of two that divides the page, so no header or response ever crosses a 4 KiB page:
+/// pages adjacent in IOVA space need not be adjacent in memory, and a device without
+/// VIRTIO_F_ANY_LAYOUT takes the first descriptor piece as the whole header.
+const SLOT_BYTES: usize = 256;
+const RESPONSE_AT: usize = 64;
+const PAGE: usize = 4096;
+const _: () = assert!(CmdRequest::SIZE <= RESPONSE_AT && RESPONSE_AT + CmdResponse::SIZE <= SLOT_BYTES);
+const _: () = assert!(PAGE % SLOT_BYTES == 0);
+/// Written into the response byte before a request goes down: a device that reports a whole
+/// response without writing one is caught, not taken for success.
+const NO_RESPONSE: u8 = 0xff;
+/// Offset of the response byte inside a virtio-scsi command response.
+const RESPONSE_BYTE: usize = 11;
 /// How often an idle poll asks the transport whether the device is still there.
 const LIVENESS_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The response code of a completion for a request the driver refused before it reached the
+/// device (bad record, data outside DMA memory, no DMA memory for a bounce buffer). Its sense
+/// slot holds the reason as UTF-8 text. Outside the range of virtio-scsi responses.
+pub const RESPONSE_REFUSED: u8 = 0xfe;
 
 /// Caller memory for a request's data: its address and length in our address space.
 #[derive(Clone, Copy, Debug)]
@@ -36,6 +55,14 @@ struct Slot {
     data_in: u32,
 }
 
+/// What became of one record offered to the ring.
+enum Added {
+    Queued,
+    /// No room now (ring full, or bounce memory tied up by requests in flight): try later.
+    NoRoom,
+    Refused(String),
+}
+
 pub struct RequestChannel {
     controller: Arc<ScsiController>,
     parts: Option<QueueParts>,
@@ -44,9 +71,14 @@ pub struct RequestChannel {
     headers_arena: ManuallyDrop<Arena>,
     slots: Vec<Option<Slot>>,
     free: Vec<u16>,
+    /// Refused records, completed at the next reap.
+    refused: Vec<(u32, String)>,
     /// DMA memory as of a generation (see `dma_address`).
     spans: (u64, Vec<super::Span>),
     last_progress: Instant,
+    /// The queue was given back without the device being stopped: the memory of its requests
+    /// may still be written, so it is never freed.
+    leak: bool,
 }
 
 // SAFETY: the raw caller pointers in `Slot` refer to memory the caller keeps alive until the
@@ -58,8 +90,9 @@ impl RequestChannel {
     pub fn open(controller: &Arc<ScsiController>) -> Result<Self, ScsiError> {
         let parts = controller.take_queue()?;
         let size = parts.queue.size() as usize;
-        let mut arena = controller.pool().carve((size * SLOT_BYTES) as u64)?;
-        let headers = arena.alloc(size * SLOT_BYTES, 64)?;
+        let bytes = (size * SLOT_BYTES).next_multiple_of(PAGE);
+        let mut arena = controller.pool().carve(bytes as u64)?;
+        let headers = arena.alloc(bytes, PAGE)?;
         Ok(RequestChannel {
             controller: controller.clone(),
             parts: Some(parts),
@@ -67,8 +100,10 @@ impl RequestChannel {
             headers_arena: ManuallyDrop::new(arena),
             slots: (0..size).map(|_| None).collect(),
             free: (0..size as u16).rev().collect(),
+            refused: Vec::new(),
             spans: controller.memory_spans(),
             last_progress: Instant::now(),
+            leak: false,
         })
     }
 
@@ -90,11 +125,14 @@ impl RequestChannel {
     }
 
     /// Submits `count` packed records; `buffers[i]` is the data of records naming index `i`.
-    /// Returns how many were accepted: a full ring stops the batch early and the caller
-    /// resubmits the rest later. Accepted requests are published with one notification.
+    /// Returns how many records were taken: a full ring stops the batch early and the caller
+    /// offers the rest again later. A record the driver refuses (malformed, data outside DMA
+    /// memory) is taken too and completes at the next reap with [`RESPONSE_REFUSED`]. Taken
+    /// requests are published with one notification. Errors mean the controller is unusable.
     ///
     /// # Safety
-    /// Every buffer must stay valid, and unused by the caller, until its request completes.
+    /// Every buffer, and the memory named by by-address records, must stay valid and unused by
+    /// the caller until its request completes.
     pub unsafe fn submit(
         &mut self,
         batch: &[u8],
@@ -102,71 +140,82 @@ impl RequestChannel {
         buffers: &[Option<HostBuffer>],
     ) -> Result<usize, ScsiError> {
         self.controller.check_usable()?;
-        if batch.len() < count * SUBMIT_RECORD_SIZE {
-            return Err(ScsiError::BadRequest {
-                index: batch.len() / SUBMIT_RECORD_SIZE,
-                detail: format!(
-                    "batch holds {} bytes, {count} records need {}",
-                    batch.len(),
-                    count * SUBMIT_RECORD_SIZE
-                ),
-            });
-        }
-        let mut accepted = 0;
+        let count = count.min(batch.len() / SUBMIT_RECORD_SIZE);
+        let mut taken = 0;
         for i in 0..count {
-            let rec = SubmitRecord::decode(&batch[i * SUBMIT_RECORD_SIZE..])
-                .map_err(|detail| ScsiError::BadRequest { index: i, detail })?;
-            let data = match rec.direction {
-                Direction::None => None,
-                _ => {
-                    let b = buffers.get(rec.buffer as usize).copied().flatten().ok_or_else(|| {
-                        ScsiError::BadRequest {
-                            index: i,
-                            detail: format!("buffer {} is missing", rec.buffer),
-                        }
-                    })?;
-                    if b.len == 0 || b.len > u32::MAX as usize {
-                        return Err(ScsiError::BadRequest {
-                            index: i,
-                            detail: format!("buffer of {} bytes", b.len),
-                        });
-                    }
-                    Some(b)
-                }
+            let raw = &batch[i * SUBMIT_RECORD_SIZE..(i + 1) * SUBMIT_RECORD_SIZE];
+            let outcome = match SubmitRecord::decode(raw) {
+                Ok(rec) => match self.data_of(&rec, buffers) {
+                    Ok(data) => self.add(&rec, data)?,
+                    Err(why) => Added::Refused(why),
+                },
+                Err(why) => Added::Refused(why),
             };
-            match self.add(i, &rec, data)? {
-                true => accepted += 1,
-                false => break,
+            match outcome {
+                Added::Queued => {}
+                Added::NoRoom => break,
+                Added::Refused(why) => {
+                    let token = u32::from_le_bytes(raw[0..4].try_into().unwrap());
+                    self.refused.push((token, why));
+                }
             }
+            taken += 1;
         }
-        let parts = self.parts()?;
-        if accepted > 0 && parts.queue.publish() {
-            parts.handle.notifier.notify().map_err(crate::transport::TransportError::from)?;
-        }
-        Ok(accepted)
+        self.publish()?;
+        Ok(taken)
     }
 
-    /// Puts one request on the ring; false when there is no room for it now.
-    fn add(&mut self, index: usize, rec: &SubmitRecord, data: Option<HostBuffer>) -> Result<bool, ScsiError> {
+    /// The caller memory a record names, checked.
+    fn data_of(
+        &mut self,
+        rec: &SubmitRecord,
+        buffers: &[Option<HostBuffer>],
+    ) -> Result<Option<HostBuffer>, String> {
+        match rec.data {
+            DataRef::None => Ok(None),
+            DataRef::Index(k) => {
+                let b = buffers
+                    .get(k as usize)
+                    .copied()
+                    .flatten()
+                    .ok_or_else(|| format!("buffer {k} is missing"))?;
+                if b.len == 0 || b.len > u32::MAX as usize {
+                    return Err(format!("buffer {k} holds {} bytes", b.len));
+                }
+                Ok(Some(b))
+            }
+            DataRef::Address { addr, len } => {
+                self.refresh_spans();
+                if !covered(&self.spans.1, addr, u64::from(len)) {
+                    return Err(format!(
+                        "data at {addr:#x} ({len} bytes) is not DMA memory of this controller"
+                    ));
+                }
+                Ok(Some(HostBuffer { ptr: addr as *mut u8, len: len as usize }))
+            }
+        }
+    }
+
+    /// Puts one request on the ring.
+    fn add(&mut self, rec: &SubmitRecord, data: Option<HostBuffer>) -> Result<Added, ScsiError> {
         // Whether completions will come that can free bounce memory (before this request's slot
         // is taken, which would count it).
         let others_in_flight = self.in_flight() > 0;
-        let Some(slot) = self.free.pop() else { return Ok(false) };
+        let Some(slot) = self.free.pop() else { return Ok(Added::NoRoom) };
         let base = slot as usize * SLOT_BYTES;
-        let mut cdb = [0u8; virtio_scsi_proto::CDB_SIZE];
-        cdb[..rec.cdb_len as usize].copy_from_slice(&rec.cdb[..rec.cdb_len as usize]);
         let header = CmdRequest {
             lun: rec.addr.encode(),
             tag: u64::from(rec.token),
             task_attr: rec.task_attr,
             prio: 0,
             crn: 0,
-            cdb,
+            cdb: rec.cdb,
         };
         self.headers.write_at(base, &header.encode())?;
+        self.headers.write_at(base + RESPONSE_AT + RESPONSE_BYTE, &[NO_RESPONSE])?;
         let req_seg = Segment::new(self.headers.iova() + base as u64, CmdRequest::SIZE as u32);
         let resp_seg =
-            Segment::new(self.headers.iova() + (base + CmdRequest::SIZE) as u64, CmdResponse::SIZE as u32);
+            Segment::new(self.headers.iova() + (base + RESPONSE_AT) as u64, CmdResponse::SIZE as u32);
 
         let mut bounce = None;
         let mut copy_back = None;
@@ -181,14 +230,15 @@ impl RequestChannel {
                         // in flight and so nothing will free up.
                         Err(_) if others_in_flight => {
                             self.free.push(slot);
-                            return Ok(false);
+                            return Ok(Added::NoRoom);
                         }
+                        Err(ScsiError::Closed) => return Err(ScsiError::Closed),
                         Err(e) => {
                             self.free.push(slot);
-                            return Err(ScsiError::BadRequest {
-                                index,
-                                detail: format!("no DMA memory for a {}-byte bounce buffer: {e}", b.len),
-                            });
+                            return Ok(Added::Refused(format!(
+                                "no DMA memory for a {}-byte bounce buffer: {e}",
+                                b.len
+                            )));
                         }
                     };
                     if rec.direction == Direction::ToDevice {
@@ -220,11 +270,11 @@ impl RequestChannel {
                     _ => 0,
                 };
                 self.slots[slot as usize] = Some(Slot { token: rec.token, copy_back, bounce, data_in });
-                Ok(true)
+                Ok(Added::Queued)
             }
             Err(QueueError::Full) => {
                 self.free.push(slot);
-                Ok(false)
+                Ok(Added::NoRoom)
             }
             Err(e) => {
                 self.free.push(slot);
@@ -233,22 +283,54 @@ impl RequestChannel {
         }
     }
 
-    /// IOVA of caller memory that lies inside DMA memory, so it needs no bounce buffer. The
-    /// spans are refreshed only when the memory has grown since the last look.
-    fn dma_address(&mut self, b: HostBuffer) -> Option<u64> {
+    fn refresh_spans(&mut self) {
         if self.controller.memory_generation() != self.spans.0 {
             self.spans = self.controller.memory_spans();
         }
+    }
+
+    /// IOVA of caller memory that lies inside one span of DMA memory, so it needs no bounce
+    /// buffer. The spans are refreshed only when the memory has grown since the last look.
+    fn dma_address(&mut self, b: HostBuffer) -> Option<u64> {
+        self.refresh_spans();
         self.spans.1.iter().find_map(|s| s.iova_of(b.ptr as u64, b.len as u64))
     }
 
-    /// Writes up to `max` completion records into `out` and returns how many. When the device
-    /// broke the ring protocol or went away, the controller fails and this returns the reason:
-    /// the requests still in flight will never complete.
+    /// Writes up to `max` completion records (with their sense slots) into `out`, laid out as
+    /// [`CompletionArea`], and returns how many. When the device broke the ring protocol or went
+    /// away, the controller fails and this returns the reason: the requests still in flight
+    /// will never complete.
     pub fn reap(&mut self, out: &mut [u8], max: usize) -> Result<usize, ScsiError> {
+        let mut area = CompletionArea::new(out, max);
+        let room = area.capacity();
+        self.complete(room, |n, rec, sense| {
+            area.sense_mut(n)[..sense.len()].copy_from_slice(sense);
+            area.put(n, rec);
+        })
+    }
+
+    /// Hands up to `max` completions to `each` (position, record, sense bytes) and returns how
+    /// many; errors as for [`reap`](Self::reap).
+    pub fn complete(
+        &mut self,
+        max: usize,
+        mut each: impl FnMut(usize, &CompletionRecord, &[u8]),
+    ) -> Result<usize, ScsiError> {
         self.controller.check_usable()?;
-        let max = max.min(out.len() / COMPLETION_RECORD_SIZE);
         let mut n = 0;
+        while n < max && !self.refused.is_empty() {
+            let (token, why) = self.refused.remove(0);
+            let text = &why.as_bytes()[..why.len().min(SENSE_SIZE)];
+            let rec = CompletionRecord {
+                token,
+                response: RESPONSE_REFUSED,
+                sense_len: text.len() as u16,
+                ..Default::default()
+            };
+            each(n, &rec, text);
+            n += 1;
+        }
+        let mut sense = [0u8; SENSE_SIZE];
         while n < max {
             let parts = self.parts()?;
             let done = match parts.queue.pop_used() {
@@ -266,26 +348,33 @@ impl RequestChannel {
                 continue;
             };
             self.free.push(slot_no as u16);
-            let base = slot_no * SLOT_BYTES + CmdRequest::SIZE;
-            let mut raw = [0u8; CmdResponse::SIZE];
-            self.headers.read_at(base, &mut raw)?;
-            let written = done.len as usize;
-            let (resp, data_len) = if written < CmdResponse::SIZE {
-                // The device did not write a whole response: nothing in it can be trusted.
-                (CmdResponse { response: response::FAILURE, ..Default::default() }, 0)
-            } else {
-                let r = CmdResponse::decode(&raw).unwrap_or_default();
-                (r, ((written - CmdResponse::SIZE) as u32).min(slot.data_in))
-            };
+            let base = slot_no * SLOT_BYTES + RESPONSE_AT;
+            let mut head = [0u8; 12];
+            self.headers.read_at(base, &mut head)?;
+            let mut rec =
+                CompletionRecord { token: slot.token, response: response::FAILURE, ..Default::default() };
+            // A response the device did not wholly write (short used length, or the sentinel
+            // still in place) cannot be trusted: FAILURE, and no data.
+            if done.len as usize >= CmdResponse::SIZE && head[RESPONSE_BYTE] != NO_RESPONSE {
+                let sense_len = u32::from_le_bytes(head[0..4].try_into().unwrap()).min(SENSE_SIZE as u32);
+                rec.response = head[RESPONSE_BYTE];
+                rec.status = head[10];
+                rec.residual = u32::from_le_bytes(head[4..8].try_into().unwrap());
+                rec.data_len = ((done.len as usize - CmdResponse::SIZE) as u32).min(slot.data_in);
+                // Sense bytes only travel when there are any (CHECK CONDITION).
+                if sense_len > 0 {
+                    rec.sense_len = sense_len as u16;
+                    self.headers.read_at(base + 12, &mut sense[..sense_len as usize])?;
+                }
+            }
             if let (Some(dst), Some(buf)) = (slot.copy_back, slot.bounce.as_ref()) {
-                let len = (data_len as usize).min(dst.len);
+                let len = (rec.data_len as usize).min(dst.len);
                 // SAFETY: `dst` is the caller's buffer, valid until this completion (see `submit`);
                 // the bounce buffer holds at least `dst.len` bytes.
                 let dst = unsafe { std::slice::from_raw_parts_mut(dst.ptr, len) };
                 buf.read_at(0, dst)?;
             }
-            CompletionRecord { token: slot.token, response: resp, data_len }
-                .encode(&mut out[n * COMPLETION_RECORD_SIZE..(n + 1) * COMPLETION_RECORD_SIZE]);
+            each(n, &rec, &sense[..rec.sense_len as usize]);
             n += 1;
         }
         if n > 0 || self.in_flight() == 0 {
@@ -297,19 +386,84 @@ impl RequestChannel {
         Ok(n)
     }
 
-    /// Gives the queue back to the controller. Requests in flight are abandoned; their queue is
-    /// then retired, since the device may still complete them.
-    pub fn close(&mut self) {
-        if let Some(parts) = self.parts.take() {
-            self.controller.return_queue(parts);
+    /// Queues one request without publishing it (see [`publish`](Self::publish)); false when
+    /// there is no room for it now. A request the driver refuses completes with
+    /// [`RESPONSE_REFUSED`] at the next reap, as in `submit`.
+    ///
+    /// # Safety
+    /// As for [`submit`](Self::submit).
+    pub unsafe fn push(&mut self, rec: &SubmitRecord, data: Option<HostBuffer>) -> Result<bool, ScsiError> {
+        match self.add(rec, data)? {
+            Added::Queued => Ok(true),
+            Added::NoRoom => Ok(false),
+            Added::Refused(why) => {
+                self.refused.push((rec.token, why));
+                Ok(true)
+            }
         }
     }
+
+    /// Makes the queued requests visible to the device, notifying it when it asks to be.
+    pub fn publish(&mut self) -> Result<(), ScsiError> {
+        let parts = self.parts()?;
+        if parts.queue.publish() {
+            parts.handle.notifier.notify().map_err(crate::transport::TransportError::from)?;
+        }
+        Ok(())
+    }
+
+    /// Submits `count` records, then reaps up to `max` completions: both directions in one
+    /// call. Returns (records taken, completions written).
+    ///
+    /// # Safety
+    /// As for [`submit`](Self::submit).
+    pub unsafe fn pump(
+        &mut self,
+        batch: &[u8],
+        count: usize,
+        buffers: &[Option<HostBuffer>],
+        out: &mut [u8],
+        max: usize,
+    ) -> Result<(usize, usize), ScsiError> {
+        let taken = if count > 0 { self.submit(batch, count, buffers)? } else { 0 };
+        Ok((taken, self.reap(out, max)?))
+    }
+
+    /// Gives the queue back to the controller. Requests in flight are abandoned: the queue is
+    /// stopped first (the device then never touches their memory again), or, where a single
+    /// queue cannot be stopped, their memory is leaked rather than reused.
+    pub fn close(&mut self) {
+        let Some(parts) = self.parts.take() else { return };
+        if !self.controller.return_queue(parts) {
+            self.leak = true;
+            return;
+        }
+        for slot in self.slots.iter_mut() {
+            *slot = None;
+        }
+        self.free = (0..self.slots.len() as u16).rev().collect();
+        self.refused.clear();
+    }
+}
+
+/// True when `len` bytes at host address `host` lie in DMA memory (possibly across regions
+/// that are adjacent in our address space).
+fn covered(spans: &[super::Span], host: u64, len: u64) -> bool {
+    let Some(end) = host.checked_add(len) else { return false };
+    let mut at = host;
+    while at < end {
+        match spans.iter().find(|s| at >= s.host && at < s.host + s.size) {
+            Some(s) => at = s.host + s.size,
+            None => return false,
+        }
+    }
+    true
 }
 
 impl Drop for RequestChannel {
     fn drop(&mut self) {
         self.close();
-        if self.in_flight() > 0 && self.controller.check_usable().is_ok() {
+        if self.leak {
             // The device may still write into these buffers: they must never be reused, so
             // they are leaked rather than returned to the pool.
             for slot in self.slots.iter_mut().filter_map(Option::take) {
@@ -322,5 +476,34 @@ impl Drop for RequestChannel {
             ManuallyDrop::drop(&mut self.headers);
             ManuallyDrop::drop(&mut self.headers_arena);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_header_or_response_crosses_a_page() {
+        for slot in 0..1024usize {
+            let base = slot * SLOT_BYTES;
+            for (at, len) in [(base, CmdRequest::SIZE), (base + RESPONSE_AT, CmdResponse::SIZE)] {
+                assert_eq!(at / PAGE, (at + len - 1) / PAGE, "slot {slot}: {len} bytes at {at}");
+            }
+        }
+    }
+
+    #[test]
+    fn coverage_of_dma_spans() {
+        let spans = [
+            super::super::Span { host: 0x1000, size: 0x1000, iova: 0 },
+            super::super::Span { host: 0x2000, size: 0x1000, iova: 0x10000 },
+            super::super::Span { host: 0x5000, size: 0x1000, iova: 0x20000 },
+        ];
+        assert!(covered(&spans, 0x1800, 0x1000), "across two adjacent regions");
+        assert!(covered(&spans, 0x5000, 0x1000));
+        assert!(!covered(&spans, 0x2800, 0x1000), "runs into a hole");
+        assert!(!covered(&spans, 0x800, 0x100), "before the first region");
+        assert!(!covered(&spans, u64::MAX - 4, 16), "wraps around");
     }
 }

@@ -16,6 +16,9 @@ use crate::memory::{DmaBuf, DmaPool, HugePages, PoolConfig};
 use crate::queue::{QueueFeatures, Segment, SplitQueue};
 use crate::transport::{Notifier, QueueHandle, RingAddresses, Transport};
 
+/// The device takes any split of header and data across descriptors (legacy devices without
+/// it assume the header is exactly the first descriptor).
+const VIRTIO_F_ANY_LAYOUT: u32 = 27;
 const VIRTIO_F_VERSION_1: u32 = 32;
 const VIRTIO_F_ACCESS_PLATFORM: u32 = 33;
 const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
@@ -78,6 +81,8 @@ pub(super) struct QueueParts {
     pub index: u16,
     pub queue: SplitQueue,
     pub handle: QueueHandle,
+    /// Where the rings are, to set the queue up again after it was stopped.
+    pub rings: RingAddresses,
 }
 
 struct ControlQueue {
@@ -121,6 +126,7 @@ impl ScsiController {
         }
         let offered = transport.device_features()?;
         let wanted = [
+            VIRTIO_F_ANY_LAYOUT,
             VIRTIO_F_VERSION_1,
             VIRTIO_F_ACCESS_PLATFORM,
             VIRTIO_RING_F_INDIRECT_DESC,
@@ -219,7 +225,7 @@ impl ScsiController {
                 used_host: host(a.used)?,
             };
             let handle = transport.setup_queue(index, &rings)?;
-            Ok(QueueParts { index, queue, handle })
+            Ok(QueueParts { index, queue, handle, rings })
         };
         let control = setup(virtio_scsi_proto::CONTROL_QUEUE)?;
         let mut eventq = setup(virtio_scsi_proto::EVENT_QUEUE)?;
@@ -288,6 +294,11 @@ impl ScsiController {
     /// A DMA buffer for long-lived use (JavaScript buffers, bounce buffers): from any pool with
     /// room, growing the memory by one pool when all are full and the limit allows.
     pub fn alloc_dma(&self, len: usize, align: usize) -> Result<DmaBuf, ScsiError> {
+        // Memory given back after close may still be written by a device that was let go
+        // without being quiesced: none of it is handed out again.
+        if self.closed.load(Ordering::Acquire) {
+            return Err(ScsiError::Closed);
+        }
         self.memory.alloc_or_grow(len, align, &self.transport)
     }
 
@@ -359,13 +370,53 @@ impl ScsiController {
         Ok(free.remove(0))
     }
 
-    /// A channel gives its queue back; only an idle queue can serve another channel.
-    pub(super) fn return_queue(&self, parts: QueueParts) {
+    /// A channel gives its queue back. A queue with requests on it (or a broken one) is stopped
+    /// first, so that the device never touches its rings or buffers again; it then serves the
+    /// next channel from a clean state. Returns false when the queue could not be stopped: the
+    /// device may still write into the memory of its requests, so the caller must leak that
+    /// memory, and the queue's own rings are leaked here.
+    pub(super) fn return_queue(&self, mut parts: QueueParts) -> bool {
         if parts.queue.in_flight() == 0 && !parts.queue.is_broken() {
-            let mut free = self.request_queues.lock().unwrap();
-            free.push(parts);
-            free.sort_by_key(|p| p.index);
+            self.park_queue(parts);
+            return true;
         }
+        if self.closed.load(Ordering::Acquire) {
+            // The device was reset and let go on close: nothing of it runs any more.
+            return true;
+        }
+        let mut transport = self.transport.lock().unwrap();
+        let Some(t) = transport.as_mut() else { return true };
+        match t.stop_queue(parts.index) {
+            Ok(true) => {}
+            Ok(false) => {
+                warn!("request queue {} cannot be stopped on its own: its memory is leaked", parts.index);
+                std::mem::forget(parts);
+                return false;
+            }
+            Err(e) => {
+                warn!("stopping request queue {}: {e}; its memory is leaked", parts.index);
+                std::mem::forget(parts);
+                return false;
+            }
+        }
+        let dropped = parts.queue.reset();
+        debug!("request queue {} stopped with {} requests abandoned", parts.index, dropped.len());
+        match t.setup_queue(parts.index, &parts.rings) {
+            Ok(handle) => {
+                parts.handle = handle;
+                drop(transport);
+                self.park_queue(parts);
+            }
+            // Stopped but not restartable: the memory is safe to free, the queue is lost.
+            Err(e) => warn!("request queue {} cannot be set up again: {e}", parts.index),
+        }
+        true
+    }
+
+    fn park_queue(&self, parts: QueueParts) {
+        let mut free = self.request_queues.lock().unwrap();
+        free.push(parts);
+        free.sort_by_key(|p| p.index);
     }
 
     /// Runs a task management function and waits for the device's answer.

@@ -9,10 +9,14 @@ mod controller;
 mod dma;
 mod records;
 
-pub use channel::{HostBuffer, RequestChannel};
+pub use channel::{HostBuffer, RequestChannel, RESPONSE_REFUSED};
 pub use controller::{ControllerInfo, ControllerOptions, ScsiController, ScsiEvent};
 pub use dma::Span;
-pub use records::{CompletionRecord, SubmitRecord, COMPLETION_RECORD_SIZE, SUBMIT_RECORD_SIZE};
+pub use records::{
+    read_write_cdb, CompletionArea, CompletionRecord, DataRef, Direction, SubmitRecord,
+    COMPLETION_RECORD_SIZE, COMPLETION_SLOT_SIZE, FLAG_DATA_ADDRESS, FLAG_FUA, FLAG_LONG_CDB,
+    SUBMIT_RECORD_SIZE,
+};
 
 /// Why a controller or channel operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -120,6 +120,12 @@ pub trait Transport: Send {
     fn setup_queue(&mut self, index: u16, rings: &RingAddresses) -> Result<QueueHandle>;
     /// Declares the driver ready; the device may process queues from now on.
     fn start(&mut self) -> Result<()>;
+    /// Stops one queue, so that the device neither reads its rings nor completes its requests
+    /// any more (vhost-user GET_VRING_BASE); it can then be set up again with `setup_queue`.
+    /// False when the transport cannot stop a single queue.
+    fn stop_queue(&mut self, _index: u16) -> Result<bool> {
+        Ok(false)
+    }
     /// Stops the device and forgets every queue.
     fn reset(&mut self) -> Result<()>;
     /// Returns an error once the device can no longer be reached.
