@@ -9,15 +9,46 @@
  */
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
-/** One request queue, used from one thread. */
+/**
+ * One request queue, used from one thread. Requests go down as packed records (see
+ * `virtio_initiator_core::scsi::records`) in the submission area and come back in the
+ * completion area, both shared with JavaScript, so that one `pump` call moves both ways.
+ */
 export declare class Channel {
   get queueIndex(): number
+  /** Most requests in flight at once; also the record capacity of both areas. */
   get capacity(): number
   get inFlight(): number
-  /** Submits `count` packed request records; returns how many the ring took. */
-  submit(batch: Buffer, count: number, buffers: Array<Buffer | undefined | null>): number
-  /** Writes up to `max` packed completion records into `out`; returns how many. */
+  /** The submission area: `capacity` records of SUBMIT_RECORD_SIZE bytes. */
+  submissionArea(): Buffer
+  /**
+   * The completion area: `capacity` records of COMPLETION_RECORD_SIZE bytes, then one
+   * sense slot of SENSE_SLOT_SIZE bytes per record.
+   */
+  completionArea(): Buffer
+  /**
+   * Submits the first `count` records of the submission area, then reaps completions into
+   * the completion area. Returns `taken * 65536 + completed`. `buffers` is the list that
+   * by-index records name (plain Buffers, bounced through DMA memory); by-address records
+   * need none. Throws only when the controller is closed or failed.
+   */
+  pump(count: number, buffers?: Array<Buffer | undefined | null> | undefined | null): number
+  /** Submits `count` packed records from `batch`; returns how many the ring took. */
+  submit(batch: Buffer, count: number, buffers?: Array<Buffer | undefined | null> | undefined | null): number
+  /**
+   * Writes up to `max` completions into `out` (records, then sense slots, as the
+   * completion area); returns how many.
+   */
   reap(out: Buffer, max: number): number
+  /**
+   * Runs a load from native code alone, with no JavaScript per request: the upper bound
+   * the JavaScript paths are measured against. Blocks the calling thread for its duration.
+   */
+  runLoad(controller: Controller, spec: LoadSpec): LoadResult
+  /**
+   * Gives the queue back. Requests in flight are abandoned; the queue is stopped before
+   * their memory is released, or that memory is never reused.
+   */
   close(): void
 }
 
@@ -35,6 +66,11 @@ export declare class Controller {
   openChannel(): Channel
   /** A Buffer over DMA memory: I/O on it copies nothing. Freed when garbage-collected. */
   allocDmaBuffer(size: number): Buffer
+  /**
+   * The address of a DMA Buffer of this controller in this process (for by-address records),
+   * or -1 when the Buffer is not DMA memory of this controller.
+   */
+  dmaAddress(buffer: Buffer): number
   /** Runs a task management function on the control queue and returns the virtio response. */
   taskManagement(target: number, lun: number, tmf: number, tag?: number | undefined | null): number
   /** Events from the event queue since the last call. */
@@ -52,6 +88,9 @@ export declare function bindVfioPci(address: string): PciDeviceInfo
 
 /** Size of one packed completion record. */
 export declare const COMPLETION_RECORD_SIZE: number
+
+/** Bytes per completion in a completion area: the record and its sense slot. */
+export declare const COMPLETION_SLOT_SIZE: number
 
 export interface ControllerEvent {
   event: number
@@ -95,6 +134,49 @@ export interface ControllerOptions {
 /** Every virtio-scsi PCI function of the system, with its driver and IOMMU group. */
 export declare function listPciDevices(): Array<PciDeviceInfo>
 
+export interface LoadLatency {
+  mean: number
+  p50: number
+  p99: number
+  p999: number
+  max: number
+}
+
+export interface LoadResult {
+  /** Requests completed. */
+  ios: number
+  /** Completions that were not GOOD. */
+  errors: number
+  reads: number
+  writes: number
+  /** Wall time of the run. */
+  seconds: number
+  /** CPU time of the calling thread during the run. */
+  cpuSeconds: number
+  /** Per-request latency in microseconds. */
+  latencyUs: LoadLatency
+}
+
+export interface LoadSpec {
+  target: number
+  lun: number
+  blockSize: number
+  /** Blocks of the device the load may touch, from 0. */
+  blocks: number
+  /** Bytes per request, a multiple of the block size. */
+  ioBytes: number
+  queueDepth: number
+  /** Share of reads in percent (100: reads only, 0: writes only). */
+  readPercent: number
+  /** Random offsets (else sequential, wrapping at the end). */
+  random: boolean
+  /** Stop after this long (seconds) ... */
+  seconds?: number
+  /** ... or after this many requests, whichever comes first. */
+  ios?: number
+  seed?: number
+}
+
 /** Version of the native addon. */
 export declare function nativeVersion(): string
 
@@ -112,6 +194,9 @@ export interface PciDeviceInfo {
   iommuGroup?: number
   numaNode?: number
 }
+
+/** Response code of a completion for a request refused before it reached the device. */
+export declare const RESPONSE_REFUSED: number
 
 /** Size of one packed request record. */
 export declare const SUBMIT_RECORD_SIZE: number
