@@ -28,6 +28,15 @@ export interface TargetOptions {
   queues?: number;
   queueSize?: number;
   maxTarget?: number;
+  /** Busy-poll the request queues (`--poll`) instead of waiting for kicks. */
+  poll?: boolean;
+  /** Poll threads sharing the request queues (`--poll-threads`); needs `poll`. */
+  pollThreads?: number;
+  /**
+   * Run in a process group of its own, so that a Ctrl-C at the terminal reaches only the
+   * parent, which then stops the target when it is done with it.
+   */
+  detached?: boolean;
   /** binary to run; default defaultTargetBinary(). */
   binary?: string;
   /** how long to wait for the sockets to appear. */
@@ -122,6 +131,8 @@ export function targetArgs(opts: TargetOptions): string[] {
   if (opts.queues !== undefined) args.push('--queues', String(opts.queues));
   if (opts.queueSize !== undefined) args.push('--queue-size', String(opts.queueSize));
   if (opts.maxTarget !== undefined) args.push('--max-target', String(opts.maxTarget));
+  if (opts.poll === true) args.push('--poll');
+  if (opts.pollThreads !== undefined) args.push('--poll-threads', String(opts.pollThreads));
   return args;
 }
 
@@ -131,6 +142,7 @@ export async function startTarget(opts: TargetOptions): Promise<TargetProcess> {
   const child = spawn(binary, targetArgs(opts), {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, ...opts.env },
+    detached: opts.detached === true,
   });
   const target = new TargetProcess(child, opts.socket, opts.control);
   const spawnError = new Promise<Error>((resolve) => child.once('error', resolve));
@@ -172,7 +184,11 @@ export interface LunInfo {
   read_only: boolean;
 }
 
-export type Fault = 'check_condition' | 'busy' | 'task_set_full' | 'delay' | 'never';
+/**
+ * Injectable faults. `delay` and `late` take `ms` in the extra fields; `corrupt` returns READ
+ * data with the first byte of every 512 flipped and GOOD status.
+ */
+export type Fault = 'check_condition' | 'busy' | 'task_set_full' | 'delay' | 'late' | 'never' | 'corrupt';
 
 export type ControlResponse = { ok: true } & Record<string, unknown>;
 

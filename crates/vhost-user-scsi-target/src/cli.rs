@@ -21,6 +21,10 @@ options:
   --queues N           request queues (default 1, at most 64)
   --queue-size N       entries per queue, a power of two up to 1024 (default 256)
   --max-target N       highest target id in the config space (default: highest configured)
+  --poll               busy-poll the request queues instead of waiting for kicks; the driver
+                       is told not to kick, and each poll thread keeps a CPU busy while a
+                       frontend has rings running
+  --poll-threads N     poll threads sharing the request queues (default 1, at most --queues)
   -v, --verbose        log each request (RUST_LOG=debug works too)
   -h, --help           this text
 ";
@@ -33,6 +37,8 @@ pub struct Args {
     pub queues: u16,
     pub queue_size: u16,
     pub max_target: Option<u8>,
+    /// Poll threads, when the request queues are polled.
+    pub poll_threads: Option<u16>,
     pub verbose: bool,
 }
 
@@ -51,6 +57,8 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<(Parsed, Option<A
     let mut queues = 1u16;
     let mut queue_size = 256u16;
     let mut max_target = None;
+    let mut poll = false;
+    let mut poll_threads = None;
     let mut verbose = false;
     while let Some(arg) = it.next() {
         let (name, inline) = match arg.split_once('=') {
@@ -93,6 +101,21 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<(Parsed, Option<A
                     v.parse().map_err(|_| format!("--max-target: '{v}' is not a number from 0 to 255"))?,
                 );
             }
+            "--poll" => {
+                if inline.is_some() {
+                    return Err("--poll takes no value (use --poll-threads N for the thread count)".into());
+                }
+                poll = true;
+            }
+            "--poll-threads" => {
+                let v = value("a number")?;
+                poll_threads = Some(
+                    v.parse::<u16>()
+                        .ok()
+                        .filter(|&n| n >= 1)
+                        .ok_or_else(|| format!("--poll-threads: '{v}' is not a number of at least 1"))?,
+                );
+            }
             other => return Err(format!("unknown argument '{other}' (see --help)")),
         }
     }
@@ -109,7 +132,22 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<(Parsed, Option<A
             return Err(format!("--max-target {m} is below the highest configured target {highest}"));
         }
     }
-    Ok((Parsed::Run, Some(Args { socket, control, luns, queues, queue_size, max_target, verbose })))
+    let poll_threads = match (poll, poll_threads) {
+        (false, Some(_)) => return Err("--poll-threads needs --poll".into()),
+        (false, None) => None,
+        (true, None) => Some(1),
+        (true, Some(n)) if n > queues => {
+            return Err(format!(
+                "--poll-threads {n} is more than the {queues} request queue(s): each thread needs a queue \
+                 (raise --queues or lower --poll-threads)"
+            ))
+        }
+        (true, Some(n)) => Some(n),
+    };
+    Ok((
+        Parsed::Run,
+        Some(Args { socket, control, luns, queues, queue_size, max_target, poll_threads, verbose }),
+    ))
 }
 
 #[cfg(test)]
@@ -151,5 +189,31 @@ mod tests {
         assert!(run(&["--socket", "s", "--lun", "3:0:ram:1M", "--max-target", "1"])
             .unwrap_err()
             .contains("below"));
+    }
+
+    #[test]
+    fn poll_options() {
+        assert_eq!(run(&["--socket", "s"]).unwrap().poll_threads, None);
+        assert_eq!(run(&["--socket", "s", "--poll"]).unwrap().poll_threads, Some(1));
+        let a = run(&["--socket", "s", "--poll-threads", "3", "--poll", "--queues", "4"]).unwrap();
+        assert_eq!((a.poll_threads, a.queues), (Some(3), 4));
+        let a = run(&["--socket", "s", "--queues=2", "--poll", "--poll-threads=2"]).unwrap();
+        assert_eq!(a.poll_threads, Some(2));
+    }
+
+    #[test]
+    fn poll_errors_name_the_argument() {
+        let e = run(&["--socket", "s", "--poll-threads", "1"]).unwrap_err();
+        assert_eq!(e, "--poll-threads needs --poll");
+        let e = run(&["--socket", "s", "--poll", "--poll-threads", "0"]).unwrap_err();
+        assert!(e.starts_with("--poll-threads: '0' is not a number"), "{e}");
+        let e = run(&["--socket", "s", "--poll", "--poll-threads", "many"]).unwrap_err();
+        assert!(e.starts_with("--poll-threads: 'many'"), "{e}");
+        let e = run(&["--socket", "s", "--poll", "--poll-threads", "3", "--queues", "2"]).unwrap_err();
+        assert!(e.starts_with("--poll-threads 3 is more than the 2 request queue(s)"), "{e}");
+        assert!(run(&["--socket", "s", "--poll", "--poll-threads"])
+            .unwrap_err()
+            .contains("--poll-threads needs"));
+        assert!(run(&["--socket", "s", "--poll=2"]).unwrap_err().starts_with("--poll takes no value"));
     }
 }

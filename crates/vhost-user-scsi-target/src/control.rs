@@ -77,7 +77,9 @@ enum FaultKind {
     Busy,
     TaskSetFull,
     Delay,
+    Late,
     Never,
+    Corrupt,
 }
 
 /// Everything a control request may touch.
@@ -175,7 +177,9 @@ impl Control {
                     FaultKind::Busy => Fault::Busy,
                     FaultKind::TaskSetFull => Fault::TaskSetFull,
                     FaultKind::Delay => Fault::Delay(Duration::from_millis(ms)),
+                    FaultKind::Late => Fault::Late(Duration::from_millis(ms)),
                     FaultKind::Never => Fault::Never,
+                    FaultKind::Corrupt => Fault::Corrupt,
                 };
                 bus.inject(LunAddress::new(target, lun), fault, count).map_err(|e| e.to_string())?;
                 Ok(json!({}))
@@ -204,4 +208,66 @@ fn config_json(backend: &ScsiBackend) -> Value {
         "max_target": c.max_target,
         "max_lun": c.max_lun,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use virtio_scsi_proto::scsi::opcode;
+
+    use super::*;
+    use crate::device::DeviceOptions;
+    use crate::scsi::testutil::{clear_ua, ram_bus, run, rw10};
+    use crate::scsi::{Action, CORRUPT_INTERVAL};
+
+    fn control() -> Control {
+        let bus = Arc::new(ram_bus(&[(0, 0, 1 << 20, 512)]));
+        let opts = DeviceOptions { request_queues: 1, queue_size: 16, poll_threads: None };
+        Control {
+            backend: ScsiBackend::new(bus, opts),
+            socket: PathBuf::from("/nonexistent"),
+            listener_fd: -1,
+        }
+    }
+
+    const A: LunAddress = LunAddress::new(0, 0);
+
+    #[test]
+    fn inject_late_and_corrupt() {
+        let ctl = control();
+        let bus = ctl.backend.bus().clone();
+        clear_ua(&bus, A);
+        let data: Vec<u8> = (0..1024).map(|i| (i % 251) as u8).collect();
+        assert_eq!(run(&bus, A, &rw10(opcode::WRITE_10, 0, 2), &data, 0).0.status, 0);
+
+        let r = ctl.handle_line(r#"{"op":"inject","target":0,"lun":0,"fault":"late","ms":25,"count":2}"#);
+        assert_eq!(r, Ok(json!({})));
+        for _ in 0..2 {
+            let (c, d) = run(&bus, A, &rw10(opcode::READ_10, 0, 2), &[], 1024);
+            assert_eq!((c.status, c.action), (0, Action::Late(Duration::from_millis(25))));
+            assert_eq!(d, data);
+        }
+        assert_eq!(run(&bus, A, &rw10(opcode::READ_10, 0, 2), &[], 1024).0.action, Action::Now);
+
+        ctl.handle_line(r#"{"op":"inject","target":0,"lun":0,"fault":"corrupt"}"#).unwrap();
+        let (c, d) = run(&bus, A, &rw10(opcode::READ_10, 0, 2), &[], 1024);
+        assert_eq!((c.status, c.action), (0, Action::Now));
+        let flipped: Vec<usize> = (0..1024).filter(|&i| d[i] != data[i]).collect();
+        assert_eq!(flipped, vec![0, CORRUPT_INTERVAL]);
+        assert!(flipped.iter().all(|&i| d[i] == data[i] ^ 0xff));
+        assert_eq!(run(&bus, A, &rw10(opcode::READ_10, 0, 2), &[], 1024).1, data, "count 1 is used up");
+    }
+
+    #[test]
+    fn inject_errors_are_clear() {
+        let ctl = control();
+        let e = ctl.handle_line(r#"{"op":"inject","target":0,"lun":0,"fault":"tardy"}"#).unwrap_err();
+        assert!(e.contains("unknown variant `tardy`") && e.contains("`late`"), "{e}");
+        let e = ctl.handle_line(r#"{"op":"inject","target":0,"lun":5,"fault":"corrupt"}"#).unwrap_err();
+        assert_eq!(e, "LUN 0:5 does not exist");
+        let e =
+            ctl.handle_line(r#"{"op":"inject","target":0,"lun":0,"fault":"late","ms":"soon"}"#).unwrap_err();
+        assert!(e.starts_with("bad request:"), "{e}");
+    }
 }

@@ -43,7 +43,11 @@ fn run(args: cli::Args) -> Result<(), String> {
         let (t, l) = (spec.addr.target, spec.addr.lun);
         bus.add(spec.addr, spec.cfg).map_err(|e| format!("--lun {t}:{l}: {e}"))?;
     }
-    let opts = DeviceOptions { request_queues: args.queues, queue_size: args.queue_size };
+    let opts = DeviceOptions {
+        request_queues: args.queues,
+        queue_size: args.queue_size,
+        poll_threads: args.poll_threads,
+    };
     let backend = ScsiBackend::new(bus.clone(), opts);
 
     let server = Server::bind(&args.socket).map_err(|e| e.to_string())?;
@@ -68,6 +72,7 @@ fn run(args: cli::Args) -> Result<(), String> {
             "control": args.control,
             "queues": args.queues,
             "queue_size": args.queue_size,
+            "poll_threads": args.poll_threads,
             "luns": luns,
         })
     );

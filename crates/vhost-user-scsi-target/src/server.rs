@@ -8,8 +8,6 @@ use std::path::{Path, PathBuf};
 
 use log::{info, warn};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::device::ScsiBackend;
 
@@ -49,13 +47,7 @@ impl Server {
         loop {
             let clone = self.listener.try_clone().map_err(|e| ServerError::Daemon(e.to_string()))?;
             let mut listener = Listener::from(clone);
-            backend.begin_connection();
-            let mut daemon = VhostUserDaemon::new(
-                "vhost-user-scsi".into(),
-                backend.clone(),
-                GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-            )
-            .map_err(|e| ServerError::Daemon(e.to_string()))?;
+            let mut daemon = backend.new_daemon().map_err(|e| ServerError::Daemon(e.to_string()))?;
             daemon.start(&mut listener).map_err(|e| ServerError::Daemon(e.to_string()))?;
             info!("frontend connected");
             match daemon.wait() {

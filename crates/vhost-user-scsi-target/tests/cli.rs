@@ -28,9 +28,18 @@ fn usage_errors_exit_2_and_name_the_argument() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--queue-size"), "{}", stderr(&o));
 
+    let o = run(&["--socket", "/tmp/x.sock", "--poll-threads", "2"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--poll-threads needs --poll"), "{}", stderr(&o));
+
+    let o = run(&["--socket", "/tmp/x.sock", "--poll", "--poll-threads", "2"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--poll-threads 2 is more than the 1 request queue(s)"), "{}", stderr(&o));
+
     let o = run(&["--help"]);
     assert!(o.status.success());
-    assert!(String::from_utf8_lossy(&o.stdout).contains("--lun SPEC"));
+    let usage = String::from_utf8_lossy(&o.stdout);
+    assert!(usage.contains("--lun SPEC") && usage.contains("--poll-threads N"), "{usage}");
 }
 
 #[test]

@@ -14,8 +14,8 @@ use super::{Inner, MemGuard};
 const SUPPORTED_AN: u32 = an::OPERATIONAL_CHANGE | an::MEDIA_CHANGE;
 
 impl Inner {
-    pub(super) fn process_control(&self, vring: &VringRwLock, mem: &MemGuard) -> io::Result<()> {
-        self.drain(vring, mem, |_, segs| Some(self.control_request(&segs, mem)))
+    pub(super) fn process_control(&self, vring: &VringRwLock) -> io::Result<()> {
+        self.drain(vring, |mem, _, segs| Some(self.control_request(&segs, mem)))
     }
 
     /// Handles one control request and returns the used length.
@@ -54,30 +54,22 @@ impl Inner {
         info!("task management {} on {addr:?} tag {}", req.subtype, req.tag);
         match req.subtype {
             tmf::ABORT_TASK => {
-                for h in self.deferred.take(|h| h.addr == addr && h.tag == req.tag) {
-                    self.complete(h, Some(response::ABORTED));
-                }
+                self.cancel_held(|h| h.addr == addr && h.tag == req.tag, response::ABORTED);
                 response::OK
             }
             tmf::ABORT_TASK_SET | tmf::CLEAR_TASK_SET => {
-                for h in self.deferred.take(|h| h.addr == addr) {
-                    self.complete(h, Some(response::ABORTED));
-                }
+                self.cancel_held(|h| h.addr == addr, response::ABORTED);
                 response::OK
             }
             tmf::LOGICAL_UNIT_RESET => {
-                for h in self.deferred.take(|h| h.addr == addr) {
-                    self.complete(h, Some(response::RESET));
-                }
+                self.cancel_held(|h| h.addr == addr, response::RESET);
                 match self.bus.lun_reset(addr) {
                     Ok(()) => response::OK,
                     Err(_) => response::INCORRECT_LUN,
                 }
             }
             tmf::I_T_NEXUS_RESET => {
-                for h in self.deferred.take(|h| h.addr.target == addr.target) {
-                    self.complete(h, Some(response::RESET));
-                }
+                self.cancel_held(|h| h.addr.target == addr.target, response::RESET);
                 self.bus.nexus_reset(addr.target);
                 response::OK
             }

@@ -2,27 +2,35 @@
 //! the dispatch of queue notifications to the control, event and request queue handlers.
 //!
 //! Queue 0 is the control queue and queue 1 the event queue; both are served by worker thread 0.
-//! Every request queue has a worker thread of its own, so queues never contend for a thread.
+//! Every request queue has a worker thread of its own, so queues never contend for a thread; in
+//! poll mode the request queues are busy-polled by threads of our own instead (`poll`).
 
 mod control_queue;
 mod deferred;
 mod events;
+mod poll;
 mod request;
 pub mod segments;
 mod stats;
+mod vring;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
 
 use log::warn;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueOwnedT;
-use virtio_scsi_proto::{feature, Config, Event, LunAddress, CDB_SIZE, SENSE_SIZE};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use virtio_bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_AVAIL_F_NO_INTERRUPT,
+};
+use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_scsi_proto::{feature, Config, Event, LunAddress, CDB_SIZE, FIRST_REQUEST_QUEUE, SENSE_SIZE};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
@@ -30,6 +38,7 @@ use crate::scsi::Bus;
 pub use deferred::Deferred;
 pub use events::EventQueue;
 pub use stats::{QueueStats, QueueStatsSnapshot};
+pub use vring::ScsiVring;
 
 pub type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
@@ -42,6 +51,8 @@ pub const MAX_QUEUE_SIZE: u16 = 1024;
 pub struct DeviceOptions {
     pub request_queues: u16,
     pub queue_size: u16,
+    /// Busy-poll the request queues with this many threads instead of waiting for kicks.
+    pub poll_threads: Option<u16>,
 }
 
 /// The vhost-user backend. Cheap to clone: every clone shares one device state, and each new
@@ -57,15 +68,64 @@ struct Inner {
     mem: RwLock<Option<Memory>>,
     event_idx: AtomicBool,
     acked_features: AtomicU64,
-    /// Vrings of the current connection by queue index, learnt from the worker threads as they
-    /// first run: the backend crate owns them and hands them out only to `handle_event`.
-    vrings: Mutex<Vec<Option<VringRwLock>>>,
+    /// The current connection's vrings by queue index.
+    rings: Vec<RingSlot>,
     /// Notifiers that stop this connection's worker threads.
     exits: Mutex<Vec<EventNotifier>>,
     events: EventQueue,
     deferred: Deferred,
     an_subscribed: AtomicU32,
     stats: Vec<QueueStats>,
+    /// Wakes idle poll threads when a ring may have become ready to serve.
+    poll_wake: Wake,
+}
+
+/// One queue's vring. Its lock is held while the ring is served (by a worker or a poll
+/// thread, or to complete a held request) and while the frontend changes how it is served
+/// (start, stop, enable, addresses), so a change never lands in the middle of a pass and a
+/// stop waits for the pass in progress.
+#[derive(Default)]
+struct RingSlot {
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    ring: Option<VringRwLock>,
+    /// Bumped on every change, so a poll thread knows to set the ring up again.
+    generation: u64,
+}
+
+/// A counter with a condition variable: waiters sleep until it moves.
+#[derive(Default)]
+struct Wake {
+    seq: Mutex<u64>,
+    cond: Condvar,
+}
+
+impl Wake {
+    fn seq(&self) -> u64 {
+        *self.seq.lock().unwrap()
+    }
+
+    fn bump(&self) {
+        *self.seq.lock().unwrap() += 1;
+        self.cond.notify_all();
+    }
+
+    /// Sleeps until the counter moves past `seen`, at most `timeout`.
+    fn wait(&self, seen: u64, timeout: Duration) {
+        let seq = self.seq.lock().unwrap();
+        if *seq == seen {
+            drop(self.cond.wait_timeout(seq, timeout).unwrap());
+        }
+    }
+}
+
+/// Whether a ring is started and enabled: only then may the device use it.
+fn ring_live(ring: &VringRwLock) -> bool {
+    let state = ring.get_ref();
+    state.get_queue().ready() && state.is_enabled()
 }
 
 impl ScsiBackend {
@@ -77,14 +137,18 @@ impl ScsiBackend {
             mem: RwLock::new(None),
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
-            vrings: Mutex::new(vec![None; queues]),
+            rings: (0..queues).map(|_| RingSlot::default()).collect(),
             exits: Mutex::new(Vec::new()),
             events: EventQueue::default(),
             deferred: Deferred::default(),
             an_subscribed: AtomicU32::new(0),
             stats: (0..opts.request_queues).map(|_| QueueStats::default()).collect(),
+            poll_wake: Wake::default(),
         });
         Deferred::start_timer(&inner);
+        if let Some(threads) = opts.poll_threads {
+            poll::start(&inner, threads);
+        }
         ScsiBackend { inner }
     }
 
@@ -108,12 +172,29 @@ impl ScsiBackend {
         }
     }
 
+    /// The daemon for the next frontend connection, with this device's state reset for it
+    /// and the vrings it creates bound to the device.
+    pub fn new_daemon(&self) -> Result<VhostUserDaemon<ScsiBackend>, vhost_user_backend::Error> {
+        self.begin_connection();
+        vring::bind(&self.inner, || {
+            VhostUserDaemon::new(
+                "vhost-user-scsi".into(),
+                self.clone(),
+                GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            )
+        })
+    }
+
     /// Forgets everything tied to the previous frontend: its memory, vrings, held requests and
     /// undelivered events. The LUNs see an I_T nexus loss, as SAM requires.
-    pub fn begin_connection(&self) {
+    fn begin_connection(&self) {
         let inner = &self.inner;
         *inner.mem.write().unwrap() = None;
-        inner.vrings.lock().unwrap().iter_mut().for_each(|v| *v = None);
+        for slot in &inner.rings {
+            let mut st = slot.state.lock().unwrap();
+            st.ring = None;
+            st.generation += 1;
+        }
         inner.deferred.clear();
         inner.events.clear();
         inner.an_subscribed.store(0, Ordering::Relaxed);
@@ -122,12 +203,21 @@ impl ScsiBackend {
         }
     }
 
-    /// Stops the worker threads of the connection that just ended.
+    /// Ends the connection that just went away: stops its worker threads and lets go of its
+    /// vrings. What the device still holds is dropped, not finished: the frontend is gone (or
+    /// about to be), and writing into its memory now could land in memory it already reuses.
     pub fn end_connection(&self) {
-        for n in self.inner.exits.lock().unwrap().drain(..) {
+        let inner = &self.inner;
+        for n in inner.exits.lock().unwrap().drain(..) {
             let _ = n.notify();
         }
-        self.inner.deferred.clear();
+        for slot in inner.rings.iter() {
+            let mut st = slot.state.lock().unwrap();
+            st.ring = None;
+            st.generation += 1;
+        }
+        inner.deferred.clear();
+        inner.poll_wake.bump();
     }
 
     /// Posts an event for the frontend; it is delivered as soon as the driver has an event
@@ -165,14 +255,59 @@ impl Inner {
         self.mem.read().unwrap().as_ref().map(|m| m.memory())
     }
 
-    fn vring(&self, queue: u16) -> Option<VringRwLock> {
-        self.vrings.lock().unwrap().get(queue as usize).cloned().flatten()
+    fn polling(&self) -> bool {
+        self.opts.poll_threads.is_some()
+    }
+
+    /// Runs `f` on queue `queue`'s vring and its generation, under the ring's slot lock.
+    /// `None` when the connection has no such ring.
+    fn with_ring<R>(&self, queue: u16, f: impl FnOnce(&VringRwLock, u64) -> R) -> Option<R> {
+        let st = self.rings.get(queue as usize)?.state.lock().unwrap();
+        let ring = st.ring.as_ref()?;
+        Some(f(ring, st.generation))
+    }
+
+    /// A vring of a new connection is created.
+    fn attach_ring(&self, queue: u16, ring: VringRwLock) {
+        if let Some(slot) = self.rings.get(queue as usize) {
+            let mut st = slot.state.lock().unwrap();
+            st.ring = Some(ring);
+            st.generation += 1;
+        }
+    }
+
+    /// Applies a frontend's change to how queue `queue` is served, between passes.
+    fn change_ring(&self, queue: u16, f: impl FnOnce()) {
+        match self.rings.get(queue as usize) {
+            Some(slot) => {
+                let mut st = slot.state.lock().unwrap();
+                f();
+                st.generation += 1;
+            }
+            None => f(),
+        }
+        self.deferred.wake();
+        self.poll_wake.bump();
+    }
+
+    /// Stops queue `queue` (GET_VRING_BASE): waits for a pass in progress, finishes what the
+    /// device holds on the ring, then marks it stopped.
+    fn stop_ring(&self, queue: u16, ring: &VringRwLock) {
+        self.change_ring(queue, || {
+            if let Some(rq) = queue.checked_sub(FIRST_REQUEST_QUEUE) {
+                self.drain_held(rq, ring);
+            }
+            ring.set_queue_ready(false);
+        });
     }
 
     fn flush_events(&self) {
-        if let (Some(vring), Some(mem)) = (self.vring(virtio_scsi_proto::EVENT_QUEUE), self.memory()) {
-            self.events.deliver(&vring, &mem);
-        }
+        let Some(mem) = self.memory() else { return };
+        self.with_ring(virtio_scsi_proto::EVENT_QUEUE, |ring, _| {
+            if ring_live(ring) {
+                self.events.deliver(ring, &mem);
+            }
+        });
     }
 
     /// Serves every chain the driver has made available, with EVENT_IDX notification
@@ -181,30 +316,14 @@ impl Inner {
     fn drain(
         &self,
         vring: &VringRwLock,
-        mem: &MemGuard,
-        mut serve: impl FnMut(u16, segments::Segments) -> Option<u32>,
+        mut serve: impl FnMut(&MemGuard, u16, segments::Segments) -> Option<u32>,
     ) -> io::Result<()> {
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         loop {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
-            let chains: Vec<_> = {
-                let mut state = vring.get_mut();
-                state.get_queue_mut().iter(mem.clone()).map_err(io::Error::other)?.collect()
-            };
-            let mut completed = false;
-            for chain in chains {
-                let head = chain.head_index();
-                let segs = segments::Segments::from_descriptors(
-                    chain.map(|d| (d.addr(), d.len(), d.is_write_only())),
-                );
-                if let Some(len) = serve(head, segs) {
-                    vring.add_used(head, len).map_err(io::Error::other)?;
-                    completed = true;
-                }
-            }
-            if completed {
+            if self.serve_available(vring, &mut serve)?.is_some() {
                 Inner::notify(vring);
             }
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
@@ -213,23 +332,79 @@ impl Inner {
         }
     }
 
+    /// Serves the chains available now. Returns the memory they were served with when any
+    /// went on the used ring.
+    fn serve_available(
+        &self,
+        vring: &VringRwLock,
+        mut serve: impl FnMut(&MemGuard, u16, segments::Segments) -> Option<u32>,
+    ) -> io::Result<Option<MemGuard>> {
+        let no_memory = || io::Error::other("a ring is in use before SET_MEM_TABLE");
+        {
+            let mem = self.memory().ok_or_else(no_memory)?;
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            if queue.avail_idx(&*mem, Ordering::Acquire).map_err(io::Error::other)?.0 == queue.next_avail() {
+                return Ok(None);
+            }
+        }
+        // Loaded only once a request is seen: a driver publishes after the memory update (ADD_MEM_REG,
+        // SET_MEM_TABLE) that its buffers need has been acknowledged, so this load has it.
+        let mem = self.memory().ok_or_else(no_memory)?;
+        let chains: Vec<_> = {
+            let mut state = vring.get_mut();
+            state.get_queue_mut().iter(mem.clone()).map_err(io::Error::other)?.collect()
+        };
+        let mut completed = false;
+        for chain in chains {
+            let head = chain.head_index();
+            let segs =
+                segments::Segments::from_descriptors(chain.map(|d| (d.addr(), d.len(), d.is_write_only())));
+            if let Some(len) = serve(&mem, head, segs) {
+                vring.add_used(head, len).map_err(io::Error::other)?;
+                completed = true;
+            }
+        }
+        Ok(completed.then_some(mem))
+    }
+
     /// Signals the driver if the ring's notification rules ask for it.
     fn notify(vring: &VringRwLock) {
         match vring.needs_notification() {
-            Ok(true) => {
-                if let Err(e) = vring.signal_used_queue() {
-                    warn!("cannot signal used queue: {e}");
-                }
-            }
+            Ok(true) => Inner::signal(vring),
             Ok(false) => {}
             Err(e) => warn!("cannot read notification state: {e}"),
+        }
+    }
+
+    fn signal(vring: &VringRwLock) {
+        if let Err(e) = vring.signal_used_queue() {
+            warn!("cannot signal used queue: {e}");
+        }
+    }
+
+    /// Signals the driver after request completions. Without EVENT_IDX virtio-queue signals
+    /// every time; a polled ring honours VRING_AVAIL_F_NO_INTERRUPT too, so that in poll mode
+    /// the call eventfd is signalled only when the driver asks. Event-driven rings keep the
+    /// crate's behaviour.
+    fn notify_request(&self, vring: &VringRwLock, mem: &MemGuard) {
+        if !self.polling() || vring.get_ref().get_queue().event_idx_enabled() {
+            return Inner::notify(vring);
+        }
+        // The used index must be visible before the driver's flags are read.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let avail = vring.get_ref().get_queue().avail_ring();
+        match mem.load::<u16>(GuestAddress(avail), Ordering::Acquire) {
+            Ok(flags) if u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 != 0 => {}
+            Ok(_) => Inner::signal(vring),
+            Err(e) => warn!("cannot read the available ring's flags: {e}"),
         }
     }
 }
 
 impl VhostUserBackend for ScsiBackend {
     type Bitmap = ();
-    type Vring = VringRwLock;
+    type Vring = ScsiVring;
 
     fn num_queues(&self) -> usize {
         2 + self.inner.opts.request_queues as usize
@@ -261,7 +436,12 @@ impl VhostUserBackend for ScsiBackend {
             | VhostUserProtocolFeatures::RESET_DEVICE
     }
 
+    /// RESET_DEVICE: the crate has disabled every ring; what the device holds is finished now,
+    /// before the reply, as a stop of each ring would.
     fn reset_device(&self) {
+        for rq in 0..self.inner.opts.request_queues {
+            self.inner.with_ring(FIRST_REQUEST_QUEUE + rq, |ring, _| self.inner.drain_held(rq, ring));
+        }
         self.inner.deferred.clear();
         self.inner.events.clear();
     }
@@ -285,12 +465,17 @@ impl VhostUserBackend for ScsiBackend {
 
     fn update_memory(&self, mem: Memory) -> io::Result<()> {
         *self.inner.mem.write().unwrap() = Some(mem);
+        self.inner.poll_wake.bump();
         Ok(())
     }
 
+    /// Thread 0 serves the control and event queues. Each request queue gets a thread of its
+    /// own, except in poll mode: there no thread of the crate waits on their kicks.
     fn queues_per_thread(&self) -> Vec<u64> {
         let mut masks = vec![0b11];
-        masks.extend((0..self.inner.opts.request_queues).map(|q| 1u64 << (2 + q)));
+        if !self.inner.polling() {
+            masks.extend((0..self.inner.opts.request_queues).map(|q| 1u64 << (2 + q)));
+        }
         masks
     }
 
@@ -304,7 +489,7 @@ impl VhostUserBackend for ScsiBackend {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        _vrings: &[ScsiVring],
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
@@ -315,27 +500,24 @@ impl VhostUserBackend for ScsiBackend {
         }
         // Thread 0 serves queues 0 and 1; thread k serves request queue k - 1 (queue index k + 1).
         let queue = if thread_id == 0 { device_event } else { thread_id as u16 + 1 };
-        let vring = vrings
-            .get(device_event as usize)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "event for an unknown vring"))?;
-        {
-            let mut known = self.inner.vrings.lock().unwrap();
-            if let Some(slot) = known.get_mut(queue as usize) {
-                if slot.is_none() {
-                    *slot = Some(vring.clone());
-                }
-            }
-        }
         let Some(mem) = self.inner.memory() else {
             return Err(io::Error::other("queue notification before SET_MEM_TABLE"));
         };
-        match queue {
-            virtio_scsi_proto::CONTROL_QUEUE => self.inner.process_control(vring, &mem),
-            virtio_scsi_proto::EVENT_QUEUE => {
-                self.inner.events.deliver(vring, &mem);
-                Ok(())
+        let inner = &self.inner;
+        let served = inner.with_ring(queue, |vring, _| {
+            if !ring_live(vring) {
+                // A kick that was pending when the ring was stopped or disabled.
+                return Ok(());
             }
-            q => self.inner.process_requests(q - virtio_scsi_proto::FIRST_REQUEST_QUEUE, vring, &mem),
-        }
+            match queue {
+                virtio_scsi_proto::CONTROL_QUEUE => inner.process_control(vring),
+                virtio_scsi_proto::EVENT_QUEUE => {
+                    inner.events.deliver(vring, &mem);
+                    Ok(())
+                }
+                q => inner.process_requests(q - FIRST_REQUEST_QUEUE, vring),
+            }
+        });
+        served.unwrap_or_else(|| Err(io::Error::other(format!("queue {queue} has no vring"))))
     }
 }

@@ -21,11 +21,27 @@ enum Outcome {
 }
 
 impl Inner {
-    pub(super) fn process_requests(&self, rq: u16, vring: &VringRwLock, mem: &MemGuard) -> io::Result<()> {
-        self.drain(vring, mem, |head, segs| match self.execute(rq, head, segs, mem) {
+    /// Serves a request queue after a kick.
+    pub(super) fn process_requests(&self, rq: u16, vring: &VringRwLock) -> io::Result<()> {
+        self.drain(vring, |mem, head, segs| self.serve_request(rq, head, segs, mem))
+    }
+
+    /// Serves what a polled request queue has available now, without touching its
+    /// notification state.
+    pub(super) fn poll_requests(&self, rq: u16, vring: &VringRwLock) -> io::Result<()> {
+        if let Some(mem) =
+            self.serve_available(vring, |mem, head, segs| self.serve_request(rq, head, segs, mem))?
+        {
+            self.notify_request(vring, &mem);
+        }
+        Ok(())
+    }
+
+    fn serve_request(&self, rq: u16, head: u16, segs: Segments, mem: &MemGuard) -> Option<u32> {
+        match self.execute(rq, head, segs, mem) {
             Outcome::Done(len) => Some(len),
             Outcome::Deferred => None,
-        })
+        }
     }
 
     fn execute(&self, rq: u16, head: u16, segs: Segments, mem: &MemGuard) -> Outcome {
@@ -61,7 +77,7 @@ impl Inner {
         };
 
         let out = GuestDataOut { mem: &**mem, stream: &segs.readable, skip: CmdRequest::SIZE };
-        let mut inp = GuestDataIn { mem: &**mem, stream: &segs.writable, skip: CmdResponse::SIZE };
+        let mut inp = GuestDataIn::new(&**mem, &segs.writable, CmdResponse::SIZE);
         let Some(done) = self.bus.execute(addr, &req.cdb, &out, &mut inp) else {
             return respond(
                 &segs,
@@ -75,6 +91,7 @@ impl Inner {
         use crate::scsi::DataIn as _;
         use crate::scsi::DataOut as _;
         let in_cap = inp.capacity();
+        let held_data = inp.take_held();
         let resid = if in_cap > 0 {
             in_cap - done.data_in_len.min(in_cap)
         } else if done.status != status::GOOD {
@@ -103,6 +120,12 @@ impl Inner {
                 }
                 deferred => deferred,
             },
+            Action::Late(delay) => {
+                let data_in_len = done.data_in_len;
+                let held = Held::late(rq, head, addr, req.tag, segs, resp, held_data, data_in_len, delay);
+                self.deferred.hold(held);
+                Outcome::Deferred
+            }
             Action::Never => {
                 self.deferred.hold(Held::forever(rq, head, addr, req.tag, segs));
                 Outcome::Deferred

@@ -97,6 +97,17 @@ impl Stream {
             mem.write_slice(&src[r], addr).map_err(|e| DataError::Memory(e.to_string()))
         })
     }
+
+    /// Whether `[offset, offset + n)` lies within the stream and in mapped memory.
+    pub fn check<M: GuestMemory>(&self, mem: &M, offset: usize, n: usize) -> Result<(), DataError> {
+        self.for_each_piece(offset, n, |addr, r| {
+            if mem.check_range(addr, r.len()) {
+                Ok(())
+            } else {
+                Err(DataError::Memory(format!("{} bytes at {:#x} are not in shared memory", r.len(), addr.0)))
+            }
+        })
+    }
 }
 
 /// The data-out part of a request: the readable stream past the request header.
@@ -121,6 +132,19 @@ pub struct GuestDataIn<'a, M> {
     pub mem: &'a M,
     pub stream: &'a Stream,
     pub skip: usize,
+    /// Writes kept aside, by offset, once the command asked to hold them back.
+    pub held: Option<Vec<(usize, Vec<u8>)>>,
+}
+
+impl<'a, M: GuestMemory> GuestDataIn<'a, M> {
+    pub fn new(mem: &'a M, stream: &'a Stream, skip: usize) -> Self {
+        GuestDataIn { mem, stream, skip, held: None }
+    }
+
+    /// The writes held back so far, to be written with [`Stream::write`] at `skip + offset`.
+    pub fn take_held(&mut self) -> Vec<(usize, Vec<u8>)> {
+        self.held.take().unwrap_or_default()
+    }
 }
 
 impl<M: GuestMemory> DataIn for GuestDataIn<'_, M> {
@@ -129,7 +153,17 @@ impl<M: GuestMemory> DataIn for GuestDataIn<'_, M> {
     }
 
     fn write_at(&mut self, offset: usize, src: &[u8]) -> Result<(), DataError> {
-        self.stream.write(self.mem, self.skip + offset, src)
+        let Some(held) = self.held.as_mut() else {
+            return self.stream.write(self.mem, self.skip + offset, src);
+        };
+        // Fail now, as a direct write would, rather than when the bytes are finally written.
+        self.stream.check(self.mem, self.skip + offset, src.len())?;
+        held.push((offset, src.to_vec()));
+        Ok(())
+    }
+
+    fn hold_back(&mut self) {
+        self.held.get_or_insert_with(Vec::new);
     }
 }
 
@@ -176,5 +210,32 @@ mod tests {
         assert!(s.misordered);
         let bad = Segments::from_descriptors([(GuestAddress(0xfff0_0000), 16, true)].into_iter());
         assert!(matches!(bad.writable.write(&m, 0, &[0; 16]), Err(DataError::Memory(_))));
+        assert!(matches!(bad.writable.check(&m, 0, 16), Err(DataError::Memory(_))));
+    }
+
+    #[test]
+    fn held_back_data_in_touches_no_memory() {
+        let m = mem();
+        let s = Segments::from_descriptors(
+            [(GuestAddress(0x100), 4, true), (GuestAddress(0x200), 8, true)].into_iter(),
+        );
+        let mut inp = GuestDataIn::new(&m, &s.writable, 2);
+        assert_eq!(inp.capacity(), 10);
+        inp.write_at(0, &[1, 2]).unwrap();
+        inp.hold_back();
+        inp.write_at(2, &[3, 4, 5]).unwrap();
+        assert!(inp.write_at(8, &[0; 3]).is_err(), "out of range is reported at once");
+        let held = inp.take_held();
+        assert_eq!(held, vec![(2, vec![3, 4, 5])]);
+        let mut raw = [0u8; 4];
+        m.read_slice(&mut raw, GuestAddress(0x100)).unwrap();
+        assert_eq!(raw, [0, 0, 1, 2]);
+        m.read_slice(&mut raw, GuestAddress(0x200)).unwrap();
+        assert_eq!(raw, [0; 4], "held bytes were written");
+
+        let wild = Segments::from_descriptors([(GuestAddress(0xfff0_0000), 64, true)].into_iter());
+        let mut inp = GuestDataIn::new(&m, &wild.writable, 0);
+        inp.hold_back();
+        assert!(matches!(inp.write_at(0, &[1; 8]), Err(DataError::Memory(_))));
     }
 }

@@ -312,7 +312,7 @@ mod tests {
     use std::time::Duration;
 
     use super::super::testutil::*;
-    use super::super::{Action, NoData};
+    use super::super::{Action, NoData, CORRUPT_INTERVAL};
     use super::*;
     use crate::storage::tests::TempFile;
     use virtio_scsi_proto::scsi::{opcode::*, sense_key, status};
@@ -482,6 +482,79 @@ mod tests {
         bus.inject(A, Fault::Busy, 100).unwrap();
         bus.clear_faults(A).unwrap();
         assert_eq!(run(&bus, A, &TUR, &[], 0).0.status, 0);
+    }
+
+    /// A data-in area that records whether it was asked to hold back its writes.
+    struct Recording {
+        data: Vec<u8>,
+        held_from: Option<usize>,
+        writes: usize,
+    }
+
+    impl DataIn for Recording {
+        fn capacity(&self) -> usize {
+            self.data.len()
+        }
+
+        fn write_at(&mut self, offset: usize, src: &[u8]) -> Result<(), crate::scsi::DataError> {
+            self.writes += 1;
+            self.data.write_at(offset, src)
+        }
+
+        fn hold_back(&mut self) {
+            self.held_from.get_or_insert(self.writes);
+        }
+    }
+
+    #[test]
+    fn late_holds_back_the_data_before_anything_is_written() {
+        let bus = ram_bus(&[(0, 0, 1 << 20, 512)]);
+        clear_ua(&bus, A);
+        let data = pattern(1024, 9);
+        assert_eq!(run(&bus, A, &rw10(WRITE_10, 4, 2), &data, 0).0.status, 0);
+        let d = Duration::from_millis(40);
+        bus.inject(A, Fault::Late(d), 2).unwrap();
+        let mut inp = Recording { data: vec![0; 1024], held_from: None, writes: 0 };
+        let c = bus.execute(A, &rw10(READ_10, 4, 2), &NoData, &mut inp).unwrap();
+        assert_eq!((c.status, c.action, c.data_in_len), (0, Action::Late(d), 1024));
+        assert_eq!(inp.held_from, Some(0), "held back before the first write");
+        assert_eq!(inp.data, data);
+        // A unit attention reported by a late command is held back too.
+        bus.lun_reset(A).unwrap();
+        let mut inp = Recording { data: vec![0; 512], held_from: None, writes: 0 };
+        let c = bus.execute(A, &TUR, &NoData, &mut inp).unwrap();
+        assert_eq!(c.action, Action::Late(d));
+        expect_sense(&c, sense_key::UNIT_ATTENTION, asc::BUS_DEVICE_RESET);
+        assert_eq!(inp.held_from, Some(0));
+        // The count is used up: the next command is neither late nor held back.
+        let mut inp = Recording { data: vec![0; 512], held_from: None, writes: 0 };
+        let c = bus.execute(A, &rw10(READ_10, 4, 1), &NoData, &mut inp).unwrap();
+        assert_eq!((c.action, inp.held_from), (Action::Now, None));
+    }
+
+    #[test]
+    fn corrupt_flips_read_data_with_good_status() {
+        let bus = ram_bus(&[(0, 0, 1 << 20, 512), (0, 1, 1 << 20, 4096)]);
+        for (lun, bs) in [(0u16, 512usize), (1, 4096)] {
+            let a = LunAddress::new(0, lun);
+            clear_ua(&bus, a);
+            let data = pattern(4 * bs, lun as u8);
+            assert_eq!(run(&bus, a, &rw10(WRITE_10, 0, 4), &data, 0).0.status, 0);
+            bus.inject(a, Fault::Corrupt, 2).unwrap();
+            // Writes and other commands pass untouched and do not use up the count.
+            assert_eq!(run(&bus, a, &rw10(WRITE_10, 8, 1), &data[..bs], 0).0, Completion::good(0));
+            assert_eq!(run(&bus, a, &TUR, &[], 0).0.status, 0);
+            for read in [rw10(READ_10, 0, 4).to_vec(), rw16(READ_16, 0, 4).to_vec()] {
+                let (c, got) = run(&bus, a, &read, &[], 4 * bs);
+                assert_eq!(c, Completion::good(4 * bs));
+                for (i, (&g, &w)) in got.iter().zip(&data).enumerate() {
+                    let want = if i % CORRUPT_INTERVAL == 0 { w ^ 0xff } else { w };
+                    assert_eq!(g, want, "LUN {lun} byte {i}");
+                }
+            }
+            // Two reads used it up; the stored data was never touched.
+            assert_eq!(run(&bus, a, &rw10(READ_10, 0, 4), &[], 4 * bs).1, data);
+        }
     }
 
     #[test]

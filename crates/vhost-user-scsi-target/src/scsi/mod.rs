@@ -17,7 +17,7 @@ use std::time::Duration;
 
 pub use bus::{Bus, BusError, LunInfo};
 pub use config::{Backing, LunConfig, LunSpec, LunSpecError, DEFAULT_BLOCK_SIZE};
-pub use fault::Fault;
+pub use fault::{Fault, CORRUPT_INTERVAL};
 pub use sense::Sense;
 pub use unit::{MAX_TRANSFER_BYTES, MAX_UNMAP_BYTES, MAX_UNMAP_DESCRIPTORS};
 
@@ -26,6 +26,10 @@ pub trait DataIn {
     fn capacity(&self) -> usize;
     /// Copies `src` at byte `offset` of the data-in area. Err when out of range or memory fails.
     fn write_at(&mut self, offset: usize, src: &[u8]) -> Result<(), DataError>;
+
+    /// Asks that what is written from now on reach its destination only when the transport
+    /// completes the command, not at once (the `late` fault). Plain buffers ignore it.
+    fn hold_back(&mut self) {}
 }
 
 /// Where WRITE-type data comes from: the request's device-readable buffers after the header.
@@ -130,8 +134,11 @@ impl DataOut for Vec<u8> {
 pub enum Action {
     /// Complete it at once.
     Now,
-    /// Complete it after this delay (injected latency).
+    /// Complete it after this delay (injected latency); data and response are written at once.
     After(Duration),
+    /// Write its data and response and complete it only after this delay: the data-in area
+    /// was asked to hold back its writes.
+    Late(Duration),
     /// Never complete it (injected lost completion); the command was not executed.
     Never,
 }

@@ -9,7 +9,7 @@ use virtio_scsi_proto::scsi::{asc, opcode, sense_key};
 use virtio_scsi_proto::LunAddress;
 
 use super::cdb::{self, be16, be32, be64, Extent, INVALID_FIELD};
-use super::fault::{ArmedFault, Effect};
+use super::fault::{ArmedFault, Corrupting, Effect};
 use super::{inquiry, mode, Action, Completion, DataError, DataIn, DataOut, Sense};
 use crate::storage::{Storage, StorageError};
 
@@ -173,12 +173,13 @@ impl LogicalUnit {
             return Completion::check_condition(INVALID_FIELD);
         };
         let mut action = Action::Now;
+        let mut corrupt = false;
         // INQUIRY, REPORT LUNS and REQUEST SENSE neither report unit attentions (SPC-4 5.14)
         // nor take injected faults, so a scan always works.
         let exempt = matches!(op, opcode::INQUIRY | opcode::REPORT_LUNS | opcode::REQUEST_SENSE);
         if !exempt && self.slow.load(Ordering::Acquire) {
             let mut st = self.lock();
-            if let Some(armed) = st.fault.as_mut() {
+            if let Some(armed) = st.fault.as_mut().filter(|a| a.fault.applies_to(op)) {
                 let effect = armed.fault.effect();
                 armed.remaining = armed.remaining.saturating_sub(1);
                 if armed.remaining == 0 {
@@ -190,7 +191,12 @@ impl LogicalUnit {
                         return c;
                     }
                     Effect::Defer(a) => action = a,
+                    Effect::Corrupt => corrupt = true,
                 }
+            }
+            if matches!(action, Action::Late(_)) {
+                // Before anything is written, the unit attention's sense included.
+                inp.hold_back();
             }
             let ua = st.ua.pop_front();
             self.update_slow(&st);
@@ -199,7 +205,12 @@ impl LogicalUnit {
                 return Completion { action, ..Completion::check_condition(ua) };
             }
         }
-        let mut c = match self.dispatch(op, cdb, out, inp) {
+        let result = if corrupt {
+            self.dispatch(op, cdb, out, &mut Corrupting { inner: inp })
+        } else {
+            self.dispatch(op, cdb, out, inp)
+        };
+        let mut c = match result {
             Ok(n) => Completion::good(n),
             Err(sense) => Completion::check_condition(sense),
         };

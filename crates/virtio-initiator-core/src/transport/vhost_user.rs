@@ -257,6 +257,17 @@ impl Transport for VhostUserTransport {
         Ok(())
     }
 
+    fn stop_queue(&mut self, index: u16) -> Result<bool> {
+        let i = index as usize;
+        if self.offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+            self.frontend.set_vring_enable(i, false).map_err(proto("SET_VRING_ENABLE"))?;
+        }
+        // The backend answers once the ring is stopped; what it still held is finished (or
+        // answered as aborted) by then, and nothing of the ring is written afterwards.
+        self.frontend.get_vring_base(i).map_err(proto("GET_VRING_BASE"))?;
+        Ok(true)
+    }
+
     fn reset(&mut self) -> Result<()> {
         if self.protocol.contains(VhostUserProtocolFeatures::RESET_DEVICE) {
             self.frontend.reset_device().map_err(proto("RESET_DEVICE"))
