@@ -5,9 +5,14 @@
 //
 //  - "pci/iommu": QEMU's own virtio-scsi-pci (iommu_platform=on, modern only) with scsi-hd
 //    LUNs of 512- and 4096-byte blocks on image files; the device reaches the DMA pool
-//    through the IOMMU. This guest also checks bad input, driver binding through
-//    driver_override, a non-viable IOMMU group, and a transitional function (1af4:1004) behind
-//    a PCI bridge driven through its modern interface with physical addresses.
+//    through the IOMMU. The pool is plain memory whose pages are scattered in physical memory
+//    on purpose (the core's VIRTIO_INITIATOR_SCATTER_PAGES), and the guest proves it from
+//    /proc/self/pagemap: pages adjacent in IOVA space are not adjacent behind the IOMMU, so
+//    anything the device must see in one piece but that crosses a page (a request header, a
+//    response) fails every time, not only in a guest whose free memory happens to be
+//    fragmented. This guest also checks bad input, driver binding through driver_override, a
+//    non-viable IOMMU group, and a transitional function (1af4:1004) behind a PCI bridge driven
+//    through its modern interface with physical addresses.
 //  - "pci/physical": vhost-user-scsi-pci served by the bundled target on the host; no
 //    ACCESS_PLATFORM, so descriptors carry guest-physical addresses of pinned hugepages.
 //
@@ -26,6 +31,8 @@ import type { RunnerSpec } from './helpers/pci-guest-runner.js';
 import { startTarget, type TargetProcess } from './helpers/target.js';
 
 const MiB = 1024 * 1024;
+/** Most of the scattered pool's consecutive pages that may be physically adjacent. */
+const MAX_ADJACENT_SHARE = 0.1;
 
 const requireAddon: Requirement = () => {
   const why = nativeUnavailableReason();
@@ -117,10 +124,12 @@ async function iommuRun(): Promise<Run> {
   const spec: RunnerSpec = {
     expectDma: 'iommu',
     luns,
-    // No hugepages: the IOMMU maps ordinary shared memory just as well.
+    // No hugepages: the IOMMU maps ordinary shared memory just as well, and its pages are
+    // scattered so that IOVA-adjacent pages are never physically adjacent.
     options: { memoryBytes: 32 * MiB, hugepages: 'never' },
     badInput: true,
     transitionalLun,
+    scatterPool: { maxAdjacentShare: MAX_ADJACENT_SHARE },
   };
   const result = await runGuest({
     command: guestCommand(spec),
@@ -210,7 +219,7 @@ function assertMarker(t: ExecutionContext, run: Run, kind: string, name: string)
   t.regex(lines[index]!, /status=pass/);
 }
 
-function registerRun(label: string, run: () => Promise<Run>, extraChecks: string[]): void {
+function registerRun(label: string, run: () => Promise<Run>, extraChecks: string[], opts: { scattered?: boolean } = {}): void {
   testWhen(test.serial, `${label}: the guest opens the function and finishes`, guestRequirements, async (t) => {
     t.timeout(15 * 60_000);
     const r = await run();
@@ -223,6 +232,23 @@ function registerRun(label: string, run: () => Promise<Run>, extraChecks: string
     t.true(r.result.lines.includes('@@RESULT PASS'), 'every guest check passed');
     t.is(r.result.code, 0);
   });
+  if (opts.scattered) {
+    // The pool as the bodies found it (right after the controller opened) and as they left it.
+    for (const when of ['layout', 'after-bodies']) {
+      testWhen(test.serial, `${label}: the DMA pool is scattered in physical memory (${when})`, guestRequirements, async (t) => {
+        const r = await run();
+        const pool = markers(r.result.lines, 'POOL').find((m) => m.subject === when);
+        t.log(pool?.line ?? `no POOL ${when} line`);
+        assertMarker(t, r, 'POOL', when);
+        if (!pool) return;
+        const n = (k: string) => Number(pool.fields[k]);
+        t.is(n('scatter'), 1);
+        t.true(n('pages') * 4096 >= 32 * MiB, `the whole pool was looked at: ${n('pages')} pages`);
+        t.is(n('unresolved'), 0, 'every page has a frame number');
+        t.true(n('adjacent') <= n('pairs') * MAX_ADJACENT_SHARE, `${n('adjacent')} of ${n('pairs')} consecutive pages physically adjacent`);
+      });
+    }
+  }
   for (const [name] of BODIES) {
     testWhen(test.serial, `${label}: ${name}`, guestRequirements, async (t) => {
       assertMarker(t, await run(), 'BODY', name);
@@ -245,7 +271,7 @@ function registerRun(label: string, run: () => Promise<Run>, extraChecks: string
   });
 }
 
-registerRun('pci/iommu (QEMU virtio-scsi-pci)', once(iommuRun), ['bad-addresses', 'binding', 'facade']);
+registerRun('pci/iommu (QEMU virtio-scsi-pci, scattered pool)', once(iommuRun), ['bad-addresses', 'binding', 'facade'], { scattered: true });
 registerRun('pci/physical (vhost-user-scsi-pci, bundled target)', once(physicalRun), ['facade']);
 
 // The same bodies on the host over vhost-user: the transport is the only difference, and this

@@ -1,13 +1,16 @@
 // The main job on the embedded default: start the bundled target, scan it, verify data on every
-// disk, and benchmark 4 KiB random reads. Run with `npm run demo` (which builds everything first)
-// or `node --import tsx examples/demo.ts`.
+// disk, and benchmark it with the load generator of `virtio-initiator bench` (4 KiB random reads
+// through the Promise API and the batch binding, and a verified random read/write mix). Run with
+// `npm run demo` (which builds everything first) or `node --import tsx examples/demo.ts`.
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, open, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-import { randomReads } from '../ts/bench.js';
+import { type Api, type ReadWrite, runWorkload } from '../ts/bench.js';
 import { startTarget } from '../ts/bundled-target.js';
+import { progressText, report } from '../ts/cli/bench.js';
+import { ProgressLine } from '../ts/cli/output.js';
 import { Controller, type BlockDevice } from '../ts/index.js';
 
 const BENCH_SECONDS = Number(process.env.DEMO_BENCH_SECONDS ?? 3);
@@ -54,15 +57,31 @@ async function verify(disk: BlockDevice): Promise<string> {
   return `${places.length} x ${span} blocks written and read back, ${zeros}, flushed`;
 }
 
-/** 4 KiB random reads at a queue depth for a while, with a progress line on a terminal. */
-async function bench(disk: BlockDevice, depth: number, seconds: number) {
-  const onProgress = process.stdout.isTTY
-    ? (done: number, left: number) =>
-        process.stdout.write(`\r  ${disk.info.name} qd ${depth}: ${done} reads, ${left.toFixed(1)} s left   `)
-    : undefined;
-  const r = await randomReads(disk, { depth, seconds, onProgress });
-  if (onProgress) process.stdout.write('\r'.padEnd(70) + '\r');
-  return { device: disk.info.name, depth, ...r };
+interface BenchCase {
+  disk: BlockDevice;
+  api: Api;
+  rw: ReadWrite;
+  depth: number;
+  verify: boolean;
+}
+
+/** One case of `virtio-initiator bench`, with its progress line on a terminal. */
+async function bench(ctrl: Controller, c: BenchCase, seconds: number) {
+  const progress = new ProgressLine();
+  const last = { phase: undefined, ios: 0, bytes: 0, at: 0 };
+  const result = await runWorkload(ctrl, c.disk, {
+    api: c.api,
+    rw: c.rw,
+    ioBytes: 4096,
+    queueDepth: c.depth,
+    seconds,
+    verify: c.verify,
+    ...(progress.enabled
+      ? { onProgress: (p) => progress.update(`  ${c.disk.info.name} ${c.api} qd ${c.depth}: ${progressText(p, last)}`) }
+      : {}),
+  });
+  progress.clear();
+  return report(result, c.disk, ctrl.info.transport, null);
 }
 
 async function main(): Promise<void> {
@@ -112,25 +131,37 @@ async function main(): Promise<void> {
 
     const nullDisk = ctrl.devices.find((d) => d.info.product.includes('NULL'));
     const ramDisk = ctrl.devices.find((d) => d.info.product.includes('RAM'));
-    console.log(`\nbenchmark: 4 KiB random reads, ${BENCH_SECONDS} s each`);
-    const results = [];
-    for (const disk of [nullDisk, ramDisk]) {
-      if (disk === undefined) continue;
-      for (const depth of [1, 32]) results.push(await bench(disk, depth, BENCH_SECONDS));
+    console.log(`\nbenchmark (virtio-initiator bench): 4 KiB requests, ${BENCH_SECONDS} s each`);
+    const cases: BenchCase[] = [];
+    if (nullDisk) {
+      for (const depth of [1, 32]) cases.push({ disk: nullDisk, api: 'promise', rw: 'randread', depth, verify: false });
+      cases.push({ disk: nullDisk, api: 'batch', rw: 'randread', depth: 32, verify: false });
     }
-    console.log(table([
-      ['device', 'qd', 'IOPS', 'MB/s', 'mean us', 'p50 us', 'p99 us'],
-      ...results.map((r) => [
-        r.device,
-        String(r.depth),
-        String(r.iops),
-        String(r.mbPerSecond),
-        String(r.latencyUs.mean),
-        String(r.latencyUs.p50),
-        String(r.latencyUs.p99),
+    if (ramDisk) cases.push({ disk: ramDisk, api: 'promise', rw: 'randrw', depth: 32, verify: true });
+    const results = [];
+    for (const c of cases) results.push(await bench(ctrl, c, BENCH_SECONDS));
+    console.log(
+      table([
+        ['device', 'api', 'rw', 'qd', 'IOPS', 'MB/s', 'mean us', 'p50 us', 'p99 us', 'p99.9 us', 'errors', 'mismatches'],
+        ...results.map((r) => [
+          r.device,
+          r.api,
+          r.rw,
+          String(r.qd),
+          String(r.iops),
+          String(r.mbPerSecond),
+          String(r.latencyUs.mean),
+          String(r.latencyUs.p50),
+          String(r.latencyUs.p99),
+          String(r.latencyUs.p999),
+          String(r.errors),
+          r.verify ? String(r.mismatches) : '-',
+        ]),
       ]),
-    ]));
+    );
     console.log(JSON.stringify({ benchmark: results }));
+    const bad = results.filter((r) => r.errors > 0 || r.mismatches > 0);
+    if (bad.length > 0) throw new Error(`${bad.length} benchmark case(s) had errors or data mismatches`);
   } finally {
     await target.stop();
     await rm(dir, { recursive: true, force: true });

@@ -18,7 +18,10 @@ export declare class Channel {
   get queueIndex(): number
   /** Most requests in flight at once; also the record capacity of both areas. */
   get capacity(): number
+  /** This thread's requests on the queue. */
   get inFlight(): number
+  /** True while other threads use the same request queue. */
+  get shared(): boolean
   /** The submission area: `capacity` records of SUBMIT_RECORD_SIZE bytes. */
   submissionArea(): Buffer
   /**
@@ -33,13 +36,6 @@ export declare class Channel {
    * need none. Throws only when the controller is closed or failed.
    */
   pump(count: number, buffers?: Array<Buffer | undefined | null> | undefined | null): number
-  /** Submits `count` packed records from `batch`; returns how many the ring took. */
-  submit(batch: Buffer, count: number, buffers?: Array<Buffer | undefined | null> | undefined | null): number
-  /**
-   * Writes up to `max` completions into `out` (records, then sense slots, as the
-   * completion area); returns how many.
-   */
-  reap(out: Buffer, max: number): number
   /**
    * Runs a load from native code alone, with no JavaScript per request: the upper bound
    * the JavaScript paths are measured against. Blocks the calling thread for its duration.
@@ -62,8 +58,18 @@ export declare class Controller {
    */
   static openPci(address: string, options?: ControllerOptions | undefined | null): Controller
   get info(): ControllerInfo
-  /** Takes an exclusive request queue. */
+  /**
+   * A request queue for the calling thread: one of its own while there are free ones, else
+   * a place on the least used one (shared, with completions routed to their submitter).
+   */
   openChannel(): Channel
+  /** An id under which other threads (worker_threads) can attach to this controller. */
+  share(): number
+  /**
+   * Attaches the calling thread to a controller shared with `share()`. Closing the result
+   * releases this thread's hold only; the owner's close stops the device for every thread.
+   */
+  static attach(id: number): Controller
   /** A Buffer over DMA memory: I/O on it copies nothing. Freed when garbage-collected. */
   allocDmaBuffer(size: number): Buffer
   /**
@@ -75,8 +81,11 @@ export declare class Controller {
   taskManagement(target: number, lun: number, tmf: number, tag?: number | undefined | null): number
   /** Events from the event queue since the last call. */
   pollEvents(): Array<ControllerEvent>
+  /** True once the controller was closed (by its owner, in any thread). */
+  get closed(): boolean
   /** Why the controller failed, or null while it works. */
   get failure(): string | null
+  /** Stops the device and lets it go (the owner), or releases this thread's hold on it. */
   close(): void
 }
 

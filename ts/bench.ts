@@ -1,133 +1,876 @@
-// Random-read load through the Promise API, and the latency bookkeeping for it: what `npm run
-// demo` and `npm run bench` measure with. Nothing here is asserted by tests; it only reports.
+// The load generator behind `virtio-initiator bench` and the demo: one block device driven at a
+// fixed queue depth through one of three paths, with latency, CPU and (optionally) data
+// verification.
+//
+//   promise  BlockDevice.read / write, one DMA buffer per in-flight slot, each completion
+//            issuing the slot's next request from its callback;
+//   batch    packed records through the native channel from JavaScript (ts/records.ts), no
+//            Promise per request, spinning on `pump` and yielding to the event loop now and then;
+//   native   the channel's own load loop (`runLoad`), no JavaScript per request at all.
+//
+// Verification stamps every written block with its LBA, a generation and the seed, followed by a
+// pattern derived from the three; reads of blocks written in this run are checked against what
+// was last written there. No two requests in flight touch the same unit (one --bs sized, aligned
+// piece of the region), so the expected contents are always known.
 
 import { performance } from 'node:perf_hooks';
 
 import type { BlockDevice } from './block-device.js';
+import type { Controller } from './controller.js';
+import { ClosedError, ControllerFailedError } from './errors.js';
+import { CompletionReader, RecordWriter } from './records.js';
 
-/** Latency samples (microseconds): count and sum of all, percentiles over the first `limit`. */
-export class Latencies {
-  private readonly samples: Float64Array;
-  private n = 0;
-  count = 0;
-  sum = 0;
+export const APIS = ['promise', 'batch', 'native'] as const;
+export type Api = (typeof APIS)[number];
 
-  constructor(limit = 1 << 22) {
-    this.samples = new Float64Array(limit);
-  }
+export const READ_WRITE_MODES = ['randread', 'randwrite', 'read', 'write', 'randrw'] as const;
+export type ReadWrite = (typeof READ_WRITE_MODES)[number];
 
-  add(us: number): void {
-    this.count++;
-    this.sum += us;
-    if (this.n < this.samples.length) this.samples[this.n++] = us;
-  }
-
-  summary(): LatencySummary {
-    const s = this.samples.subarray(0, this.n).sort();
-    const pick = (q: number) => (s.length === 0 ? 0 : s[Math.min(s.length - 1, Math.floor(q * s.length))]!);
-    const round = (x: number) => Math.round(x * 10) / 10;
-    return {
-      mean: round(this.count === 0 ? 0 : this.sum / this.count),
-      p50: round(pick(0.5)),
-      p99: round(pick(0.99)),
-      max: round(s.length === 0 ? 0 : s[s.length - 1]!),
-      samples: this.n,
-    };
-  }
+/** Share of reads (percent) of a mode; `mix` only matters for randrw. */
+export function readPercentOf(rw: ReadWrite, mix = 50): number {
+  if (rw === 'randread' || rw === 'read') return 100;
+  if (rw === 'randwrite' || rw === 'write') return 0;
+  return mix;
 }
+
+export function isRandom(rw: ReadWrite): boolean {
+  return rw.startsWith('rand');
+}
+
+// ---- latency -----------------------------------------------------------------------------------
 
 export interface LatencySummary {
   mean: number;
   p50: number;
   p99: number;
+  p999: number;
   max: number;
-  samples: number;
 }
 
-/** Pseudo-random LBAs aligned to the I/O size (xorshift32: cheap and repeatable from a seed). */
-export class RandomOffsets {
-  private x: number;
-  private readonly slots: number;
-  private readonly blocksPerIo: number;
+/** Below this many nanoseconds every nanosecond has a bucket of its own. */
+const LINEAR_NS = 128;
+/** Sub-buckets per power of two above that: values are kept within 1/128 of their size. */
+const SUB_BUCKETS = 64;
+const OCTAVES = 32 - 7;
+const MAX_NS = 0xffffffff;
 
-  constructor(deviceBytes: number, blockSize: number, ioBytes: number, seed: number) {
-    this.x = seed >>> 0 || 1;
-    this.slots = Math.floor(deviceBytes / ioBytes);
-    this.blocksPerIo = ioBytes / blockSize;
+/**
+ * Log-linear latency histogram in nanoseconds (up to 4.29 s; beyond that the value lands in the
+ * last bucket, the mean and maximum stay exact). Fixed size, nothing allocated per sample.
+ */
+export class LatencyHistogram {
+  private readonly counts = new Float64Array(LINEAR_NS + OCTAVES * SUB_BUCKETS);
+  count = 0;
+  /** Microseconds. */
+  sum = 0;
+  /** Microseconds. */
+  max = 0;
+
+  add(us: number): void {
+    this.count++;
+    this.sum += us;
+    if (us > this.max) this.max = us;
+    const ns = us >= MAX_NS / 1000 ? MAX_NS : (us * 1000) >>> 0;
+    let i: number;
+    if (ns < LINEAR_NS) {
+      i = ns;
+    } else {
+      const e = 31 - Math.clz32(ns);
+      i = LINEAR_NS + (e - 7) * SUB_BUCKETS + ((ns >>> (e - 6)) & (SUB_BUCKETS - 1));
+    }
+    this.counts[i]!++;
   }
 
+  /** The value (microseconds) below which a share `q` of the samples lie. */
+  percentile(q: number): number {
+    if (this.count === 0) return 0;
+    const rank = Math.max(1, Math.ceil(q * this.count));
+    let seen = 0;
+    const counts = this.counts;
+    for (let i = 0; i < counts.length; i++) {
+      seen += counts[i]!;
+      if (seen >= rank) return Math.min(this.max, bucketMiddleNs(i) / 1000);
+    }
+    return this.max;
+  }
+
+  summary(): LatencySummary {
+    const round = (x: number) => Math.round(x * 10) / 10;
+    return {
+      mean: round(this.count === 0 ? 0 : this.sum / this.count),
+      p50: round(this.percentile(0.5)),
+      p99: round(this.percentile(0.99)),
+      p999: round(this.percentile(0.999)),
+      max: round(this.max),
+    };
+  }
+}
+
+function bucketMiddleNs(i: number): number {
+  if (i < LINEAR_NS) return i;
+  const e = Math.floor((i - LINEAR_NS) / SUB_BUCKETS) + 7;
+  const width = 2 ** (e - 6);
+  return (SUB_BUCKETS + ((i - LINEAR_NS) % SUB_BUCKETS)) * width + width / 2;
+}
+
+// ---- offsets -----------------------------------------------------------------------------------
+
+/** xorshift32: cheap and repeatable from a seed. */
+export class Xorshift32 {
+  private x: number;
+  constructor(seed: number) {
+    this.x = seed >>> 0 || 0x9e3779b9;
+  }
   next(): number {
     let x = this.x;
     x ^= x << 13;
     x ^= x >>> 17;
     x ^= x << 5;
-    this.x = x >>> 0;
-    return (this.x % this.slots) * this.blocksPerIo;
+    return (this.x = x >>> 0);
   }
 }
 
-export interface RandomReadOptions {
-  depth: number;
-  seconds: number;
-  /** Bytes per read (default 4096). */
-  ioBytes?: number;
-  seed?: number;
-  /** Called about every 250 ms with the reads done so far. */
-  onProgress?: (done: number, secondsLeft: number) => void;
+// ---- verification ------------------------------------------------------------------------------
+
+/** First word of every stamped block ("VIBV" in memory order on little-endian machines). */
+const STAMP_MAGIC = 0x56424956;
+/** Words of the stamp before the pattern: magic, LBA low, LBA high, generation, seed. */
+const STAMP_WORDS = 5;
+/** Generation of a block whose last write failed: its contents are not known. */
+const UNKNOWN = 0xffffffff;
+/** Distinct mismatching LBAs remembered (all are counted). */
+const MISMATCHES_KEPT = 100_000;
+const TWO_32 = 0x1_0000_0000;
+
+function patternSeed(lba: number, gen: number, seed: number): number {
+  let h = Math.imul((lba % TWO_32) ^ Math.imul(Math.floor(lba / TWO_32), 0x85ebca6b), 0x9e3779b1);
+  h ^= Math.imul(gen, 0xc2b2ae35) ^ Math.imul(seed, 0x27d4eb2f);
+  h ^= h >>> 16;
+  h = Math.imul(h, 0x7feb352d);
+  h ^= h >>> 15;
+  return h | 0 || 1;
 }
 
-export interface RandomReadResult {
+function stampBlock(words: Uint32Array, off: number, n: number, lba: number, gen: number, seed: number): void {
+  words[off] = STAMP_MAGIC;
+  words[off + 1] = lba % TWO_32;
+  words[off + 2] = Math.floor(lba / TWO_32);
+  words[off + 3] = gen;
+  words[off + 4] = seed;
+  let x = patternSeed(lba, gen, seed);
+  for (let i = STAMP_WORDS; i < n; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    words[off + i] = x;
+  }
+}
+
+/** Index of the first word that differs from the stamp, or -1. */
+function checkBlock(words: Uint32Array, off: number, n: number, lba: number, gen: number, seed: number): number {
+  if (words[off] !== STAMP_MAGIC) return 0;
+  if (words[off + 1] !== lba % TWO_32) return 1;
+  if (words[off + 2] !== Math.floor(lba / TWO_32)) return 2;
+  if (words[off + 3] !== gen) return 3;
+  if (words[off + 4] !== seed) return 4;
+  let x = patternSeed(lba, gen, seed);
+  for (let i = STAMP_WORDS; i < n; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    if (words[off + i] !== x >>> 0) return i;
+  }
+  return -1;
+}
+
+function hex(x: number): string {
+  return `0x${(x >>> 0).toString(16).padStart(8, '0')}`;
+}
+
+/** The words of a buffer (DMA buffers are page aligned; others are checked). */
+export function wordsOf(buf: Uint8Array): Uint32Array {
+  if (buf.byteOffset % 4 !== 0 || buf.byteLength % 4 !== 0) {
+    throw new RangeError('a verified buffer must be 4-byte aligned and a multiple of 4 bytes long');
+  }
+  return new Uint32Array(buf.buffer, buf.byteOffset, buf.byteLength >>> 2);
+}
+
+export interface Mismatch {
+  /** First LBA of the unit (one --bs sized request) that read back wrong. */
+  lba: number;
+  /** What was wrong with its first bad block. */
+  detail: string;
+}
+
+/** What every block of the region should hold, and what did not. */
+export class Verifier {
+  /** Per block: generation last written (0 never written in this run, UNKNOWN after a failed write). */
+  private readonly gens: Uint32Array;
+  private nextGen = 1;
+  private readonly wordsPerBlock: number;
+  /** Units that read back wrong (all of them, counting repeats). */
+  mismatches = 0;
+  private readonly found = new Map<number, string>();
+
+  constructor(
+    readonly blockSize: number,
+    readonly regionBlocks: number,
+    readonly seed: number,
+  ) {
+    this.gens = new Uint32Array(regionBlocks);
+    this.wordsPerBlock = blockSize >>> 2;
+  }
+
+  /** Fills `blocks` blocks of `words` from word `wordOffset` for a write at `lba`; returns the generation. */
+  stamp(words: Uint32Array, wordOffset: number, lba: number, blocks: number): number {
+    const gen = this.nextGen;
+    this.nextGen = gen + 1 >= UNKNOWN ? 1 : gen + 1;
+    const n = this.wordsPerBlock;
+    for (let b = 0; b < blocks; b++) stampBlock(words, wordOffset + b * n, n, lba + b, gen, this.seed);
+    return gen;
+  }
+
+  /** A write of `gen` over the blocks ended: they hold it now, or (when it failed) nobody knows. */
+  written(lba: number, blocks: number, gen: number, ok: boolean): void {
+    this.gens.fill(ok ? gen : UNKNOWN, lba, lba + blocks);
+  }
+
+  /** Whether any block of the range was written in this run. */
+  anyWritten(lba: number, blocks: number): boolean {
+    const g = this.gens;
+    for (let i = lba; i < lba + blocks; i++) if (g[i] !== 0 && g[i] !== UNKNOWN) return true;
+    return false;
+  }
+
+  /**
+   * Checks a read of one unit at `lba` held in `words` from `wordOffset`; blocks never written
+   * (or whose last write failed) are skipped. Returns false on a mismatch, which it records.
+   */
+  check(words: Uint32Array, wordOffset: number, lba: number, blocks: number): boolean {
+    const n = this.wordsPerBlock;
+    const gens = this.gens;
+    for (let b = 0; b < blocks; b++) {
+      const gen = gens[lba + b]!;
+      if (gen === 0 || gen === UNKNOWN) continue;
+      const off = wordOffset + b * n;
+      const bad = checkBlock(words, off, n, lba + b, gen, this.seed);
+      if (bad < 0) continue;
+      this.mismatches++;
+      if (!this.found.has(lba) && this.found.size < MISMATCHES_KEPT) {
+        this.found.set(lba, this.describe(words, off, bad, lba, lba + b, gen));
+      }
+      return false;
+    }
+    return true;
+  }
+
+  /** Distinct mismatching units, by LBA. */
+  list(): Mismatch[] {
+    return [...this.found.entries()].sort((a, b) => a[0] - b[0]).map(([lba, detail]) => ({ lba, detail }));
+  }
+
+  private describe(words: Uint32Array, off: number, bad: number, unitLba: number, lba: number, gen: number): string {
+    const where = lba === unitLba ? '' : `block ${lba}: `;
+    if (bad >= STAMP_WORDS) return `${where}data differs from byte ${bad * 4} on (generation ${gen})`;
+    if (words[off] !== STAMP_MAGIC) {
+      return `${where}stamp damaged: first word ${hex(words[off]!)} instead of ${hex(STAMP_MAGIC)} (generation ${gen})`;
+    }
+    const foundLba = words[off + 1]! + words[off + 2]! * TWO_32;
+    return (
+      `${where}stamp of LBA ${foundLba} generation ${words[off + 3]} seed ${words[off + 4]}, ` +
+      `expected LBA ${lba} generation ${gen} seed ${this.seed}`
+    );
+  }
+}
+
+// ---- the run -----------------------------------------------------------------------------------
+
+export type Phase = 'fill' | 'run' | 'read-back';
+
+export interface Progress {
+  phase: Phase;
+  /** Requests completed in this phase. */
   ios: number;
-  errors: number;
+  bytes: number;
+  elapsedSeconds: number;
+  /** Seconds left when the phase is timed, else undefined. */
+  remainingSeconds: number | undefined;
+  /** Share done (0..1) when known from a request count or a region size. */
+  fraction: number | undefined;
+}
+
+export interface WorkloadOptions {
+  api: Api;
+  rw: ReadWrite;
+  /** Read share in percent for randrw (default 50). */
+  mix?: number;
+  /** Bytes per request, a multiple of the block size. */
+  ioBytes: number;
+  queueDepth: number;
+  /** Stop issuing after this long ... */
+  seconds?: number;
+  /** ... or after this many requests, whichever comes first (at least one of the two). */
+  ios?: number;
+  seed?: number;
+  verify?: boolean;
+  /** Bytes of the device, from LBA 0, that the load touches (default: all of it). */
+  regionBytes?: number;
+  /** Called about every `progressMs` (default 250) while a phase runs (not for `native`). */
+  onProgress?: (p: Progress) => void;
+  progressMs?: number;
+  /** Called right before and right after the measured phase (for outside CPU accounting). */
+  onMeasure?: (edge: 'start' | 'end') => void;
+  /** Stops issuing; requests in flight complete and the result covers what ran. */
+  signal?: AbortSignal;
+}
+
+export interface WorkloadResult {
+  api: Api;
+  rw: ReadWrite;
+  readPercent: number;
+  ioBytes: number;
+  queueDepth: number;
+  regionBytes: number;
+  seed: number;
+  verify: boolean;
+  /** Wall time of the measured phase. */
   seconds: number;
+  ios: number;
+  reads: number;
+  writes: number;
+  errors: number;
+  /** Message of the first failed request. */
+  firstError: string | undefined;
   iops: number;
+  /** 10^6 bytes per second. */
   mbPerSecond: number;
   latencyUs: LatencySummary;
+  /** CPU seconds this process (for native: the load's thread) used in the measured phase. */
+  cpuSeconds: number;
+  /** Reads of a unit that returned other data than was last written there. */
+  mismatches: number;
+  /** Distinct units that did, by LBA (up to 100 000). */
+  mismatchList: Mismatch[];
+  /** Virtqueue index of the request queue the load ran on (2 is the first; 0 when unknown). */
+  queue: number;
+  /** Stopped early through `signal`. */
+  interrupted: boolean;
 }
 
-/** `depth` loops of random reads, each into its own DMA buffer, for `seconds`. */
-export async function randomReads(dev: BlockDevice, o: RandomReadOptions): Promise<RandomReadResult> {
-  const io = o.ioBytes ?? 4096;
-  const bytes = Number(dev.info.sizeBytes);
-  const lat = new Latencies();
-  let errors = 0;
-  let firstError: unknown;
-  const t0 = performance.now();
-  const end = t0 + o.seconds * 1000;
-  let last = t0;
-  const progress =
-    o.onProgress && setInterval(() => o.onProgress!(lat.count, Math.max(0, (end - performance.now()) / 1000)), 250);
-  try {
-    await Promise.all(
-      Array.from({ length: o.depth }, async (_, w) => {
-        const buf = dev.allocBuffer(io);
-        const offsets = new RandomOffsets(bytes, dev.blockSize, io, (o.seed ?? 1) + w * 7919);
-        for (;;) {
-          const start = performance.now();
-          if (start >= end) return;
-          try {
-            await dev.read(offsets.next(), buf);
-          } catch (e) {
-            errors++;
-            firstError ??= e;
-            if (errors > 100) throw e;
-          }
-          last = performance.now();
-          lat.add((last - start) * 1000);
-        }
-      }),
-    );
-  } finally {
-    if (progress) clearInterval(progress);
+/** A request that takes this long means the target is stuck or gone. */
+const STALL_MS = 10_000;
+/** Loop turns of the batch path between two yields to the event loop. */
+const BATCH_YIELD_EVERY = 4096;
+/** Fill and read-back: bytes per request and requests in flight. */
+const PASS_CHUNK_BYTES = 256 * 1024;
+const PASS_DEPTH = 8;
+/** Blocks verification keeps state for (4 bytes each). */
+const MAX_VERIFIED_BLOCKS = 2 ** 26;
+
+const NO_OPTIONS = Object.freeze({});
+
+function message(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
+}
+
+/** Errors after which no request can succeed any more: the run stops. */
+function fatal(e: unknown): boolean {
+  return e instanceof ClosedError || e instanceof ControllerFailedError;
+}
+
+/** An option that does not fit the device or the controller, and what it should be. */
+export interface WorkloadProblem {
+  option: 'ioBytes' | 'queueDepth' | 'regionBytes' | 'verify' | 'seconds';
+  expected: string;
+}
+
+/** Checks the options against this device and controller; undefined when they fit. */
+export function workloadProblem(ctrl: Controller, dev: BlockDevice, o: WorkloadOptions): WorkloadProblem | undefined {
+  const bs = dev.blockSize;
+  const name = dev.name;
+  if (!Number.isSafeInteger(o.ioBytes) || o.ioBytes < bs || o.ioBytes % bs !== 0) {
+    return { option: 'ioBytes', expected: `a multiple of the ${bs}-byte blocks of ${name}` };
   }
-  if (errors > 0 && lat.count === errors) throw firstError;
-  const seconds = (last - t0) / 1000;
-  return {
-    ios: lat.count,
-    errors,
-    seconds,
-    iops: Math.round(lat.count / seconds),
-    mbPerSecond: Math.round((lat.count * io) / seconds / 1e4) / 100,
-    latencyUs: lat.summary(),
+  const capacity = ctrl.info.queueSize;
+  if (!Number.isInteger(o.queueDepth) || o.queueDepth < 1 || o.queueDepth > capacity) {
+    return { option: 'queueDepth', expected: `at most ${capacity}, the size of the request queue` };
+  }
+  const size = Number(dev.info.sizeBytes);
+  const region = regionOf(dev, o);
+  if (region < o.ioBytes) {
+    return o.regionBytes !== undefined && o.regionBytes < size
+      ? { option: 'regionBytes', expected: `room for at least one ${o.ioBytes}-byte request` }
+      : { option: 'ioBytes', expected: `at most the ${size} bytes of ${name}` };
+  }
+  if (o.verify === true) {
+    if (o.api === 'native') return { option: 'verify', expected: 'the promise or batch path (not native)' };
+    const units = Math.floor(region / o.ioBytes);
+    if (units <= o.queueDepth) {
+      return {
+        option: 'queueDepth',
+        expected: `fewer than the ${units} units of ${o.ioBytes} bytes that verification spreads requests over`,
+      };
+    }
+    // 4 bytes of state per block.
+    if (region / bs > MAX_VERIFIED_BLOCKS) {
+      const most = `at most ${MAX_VERIFIED_BLOCKS * bs} bytes (${MAX_VERIFIED_BLOCKS} blocks) to verify`;
+      return { option: 'regionBytes', expected: most };
+    }
+  }
+  const maxTransfer = dev.info.limits.maxTransferBlocks * bs;
+  if (o.api !== 'promise' && o.ioBytes > maxTransfer) {
+    return { option: 'ioBytes', expected: `at most ${maxTransfer} bytes (the transfer limit of ${name}) on the ${o.api} path` };
+  }
+  if (o.seconds === undefined && o.ios === undefined) return { option: 'seconds', expected: 'a time or a request count' };
+  return undefined;
+}
+
+function regionOf(dev: BlockDevice, o: WorkloadOptions): number {
+  const size = Number(dev.info.sizeBytes);
+  const region = o.regionBytes === undefined ? size : Math.min(size, o.regionBytes);
+  return region - (region % o.ioBytes);
+}
+
+/** Runs the workload on `dev` (a device of `ctrl`); see WorkloadOptions. */
+export async function runWorkload(ctrl: Controller, dev: BlockDevice, o: WorkloadOptions): Promise<WorkloadResult> {
+  const problem = workloadProblem(ctrl, dev, o);
+  if (problem !== undefined) {
+    throw new RangeError(`${dev.name}: ${problem.option} ${String(o[problem.option])}: expected ${problem.expected}`);
+  }
+  const load = new Load(dev, o, regionOf(dev, o));
+  const verifier = load.verifier;
+  if (verifier && load.readPercent === 100) await pass(dev, load, 'fill');
+  let queue = 0;
+  let measured: Measured;
+  if (o.api === 'native') {
+    measured = runNative(ctrl, dev, load);
+    queue = measured.queue;
+  } else {
+    const cpu0 = process.cpuUsage();
+    o.onMeasure?.('start');
+    const stopProgress = load.startProgress();
+    try {
+      if (o.api === 'batch') {
+        queue = await runBatch(ctrl, dev, load);
+      } else {
+        await runPromise(dev, load);
+        queue = ctrl.queueStats?.queueIndex ?? 0;
+      }
+    } finally {
+      stopProgress();
+    }
+    o.onMeasure?.('end');
+    const cpu = process.cpuUsage(cpu0);
+    measured = { cpuSeconds: (cpu.user + cpu.system) / 1e6, queue };
+  }
+  const seconds = Math.max(1e-9, (load.lastCompletion - load.t0) / 1000);
+  const result: WorkloadResult = {
+    api: o.api,
+    rw: o.rw,
+    readPercent: load.readPercent,
+    ioBytes: o.ioBytes,
+    queueDepth: o.queueDepth,
+    regionBytes: load.regionBytes,
+    seed: load.seed,
+    verify: verifier !== undefined,
+    seconds: measured.seconds ?? seconds,
+    ios: measured.ios ?? load.done,
+    reads: measured.reads ?? load.reads,
+    writes: measured.writes ?? load.writes,
+    errors: measured.errors ?? load.errors,
+    firstError: load.firstError,
+    iops: 0,
+    mbPerSecond: 0,
+    latencyUs: measured.latencyUs ?? load.latency.summary(),
+    cpuSeconds: measured.cpuSeconds,
+    mismatches: 0,
+    mismatchList: [],
+    queue,
+    interrupted: o.signal?.aborted === true,
   };
+  result.iops = Math.round(result.ios / result.seconds);
+  result.mbPerSecond = Math.round(((result.ios * o.ioBytes) / result.seconds / 1e6) * 100) / 100;
+  // A run without reads still checks what it wrote.
+  if (verifier && load.readPercent === 0 && !load.fatalError && o.signal?.aborted !== true) {
+    await pass(dev, load, 'read-back');
+  }
+  if (verifier) {
+    result.mismatches = verifier.mismatches;
+    result.mismatchList = verifier.list();
+  }
+  if (load.fatalError !== undefined) throw load.fatalError;
+  return result;
+}
+
+interface Measured {
+  cpuSeconds: number;
+  queue: number;
+  seconds?: number;
+  ios?: number;
+  reads?: number;
+  writes?: number;
+  errors?: number;
+  latencyUs?: LatencySummary;
+}
+
+/** The state of one run: per-slot requests, counters, latency, and the verifier. */
+class Load {
+  readonly readPercent: number;
+  readonly random: boolean;
+  readonly seed: number;
+  readonly blockSize: number;
+  readonly unitBlocks: number;
+  readonly units: number;
+  readonly depth: number;
+  readonly iosLimit: number;
+  readonly verifier: Verifier | undefined;
+  /** Per slot. */
+  readonly lba: Float64Array;
+  readonly isWrite: Uint8Array;
+  readonly gen: Uint32Array;
+  readonly started: Float64Array;
+  readonly buffers: Buffer[] = [];
+  readonly words: Uint32Array[] = [];
+  /** Per unit, with verification: a request on it is in flight. */
+  private readonly busy: Uint8Array | undefined;
+  private readonly offsets: Xorshift32;
+  private readonly ops: Xorshift32;
+  private sequential = 0;
+
+  t0 = 0;
+  end = Infinity;
+  lastCompletion = 0;
+  issued = 0;
+  done = 0;
+  reads = 0;
+  writes = 0;
+  errors = 0;
+  bytes = 0;
+  firstError: string | undefined;
+  fatalError: unknown;
+  readonly latency = new LatencyHistogram();
+
+  constructor(
+    readonly dev: BlockDevice,
+    readonly o: WorkloadOptions,
+    readonly regionBytes: number,
+  ) {
+    this.readPercent = readPercentOf(o.rw, o.mix);
+    this.random = isRandom(o.rw);
+    this.seed = (o.seed ?? 1) >>> 0;
+    this.blockSize = dev.blockSize;
+    this.unitBlocks = o.ioBytes / dev.blockSize;
+    this.units = regionBytes / o.ioBytes;
+    this.depth = o.ios === undefined ? o.queueDepth : Math.min(o.queueDepth, o.ios);
+    this.iosLimit = o.ios ?? Infinity;
+    this.offsets = new Xorshift32(this.seed ^ 0x5bd1e995);
+    this.ops = new Xorshift32(this.seed ^ 0x1b873593);
+    const n = o.queueDepth;
+    this.lba = new Float64Array(n);
+    this.isWrite = new Uint8Array(n);
+    this.gen = new Uint32Array(n);
+    this.started = new Float64Array(n);
+    if (o.verify === true) {
+      this.verifier = new Verifier(dev.blockSize, regionBytes / dev.blockSize, this.seed);
+      this.busy = new Uint8Array(this.units);
+    }
+    if (o.api !== 'native') {
+      for (let s = 0; s < n; s++) {
+        const buf = dev.allocBuffer(o.ioBytes);
+        this.buffers.push(buf);
+        if (this.verifier) this.words.push(wordsOf(buf));
+      }
+    }
+  }
+
+  begin(): void {
+    this.t0 = performance.now();
+    this.lastCompletion = this.t0;
+    if (this.o.seconds !== undefined) this.end = this.t0 + this.o.seconds * 1000;
+  }
+
+  /** Whether a slot that just finished gets another request. */
+  more(now: number): boolean {
+    return this.issued < this.iosLimit && now < this.end && this.fatalError === undefined && this.o.signal?.aborted !== true;
+  }
+
+  /** Chooses the slot's next request; with verification, claims its unit and stamps write data. */
+  prepare(slot: number): void {
+    this.issued++;
+    const rp = this.readPercent;
+    const write = rp === 0 || (rp < 100 && this.ops.next() % 100 >= rp);
+    let unit = this.random ? this.offsets.next() % this.units : this.sequential++ % this.units;
+    const busy = this.busy;
+    if (busy !== undefined) {
+      for (let tries = 0; busy[unit] === 1; tries++) {
+        // Fewer units are busy than exist (checked up front): a free one is always near.
+        unit = this.random && tries < 64 ? this.offsets.next() % this.units : (unit + 1) % this.units;
+      }
+      busy[unit] = 1;
+    }
+    const lba = unit * this.unitBlocks;
+    this.lba[slot] = lba;
+    this.isWrite[slot] = write ? 1 : 0;
+    if (write && this.verifier) this.gen[slot] = this.verifier.stamp(this.words[slot]!, 0, lba, this.unitBlocks);
+  }
+
+  /** A request of the slot ended at `now`. */
+  finish(slot: number, ok: boolean, now: number): void {
+    this.done++;
+    this.lastCompletion = now;
+    this.latency.add((now - this.started[slot]!) * 1000);
+    const write = this.isWrite[slot] === 1;
+    if (write) this.writes++;
+    else this.reads++;
+    if (ok) this.bytes += this.o.ioBytes;
+    else this.errors++;
+    const v = this.verifier;
+    if (v !== undefined) {
+      const lba = this.lba[slot]!;
+      if (write) v.written(lba, this.unitBlocks, this.gen[slot]!, ok);
+      else if (ok) v.check(this.words[slot]!, 0, lba, this.unitBlocks);
+      this.busy![lba / this.unitBlocks] = 0;
+    }
+  }
+
+  failed(e: unknown): void {
+    this.firstError ??= message(e);
+    if (fatal(e)) this.fatalError ??= e;
+  }
+
+  /** Starts the progress timer of the run; returns its stop function. */
+  startProgress(): () => void {
+    const cb = this.o.onProgress;
+    if (cb === undefined) return () => {};
+    const timer = setInterval(() => {
+      const now = performance.now();
+      cb({
+        phase: 'run',
+        ios: this.done,
+        bytes: this.bytes,
+        elapsedSeconds: (now - this.t0) / 1000,
+        remainingSeconds: Number.isFinite(this.end) ? Math.max(0, (this.end - now) / 1000) : undefined,
+        fraction: Number.isFinite(this.iosLimit) ? Math.min(1, this.done / this.iosLimit) : undefined,
+      });
+    }, this.o.progressMs ?? 250);
+    return () => clearInterval(timer);
+  }
+}
+
+/** QD slots over the Promise API, each completion issuing the slot's next request. */
+function runPromise(dev: BlockDevice, load: Load): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    let active = 0;
+    // Promises do not time out: a target that stops answering would otherwise hang the run.
+    const watchdog = setInterval(() => {
+      if (performance.now() - load.lastCompletion > STALL_MS) {
+        clearInterval(watchdog);
+        reject(new Error(`no completion for ${STALL_MS / 1000} s with ${active} requests in flight`));
+      }
+    }, 1000);
+    const finished = (): void => {
+      clearInterval(watchdog);
+      resolve();
+    };
+    const issue = (slot: number): void => {
+      load.prepare(slot);
+      const buf = load.buffers[slot]!;
+      const lba = load.lba[slot]!;
+      load.started[slot] = performance.now();
+      const p = load.isWrite[slot] === 1 ? dev.write(lba, buf) : dev.read(lba, buf, NO_OPTIONS);
+      (p as Promise<unknown>).then(onDone[slot], onError[slot]);
+    };
+    const settle = (slot: number, ok: boolean): void => {
+      const now = performance.now();
+      load.finish(slot, ok, now);
+      if (load.more(now)) issue(slot);
+      else if (--active === 0) finished();
+    };
+    // One pair of callbacks per slot, made once: a request allocates nothing of ours.
+    const onDone = Array.from({ length: load.depth }, (_, slot) => () => settle(slot, true));
+    const onError = Array.from({ length: load.depth }, (_, slot) => (e: unknown) => {
+      load.failed(e);
+      settle(slot, false);
+    });
+    load.begin();
+    for (let s = 0; s < load.depth; s++) {
+      active++;
+      issue(s);
+    }
+    if (active === 0) finished();
+  });
+}
+
+/**
+ * QD slots as packed records on the channel itself: a slot's next record is written as soon as
+ * its completion is seen and goes down with the next `pump`. Spins; yields to the event loop
+ * every few thousand turns so that timers (progress, signals) run.
+ */
+async function runBatch(ctrl: Controller, dev: BlockDevice, load: Load): Promise<number> {
+  const { channel, addressOf } = ctrl.rawChannel();
+  try {
+    if (channel.capacity < load.depth) {
+      throw new RangeError(`the channel holds ${channel.capacity} requests, fewer than the queue depth ${load.depth}`);
+    }
+    const writer = new RecordWriter(channel.submissionArea());
+    const reader = new CompletionReader(channel.completionArea(), channel.capacity);
+    const addresses = load.buffers.map((b) => addressOf(b));
+    if (addresses.some((a) => a < 0)) throw new Error('a benchmark buffer is not in the DMA memory of the controller');
+    const target = dev.target;
+    const lun = dev.lun;
+    const blocks = load.unitBlocks;
+    const ioBytes = load.o.ioBytes;
+    let staged = 0;
+    let onDevice = 0;
+    const stage = (slot: number, now: number): void => {
+      load.prepare(slot);
+      load.started[slot] = now;
+      const write = load.isWrite[slot] === 1;
+      writer.readWrite(staged++, slot, target, lun, write, load.lba[slot]!, blocks, false, addresses[slot]!, ioBytes, 0);
+    };
+    load.begin();
+    for (let s = 0; s < load.depth; s++) stage(s, load.t0);
+    let turns = 0;
+    let idle = 0;
+    while (staged > 0 || onDevice > 0) {
+      const r = channel.pump(staged, null);
+      const taken = r >>> 16;
+      const done = r & 0xffff;
+      if (taken > 0) {
+        if (taken < staged) writer.shift(taken, staged - taken);
+        staged -= taken;
+        onDevice += taken;
+      }
+      if (done > 0) {
+        idle = 0;
+        const now = performance.now();
+        for (let k = 0; k < done; k++) {
+          const slot = reader.token(k);
+          const response = reader.response(k);
+          const status = reader.status(k);
+          // A short READ is an error too, as on the promise path.
+          const ok = response === 0 && status === 0 && (load.isWrite[slot] === 1 || reader.residual(k) === 0);
+          onDevice--;
+          if (!ok) {
+            const what =
+              response === 0 && status === 0
+                ? `a residual of ${reader.residual(k)} bytes`
+                : `response ${response}, status ${status}`;
+            load.failed(new Error(`request on LBA ${load.lba[slot]} ended with ${what}`));
+          }
+          load.finish(slot, ok, now);
+          if (load.more(now)) stage(slot, now);
+        }
+      } else if (++idle % 1024 === 0 && performance.now() - load.lastCompletion > STALL_MS) {
+        const why = ctrl.failure;
+        const requests = `${onDevice} requests on the device`;
+        throw new Error(`no completion for ${STALL_MS / 1000} s with ${requests}${why ? `: ${why}` : ''}`);
+      }
+      if (++turns % BATCH_YIELD_EVERY === 0) await new Promise<void>((resolve) => setImmediate(resolve));
+    }
+    return channel.queueIndex;
+  } finally {
+    channel.close();
+  }
+}
+
+/** The channel's own load loop: blocks this thread for the whole run. */
+function runNative(ctrl: Controller, dev: BlockDevice, load: Load): Measured {
+  const o = load.o;
+  const { channel, controller } = ctrl.rawChannel();
+  try {
+    o.onMeasure?.('start');
+    const r = channel.runLoad(controller, {
+      target: dev.target,
+      lun: dev.lun,
+      blockSize: dev.blockSize,
+      blocks: load.regionBytes / dev.blockSize,
+      ioBytes: o.ioBytes,
+      queueDepth: o.queueDepth,
+      readPercent: load.readPercent,
+      random: load.random,
+      ...(o.seconds !== undefined ? { seconds: o.seconds } : {}),
+      ...(o.ios !== undefined ? { ios: o.ios } : {}),
+      seed: load.seed,
+    });
+    o.onMeasure?.('end');
+    return {
+      cpuSeconds: r.cpuSeconds,
+      queue: channel.queueIndex,
+      seconds: r.seconds,
+      ios: r.ios,
+      reads: r.reads,
+      writes: r.writes,
+      errors: r.errors,
+      latencyUs: r.latencyUs,
+    };
+  } finally {
+    channel.close();
+  }
+}
+
+/**
+ * Fill (write every unit of the region once, so that reads have something to check) or read
+ * back (check every unit written in the run), in large requests through the Promise API.
+ */
+async function pass(dev: BlockDevice, load: Load, phase: 'fill' | 'read-back'): Promise<void> {
+  const v = load.verifier!;
+  const ioBytes = load.o.ioBytes;
+  const chunkBytes = Math.min(load.regionBytes, Math.max(ioBytes, Math.floor(PASS_CHUNK_BYTES / ioBytes) * ioBytes));
+  const chunkBlocks = chunkBytes / load.blockSize;
+  const unitBlocks = load.unitBlocks;
+  const wordsPerUnit = ioBytes >>> 2;
+  const regionBlocks = load.regionBytes / load.blockSize;
+  let next = 0;
+  let bytes = 0;
+  const started = performance.now();
+  const progress = load.o.onProgress;
+  const timer =
+    progress &&
+    setInterval(() => {
+      progress({
+        phase,
+        ios: 0,
+        bytes,
+        elapsedSeconds: (performance.now() - started) / 1000,
+        remainingSeconds: undefined,
+        fraction: Math.min(1, (next * load.blockSize) / load.regionBytes),
+      });
+    }, load.o.progressMs ?? 250);
+  const worker = async (): Promise<void> => {
+    const buf = dev.allocBuffer(chunkBytes);
+    const words = wordsOf(buf);
+    while (next < regionBlocks && load.o.signal?.aborted !== true) {
+      const lba = next;
+      const blocks = Math.min(chunkBlocks, regionBlocks - lba);
+      next += blocks;
+      const view = blocks === chunkBlocks ? buf : buf.subarray(0, blocks * load.blockSize);
+      if (phase === 'fill') {
+        const gen = v.stamp(words, 0, lba, blocks);
+        let ok = true;
+        try {
+          await dev.write(lba, view);
+        } catch (e) {
+          ok = false;
+          throw new Error(`${dev.name}: the fill write at LBA ${lba} failed: ${message(e)}`, { cause: e });
+        } finally {
+          v.written(lba, blocks, gen, ok);
+        }
+      } else {
+        if (!v.anyWritten(lba, blocks)) continue;
+        try {
+          await dev.read(lba, view, NO_OPTIONS);
+        } catch (e) {
+          throw new Error(`${dev.name}: the read-back at LBA ${lba} failed: ${message(e)}`, { cause: e });
+        }
+        for (let u = 0; u < blocks; u += unitBlocks) v.check(words, (u / unitBlocks) * wordsPerUnit, lba + u, unitBlocks);
+      }
+      bytes += blocks * load.blockSize;
+    }
+  };
+  try {
+    await Promise.all(Array.from({ length: PASS_DEPTH }, worker));
+  } finally {
+    if (timer) clearInterval(timer);
+  }
 }

@@ -289,6 +289,11 @@ export class ControlClient {
     return this.request({ op: 'inject', target, lun, fault, count, ...extra });
   }
 
+  /** Drops the faults still pending on a LUN. */
+  clearFaults(target: number, lun: number): Promise<ControlResponse> {
+    return this.request({ op: 'clear_faults', target, lun });
+  }
+
   async list(): Promise<LunInfo[]> {
     const resp = await this.request({ op: 'list' });
     if (!Array.isArray(resp.luns)) throw new ControlError({ op: 'list' }, 'response has no luns array');

@@ -86,6 +86,21 @@ export interface ControllerEvent {
   reason: number;
 }
 
+/**
+ * What `Controller.share()` gives another thread: plain data that survives postMessage.
+ */
+export interface ControllerHandle {
+  readonly kind: typeof HANDLE_KIND;
+  readonly id: number;
+  readonly name: string;
+  readonly transport: Transport;
+  readonly maxTransferBytes: number;
+  readonly retry: RetryPolicy;
+  /** The LUNs of the last scan, so that the thread need not scan again. */
+  readonly luns: readonly ScannedLun[];
+}
+
+const HANDLE_KIND = 'virtio-initiator/controller';
 const DEFAULT_NAME = 'VirtioScsi0';
 /** Default transfer cap: this fraction of the DMA pool per command. */
 const POOL_SHARE_PER_TRANSFER = 8;
@@ -154,7 +169,7 @@ export class Controller implements AsyncDisposable {
   private readonly context: DeviceContext;
   private queue: RequestQueue | undefined;
   private closedError: ClosedError | undefined;
-  private scanned: ScannedLun[] = [];
+  private scanned: readonly ScannedLun[] = [];
   private blockDevices = new Map<string, BlockDevice>();
   /** Host address of each DMA Buffer's memory, for requests that name their data by address. */
   private readonly dmaBase = new WeakMap<ArrayBufferLike, number>();
@@ -289,8 +304,51 @@ export class Controller implements AsyncDisposable {
       ...(opts.signal ? { signal: opts.signal } : {}),
     });
     this.checkOpen();
+    this.install(result.luns);
+    return result;
+  }
+
+  /**
+   * A handle to pass to worker threads (postMessage, workerData): `Controller.attach(handle)`
+   * there gives the thread a Controller over the same device, with the devices of the last
+   * scan and a request queue of its own (shared with other threads when they outnumber the
+   * device's queues). Closing it in the worker releases that thread's hold only; closing the
+   * controller here stops the device for every thread.
+   */
+  share(): ControllerHandle {
+    this.checkOpen();
+    return {
+      kind: HANDLE_KIND,
+      id: this.handle.share(),
+      name: this.name,
+      transport: { ...this.transport },
+      maxTransferBytes: this.context.maxTransferBytes,
+      retry: { ...this.policy },
+      luns: this.scanned,
+    };
+  }
+
+  /** A Controller in this thread over a controller another thread shared (see `share`). */
+  static async attach(handle: ControllerHandle): Promise<Controller> {
+    if (typeof handle !== 'object' || handle === null || handle.kind !== HANDLE_KIND || !Number.isInteger(handle.id)) {
+      throw new TypeError('not a controller handle (use controller.share() in the thread that opened it)');
+    }
+    const native = loadNative();
+    let h: NativeController;
+    try {
+      h = native.Controller.attach(handle.id);
+    } catch (e) {
+      throw new ConnectError(`shared controller ${handle.name}`, errorText(e), { cause: e });
+    }
+    const c = new Controller(h, handle.name, handle.transport, { maxTransferBytes: handle.maxTransferBytes }, Object.freeze({ ...handle.retry }));
+    c.install(handle.luns);
+    return c;
+  }
+
+  /** (Re)builds the block devices from scanned LUNs; devices that survive keep their object. */
+  private install(luns: readonly ScannedLun[]): void {
     const next = new Map<string, BlockDevice>();
-    for (const lun of result.luns) {
+    for (const lun of luns) {
       if (lun.deviceType !== 0 || !lun.geometry) continue;
       const old = this.blockDevices.get(lun.name);
       if (old && sameUnit(old, lun)) {
@@ -305,8 +363,7 @@ export class Controller implements AsyncDisposable {
       if (!next.has(name)) dev.detach('no longer present on the controller');
     }
     this.blockDevices = next;
-    this.scanned = result.luns;
-    return result;
+    this.scanned = luns;
   }
 
   /** A zero-copy Buffer over the controller's DMA pool, released when garbage-collected. */
@@ -321,6 +378,8 @@ export class Controller implements AsyncDisposable {
       if (base >= 0) this.dmaBase.set(buf.buffer, base);
       return buf;
     } catch (e) {
+      // Closed by its owner in another thread.
+      if (this.handle.closed) throw new ClosedError(`controller ${this.name} is closed`);
       throw new Error(`${this.name}: cannot allocate ${bytes} bytes of DMA memory: ${errorText(e)}`, { cause: e });
     }
   }
@@ -407,7 +466,11 @@ export class Controller implements AsyncDisposable {
   /** This thread's request queue, opened on first use. */
   private executor(): RequestQueue {
     this.checkOpen();
-    this.queue ??= new RequestQueue(this.handle.openChannel(), { label: this.name, addressOf: this.addressOf });
+    this.queue ??= new RequestQueue(this.handle.openChannel(), {
+      label: this.name,
+      addressOf: this.addressOf,
+      closedError: () => (this.handle.closed ? new ClosedError(`controller ${this.name} is closed`) : undefined),
+    });
     return this.queue;
   }
 

@@ -5,6 +5,7 @@ export {
   ControllerEventType,
   EVENTS_MISSED,
   type ControllerEvent,
+  type ControllerHandle,
   type ControllerInfo,
   type ControllerOptions,
   type Transport,
@@ -48,6 +49,7 @@ export {
 } from './bundled-target.js';
 export {
   RequestQueue,
+  RequestRefusedError,
   type CommandExecutor,
   type CommandResult,
   type RequestQueueStats,

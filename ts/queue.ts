@@ -18,6 +18,10 @@ import { read as readCdb, write as writeCdb } from './scsi/cdb.js';
 /** What a request queue needs from a channel; the native Channel has exactly this shape. */
 export interface ChannelLike {
   readonly capacity: number;
+  /** The virtqueue index (2 for the first request queue). */
+  readonly queueIndex?: number;
+  /** True while other threads use the same request queue. */
+  readonly shared?: boolean;
   /** `capacity` submission records, shared with the channel. */
   submissionArea(): Buffer;
   /** `capacity` completion records and their sense slots, shared with the channel. */
@@ -70,6 +74,10 @@ export type Recover = (result: CommandResult, cmd: ScsiCommand) => unknown;
 export type IoQueue = Pick<RequestQueue, 'execute' | 'transfer'>;
 
 export interface RequestQueueStats {
+  /** The virtqueue this queue submits to (2 for the first request queue). */
+  queueIndex: number;
+  /** True while other threads share that virtqueue. */
+  shared: boolean;
   /** Requests waiting for a slot or for the next native call. */
   queued: number;
   /** Requests on the device, including abandoned (aborted) ones whose completion is pending. */
@@ -89,6 +97,12 @@ export interface RequestQueueOptions {
    * (then copied through a bounce buffer by the native side).
    */
   addressOf?: (data: Uint8Array) => number;
+  /**
+   * The error for a controller that was closed (by its owner, perhaps in another thread), or
+   * undefined while it is open: a native call that fails then rejects with it rather than with
+   * a controller failure.
+   */
+  closedError?: () => Error | undefined;
 }
 
 /** The native side refused a request before it reached the device (it names why). */
@@ -176,6 +190,7 @@ export class RequestQueue implements CommandExecutor {
   readonly label: string;
   private readonly channel: ChannelLike;
   private readonly addressOf: (data: Uint8Array) => number;
+  private readonly closedBy: (() => Error | undefined) | undefined;
   private readonly capacity: number;
   private readonly writer: RecordWriter;
   private readonly reader: CompletionReader;
@@ -242,6 +257,7 @@ export class RequestQueue implements CommandExecutor {
     this.channel = channel;
     this.label = options.label ?? 'virtio-scsi';
     this.addressOf = options.addressOf ?? noAddress;
+    this.closedBy = options.closedError;
     const cap = channel.capacity;
     if (!Number.isInteger(cap) || cap < 1 || cap > 0xffff) {
       throw new RangeError(`channel capacity ${String(cap)} is not an integer from 1 to 65535`);
@@ -277,6 +293,8 @@ export class RequestQueue implements CommandExecutor {
 
   get stats(): RequestQueueStats {
     return {
+      queueIndex: this.channel.queueIndex ?? 0,
+      shared: this.channel.shared ?? false,
       queued: this.stagedCount + this.waiting.length - this.waitingHead,
       inFlight: this.onDevice,
       submitCalls: this.counters.submitCalls,
@@ -645,11 +663,21 @@ export class RequestQueue implements CommandExecutor {
 
   private fail(cause: unknown): void {
     if (this.closedError) return;
+    let closed: Error | undefined;
+    try {
+      closed = this.closedBy?.();
+    } catch {
+      // Cannot tell: a failure, then.
+    }
+    if (closed !== undefined) {
+      this.shutDown(closed);
+      return;
+    }
     const reason = cause instanceof Error ? cause.message : String(cause);
     this.shutDown(new ControllerFailedError(this.label, reason, { cause }));
   }
 
-  private shutDown(err: InitiatorError): void {
+  private shutDown(err: Error): void {
     this.closedError = err;
     if (this.immediate !== undefined) clearImmediate(this.immediate);
     if (this.slowTimer !== undefined) clearTimeout(this.slowTimer);

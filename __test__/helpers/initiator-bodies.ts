@@ -10,7 +10,7 @@
 import { setImmediate as yieldToLoop } from 'node:timers/promises';
 
 import type { NativeChannel, NativeController } from '../../ts/native.js';
-import { CompletionReader, completionAreaBytes, Direction, RecordWriter, SubmitRecord } from '../../ts/records.js';
+import { CompletionReader, Direction, RecordWriter } from '../../ts/records.js';
 import {
   decodeSense,
   inquiry,
@@ -67,7 +67,7 @@ export type Body = (t: Check, ctx: BodyContext) => Promise<void>;
 const KiB = 1024;
 const MiB = 1024 * KiB;
 /** Scratch areas of every LUN (LUNs are at least 16 MiB). */
-const AREA = { data: 4 * MiB, unmap: 6 * MiB, batch: 8 * MiB, reset: 12 * MiB } as const;
+const AREA = { data: 4 * MiB, unmap: 6 * MiB, batch: 8 * MiB, reset: 12 * MiB, bigBatch: 13 * MiB } as const;
 export const MIN_LUN_BYTES = 16 * MiB;
 
 /** Deterministic bytes for a seed (xorshift32): the host and the guest compute the same. */
@@ -115,8 +115,6 @@ export interface Completion {
   dataLength: number;
 }
 
-/** Completions taken per reap call. */
-const REAP_MAX = 64;
 /** Longest a command may take inside a TCG guest before the test gives up on it. */
 const COMMAND_TIMEOUT_MS = 60_000;
 
@@ -126,7 +124,7 @@ const COMMAND_TIMEOUT_MS = 60_000;
  */
 export class RawChannel {
   readonly channel: NativeChannel;
-  private nextToken = 1;
+  private tokenBase = 1;
   submitCalls = 0;
 
   constructor(controller: NativeController) {
@@ -138,29 +136,30 @@ export class RawChannel {
   }
 
   async run(cmds: Command[]): Promise<Completion[]> {
-    const batch = Buffer.alloc(SubmitRecord.SIZE * cmds.length);
-    const writer = new RecordWriter(batch);
-    const buffers: (Buffer | null)[] = [];
+    const ch = this.channel;
+    const writer = new RecordWriter(ch.submissionArea());
+    const reader = new CompletionReader(ch.completionArea(), ch.capacity);
     const byToken = new Map<number, number>();
-    cmds.forEach((c, i) => {
-      const token = this.nextToken++ >>> 0;
-      byToken.set(token, i);
-      writer.cdb(i, token, c.target, c.lun, c.cdb, 0, c.buffer ? c.dir : Direction.NONE, -1, 0, buffers.length);
-      buffers.push(c.buffer ?? null);
-    });
     const done: (Completion | undefined)[] = new Array(cmds.length);
-    const out = Buffer.alloc(completionAreaBytes(REAP_MAX));
-    const reader = new CompletionReader(out, REAP_MAX);
     let submitted = 0;
     let completed = 0;
     const deadline = Date.now() + COMMAND_TIMEOUT_MS;
     while (completed < cmds.length) {
-      if (submitted < cmds.length) {
-        this.submitCalls++;
-        // Buffer indexes in the records are absolute: the whole list goes down every time.
-        submitted += this.channel.submit(batch.subarray(submitted * SubmitRecord.SIZE), cmds.length - submitted, buffers);
+      // The next commands, as many as the area holds; those the ring does not take are
+      // written again next time.
+      const count = Math.min(cmds.length - submitted, ch.capacity);
+      const buffers: (Buffer | null)[] = [];
+      for (let i = 0; i < count; i++) {
+        const c = cmds[submitted + i]!;
+        const token = (submitted + i + this.tokenBase) & 0xffff;
+        byToken.set(token, submitted + i);
+        writer.cdb(i, token, c.target, c.lun, c.cdb, 0, c.buffer ? c.dir : Direction.NONE, -1, 0, buffers.length);
+        buffers.push(c.buffer ?? null);
       }
-      const n = this.channel.reap(out, REAP_MAX);
+      if (count > 0) this.submitCalls++;
+      const r = ch.pump(count, buffers);
+      submitted += r >>> 16;
+      const n = r & 0xffff;
       for (let i = 0; i < n; i++) {
         const idx = byToken.get(reader.token(i));
         if (idx === undefined || done[idx]) throw new Error(`completion with unknown token ${reader.token(i)}`);
@@ -180,6 +179,8 @@ export class RawChannel {
         await yieldToLoop();
       }
     }
+    // Tokens of the next run follow on, so a late completion of this one could not be mistaken.
+    this.tokenBase = (this.tokenBase + cmds.length) & 0xffff;
     return done as Completion[];
   }
 
@@ -453,11 +454,135 @@ const batch: Body = async (t, ctx) =>
     t.is(same, count, 'every batched block reads back what was written');
   });
 
+/** Requests in each batch of the big-batch body: more than the ring has slots. */
+const BIG_BATCH_MIN = 320;
+/** Bytes of LUN (and of DMA memory) each big-batch request may use. */
+const BIG_BATCH_STRIDE = 4 * KiB;
+
+/**
+ * Batches larger than the ring, so that request slots (and descriptors) are reused within
+ * one batch while the rest of it is still on the device. On every LUN, three batches of at
+ * least 320 requests on one channel: writes of region A; reads of A interleaved with writes of
+ * region B; reads of B. Buffers rotate between DMA memory at a page boundary, DMA memory
+ * straddling a page boundary, and plain Buffers (bounced through DMA memory), and requests of
+ * a 512-byte-block LUN are 1 to 8 blocks long. Every read must come back GOOD with its whole
+ * length and exactly the bytes written: a request that reports success without its data is
+ * the failure this looks for, in particular among the reads placed after the first `capacity`
+ * requests of a batch. Those go down together and take every slot, so each later request runs
+ * on a slot that an earlier request of the same batch gave back.
+ */
+const bigBatch: Body = async (t, ctx) =>
+  withChannel(ctx, async (ch) => {
+    const capacity = ch.channel.capacity;
+    const count = Math.max(BIG_BATCH_MIN, capacity + 64);
+    // DMA memory for the buffers, one stride (plus a page, for the straddling ones) each:
+    // `first` serves the first and the last batch (one after the other), `middle` the middle
+    // one, for both LUNs in turn.
+    const span = BIG_BATCH_STRIDE + 4 * KiB;
+    const first = ctx.controller.allocDmaBuffer(count * span);
+    const middle = ctx.controller.allocDmaBuffer(2 * count * span);
+    const kinds = ['DMA buffer', 'DMA buffer across a page', 'plain Buffer'] as const;
+    const bufferFor = (arena: Buffer, slot: number, kind: number, bytes: number): Buffer => {
+      if (kind === 2) return Buffer.alloc(bytes);
+      // Page aligned, or starting 64-byte aligned somewhere in the page so that it runs into
+      // the next one.
+      const at = slot * span + (kind === 0 ? 0 : 4 * KiB - 64 * (1 + (slot % 32)));
+      return arena.subarray(at, at + bytes);
+    };
+    for (const [n, l] of ctx.luns.entries()) {
+      const bs = l.blockSize;
+      const blocksOf = (i: number) => (bs >= BIG_BATCH_STRIDE ? 1 : 1 + ((i * 5) % Math.min(8, BIG_BATCH_STRIDE / bs)));
+      const bytesOf = (i: number) => blocksOf(i) * bs;
+      const region = (r: 0 | 1) => AREA.bigBatch + r * count * BIG_BATCH_STRIDE;
+      const lbaOf = (r: 0 | 1, i: number) => (region(r) + i * BIG_BATCH_STRIDE) / bs;
+      const seedOf = (r: 0 | 1, i: number) => 10_000 + 4000 * n + 2000 * r + i;
+      t.true(region(1) + count * BIG_BATCH_STRIDE <= MIN_LUN_BYTES, `big-batch areas fit ${lunId(l)}`);
+      // A pending UNIT ATTENTION (after power-on or a reset) is taken here, not by a batch.
+      good(t, await ch.exec({ target: l.target, lun: l.lun, cdb: testUnitReady(), dir: Direction.NONE }), `TEST UNIT READY of ${lunId(l)}`);
+
+      interface Req {
+        cmd: Command;
+        read?: { buffer: Buffer; expected: Buffer; what: string };
+      }
+      const write = (arena: Buffer, slot: number, r: 0 | 1, i: number): Req => {
+        const kind = (i + r) % 3;
+        const b = bufferFor(arena, slot, kind, bytesOf(i));
+        pattern(seedOf(r, i), b.length).copy(b);
+        return { cmd: rw(true, l, lbaOf(r, i), blocksOf(i), b) };
+      };
+      const read = (arena: Buffer, slot: number, r: 0 | 1, i: number): Req => {
+        const kind = (i + r + 1) % 3;
+        const b = bufferFor(arena, slot, kind, bytesOf(i));
+        b.fill(0xee);
+        const what = `region ${'AB'[r]} request ${i} of ${lunId(l)} (${kinds[kind]})`;
+        return { cmd: rw(false, l, lbaOf(r, i), blocksOf(i), b), read: { buffer: b, expected: pattern(seedOf(r, i), b.length), what } };
+      };
+      // Each batch is made only when the one before it is done: the first and the last share
+      // their DMA memory.
+      const batches: Array<{ name: string; make: () => Req[] }> = [
+        { name: 'writes of A', make: () => Array.from({ length: count }, (_, i) => write(first, i, 0, i)) },
+        {
+          name: 'reads of A with writes of B',
+          make: () => Array.from({ length: count }, (_, i) => [read(middle, 2 * i, 0, i), write(middle, 2 * i + 1, 1, i)]).flat(),
+        },
+        { name: 'reads of B', make: () => Array.from({ length: count }, (_, i) => read(first, i, 1, i)) },
+      ];
+      let readsOk = 0;
+      let reads = 0;
+      let reusedReads = 0;
+      let reusedOk = 0;
+      for (const batch of batches) {
+        const b = { name: batch.name, reqs: batch.make() };
+        const done = await ch.run(b.reqs.map((r) => r.cmd));
+        let bad = 0;
+        b.reqs.forEach((r, i) => {
+          const c = done[i]!;
+          const ok = c.response === 0 && c.status === ScsiStatus.GOOD;
+          if (!r.read) {
+            if (!ok && bad++ < 8) t.true(false, `${b.name} of ${lunId(l)}: request ${i}: ${describe(c)}`);
+            return;
+          }
+          reads++;
+          // Position `capacity` and later: on a slot an earlier request of the batch gave back.
+          const reused = i >= capacity;
+          if (reused) reusedReads++;
+          const complete = ok && c.residual === 0 && c.dataLength === r.read.buffer.length;
+          const same = r.read.buffer.equals(r.read.expected);
+          if (complete && same) {
+            readsOk++;
+            if (reused) reusedOk++;
+          } else if (bad++ < 8) {
+            let at = 0;
+            while (at < r.read.buffer.length && r.read.buffer[at] === r.read.expected[at]) at++;
+            const untouched = r.read.buffer.every((x) => x === 0xee);
+            t.true(
+              false,
+              `${b.name}: ${r.read.what}, position ${i} of ${b.reqs.length}${reused ? ' (reused slot)' : ''}: ${describe(c)} ` +
+                `residual ${c.residual} data length ${c.dataLength} of ${r.read.buffer.length}; ` +
+                (same
+                  ? 'data right'
+                  : untouched
+                    ? 'buffer untouched (no data arrived)'
+                    : `data differs from byte ${at}: ${r.read.buffer.subarray(at, at + 8).toString('hex')} instead of ${r.read.expected.subarray(at, at + 8).toString('hex')}`),
+            );
+          }
+        });
+        if (bad > 8) t.true(false, `${b.name} of ${lunId(l)}: ${bad - 8} more failures`);
+      }
+      t.is(readsOk, reads, `${lunId(l)}: every big-batch read is GOOD, whole, and holds what was written`);
+      t.true(reusedReads >= 64, `${lunId(l)}: ${reusedReads} reads sat after the first ${capacity} requests of their batch`);
+      t.is(reusedOk, reusedReads, `${lunId(l)}: reads on reused slots are right`);
+      t.log(`${lunId(l)}: batches of ${count}, ${2 * count} and ${count} requests on a ${capacity}-slot channel; ${readsOk}/${reads} reads right, ${reusedOk}/${reusedReads} on reused slots`);
+    }
+    t.is(ctx.controller.failure, null, 'controller still healthy');
+  });
+
 /** Every body, by name, in the order they run. */
 export const BODIES: ReadonlyArray<readonly [string, Body]> = [
   ['scan', scan],
   ['data', data],
   ['batch', batch],
+  ['big-batch', bigBatch],
   ['flush', flush],
   ['unmap', unmapBody],
   ['reset', reset],

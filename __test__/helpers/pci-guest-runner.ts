@@ -7,7 +7,7 @@
 // usage: node --import tsx pci-guest-runner.ts BASE64(JSON RunnerSpec)
 
 import { spawnSync } from 'node:child_process';
-import { readdirSync, readFileSync } from 'node:fs';
+import { closeSync, openSync, readdirSync, readFileSync, readSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { isDeepStrictEqual, inspect } from 'node:util';
 
@@ -28,7 +28,15 @@ export interface RunnerSpec {
   badInput: boolean;
   /** LUN of the first transitional device (behind a PCI bridge) for the binding checks. */
   transitionalLun?: LunSpec;
+  /** Scatter the pages of the DMA pool in physical memory (VIRTIO_INITIATOR_SCATTER_PAGES,
+   * plain memory only); the POOL marker passes when at most `maxAdjacentShare` of its
+   * consecutive pages are physically adjacent. Without it, the marker only informs. */
+  scatterPool?: { maxAdjacentShare: number };
 }
+
+/** The core's testing knob that scatters the pages of plain-memory DMA pools (see
+ * crates/virtio-initiator-core/src/memory/pool.rs). */
+const SCATTER_PAGES_ENV = 'VIRTIO_INITIATOR_SCATTER_PAGES';
 
 const nativePath = fileURLToPath(new URL('../../native/index.cjs', import.meta.url));
 
@@ -87,6 +95,76 @@ function refuses(t: Check, what: string, f: () => unknown, re: RegExp): void {
   } catch (e) {
     t.true(re.test(message(e)), `${what}: error "${message(e)}" does not match ${re}`);
     t.log(`${what}: ${message(e)}`);
+  }
+}
+
+/** Where the DMA pool's pages are in physical memory, from /proc/self/maps (its memfd
+ * mappings) and /proc/self/pagemap (frame numbers, shown to root only). */
+interface PoolLayout {
+  mappings: number;
+  pages: number;
+  /** Consecutive pages inside one mapping, and those of them that are physically adjacent. */
+  pairs: number;
+  adjacent: number;
+  /** Pages without a frame number (not present, or hidden). */
+  unresolved: number;
+}
+
+function poolLayout(): PoolLayout {
+  const PAGE = 4096;
+  const layout: PoolLayout = { mappings: 0, pages: 0, pairs: 0, adjacent: 0, unresolved: 0 };
+  const maps = readFileSync('/proc/self/maps', 'utf8').split('\n').filter((l) => l.includes('/memfd:virtio-initiator-dma'));
+  const fd = openSync('/proc/self/pagemap', 'r');
+  try {
+    for (const line of maps) {
+      const [start, end] = line.split(' ')[0]!.split('-').map((h) => parseInt(h, 16)) as [number, number];
+      const pages = (end - start) / PAGE;
+      const entries = Buffer.alloc(pages * 8);
+      const got = readSync(fd, entries, 0, entries.length, (start / PAGE) * 8);
+      if (got !== entries.length) throw new Error(`pagemap: ${got} of ${entries.length} bytes at ${start.toString(16)}`);
+      layout.mappings++;
+      layout.pages += pages;
+      let prev = -1n;
+      for (let i = 0; i < pages; i++) {
+        const e = entries.readBigUInt64LE(i * 8);
+        const pfn = e >> 63n === 1n ? e & ((1n << 55n) - 1n) : 0n;
+        if (pfn === 0n) layout.unresolved++;
+        if (i > 0) {
+          layout.pairs++;
+          if (pfn !== 0n && prev !== 0n && pfn === prev + 1n) layout.adjacent++;
+        }
+        prev = pfn;
+      }
+    }
+  } finally {
+    closeSync(fd);
+  }
+  return layout;
+}
+
+/** Prints the POOL marker `name` for the pool of the open controller. Asked to be scattered,
+ * it passes when the pages cover the pool's size, every one has a frame number, and at most
+ * `maxAdjacentShare` of the consecutive ones are physically adjacent: otherwise the bodies
+ * would not test what they are meant to. Otherwise it only informs. */
+function reportPool(name: string, spec: RunnerSpec): boolean {
+  const scatter = spec.scatterPool;
+  try {
+    const p = poolLayout();
+    const share = p.pairs > 0 ? p.adjacent / p.pairs : 1;
+    const scattered = p.pages * 4096 >= (spec.options.memoryBytes ?? 0) && p.unresolved === 0 && share <= (scatter?.maxAdjacentShare ?? 0);
+    const status = scatter ? (scattered ? 'pass' : 'fail') : 'info';
+    out(
+      `@@POOL ${name} mappings=${p.mappings} pages=${p.pages} pairs=${p.pairs} adjacent=${p.adjacent} ` +
+        `adjacent_share=${share.toFixed(3)} unresolved=${p.unresolved} scatter=${scatter ? 1 : 0} status=${status}`,
+    );
+    if (status === 'fail') {
+      out(`!! pool not scattered: ${p.adjacent} of ${p.pairs} consecutive pages physically adjacent, ${p.unresolved} of ${p.pages} unresolved`);
+    }
+    return status !== 'fail';
+  } catch (e) {
+    out(`@@POOL ${name} status=${scatter ? 'fail' : 'info'}`);
+    out(`!! ${message(e)}`);
+    return !scatter;
   }
 }
 
@@ -227,6 +305,8 @@ async function facadeCheck(t: Check, address: string, spec: RunnerSpec): Promise
 
 async function main(): Promise<number> {
   const spec = JSON.parse(Buffer.from(process.argv[2] ?? '', 'base64').toString('utf8')) as RunnerSpec;
+  // Read by the core whenever it makes a DMA pool: it must be set before the first one.
+  if (spec.scatterPool) process.env[SCATTER_PAGES_ENV] = '1';
   const native = loadNative();
   const address = spec.address ?? (process.env.VFIO_BDFS ?? '').split(' ')[0] ?? '';
   for (const d of native.listPciDevices()) {
@@ -251,6 +331,9 @@ async function main(): Promise<number> {
   const dmaOk = info.transport.includes(spec.expectDma === 'iommu' ? 'through the IOMMU' : 'physical addresses');
   out(`@@DMA ${spec.expectDma} status=${dmaOk ? 'pass' : 'fail'}`);
   ok &&= dmaOk;
+  // The pool the bodies use, as it lies in physical memory, before and after them (it may
+  // have grown meanwhile).
+  ok = reportPool('layout', spec) && ok;
   for (const [name, body] of BODIES) {
     const r = new Recorder();
     const start = Date.now();
@@ -262,6 +345,7 @@ async function main(): Promise<number> {
     }
     ok = report('BODY', name, r, Date.now() - start) && ok;
   }
+  ok = reportPool('after-bodies', spec) && ok;
   if (spec.badInput) ok = (await bindingChecks(native, address, controller, spec)) && ok;
   const failure = controller.failure;
   if (failure !== null) {

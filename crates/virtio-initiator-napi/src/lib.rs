@@ -3,12 +3,12 @@
 //! so one native call carries many of them, and no native thread ever calls into JavaScript.
 
 use std::cell::UnsafeCell;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use virtio_initiator_core::memory::HugePages;
-use virtio_initiator_core::scsi::{self, RequestChannel, ScsiController};
+use virtio_initiator_core::scsi::{self, QueueShare, ScsiController};
 use virtio_initiator_core::transport::pci::{self as pci, PciTransport, Sysfs, VirtioInterface};
 use virtio_initiator_core::transport::vhost_user::VhostUserTransport;
 use virtio_scsi_proto::LunAddress;
@@ -117,7 +117,16 @@ fn core_options(o: Option<ControllerOptions>) -> Result<scsi::ControllerOptions>
 #[napi]
 pub struct Controller {
     inner: Arc<ScsiController>,
+    /// The thread that opened the device owns it; threads that attached only let go of it.
+    owner: bool,
+    /// This object's entry in the shared-controller registry, once shared.
+    shared_id: Option<u32>,
 }
+
+/// Controllers handed to other threads, by id. A worker thread attaches by id and gets its own
+/// object over the same controller; the entry goes when the owner closes the controller.
+static SHARED: Mutex<(u32, Vec<SharedEntry>)> = Mutex::new((0, Vec::new()));
+type SharedEntry = (u32, Weak<ScsiController>);
 
 #[napi]
 impl Controller {
@@ -127,7 +136,7 @@ impl Controller {
         let opts = core_options(options)?;
         let transport = VhostUserTransport::connect(&path).map_err(err)?;
         let inner = ScsiController::open(Box::new(transport), &opts).map_err(err)?;
-        Ok(Controller { inner })
+        Ok(Controller { inner, owner: true, shared_id: None })
     }
 
     /// Opens a virtio-scsi PCI function bound to vfio-pci ("0000:00:03.0") and brings the
@@ -137,7 +146,7 @@ impl Controller {
         let opts = core_options(options)?;
         let transport = PciTransport::open(&address).map_err(err)?;
         let inner = ScsiController::open(Box::new(transport), &opts).map_err(err)?;
-        Ok(Controller { inner })
+        Ok(Controller { inner, owner: true, shared_id: None })
     }
 
     #[napi(getter)]
@@ -162,10 +171,43 @@ impl Controller {
         }
     }
 
-    /// Takes an exclusive request queue.
+    /// A request queue for the calling thread: one of its own while there are free ones, else
+    /// a place on the least used one (shared, with completions routed to their submitter).
     #[napi]
     pub fn open_channel(&self) -> Result<Channel> {
-        Ok(Channel::new(RequestChannel::open(&self.inner).map_err(err)?))
+        Ok(Channel::new(self.inner.open_queue().map_err(err)?))
+    }
+
+    /// An id under which other threads (worker_threads) can attach to this controller.
+    #[napi]
+    pub fn share(&mut self) -> Result<u32> {
+        self.inner.check_open().map_err(err)?;
+        if let Some(id) = self.shared_id {
+            return Ok(id);
+        }
+        let mut shared = SHARED.lock().unwrap();
+        shared.1.retain(|(_, c)| c.strong_count() > 0);
+        shared.0 = shared.0.wrapping_add(1).max(1);
+        let id = shared.0;
+        shared.1.push((id, Arc::downgrade(&self.inner)));
+        self.shared_id = Some(id);
+        Ok(id)
+    }
+
+    /// Attaches the calling thread to a controller shared with `share()`. Closing the result
+    /// releases this thread's hold only; the owner's close stops the device for every thread.
+    #[napi(factory)]
+    pub fn attach(id: u32) -> Result<Self> {
+        let shared = SHARED.lock().unwrap();
+        let inner = shared
+            .1
+            .iter()
+            .find(|(i, _)| *i == id)
+            .and_then(|(_, c)| c.upgrade())
+            .ok_or_else(|| err(format!("no shared controller {id} (closed, or never shared)")))?;
+        drop(shared);
+        inner.check_open().map_err(err)?;
+        Ok(Controller { inner, owner: false, shared_id: Some(id) })
     }
 
     /// A Buffer over DMA memory: I/O on it copies nothing. Freed when garbage-collected.
@@ -217,15 +259,27 @@ impl Controller {
             .collect())
     }
 
+    /// True once the controller was closed (by its owner, in any thread).
+    #[napi(getter)]
+    pub fn closed(&self) -> bool {
+        self.inner.check_open().is_err()
+    }
+
     /// Why the controller failed, or null while it works.
     #[napi(getter)]
     pub fn failure(&self) -> Option<String> {
         self.inner.failure()
     }
 
+    /// Stops the device and lets it go (the owner), or releases this thread's hold on it.
     #[napi]
-    pub fn close(&self) {
-        self.inner.close();
+    pub fn close(&mut self) {
+        if self.owner {
+            if let Some(id) = self.shared_id.take() {
+                SHARED.lock().unwrap().1.retain(|(i, _)| *i != id);
+            }
+            self.inner.close();
+        }
     }
 }
 
@@ -283,7 +337,7 @@ impl SharedArea {
 /// completion area, both shared with JavaScript, so that one `pump` call moves both ways.
 #[napi]
 pub struct Channel {
-    inner: RequestChannel,
+    inner: QueueShare,
     submissions: Arc<SharedArea>,
     completions: Arc<SharedArea>,
 }
@@ -298,7 +352,7 @@ fn host_buffers(buffers: Option<Vec<Option<BufferSlice>>>) -> Vec<Option<scsi::H
 
 #[napi]
 impl Channel {
-    fn new(inner: RequestChannel) -> Self {
+    fn new(inner: QueueShare) -> Self {
         let n = inner.capacity();
         Channel {
             inner,
@@ -318,9 +372,16 @@ impl Channel {
         self.inner.capacity() as u32
     }
 
+    /// This thread's requests on the queue.
     #[napi(getter)]
     pub fn in_flight(&self) -> u32 {
         self.inner.in_flight() as u32
+    }
+
+    /// True while other threads use the same request queue.
+    #[napi(getter)]
+    pub fn shared(&self) -> bool {
+        self.inner.is_shared()
     }
 
     /// The submission area: `capacity` records of SUBMIT_RECORD_SIZE bytes.
@@ -349,47 +410,25 @@ impl Channel {
         let (taken, done) = unsafe {
             let batch = self.submissions.bytes();
             let out = self.completions.bytes();
-            self.inner.pump(batch, (count as usize).min(capacity), &hosts, out, capacity)
+            self.inner.pump(batch, (count as usize).min(capacity), &hosts, out)
         }
         .map_err(err)?;
         Ok(((taken as u32) << 16) | done as u32)
-    }
-
-    /// Submits `count` packed records from `batch`; returns how many the ring took.
-    #[napi]
-    pub fn submit(
-        &mut self,
-        batch: BufferSlice,
-        count: u32,
-        buffers: Option<Vec<Option<BufferSlice>>>,
-    ) -> Result<u32> {
-        let hosts = host_buffers(buffers);
-        // SAFETY: the JavaScript caller keeps every Buffer referenced until its completion has
-        // been reaped.
-        let n = unsafe { self.inner.submit(&batch, count as usize, &hosts) }.map_err(err)?;
-        Ok(n as u32)
-    }
-
-    /// Writes up to `max` completions into `out` (records, then sense slots, as the
-    /// completion area); returns how many.
-    #[napi]
-    pub fn reap(&mut self, mut out: BufferSlice, max: u32) -> Result<u32> {
-        let n = self.inner.reap(&mut out, max as usize).map_err(err)?;
-        Ok(n as u32)
     }
 
     /// Runs a load from native code alone, with no JavaScript per request: the upper bound
     /// the JavaScript paths are measured against. Blocks the calling thread for its duration.
     #[napi]
     pub fn run_load(&mut self, controller: &Controller, spec: load::LoadSpec) -> Result<load::LoadResult> {
-        load::run(&mut self.inner, &controller.inner, &spec).map_err(err)
+        let controller = controller.inner.clone();
+        self.inner.with_exclusive(|ch| load::run(ch, &controller, &spec)).map_err(err)
     }
 
     /// Gives the queue back. Requests in flight are abandoned; the queue is stopped before
     /// their memory is released, or that memory is never reused.
     #[napi]
     pub fn close(&mut self) {
-        self.inner.close();
+        self.inner.leave();
     }
 }
 

@@ -74,20 +74,22 @@ pub fn free_hugepages() -> Option<u64> {
 }
 
 /// Creates a region of at least `size` bytes at `iova`. Returns the mapping, whose length is
-/// `size` rounded up to the page size in use.
-pub(crate) fn create(size: u64, iova: u64, mode: HugePages) -> Result<Backing, MemoryError> {
+/// `size` rounded up to the page size in use. With `scatter` (for testing), memory that is not
+/// on hugepages gets its pages from scattered places in physical memory (see [`Fill::Scattered`]).
+pub(crate) fn create(size: u64, iova: u64, mode: HugePages, scatter: bool) -> Result<Backing, MemoryError> {
+    let plain = if scatter { Fill::Scattered } else { Fill::Whole };
     match mode {
-        HugePages::Never => create_with(size, iova, false),
-        HugePages::Require => create_with(size, iova, true),
-        HugePages::Auto => create_with(size, iova, true).or_else(|err| {
+        HugePages::Never => create_with(size, iova, false, plain),
+        HugePages::Require => create_with(size, iova, true, Fill::Whole),
+        HugePages::Auto => create_with(size, iova, true, Fill::Whole).or_else(|err| {
             log::info!("DMA pool falls back to ordinary shared memory: {err}");
-            create_with(size, iova, false)
+            create_with(size, iova, false, plain)
         }),
     }
 }
 
-fn create_with(size: u64, iova: u64, hugetlb: bool) -> Result<Backing, MemoryError> {
-    let (file, size) = allocate(size, hugetlb, false)?;
+fn create_with(size: u64, iova: u64, hugetlb: bool, fill: Fill) -> Result<Backing, MemoryError> {
+    let (file, size) = allocate(size, hugetlb, fill)?;
     let mapping = map(&file, 0, size, iova, hugetlb)?;
     Ok(Backing { mapping, file, hugetlb, fd_offset: 0 })
 }
@@ -105,7 +107,7 @@ pub(crate) fn create_physical(size: u64, resolve: PhysResolver) -> Result<Vec<Ba
     // Pages are taken last to first: the kernel hands out free hugepages most recently freed
     // first, which after a fresh reservation is descending physical order, so this order
     // usually yields one physically contiguous run.
-    let (file, size) = allocate(size, true, true)?;
+    let (file, size) = allocate(size, true, Fill::Backwards)?;
     let pages = (size / HUGE_PAGE_SIZE) as usize;
     // A first mapping of the whole memfd, only to learn where its pages are.
     let whole = map(&file, 0, size, 0, true)?;
@@ -141,9 +143,25 @@ pub(crate) fn physical_runs(physical: &[u64], page_size: u64) -> Vec<(u64, u64, 
     runs
 }
 
+/// In what order the pages of a new memfd are allocated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fill {
+    /// All at once.
+    Whole,
+    /// Page by page from the end (hugepages for physical placement, see [`create_physical`]).
+    Backwards,
+    /// For testing: page by page, each followed by a page of a second, temporary memfd that is
+    /// closed afterwards. Consecutive allocations of single pages tend to come from adjacent
+    /// physical pages, so every pair of pages adjacent in the memfd gets another page between
+    /// them in physical memory; once the temporary memfd is gone, those pages are free again
+    /// and the pool is left scattered, as memory on a machine that has been up for a while is.
+    /// Plain (not hugetlb) memory only.
+    Scattered,
+}
+
 /// A memfd of `size` bytes (rounded up to the page size in use) with all its pages allocated,
-/// hugepage by hugepage from the end when `backwards`.
-fn allocate(size: u64, hugetlb: bool, backwards: bool) -> Result<(Arc<File>, u64), MemoryError> {
+/// in the order `fill` says.
+fn allocate(size: u64, hugetlb: bool, fill: Fill) -> Result<(Arc<File>, u64), MemoryError> {
     let unit = if hugetlb { HUGE_PAGE_SIZE } else { page_size() };
     let size = align_up(size, unit)
         .filter(|&s| s > 0 && usize::try_from(s).is_ok() && s <= i64::MAX as u64)
@@ -155,7 +173,59 @@ fn allocate(size: u64, hugetlb: bool, backwards: bool) -> Result<(Arc<File>, u64
             return Err(MemoryError::HugePagesUnavailable { needed, available });
         }
     }
+    let file = memfd(size, hugetlb)?;
+    // Allocate every page now: for hugetlb this takes the pages from the pool (failing cleanly
+    // when a concurrent user got them first), for shmem it charges the memory up front.
+    let fallocate = |file: &File, offset: u64, len: u64| -> io::Result<()> {
+        // SAFETY: plain syscall on a descriptor we own.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset as libc::off_t, len as libc::off_t) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    match fill {
+        Fill::Whole | Fill::Backwards => {
+            let pieces: Vec<(u64, u64)> = if fill == Fill::Backwards {
+                (0..size / unit).rev().map(|i| (i * unit, unit)).collect()
+            } else {
+                vec![(0, size)]
+            };
+            for (offset, len) in pieces {
+                if let Err(source) = fallocate(&file, offset, len) {
+                    // Kernels or sandboxes without fallocate on memfds still get MAP_POPULATE
+                    // below.
+                    if source.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                        return Err(MemoryError::Allocate { size, hugetlb, source });
+                    }
+                    break;
+                }
+            }
+        }
+        Fill::Scattered => {
+            debug_assert!(!hugetlb, "hugepages are not scattered");
+            // Scattering means nothing without control over the order pages are allocated in:
+            // no fall-back here.
+            let spacer = memfd(size, false)?;
+            for offset in (0..size).step_by(unit as usize) {
+                for f in [&*file, &*spacer] {
+                    fallocate(f, offset, unit).map_err(|source| MemoryError::Allocate {
+                        size,
+                        hugetlb,
+                        source,
+                    })?;
+                }
+            }
+            // Closing the spacer frees its pages: holes between the pages of the pool.
+            drop(spacer);
+        }
+    }
+    Ok((file, size))
+}
 
+/// An empty memfd of `size` bytes.
+fn memfd(size: u64, hugetlb: bool) -> Result<Arc<File>, MemoryError> {
     let mut flags = libc::MFD_CLOEXEC;
     if hugetlb {
         flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
@@ -167,25 +237,8 @@ fn allocate(size: u64, hugetlb: bool, backwards: bool) -> Result<(Arc<File>, u64
     }
     // SAFETY: memfd_create just returned this descriptor and nothing else owns it.
     let file = Arc::new(File::from(unsafe { OwnedFd::from_raw_fd(raw) }));
-
     file.set_len(size).map_err(|source| MemoryError::Truncate { size, source })?;
-    // Allocate every page now: for hugetlb this takes the pages from the pool (failing cleanly
-    // when a concurrent user got them first), for shmem it charges the memory up front.
-    let pieces: Vec<(u64, u64)> =
-        if backwards { (0..size / unit).rev().map(|i| (i * unit, unit)).collect() } else { vec![(0, size)] };
-    for (offset, len) in pieces {
-        // SAFETY: plain syscall on a descriptor we own.
-        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset as libc::off_t, len as libc::off_t) };
-        if rc != 0 {
-            let source = io::Error::last_os_error();
-            // Kernels or sandboxes without fallocate on memfds still get MAP_POPULATE below.
-            if source.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                return Err(MemoryError::Allocate { size, hugetlb, source });
-            }
-            break;
-        }
-    }
-    Ok((file, size))
+    Ok(file)
 }
 
 /// Maps `len` bytes of `file` from `offset`, shared and populated, placed at `iova`.

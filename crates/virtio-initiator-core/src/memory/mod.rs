@@ -21,7 +21,7 @@ pub use arena::Arena;
 pub use backing::{free_hugepages, HugePages, PhysResolver, HUGE_PAGE_SIZE};
 pub use buf::DmaBuf;
 pub use error::MemoryError;
-pub use pool::{DmaPool, IovaPlacement, PoolConfig, Region};
+pub use pool::{DmaPool, IovaPlacement, PoolConfig, Region, SCATTER_PAGES_ENV};
 
 #[cfg(test)]
 pub(crate) use backing::physical_runs as physical_runs_for_tests;

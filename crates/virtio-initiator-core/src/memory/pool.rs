@@ -27,6 +27,22 @@ pub struct PoolConfig {
     pub max_regions: usize,
     /// How regions get their IOVAs.
     pub placement: IovaPlacement,
+    /// For testing: allocate the pages of regions that are not on hugepages so that pages
+    /// adjacent in the pool are not adjacent in physical memory, as they may well not be on a
+    /// machine that has been up for a while. Off unless [`SCATTER_PAGES_ENV`] is `1`.
+    pub scatter_pages: bool,
+}
+
+/// Environment variable for testing: `1` makes every pool of the process scatter its pages
+/// ([`PoolConfig::scatter_pages`]). Behind an IOMMU the device then sees IOVA-adjacent pages as
+/// separate pieces of memory, so anything that must reach it in one piece but crosses a page (a
+/// device without VIRTIO_F_ANY_LAYOUT takes the first piece of a header for all of it) fails
+/// every time rather than only where free memory happens to be fragmented. Hugepage memory is
+/// not affected. Creating a scattered region briefly takes twice its memory.
+pub const SCATTER_PAGES_ENV: &str = "VIRTIO_INITIATOR_SCATTER_PAGES";
+
+fn scatter_pages_from_env() -> bool {
+    std::env::var_os(SCATTER_PAGES_ENV).is_some_and(|v| v == "1")
 }
 
 /// How the pool assigns IOVAs to its regions.
@@ -76,7 +92,14 @@ impl PoolConfig {
             iova_base: Self::DEFAULT_IOVA_BASE,
             max_regions: Self::DEFAULT_MAX_REGIONS,
             placement: IovaPlacement::Contiguous,
+            scatter_pages: scatter_pages_from_env(),
         }
+    }
+
+    /// See [`PoolConfig::scatter_pages`]; for testing.
+    pub fn scatter_pages(mut self, scatter: bool) -> Self {
+        self.scatter_pages = scatter;
+        self
     }
 
     pub fn placement(mut self, placement: IovaPlacement) -> Self {
@@ -233,7 +256,7 @@ impl DmaPool {
         }
         let mut backings = match config.placement {
             IovaPlacement::Contiguous => {
-                vec![backing::create(config.size, config.iova_base, config.hugepages)?]
+                vec![backing::create(config.size, config.iova_base, config.hugepages, config.scatter_pages)?]
             }
             IovaPlacement::Physical(resolve) => {
                 if config.hugepages == HugePages::Never {
@@ -281,7 +304,7 @@ impl DmaPool {
             return Err(MemoryError::InvalidSize { size: 0 });
         }
         let iova = self.next_iova;
-        let backing = backing::create(bytes, iova, self.config.hugepages)?;
+        let backing = backing::create(bytes, iova, self.config.hugepages, self.config.scatter_pages)?;
         let mapping = Arc::new(backing.mapping);
         let next_iova = next_iova_after(&mapping)?;
         self.memory = self

@@ -211,6 +211,52 @@ fn grow_adds_aligned_regions_and_translation_spans_them() {
     assert!(pool.translate(second.iova_end() - 8, 8).is_ok());
 }
 
+/// Pairs of consecutive pages of `region` that are adjacent in physical memory too, and all
+/// pairs; `None` when this process may not see frame numbers (no CAP_SYS_ADMIN).
+fn physically_adjacent_pairs(region: &Region) -> Option<(usize, usize)> {
+    let page = super::backing::page_size();
+    let pages = (region.size / page) as usize;
+    let pa = match crate::transport::pci::pagemap::resolve(region.host_addr, page, pages) {
+        Ok(pa) => pa,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return None,
+        Err(e) => panic!("pagemap of the pool: {e}"),
+    };
+    Some((pa.windows(2).filter(|w| w[1] == w[0] + page).count(), pages - 1))
+}
+
+#[test]
+fn scattered_pool_pages_are_not_physically_adjacent() {
+    let config = PoolConfig::new(4 * MIB).hugepages(HugePages::Never).scatter_pages(true).max_regions(2);
+    assert!(config.scatter_pages);
+    let mut pool = DmaPool::new(config).unwrap();
+    pool.grow(2 * MIB).unwrap();
+    assert_eq!(pool.total_size(), 6 * MIB);
+    for (i, r) in pool.regions().iter().enumerate() {
+        assert!(!r.hugepages);
+        // The pool works as any other: data written through the host mapping is what the
+        // device reads at the IOVA, across every page boundary.
+        let data = pattern(20 + i as u64, r.size as usize);
+        pool.memory().write_slice(&data, GuestAddress(r.iova)).unwrap();
+        let host = pool.translate(r.iova, r.size as usize).unwrap();
+        // SAFETY: the whole region is mapped at `host` for as long as the pool lives.
+        assert_eq!(unsafe { std::slice::from_raw_parts(host, r.size as usize) }, &data[..]);
+        match physically_adjacent_pairs(r) {
+            Some((adjacent, pairs)) => assert!(
+                adjacent * 10 <= pairs,
+                "region {i}: {adjacent} of {pairs} consecutive pages are physically adjacent"
+            ),
+            None => eprintln!("frame numbers are hidden from this process: physical layout not checked"),
+        }
+    }
+}
+
+#[test]
+fn scatter_is_off_unless_asked_for() {
+    if std::env::var_os(SCATTER_PAGES_ENV).is_none() {
+        assert!(!PoolConfig::new(MIB).scatter_pages);
+    }
+}
+
 #[test]
 fn pool_larger_than_16_mib_is_usable_end_to_end() {
     let size = 20 * MIB;

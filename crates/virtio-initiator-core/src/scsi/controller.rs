@@ -2,7 +2,7 @@
 //! request queues waiting to be taken by channels.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
@@ -11,6 +11,7 @@ use virtio_scsi_proto::{
 };
 
 use super::dma::{DmaMemory, Span};
+use super::shared::{QueueCell, QueueShare};
 use super::ScsiError;
 use crate::memory::{DmaBuf, DmaPool, HugePages, PoolConfig};
 use crate::queue::{QueueFeatures, Segment, SplitQueue};
@@ -107,6 +108,8 @@ pub struct ScsiController {
     control: Mutex<ControlQueue>,
     events: Mutex<EventQueue>,
     request_queues: Mutex<Vec<QueueParts>>,
+    /// Request queues taken by threads, for threads that find none free to share.
+    cells: Mutex<Vec<Weak<QueueCell>>>,
     failure: Mutex<Option<String>>,
     failed: AtomicBool,
     closed: AtomicBool,
@@ -276,6 +279,7 @@ impl ScsiController {
                 buffers: event_buffers,
             }),
             request_queues: Mutex::new(requests),
+            cells: Mutex::new(Vec::new()),
             failure: Mutex::new(None),
             failed: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -359,6 +363,30 @@ impl ScsiController {
             return Err(ScsiError::Failed(e.to_string()));
         }
         Ok(())
+    }
+
+    /// Closed is an error; a failed controller still counts as open (its failure is reported
+    /// by the calls that need the device).
+    pub fn check_open(&self) -> Result<(), ScsiError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(ScsiError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Fails the controller and resets the device, so that it stops accessing memory at once.
+    pub(super) fn fail_and_reset(&self, reason: String) {
+        self.fail(reason);
+        if let Some(t) = self.transport.lock().unwrap().as_mut() {
+            if let Err(e) = t.reset() {
+                warn!("device reset after failure: {e}");
+            }
+        }
+    }
+
+    /// A request queue for the calling thread (see [`QueueShare`]).
+    pub fn open_queue(self: &Arc<Self>) -> Result<QueueShare, ScsiError> {
+        QueueShare::open(self, &self.cells)
     }
 
     pub(super) fn take_queue(&self) -> Result<QueueParts, ScsiError> {

@@ -8,6 +8,7 @@ mod channel;
 mod controller;
 mod dma;
 mod records;
+mod shared;
 
 pub use channel::{HostBuffer, RequestChannel, RESPONSE_REFUSED};
 pub use controller::{ControllerInfo, ControllerOptions, ScsiController, ScsiEvent};
@@ -17,6 +18,7 @@ pub use records::{
     COMPLETION_RECORD_SIZE, COMPLETION_SLOT_SIZE, FLAG_DATA_ADDRESS, FLAG_FUA, FLAG_LONG_CDB,
     SUBMIT_RECORD_SIZE,
 };
+pub use shared::QueueShare;
 
 /// Why a controller or channel operation failed.
 #[derive(Debug, thiserror::Error)]

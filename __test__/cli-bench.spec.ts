@@ -1,0 +1,338 @@
+// The command line: dispatch and help, one-line usage errors with exit status 2, `bench` through
+// each request path against the bundled target (with verification on), verification that
+// catches data the target corrupts, and the `target` wrapper passing on arguments, exit status
+// and signals.
+import { spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+
+import test, { type ExecutionContext, type ImplementationFn } from 'ava';
+
+import { LatencyHistogram, Verifier, wordsOf } from '../ts/bench.js';
+import { repoRoot, requireTargetBinary, testWhen } from './helpers/env.js';
+import { initiatorRequirements, startTestTarget } from './helpers/initiator.js';
+
+interface Run {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs the CLI from its TypeScript sources (no dist build needed). */
+function cli(args: string[], opts: { timeoutMs?: number; onSpawn?: (pid: number) => void } = {}): Promise<Run> {
+  const child = spawn(process.execPath, ['--import', 'tsx', join(repoRoot, 'ts', 'cli', 'main.ts'), ...args], {
+    cwd: repoRoot,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+  child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+  if (child.pid !== undefined) opts.onSpawn?.(child.pid);
+  const timer = setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs ?? 120_000);
+  return new Promise((resolve, reject) => {
+    child.once('error', reject);
+    child.once('close', (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code, signal, stdout, stderr });
+    });
+  });
+}
+
+interface BenchJson {
+  api: string;
+  rw: string;
+  bs: number;
+  qd: number;
+  seconds: number;
+  ios: number;
+  iops: number;
+  mbPerSecond: number;
+  latencyUs: { mean: number; p50: number; p99: number; p999: number; max: number };
+  errors: number;
+  mismatches: number;
+  mismatchLbas: number[];
+  cpu: { initiator: number; target: number | null };
+  workers: Array<{ queue: number; iops: number }>;
+}
+
+/** The JSON object on the last line of stdout. */
+function lastJson(r: Run): BenchJson {
+  const lines = r.stdout.trimEnd().split('\n');
+  return JSON.parse(lines[lines.length - 1]!) as BenchJson;
+}
+
+function describe(r: Run): string {
+  return `exit ${r.code} (signal ${r.signal})\nstdout:\n${r.stdout}\nstderr:\n${r.stderr}`;
+}
+
+function checkShape(t: ExecutionContext, j: BenchJson): void {
+  for (const k of ['mean', 'p50', 'p99', 'p999', 'max'] as const) {
+    t.true(typeof j.latencyUs[k] === 'number' && j.latencyUs[k] >= 0, `latencyUs.${k}`);
+  }
+  t.true(j.latencyUs.p50 <= j.latencyUs.p99 && j.latencyUs.p99 <= j.latencyUs.p999 && j.latencyUs.p999 <= j.latencyUs.max);
+  t.true(j.seconds > 0 && j.iops > 0 && j.mbPerSecond > 0);
+  t.true(typeof j.cpu.initiator === 'number' && j.cpu.initiator >= 0);
+  t.is(j.workers.length, 1);
+  t.true(Number.isInteger(j.workers[0]!.queue));
+  t.is(j.workers[0]!.iops, j.iops);
+}
+
+// ---- the pieces of bench -----------------------------------------------------------------------
+
+test('the latency histogram keeps percentiles within 1%', (t) => {
+  const h = new LatencyHistogram();
+  // 1..100000 us, uniformly: the q-th percentile is q * 100000.
+  for (let us = 1; us <= 100_000; us++) h.add(us);
+  const s = h.summary();
+  t.is(s.max, 100_000);
+  t.true(Math.abs(s.mean - 50_000.5) < 0.1);
+  for (const [got, want] of [
+    [s.p50, 50_000],
+    [s.p99, 99_000],
+    [s.p999, 99_900],
+  ] as const) {
+    t.true(Math.abs(got - want) / want < 0.01, `${got} vs ${want}`);
+  }
+  const small = new LatencyHistogram();
+  for (const us of [0.05, 0.1, 0.1, 3]) small.add(us);
+  t.is(small.percentile(0.5), 0.1, 'below 128 ns every nanosecond has a bucket');
+  t.is(new LatencyHistogram().summary().p99, 0);
+});
+
+test('the verifier checks written blocks, skips unknown ones and names what it found', (t) => {
+  const bs = 512;
+  const v = new Verifier(bs, 64, 7);
+  const buf = Buffer.alloc(8 * bs);
+  const words = wordsOf(buf);
+  const gen = v.stamp(words, 0, 16, 8);
+  v.written(16, 8, gen, true);
+  t.true(v.check(words, 0, 16, 8), 'what was written reads back fine');
+  const other = wordsOf(Buffer.alloc(8 * bs));
+  v.written(24, 8, v.stamp(other, 0, 24, 8), true);
+  t.false(v.check(words, 0, 24, 8), 'data of another LBA is wrong');
+
+  const copy = Buffer.from(buf);
+  copy[3 * bs + 100] = copy[3 * bs + 100]! ^ 1;
+  t.false(v.check(wordsOf(copy), 0, 16, 8), 'one flipped bit in a block is found');
+  t.is(v.mismatches, 2);
+  const list = v.list();
+  t.deepEqual(
+    list.map((m) => m.lba),
+    [16, 24],
+    'one entry per unit, by LBA',
+  );
+  t.regex(list[1]!.detail, /stamp of LBA 16 generation \d+ seed 7, expected LBA 24/);
+
+  // A failed write leaves its blocks unknown: whatever is there is accepted until rewritten.
+  v.written(16, 8, v.stamp(words, 0, 16, 8), false);
+  t.true(v.check(wordsOf(Buffer.alloc(8 * bs)), 0, 16, 8));
+  // Blocks never written are not checked.
+  t.true(v.check(wordsOf(Buffer.alloc(8 * bs, 0xee)), 0, 40, 8));
+  t.is(v.mismatches, 2);
+});
+
+// ---- no target needed ------------------------------------------------------------------------
+
+test('--help lists the subcommands and exits 0', async (t) => {
+  const r = await cli(['--help']);
+  t.is(r.code, 0, describe(r));
+  t.regex(r.stdout, /^\s+bench\s/m);
+  t.regex(r.stdout, /^\s+target\s/m);
+});
+
+test('bench --help describes its options and exits 0', async (t) => {
+  const r = await cli(['bench', '--help']);
+  t.is(r.code, 0, describe(r));
+  const options = ['--api', '--rw', '--bs', '--qd', '--time', '--ios', '--verify', '--json'];
+  options.push('--socket', '--pci', '--target-lun', '--device', '--seed', '--size', '--workers');
+  for (const o of options) t.true(r.stdout.includes(o), `help mentions ${o}`);
+});
+
+test('an unknown subcommand is exit 2 with one line naming it', async (t) => {
+  const r = await cli(['frobnicate']);
+  t.is(r.code, 2, describe(r));
+  t.is(r.stderr.trimEnd().split('\n').length, 1, r.stderr);
+  t.regex(r.stderr, /unknown subcommand "frobnicate"/);
+});
+
+const badArguments: Array<[string[], RegExp]> = [
+  [['--qd', '0'], /--qd "0": expected an integer from 1 to/],
+  [['--qd=abc'], /--qd "abc": expected an integer/],
+  [['--bs', '1000'], /--bs "1000": expected a multiple of 512/],
+  [['--bs', '4q'], /--bs "4q": expected a size/],
+  [['--rw', 'sideways'], /--rw "sideways": expected one of randread, randwrite, read, write, randrw/],
+  [['--api', 'telepathy'], /--api "telepathy": expected one of promise, batch, native/],
+  [['--frobnicate'], /unknown argument --frobnicate/],
+  [['--frobnicate=1'], /unknown argument --frobnicate/],
+  [['--time'], /--time needs a value/],
+  [['--time', '0'], /--time "0": expected a number above 0/],
+  [['--mix', '150', '--rw', 'randrw'], /--mix "150": expected a percentage from 0 to 100/],
+  [['--mix', '30'], /--mix applies to --rw randrw only/],
+  [['--workers', '4'], /--workers 4: worker threads are not supported yet/],
+  [['--api', 'native', '--verify'], /--verify is not supported with --api native/],
+  [['--qd', '2', '--qd', '3'], /--qd is given more than once/],
+  [['--json=yes'], /--json takes no value/],
+  [['--socket', '/nonexistent', '--target-lun', '0:0:ram:1M'], /--target-lun is for the bundled target/],
+  [['--target-lun', 'ram'], /--target-lun "ram": expected T:L:/],
+  [['extra'], /unexpected argument "extra"/],
+];
+
+for (const [args, message] of badArguments) {
+  test(`bench ${args.join(' ')} is exit 2 with one line naming the argument`, async (t) => {
+    const r = await cli(['bench', ...args]);
+    t.is(r.code, 2, describe(r));
+    const lines = r.stderr.trimEnd().split('\n');
+    t.is(lines.length, 1, r.stderr);
+    t.regex(lines[0]!, /^virtio-initiator bench: /);
+    t.regex(lines[0]!, message);
+    t.is(r.stdout, '');
+  });
+}
+
+// ---- the target wrapper ----------------------------------------------------------------------
+
+testWhen(test, 'target passes arguments and the exit status through', [requireTargetBinary], async (t) => {
+  const help = await cli(['target', '--help']);
+  t.is(help.code, 0, describe(help));
+  t.regex(help.stdout, /vhost-user-scsi-target --socket PATH/);
+  const wrong = await cli(['target', '--socket']);
+  t.is(wrong.code, 2, describe(wrong));
+  t.regex(wrong.stderr, /--socket/);
+});
+
+testWhen(test, 'target forwards SIGTERM and exits with the target\'s status', [requireTargetBinary], async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'vi-cli-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const socket = join(dir, 'vhost.sock');
+  let pid: number | undefined;
+  const running = cli(['target', '--socket', socket, '--lun', '0:0:null:1G'], { timeoutMs: 30_000, onSpawn: (p) => (pid = p) });
+  for (let i = 0; i < 400 && !existsSync(socket); i++) await sleep(25);
+  t.true(existsSync(socket), 'the target listens');
+  process.kill(pid!, 'SIGTERM');
+  const r = await running;
+  // The target exits in order on SIGTERM (removing its socket) with 128 + 15.
+  t.is(r.code, 143, describe(r));
+  t.false(existsSync(socket), 'the socket is removed');
+  t.regex(r.stdout, /"event":"listening"/, 'its stdout is ours');
+});
+
+// ---- bench against the bundled target ----------------------------------------------------------
+
+const bench = (title: string, impl: ImplementationFn<[]>) => testWhen(test.serial, title, initiatorRequirements, impl);
+
+bench('bench --api promise --rw randrw --verify: no errors, no mismatches', async (t) => {
+  const r = await cli(['bench', '--json', '--api', 'promise', '--rw', 'randrw', '--verify', '--ios', '3000']);
+  t.is(r.code, 0, describe(r));
+  const j = lastJson(r);
+  t.is(j.api, 'promise');
+  t.is(j.rw, 'randrw');
+  t.is(j.bs, 4096);
+  t.is(j.qd, 32);
+  t.true(j.ios >= 3000, `ios ${j.ios}`);
+  t.is(j.errors, 0);
+  t.is(j.mismatches, 0);
+  t.deepEqual(j.mismatchLbas, []);
+  // We started the target, so its CPU time is known.
+  t.true(typeof j.cpu.target === 'number');
+  checkShape(t, j);
+});
+
+bench('bench --api batch --rw randrw --verify: no errors, no mismatches', async (t) => {
+  const r = await cli(['bench', '--json', '--api', 'batch', '--rw', 'randrw', '--verify', '--ios', '3000'].concat(
+    ['--qd', '16', '--bs', '8k'],
+  ));
+  t.is(r.code, 0, describe(r));
+  const j = lastJson(r);
+  t.is(j.api, 'batch');
+  t.is(j.bs, 8192);
+  t.is(j.qd, 16);
+  t.true(j.ios >= 3000, `ios ${j.ios}`);
+  t.is(j.errors, 0);
+  t.is(j.mismatches, 0);
+  checkShape(t, j);
+});
+
+bench('bench --api native --rw randread --ios 20000 runs exactly that many', async (t) => {
+  const r = await cli(['bench', '--json', '--api', 'native', '--rw', 'randread', '--ios', '20000']);
+  t.is(r.code, 0, describe(r));
+  const j = lastJson(r);
+  t.is(j.api, 'native');
+  t.is(j.ios, 20000);
+  t.is(j.errors, 0);
+  checkShape(t, j);
+});
+
+bench('bench without --json prints the human summary', async (t) => {
+  const r = await cli(['bench', '--time', '0.5', '--qd', '4']);
+  t.is(r.code, 0, describe(r));
+  for (const label of [/^IOPS\s+\d+/m, /^MB\/s\s+[\d.]+/m, /p99\.9 [\d.]+/, /^errors\s+0/m, /^CPU\s+initiator/m]) {
+    t.regex(r.stdout, label);
+  }
+});
+
+bench('bench --bs that is not a multiple of the block size is exit 2 naming --bs', async (t) => {
+  const r = await cli(['bench', '--target-lun', '0:0:null:64M:4096', '--bs', '3k', '--ios', '10']);
+  t.is(r.code, 2, describe(r));
+  const lines = r.stderr.trimEnd().split('\n');
+  t.is(lines.length, 1, r.stderr);
+  t.regex(lines[0]!, /--bs "3k": expected a multiple of the 4096-byte blocks/);
+});
+
+bench('bench --qd above the queue size is exit 2 naming --qd', async (t) => {
+  const r = await cli(['bench', '--qd', '1024', '--ios', '10']);
+  t.is(r.code, 2, describe(r));
+  t.regex(r.stderr.trimEnd(), /^virtio-initiator bench: --qd "1024": expected at most \d+/);
+});
+
+// ---- verification catches corrupted data --------------------------------------------------------
+
+const LUN_BYTES = 16 << 20;
+const REGION = 4 << 20;
+
+/**
+ * A target of our own with a control socket; the `corrupt` fault flips the first byte of every
+ * 512 of the next `count` READs' data and still reports GOOD. Nothing reads before the run (the
+ * scan sends no READ), so every corrupted READ is one of the bench's, and every one of those
+ * lands on written blocks: the fill pass of --rw randread writes the whole region first.
+ */
+bench('bench --verify reports reads that return corrupted data (exit 1)', async (t) => {
+  const s = await startTestTarget({ luns: [`0:0:ram:${LUN_BYTES}:512`] });
+  t.teardown(() => s.cleanup());
+  const corrupted = 5;
+  await (await s.target.control()).inject(0, 0, 'corrupt', corrupted);
+  const region = ['--size', String(REGION)];
+  const r = await cli(['bench', '--socket', s.socket, '--json', '--verify', '--rw', 'randread', ...region, '--ios', '2000']);
+  t.is(r.code, 1, describe(r));
+  const j = lastJson(r);
+  t.is(j.errors, 0, 'corrupted reads still end with GOOD');
+  t.is(j.mismatches, corrupted, 'one mismatch per corrupted 4 KiB read');
+  t.true(j.mismatchLbas.length > 0 && j.mismatchLbas.length <= corrupted);
+  const units = REGION / 4096;
+  for (const lba of j.mismatchLbas) {
+    t.true(Number.isInteger(lba) && lba >= 0 && lba < LUN_BYTES / 512, `LBA ${lba} is on the device`);
+    t.is(lba % 8, 0, `LBA ${lba} is aligned to --bs (8 blocks)`);
+    t.true(lba / 8 < units, `LBA ${lba} is inside --size`);
+  }
+  t.deepEqual([...j.mismatchLbas].sort((a, b) => a - b), j.mismatchLbas, 'listed by LBA');
+  t.is(j.cpu.target, null, 'a target we did not start is not measured');
+});
+
+bench('bench --verify of a write-only run reads back what it wrote (batch path)', async (t) => {
+  const s = await startTestTarget({ luns: [`0:0:ram:${LUN_BYTES}:512`] });
+  t.teardown(() => s.cleanup());
+  // Writes are untouched; the first READ is the read-back's first 256 KiB request.
+  await (await s.target.control()).inject(0, 0, 'corrupt', 1);
+  const common = ['bench', '--socket', s.socket, '--verify', '--api', 'batch', '--size', String(REGION)];
+  const r = await cli([...common, '--rw', 'randwrite', '--ios', '4000']);
+  t.is(r.code, 1, describe(r));
+  t.regex(r.stdout, /^mismatches\s+[1-9]\d*/m);
+  t.regex(r.stdout, /^ {2}LBA \d+: .*stamp damaged/m);
+
+  const clean = await cli([...common, '--json', '--rw', 'write', '--ios', '2000']);
+  t.is(clean.code, 0, describe(clean));
+  t.is(lastJson(clean).mismatches, 0);
+});

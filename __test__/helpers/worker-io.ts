@@ -1,0 +1,80 @@
+// A worker thread that attaches to a controller shared by the main thread and does verified
+// I/O on its own region of a disk, through its own request queue. It reports what it did, or
+// the error that stopped it, in one message.
+import { parentPort, workerData } from 'node:worker_threads';
+
+import { Controller, type ControllerHandle } from '../../ts/index.js';
+
+export interface WorkerJob {
+  handle: ControllerHandle;
+  device: string;
+  /** First block of the worker's region, and its size in blocks. */
+  lba: number;
+  blocks: number;
+  /** Requests in flight at once. */
+  depth: number;
+  /** Write-then-read rounds over the region (0: run until terminated). */
+  rounds: number;
+  seed: number;
+}
+
+export interface WorkerReport {
+  ok: boolean;
+  verified: number;
+  mismatches: number;
+  queueIndex: number;
+  shared: boolean;
+  error?: { name: string; code?: string; message: string };
+}
+
+function fill(buf: Buffer, seed: number, lba: number): void {
+  let x = (Math.imul(seed + 1, 0x9e3779b1) ^ lba) >>> 0 || 1;
+  for (let i = 0; i < buf.length; i += 4) {
+    x ^= x << 13;
+    x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
+    buf.writeUInt32LE(x, i);
+  }
+}
+
+const job = workerData as WorkerJob;
+const report: WorkerReport = { ok: false, verified: 0, mismatches: 0, queueIndex: 0, shared: false };
+try {
+  const ctrl = await Controller.attach(job.handle);
+  const dev = ctrl.device(job.device);
+  const bs = dev.blockSize;
+  const per = 8;
+  const slots = Math.floor(job.blocks / per);
+  parentPort!.postMessage({ started: true });
+  for (let round = 0; job.rounds === 0 || round < job.rounds; round++) {
+    for (let base = 0; base < slots; base += job.depth) {
+      const n = Math.min(job.depth, slots - base);
+      const bufs = Array.from({ length: n }, () => dev.allocBuffer(per * bs));
+      await Promise.all(
+        bufs.map((b, i) => {
+          const lba = job.lba + (base + i) * per;
+          fill(b, job.seed + round, lba);
+          return dev.write(lba, b);
+        }),
+      );
+      const backs = await Promise.all(bufs.map((_, i) => dev.read(job.lba + (base + i) * per, per)));
+      // Whether the queue was shared while this thread used it.
+      report.shared ||= ctrl.queueStats!.shared;
+      report.queueIndex = ctrl.queueStats!.queueIndex;
+      backs.forEach((b, i) => {
+        const want = Buffer.alloc(per * bs);
+        fill(want, job.seed + round, job.lba + (base + i) * per);
+        if (b.equals(want)) report.verified++;
+        else report.mismatches++;
+      });
+    }
+  }
+  report.ok = report.mismatches === 0;
+  ctrl.close();
+} catch (e) {
+  const err = e as Error & { code?: string };
+  report.error = { name: err.name, message: err.message, ...(err.code ? { code: err.code } : {}) };
+}
+parentPort!.postMessage(report);
