@@ -37,6 +37,18 @@ export declare class Channel {
    */
   pump(count: number, buffers?: Array<Buffer | undefined | null> | undefined | null): number
   /**
+   * A descriptor of the caller's own (to close) for the queue's interrupt eventfd, in
+   * blocking mode: reading 8 bytes from it waits for the device's signal (interrupt mode).
+   */
+  interruptFd(): number
+  /**
+   * Asks for a signal at the next completion; true when completions are already waiting
+   * (or the queue is shared), so the caller polls instead of waiting.
+   */
+  armInterrupts(): boolean
+  /** Back to polling: no more signals. */
+  disarmInterrupts(): void
+  /**
    * Runs a load from native code alone, with no JavaScript per request: the upper bound
    * the JavaScript paths are measured against. Blocks the calling thread for its duration.
    */

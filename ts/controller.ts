@@ -39,6 +39,12 @@ export interface ControllerOptions {
   maxTransferBytes?: number;
   /** Retry bounds for BUSY, TASK SET FULL and UNIT ATTENTION. */
   retry?: Partial<RetryPolicy>;
+  /**
+   * Poll for completions (the default), or with `false` wait for the device's signal on the
+   * queue's interrupt eventfd through libuv: less CPU for services that do little I/O, more
+   * latency. vhost-user only (PCI functions are driven without MSI-X).
+   */
+  poll?: boolean;
 }
 
 /** What the device and the negotiation gave (virtio-scsi config space and features). */
@@ -96,6 +102,7 @@ export interface ControllerHandle {
   readonly transport: Transport;
   readonly maxTransferBytes: number;
   readonly retry: RetryPolicy;
+  readonly poll: boolean;
   /** The LUNs of the last scan, so that the thread need not scan again. */
   readonly luns: readonly ScannedLun[];
 }
@@ -166,6 +173,7 @@ export class Controller implements AsyncDisposable {
   readonly transport: Readonly<Transport>;
   private readonly handle: NativeController;
   private readonly policy: Readonly<RetryPolicy>;
+  private readonly poll: boolean;
   private readonly context: DeviceContext;
   private queue: RequestQueue | undefined;
   private closedError: ClosedError | undefined;
@@ -189,6 +197,7 @@ export class Controller implements AsyncDisposable {
     this.name = name;
     this.transport = Object.freeze({ ...transport });
     this.policy = policy;
+    this.poll = options.poll !== false;
     const info = handle.info;
     this.context = {
       controllerName: name,
@@ -217,6 +226,9 @@ export class Controller implements AsyncDisposable {
       throw new RangeError(`name ${JSON.stringify(name)} must be 1 to 64 letters, digits, '_', '.' or '-'`);
     }
     checkCount(options.maxTransferBytes, 'maxTransferBytes');
+    if (options.poll !== undefined && typeof options.poll !== 'boolean') {
+      throw new TypeError(`poll must be true or false, got ${String(options.poll)}`);
+    }
     const policy = retryPolicy(options.retry);
     const nativeOpts = nativeOptions(options);
     let label: string;
@@ -324,6 +336,7 @@ export class Controller implements AsyncDisposable {
       transport: { ...this.transport },
       maxTransferBytes: this.context.maxTransferBytes,
       retry: { ...this.policy },
+      poll: this.poll,
       luns: this.scanned,
     };
   }
@@ -340,7 +353,13 @@ export class Controller implements AsyncDisposable {
     } catch (e) {
       throw new ConnectError(`shared controller ${handle.name}`, errorText(e), { cause: e });
     }
-    const c = new Controller(h, handle.name, handle.transport, { maxTransferBytes: handle.maxTransferBytes }, Object.freeze({ ...handle.retry }));
+    const c = new Controller(
+      h,
+      handle.name,
+      handle.transport,
+      { maxTransferBytes: handle.maxTransferBytes, poll: handle.poll },
+      Object.freeze({ ...handle.retry }),
+    );
     c.install(handle.luns);
     return c;
   }
@@ -470,6 +489,7 @@ export class Controller implements AsyncDisposable {
       label: this.name,
       addressOf: this.addressOf,
       closedError: () => (this.handle.closed ? new ClosedError(`controller ${this.name} is closed`) : undefined),
+      interrupts: !this.poll,
     });
     return this.queue;
   }

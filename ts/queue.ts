@@ -11,6 +11,8 @@
 // setImmediate after a budget of passes or when a pass found nothing, and stop when nothing is
 // outstanding: an idle queue holds no handle and uses no CPU.
 
+import { closeSync, read, writeSync } from 'node:fs';
+
 import { ClosedError, ControllerFailedError, InitiatorError } from './errors.js';
 import { CompletionReader, Direction, RecordWriter, RESPONSE_REFUSED, SubmitRecord } from './records.js';
 import { read as readCdb, write as writeCdb } from './scsi/cdb.js';
@@ -29,6 +31,11 @@ export interface ChannelLike {
   /** Takes `count` records, reaps completions; returns `taken * 65536 + completed`. */
   pump(count: number, buffers?: Array<Buffer | null> | null): number;
   close(): void;
+  /** Interrupt mode: a blocking descriptor of the caller's own for the queue's signal. */
+  interruptFd?(): number;
+  /** Asks for a signal at the next completion; true when there is something to poll already. */
+  armInterrupts?(): boolean;
+  disarmInterrupts?(): void;
 }
 
 export interface ScsiCommand {
@@ -103,6 +110,11 @@ export interface RequestQueueOptions {
    * a controller failure.
    */
   closedError?: () => Error | undefined;
+  /**
+   * Wait for completions on the queue's interrupt descriptor (read in libuv's thread pool)
+   * instead of polling: for services that do little I/O, at the cost of latency.
+   */
+  interrupts?: boolean;
 }
 
 /** The native side refused a request before it reached the device (it names why). */
@@ -229,6 +241,29 @@ export class RequestQueue implements CommandExecutor {
   private immediate: NodeJS.Immediate | undefined;
   private slowTimer: NodeJS.Timeout | undefined;
   private readonly watched = new WeakSet<AbortSignal>();
+  /** Interrupt mode: our descriptor for the queue's signal, and whether a read waits on it. */
+  private interruptFd = -1;
+  private interruptWait = false;
+  private readonly eventBuf = Buffer.alloc(8);
+  private readonly onInterrupt = (err: NodeJS.ErrnoException | null): void => {
+    this.interruptWait = false;
+    if (this.closedError) {
+      closeFd(this.interruptFd);
+      return;
+    }
+    if (err) {
+      this.fail(err);
+      return;
+    }
+    try {
+      this.channel.disarmInterrupts!();
+    } catch (e) {
+      this.fail(e);
+      return;
+    }
+    this.burst = 0;
+    this.pass();
+  };
   private closedError: Error | undefined;
   private counters = { submitCalls: 0, submitted: 0, completed: 0 };
 
@@ -284,6 +319,12 @@ export class RequestQueue implements CommandExecutor {
     for (let i = 0; i < cap; i++) this.freeSlots[i] = cap - 1 - i;
     this.freeCount = cap;
     this.staged = new Int32Array(cap);
+    if (options.interrupts === true) {
+      if (!channel.interruptFd || !channel.armInterrupts || !channel.disarmInterrupts) {
+        throw new TypeError(`${this.label}: this channel has no interrupt mode`);
+      }
+      this.interruptFd = channel.interruptFd();
+    }
   }
 
   /** True once closed or failed: every later request rejects. */
@@ -506,7 +547,7 @@ export class RequestQueue implements CommandExecutor {
     if (this.closedError) return;
     if (this.stagedCount > 0 || this.waiting.length > this.waitingHead) {
       // Staged requests the ring could not take yet wait for completions: poll, yielding.
-      if (this.freeCount === 0 || this.stagedCount > 0) this.scheduleImmediate();
+      if (this.freeCount === 0 || this.stagedCount > 0) this.idle();
       else this.ensurePass();
       return;
     }
@@ -515,12 +556,35 @@ export class RequestQueue implements CommandExecutor {
         this.burst++;
         this.ensurePass();
       } else {
-        this.scheduleImmediate();
+        this.idle();
       }
     } else if (this.onDevice > 0 && this.slowTimer === undefined) {
       // Only abandoned requests: nobody waits, so poll slowly and keep the process free to exit.
       this.slowTimer = setTimeout(this.runSlow, ABANDONED_POLL_MS).unref();
     }
+  }
+
+  /** Nothing to do until the device completes something: poll again, or wait for its signal. */
+  private idle(): void {
+    if (this.interruptFd < 0) {
+      this.scheduleImmediate();
+      return;
+    }
+    if (this.interruptWait) return;
+    let ready: boolean;
+    try {
+      ready = this.channel.armInterrupts!();
+      if (ready) this.channel.disarmInterrupts!();
+    } catch (e) {
+      this.fail(e);
+      return;
+    }
+    if (ready) {
+      this.scheduleImmediate();
+      return;
+    }
+    this.interruptWait = true;
+    read(this.interruptFd, this.eventBuf, 0, 8, null, this.onInterrupt);
   }
 
   private scheduleImmediate(): void {
@@ -683,6 +747,11 @@ export class RequestQueue implements CommandExecutor {
     if (this.slowTimer !== undefined) clearTimeout(this.slowTimer);
     this.immediate = undefined;
     this.slowTimer = undefined;
+    if (this.interruptFd >= 0) {
+      // A read waiting on the descriptor is woken (and closes it); otherwise close it now.
+      if (this.interruptWait) wakeFd(this.interruptFd);
+      else closeFd(this.interruptFd);
+    }
     // The channel goes first: it stops the queue (or keeps its memory) before anything the
     // device might still write is let go here.
     try {
@@ -708,6 +777,25 @@ export class RequestQueue implements CommandExecutor {
 }
 
 function noop(): void {}
+
+function closeFd(fd: number): void {
+  try {
+    closeSync(fd);
+  } catch {
+    // Already closed.
+  }
+}
+
+/** Makes a read waiting on an eventfd return. */
+function wakeFd(fd: number): void {
+  try {
+    writeSync(fd, EVENTFD_ONE);
+  } catch {
+    closeFd(fd);
+  }
+}
+
+const EVENTFD_ONE = new BigUint64Array([1n]);
 
 /** Marks a waiting request whose signal fired. */
 const CANCELLED: ScsiCommand = Object.freeze({ target: 0, lun: 0, cdb: new Uint8Array(6) }) as ScsiCommand;

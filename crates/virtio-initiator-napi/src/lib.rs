@@ -416,6 +416,27 @@ impl Channel {
         Ok(((taken as u32) << 16) | done as u32)
     }
 
+    /// A descriptor of the caller's own (to close) for the queue's interrupt eventfd, in
+    /// blocking mode: reading 8 bytes from it waits for the device's signal (interrupt mode).
+    #[napi]
+    pub fn interrupt_fd(&mut self) -> Result<i32> {
+        use std::os::fd::IntoRawFd;
+        Ok(self.inner.interrupt_fd().map_err(err)?.into_raw_fd())
+    }
+
+    /// Asks for a signal at the next completion; true when completions are already waiting
+    /// (or the queue is shared), so the caller polls instead of waiting.
+    #[napi]
+    pub fn arm_interrupts(&mut self) -> Result<bool> {
+        self.inner.arm_interrupts().map_err(err)
+    }
+
+    /// Back to polling: no more signals.
+    #[napi]
+    pub fn disarm_interrupts(&mut self) -> Result<()> {
+        self.inner.disarm_interrupts().map_err(err)
+    }
+
     /// Runs a load from native code alone, with no JavaScript per request: the upper bound
     /// the JavaScript paths are measured against. Blocks the calling thread for its duration.
     #[napi]

@@ -429,6 +429,50 @@ impl RequestChannel {
         Ok((taken, self.reap(out, max)?))
     }
 
+    /// Asks the device to signal the queue's interrupt descriptor at the next completion.
+    /// Returns true when completions are already waiting (poll them instead of waiting).
+    pub fn arm_interrupts(&mut self) -> Result<bool, ScsiError> {
+        Ok(self.parts()?.queue.enable_interrupts() || !self.refused.is_empty())
+    }
+
+    /// Back to polling: the device stops signalling.
+    pub fn disarm_interrupts(&mut self) -> Result<(), ScsiError> {
+        self.parts()?.queue.disable_interrupts();
+        Ok(())
+    }
+
+    /// A descriptor of the caller's own for the queue's interrupt eventfd, in blocking mode,
+    /// so that a thread can wait in `read` for the device's signal. Errors where the transport
+    /// has no interrupt descriptor (PCI functions are driven without MSI-X).
+    pub fn interrupt_fd(&mut self) -> Result<std::os::fd::OwnedFd, ScsiError> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let parts = self.parts()?;
+        let Some(call) = parts.handle.interrupt.as_ref() else {
+            return Err(ScsiError::Config(format!(
+                "request queue {} has no interrupt descriptor on this transport; poll it instead",
+                parts.index
+            )));
+        };
+        // SAFETY: dup of a descriptor the queue owns; the new one is ours alone. fcntl then only
+        // touches it (O_NONBLOCK lives in the shared file description, which nothing else
+        // reads).
+        let fd = unsafe {
+            let raw = libc::fcntl(call.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0);
+            if raw < 0 {
+                return Err(ScsiError::Transport(std::io::Error::last_os_error().into()));
+            }
+            OwnedFd::from_raw_fd(raw)
+        };
+        // SAFETY: as above.
+        unsafe {
+            let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+            if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0 {
+                return Err(ScsiError::Transport(std::io::Error::last_os_error().into()));
+            }
+        }
+        Ok(fd)
+    }
+
     /// Gives the queue back to the controller. Requests in flight are abandoned: the queue is
     /// stopped first (the device then never touches their memory again), or, where a single
     /// queue cannot be stopped, their memory is leaked rather than reused.

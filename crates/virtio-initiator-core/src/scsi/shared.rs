@@ -234,6 +234,24 @@ impl QueueShare {
         f(&mut ch)
     }
 
+    /// Interrupts for a queue of its own (see [`RequestChannel::arm_interrupts`]); a shared
+    /// queue is polled, since a signal could be for another member.
+    pub fn arm_interrupts(&mut self) -> Result<bool, ScsiError> {
+        let mut ch = self.cell.channel.lock().unwrap();
+        if self.is_shared() {
+            return Ok(true);
+        }
+        ch.arm_interrupts()
+    }
+
+    pub fn disarm_interrupts(&mut self) -> Result<(), ScsiError> {
+        self.cell.channel.lock().unwrap().disarm_interrupts()
+    }
+
+    pub fn interrupt_fd(&mut self) -> Result<std::os::fd::OwnedFd, ScsiError> {
+        self.cell.channel.lock().unwrap().interrupt_fd()
+    }
+
     /// Leaves the queue. The last member closes it (stopping it first when requests are on it,
     /// see [`RequestChannel::close`]); another member waits for its own requests to come back,
     /// since the queue cannot be stopped under the others, and fails the controller when they
