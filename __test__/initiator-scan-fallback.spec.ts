@@ -126,6 +126,22 @@ test('transfers are split at the max transfer length and land in LBA order', asy
   });
 });
 
+test('fua reaches the READ and WRITE commands, split or not; a unit without the caching page has no writeCache', async (t) => {
+  const fake = new FakeScsiTarget({ 0: { luns: { 0: { vpd: true, maxTransfer: 8, blocks: 100n } } } });
+  const { luns } = await scanTargets(fake, opts);
+  const dev = device(fake, luns[0]!);
+  t.is(dev.info.writeCache, undefined);
+  const fuaOf = (op: number) => fake.ops(op).map((c) => (c.cdb[1]! & 0x08) !== 0);
+  await dev.write(0, Buffer.alloc(512 * 4), { fua: true });
+  await dev.write(10, Buffer.alloc(512 * 12), { fua: true });
+  await dev.write(30, Buffer.alloc(512));
+  t.deepEqual(fuaOf(0x2a), [true, true, true, false]);
+  await dev.read(0, 4, { fua: true });
+  await dev.read(10, 12, { fua: true });
+  await dev.read(30, 1);
+  t.deepEqual(fuaOf(0x28), [true, true, true, false]);
+});
+
 test('writeZeroes falls back to plain writes when WRITE SAME is not implemented', async (t) => {
   const fake = new FakeScsiTarget({ 0: { luns: { 0: { blocks: 5000n } } } });
   const { luns } = await scanTargets(fake, opts);

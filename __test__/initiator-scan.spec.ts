@@ -76,6 +76,7 @@ testWhen(test, 'scan of several targets and LUNs', initiatorRequirements, async 
     t.true(info.identifiers.some((d) => d.typeName === 'NAA'));
     t.true(info.identifiers.some((d) => d.typeName === 'T10 vendor ID' && d.value === `VIRTINIT${info.serial}`));
     t.true(info.unmap, `${e.name} supports UNMAP`);
+    t.is(info.writeCache, true, `${e.name} reports its write cache (caching mode page WCE)`);
     t.true(info.limits.maxTransferBlocks * info.blockSize <= 8 << 20);
     t.true(info.limits.maxTransferBlocks > 0);
   }

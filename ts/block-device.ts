@@ -44,6 +44,11 @@ export interface IoOptions {
   signal?: AbortSignal;
 }
 
+export interface ReadOptions extends IoOptions {
+  /** Force unit access: read from the medium, not from a cache. */
+  fua?: boolean;
+}
+
 export interface WriteOptions extends IoOptions {
   /** Force unit access: the data is on stable storage when the write completes. */
   fua?: boolean;
@@ -117,6 +122,11 @@ export interface BlockDeviceInfo {
   protectionType: number;
   /** 0 not reported, 1 solid state, else RPM. */
   rotationRate: number;
+  /**
+   * The write cache is enabled (caching mode page WCE): writes may complete before they are on
+   * stable storage, so `flush()` or `{ fua: true }` matter. Undefined when the unit does not say.
+   */
+  writeCache?: boolean;
   limits: BlockDeviceLimits;
 }
 
@@ -240,7 +250,7 @@ export class BlockDevice {
    * One command's worth with a number LBA takes the fast path: the READ is built natively and
    * nothing but the Promise is allocated; retries run only after a completion that was not GOOD.
    */
-  read(lba: Lba, blocksOrBuffer: number | Uint8Array, opts?: IoOptions): Promise<Buffer> {
+  read(lba: Lba, blocksOrBuffer: number | Uint8Array, opts?: ReadOptions): Promise<Buffer> {
     try {
       if (this.removed) throw this.removed;
       let buf: Buffer;
@@ -254,11 +264,11 @@ export class BlockDevice {
         if (bytes > U32) throw new RangeError(`blocks ${blocks}: ${bytes} bytes is more than one call reads`);
         const start = this.checkLba(lba, blocks);
         buf = this.allocData(bytes);
-        return this.transfer(false, start, blocks, buf, false, opts, buf) as Promise<Buffer>;
+        return this.transfer(false, start, blocks, buf, opts?.fua === true, opts, buf) as Promise<Buffer>;
       }
       buf = this.checkBuffer(blocksOrBuffer);
       blocks = buf.length / this.geometry.blockSize;
-      return this.transfer(false, this.checkLba(lba, blocks), blocks, buf, false, opts, buf) as Promise<Buffer>;
+      return this.transfer(false, this.checkLba(lba, blocks), blocks, buf, opts?.fua === true, opts, buf) as Promise<Buffer>;
     } catch (e) {
       return Promise.reject(e);
     }
@@ -629,6 +639,7 @@ export class BlockDevice {
       },
     };
     if (lun.serial !== undefined) info.serial = lun.serial;
+    if (lun.caching !== undefined) info.writeCache = lun.caching.wce;
     return info;
   }
 }

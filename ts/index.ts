@@ -19,6 +19,7 @@ export {
   type IoOptions,
   type PassthroughOptions,
   type PassthroughResult,
+  type ReadOptions,
   type WriteOptions,
 } from './block-device.js';
 export { DEFAULT_RETRY_POLICY, type RetryPolicy } from './command.js';

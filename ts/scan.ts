@@ -9,11 +9,19 @@ import type { CommandExecutor } from './queue.js';
 import {
   type BlockCharacteristics,
   type BlockLimits,
+  type CachingPage,
   type Capacity16,
   type Designator,
   inquiry,
   type LogicalBlockProvisioning,
+  modePageKey,
+  ModePage,
+  modeSense6,
+  modeSense10,
+  parseCachingPage,
   parseInquiry,
+  parseModeSense6,
+  parseModeSense10,
   parseReadCapacity10,
   parseReadCapacity16,
   parseReportLuns,
@@ -73,6 +81,8 @@ export interface ScannedLun {
   blockLimits?: BlockLimits;
   characteristics?: BlockCharacteristics;
   provisioning?: LogicalBlockProvisioning;
+  /** Disks: the caching mode page (write cache enabled, read cache disabled), when offered. */
+  caching?: CachingPage;
   /** Disks only: whether TEST UNIT READY passed (after START STOP UNIT where needed). */
   ready: boolean;
   /** Disks that are ready: READ CAPACITY data. */
@@ -213,6 +223,27 @@ class LunProber {
     return inq;
   }
 
+  /**
+   * The caching mode page (MODE SENSE(6), else (10)); undefined when the unit has neither or
+   * does not report the page, which is common and not a problem.
+   */
+  async cachingPage(): Promise<CachingPage | undefined> {
+    const args = { page: ModePage.CACHING, dbd: true, allocationLength: 0xff };
+    for (const [build, parse] of [
+      [() => modeSense6(args), parseModeSense6],
+      [() => modeSense10(args), parseModeSense10],
+    ] as const) {
+      try {
+        const page = parse(await this.dataIn(build(), args.allocationLength)).pages.get(modePageKey(ModePage.CACHING));
+        return page ? parseCachingPage(page) : undefined;
+      } catch (e) {
+        if (isFatal(e, this.opts.signal)) throw e;
+        if (!isIllegalRequest(e)) return undefined;
+      }
+    }
+    return undefined;
+  }
+
   /** TEST UNIT READY, starting the unit when it asks for it. Returns why it is not ready. */
   async makeReady(): Promise<string | undefined> {
     let started = false;
@@ -310,6 +341,8 @@ class LunProber {
     if (chars) lun.characteristics = chars;
     const prov = await this.optionalVpd(vpdPages, VpdPage.LOGICAL_BLOCK_PROVISIONING, parseVpdLogicalBlockProvisioning);
     if (prov) lun.provisioning = prov;
+    const caching = await this.cachingPage();
+    if (caching) lun.caching = caching;
 
     const notReady = await this.makeReady();
     if (notReady !== undefined) {
