@@ -4,6 +4,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
 
 import { Controller, type ControllerHandle } from '../../ts/index.js';
+import { pattern } from './initiator-bodies.js';
 
 export interface WorkerJob {
   handle: ControllerHandle;
@@ -27,17 +28,8 @@ export interface WorkerReport {
   error?: { name: string; code?: string; message: string };
 }
 
-function fill(buf: Buffer, seed: number, lba: number): void {
-  let x = (Math.imul(seed + 1, 0x9e3779b1) ^ lba) >>> 0 || 1;
-  for (let i = 0; i < buf.length; i += 4) {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    buf.writeUInt32LE(x, i);
-  }
-}
+/** The bytes a worker writes at `lba` in a round: distinct per worker, round and LBA. */
+const contents = (seed: number, lba: number, bytes: number): Buffer => pattern(seed * 1_000_003 + lba, bytes);
 
 const job = workerData as WorkerJob;
 const report: WorkerReport = { ok: false, verified: 0, mismatches: 0, queueIndex: 0, shared: false };
@@ -55,7 +47,7 @@ try {
       await Promise.all(
         bufs.map((b, i) => {
           const lba = job.lba + (base + i) * per;
-          fill(b, job.seed + round, lba);
+          contents(job.seed + round, lba, b.length).copy(b);
           return dev.write(lba, b);
         }),
       );
@@ -64,9 +56,7 @@ try {
       report.shared ||= ctrl.queueStats!.shared;
       report.queueIndex = ctrl.queueStats!.queueIndex;
       backs.forEach((b, i) => {
-        const want = Buffer.alloc(per * bs);
-        fill(want, job.seed + round, job.lba + (base + i) * per);
-        if (b.equals(want)) report.verified++;
+        if (b.equals(contents(job.seed + round, job.lba + (base + i) * per, per * bs))) report.verified++;
         else report.mismatches++;
       });
     }

@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VringConfigData};
 use virtio_initiator_core::memory::{DmaBuf, DmaPool, HugePages, PoolConfig, Region};
 use virtio_initiator_core::queue::{Completion, QueueFeatures, Segment, SplitQueue};
+use virtio_initiator_core::transport::vhost_user::VhostUserTransport;
 use virtio_scsi_proto::{CmdRequest, CmdResponse, CDB_SIZE};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -107,16 +108,6 @@ pub struct Rig {
     pub event_idx: bool,
 }
 
-fn region_info(r: &Region) -> VhostUserMemoryRegionInfo {
-    VhostUserMemoryRegionInfo {
-        guest_phys_addr: r.iova,
-        memory_size: r.size,
-        userspace_addr: r.host_addr,
-        mmap_offset: r.fd_offset,
-        mmap_handle: r.raw_fd(),
-    }
-}
-
 impl Rig {
     /// Connects and negotiates VERSION_1 (and EVENT_IDX when asked), with every request
     /// acknowledged, and shares a 4 MiB pool.
@@ -137,7 +128,7 @@ impl Rig {
         assert_eq!(offered & wanted, wanted);
         frontend.set_features(wanted | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()).unwrap();
         let pool = DmaPool::new(PoolConfig::new(4 << 20).hugepages(HugePages::Never)).unwrap();
-        let regions: Vec<_> = pool.regions().iter().map(region_info).collect();
+        let regions: Vec<_> = pool.regions().iter().map(VhostUserTransport::region_info).collect();
         frontend.set_mem_table(&regions).unwrap();
         Rig { frontend, pool, event_idx }
     }
@@ -152,7 +143,7 @@ impl Rig {
     /// Grows the pool by a region and announces it with ADD_MEM_REG.
     pub fn grow(&mut self, bytes: u64) -> Region {
         let region = self.pool.grow(bytes).unwrap().clone();
-        self.frontend.add_mem_region(&region_info(&region)).unwrap();
+        self.frontend.add_mem_region(&VhostUserTransport::region_info(&region)).unwrap();
         region
     }
 

@@ -93,7 +93,8 @@ impl VhostUserTransport {
         self.protocol
     }
 
-    fn region_info(r: &Region) -> VhostUserMemoryRegionInfo {
+    /// How vhost-user describes a region of our memory to the backend.
+    pub fn region_info(r: &Region) -> VhostUserMemoryRegionInfo {
         VhostUserMemoryRegionInfo {
             guest_phys_addr: r.iova,
             memory_size: r.size,
