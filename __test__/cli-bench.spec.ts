@@ -1,7 +1,7 @@
 // The command line: dispatch and help, one-line usage errors with exit status 2, `bench` through
-// each request path against the bundled target (with verification on), verification that
-// catches data the target corrupts, and the `target` wrapper passing on arguments, exit status
-// and signals.
+// each request path against the bundled target (with verification on), in this thread and in
+// worker threads with queues of their own (or shared ones), verification that catches data the
+// target corrupts, and the `target` wrapper passing on arguments, exit status and signals.
 import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -10,7 +10,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 
 import test, { type ExecutionContext, type ImplementationFn } from 'ava';
 
-import { LatencyHistogram, Verifier, wordsOf } from '../ts/bench.js';
+import { LatencyHistogram, mergeWorkloadResults, Verifier, type WorkloadResult, wordsOf } from '../ts/bench.js';
 import { repoRoot, requireTargetBinary, testWhen } from './helpers/env.js';
 import { initiatorRequirements, startTestTarget } from './helpers/initiator.js';
 
@@ -56,7 +56,7 @@ interface BenchJson {
   mismatches: number;
   mismatchLbas: number[];
   cpu: { initiator: number; target: number | null };
-  workers: Array<{ queue: number; iops: number }>;
+  workers: Array<{ queue: number; iops: number; shared: boolean }>;
 }
 
 /** The JSON object on the last line of stdout. */
@@ -69,16 +69,20 @@ function describe(r: Run): string {
   return `exit ${r.code} (signal ${r.signal})\nstdout:\n${r.stdout}\nstderr:\n${r.stderr}`;
 }
 
-function checkShape(t: ExecutionContext, j: BenchJson): void {
+function checkShape(t: ExecutionContext, j: BenchJson, workers = 1): void {
   for (const k of ['mean', 'p50', 'p99', 'p999', 'max'] as const) {
     t.true(typeof j.latencyUs[k] === 'number' && j.latencyUs[k] >= 0, `latencyUs.${k}`);
   }
   t.true(j.latencyUs.p50 <= j.latencyUs.p99 && j.latencyUs.p99 <= j.latencyUs.p999 && j.latencyUs.p999 <= j.latencyUs.max);
   t.true(j.seconds > 0 && j.iops > 0 && j.mbPerSecond > 0);
   t.true(typeof j.cpu.initiator === 'number' && j.cpu.initiator >= 0);
-  t.is(j.workers.length, 1);
-  t.true(Number.isInteger(j.workers[0]!.queue));
-  t.is(j.workers[0]!.iops, j.iops);
+  t.is(j.workers.length, workers);
+  for (const w of j.workers) {
+    t.true(Number.isInteger(w.queue) && w.queue >= 2, `queue ${w.queue}`);
+    t.true(w.iops > 0);
+    t.is(typeof w.shared, 'boolean');
+  }
+  if (workers === 1) t.is(j.workers[0]!.iops, j.iops);
 }
 
 // ---- the pieces of bench -----------------------------------------------------------------------
@@ -101,6 +105,71 @@ test('the latency histogram keeps percentiles within 1%', (t) => {
   for (const us of [0.05, 0.1, 0.1, 3]) small.add(us);
   t.is(small.percentile(0.5), 0.1, 'below 128 ns every nanosecond has a bucket');
   t.is(new LatencyHistogram().summary().p99, 0);
+});
+
+test('merged histograms give the percentiles of all the samples', (t) => {
+  const all = new LatencyHistogram();
+  const parts = [new LatencyHistogram(), new LatencyHistogram(), new LatencyHistogram()];
+  // Three threads with different latencies: the merge must not be an average of percentiles.
+  for (let i = 0; i < 30_000; i++) {
+    const us = i % 3 === 0 ? 10 + (i % 97) : i % 3 === 1 ? 100 + (i % 89) : 1000 + (i % 83) * 10;
+    all.add(us);
+    parts[i % 3]!.add(us);
+  }
+  const merged = new LatencyHistogram();
+  for (const p of parts) merged.merge(p.state());
+  t.deepEqual(merged.summary(), all.summary());
+  t.is(LatencyHistogram.from(parts[2]!.state()).summary().p50, parts[2]!.summary().p50);
+});
+
+test('merged results add up and list mismatches by LBA', (t) => {
+  const part = (firstLba: number, startedAt: number, ios: number, lbas: number[]): WorkloadResult => {
+    const h = new LatencyHistogram();
+    for (let i = 0; i < ios; i++) h.add(firstLba === 0 ? 50 : 500);
+    return {
+      api: 'promise',
+      rw: 'randrw',
+      readPercent: 50,
+      ioBytes: 4096,
+      queueDepth: 8,
+      firstLba,
+      regionBytes: 1 << 20,
+      seed: 1,
+      verify: true,
+      startedAt,
+      seconds: 1,
+      ios,
+      reads: ios / 2,
+      writes: ios / 2,
+      errors: 0,
+      firstError: undefined,
+      iops: ios,
+      mbPerSecond: 0,
+      latencyUs: h.summary(),
+      latencyHistogram: h.state(),
+      cpuSeconds: 1,
+      mismatches: lbas.length,
+      mismatchList: lbas.map((lba) => ({ lba, detail: 'x' })),
+      queue: firstLba === 0 ? 2 : 3,
+      shared: false,
+      interrupted: false,
+    };
+  };
+  const m = mergeWorkloadResults([part(2048, 1000.5, 3000, [4000, 2048]), part(0, 1000, 1000, [8, 16])], 1.5);
+  t.is(m.ios, 4000);
+  t.is(m.seconds, 1.0005, 'from the first start to the last end');
+  t.is(m.iops, Math.round(4000 / 1.0005));
+  t.is(m.cpuSeconds, 1.5);
+  t.is(m.mismatches, 4);
+  t.deepEqual(
+    m.mismatchList.map((x) => x.lba),
+    [8, 16, 2048, 4000],
+  );
+  t.is(m.firstLba, 0);
+  t.is(m.regionBytes, 2 << 20);
+  // Three quarters of the requests took 500 us.
+  t.true(Math.abs(m.latencyUs.p50 - 500) < 5, `p50 ${m.latencyUs.p50}`);
+  t.true(Math.abs(m.latencyUs.mean - 387.5) < 0.1, `mean ${m.latencyUs.mean}`);
 });
 
 test('the verifier checks written blocks, skips unknown ones and names what it found', (t) => {
@@ -172,7 +241,8 @@ const badArguments: Array<[string[], RegExp]> = [
   [['--time', '0'], /--time "0": expected a number above 0/],
   [['--mix', '150', '--rw', 'randrw'], /--mix "150": expected a percentage from 0 to 100/],
   [['--mix', '30'], /--mix applies to --rw randrw only/],
-  [['--workers', '4'], /--workers 4: worker threads are not supported yet/],
+  [['--workers', '0'], /--workers "0": expected an integer from 1 to 64/],
+  [['--workers', '3', '--ios', '2'], /--ios 2 with --workers 3: expected at least one request per worker/],
   [['--api', 'native', '--verify'], /--verify is not supported with --api native/],
   [['--qd', '2', '--qd', '3'], /--qd is given more than once/],
   [['--json=yes'], /--json takes no value/],
@@ -335,4 +405,76 @@ bench('bench --verify of a write-only run reads back what it wrote (batch path)'
   const clean = await cli([...common, '--json', '--rw', 'write', '--ios', '2000']);
   t.is(clean.code, 0, describe(clean));
   t.is(lastJson(clean).mismatches, 0);
+});
+
+// ---- worker threads ----------------------------------------------------------------------------
+
+/** Workers queues: distinct when each has one of its own. */
+function queuesOf(j: BenchJson): number[] {
+  return j.workers.map((w) => w.queue);
+}
+
+for (const api of ['promise', 'batch'] as const) {
+  bench(`bench --workers 2 --api ${api} --rw randrw --verify: a queue each, no errors, no mismatches`, async (t) => {
+    const r = await cli(['bench', '--json', '--workers', '2', '--api', api, '--rw', 'randrw', '--verify', '--ios', '4000']);
+    t.is(r.code, 0, describe(r));
+    const j = lastJson(r);
+    t.is(j.api, api);
+    t.true(j.ios >= 4000, `ios ${j.ios}`);
+    t.is(j.errors, 0);
+    t.is(j.mismatches, 0);
+    checkShape(t, j, 2);
+    t.is(new Set(queuesOf(j)).size, 2, `queues ${queuesOf(j).join(', ')}`);
+    t.deepEqual(
+      j.workers.map((w) => w.shared),
+      [false, false],
+    );
+  });
+}
+
+bench('bench --workers 2 --api native runs the request count across both, a queue each', async (t) => {
+  const r = await cli(['bench', '--json', '--workers', '2', '--api', 'native', '--rw', 'randread', '--ios', '20000']);
+  t.is(r.code, 0, describe(r));
+  const j = lastJson(r);
+  t.is(j.ios, 20000);
+  t.is(j.errors, 0);
+  checkShape(t, j, 2);
+  t.is(new Set(queuesOf(j)).size, 2, `queues ${queuesOf(j).join(', ')}`);
+});
+
+bench('bench --workers 3 on 2 target queues shares a queue, data still verified', async (t) => {
+  const args = ['--workers', '3', '--target-queues', '2', '--api', 'promise', '--verify', '--ios', '3000'];
+  const r = await cli(['bench', '--json', ...args]);
+  t.is(r.code, 0, describe(r));
+  const j = lastJson(r);
+  t.true(j.ios >= 3000, `ios ${j.ios}`);
+  t.is(j.errors, 0);
+  t.is(j.mismatches, 0);
+  checkShape(t, j, 3);
+  const queues = queuesOf(j);
+  const sharing = j.workers.filter((w) => w.shared || queues.filter((q) => q === w.queue).length > 1);
+  t.true(sharing.length >= 2, `workers ${JSON.stringify(j.workers)}`);
+  t.true(new Set(queues).size <= 2);
+});
+
+bench('bench --workers with --api native needs a queue per worker (exit 2)', async (t) => {
+  const r = await cli(['bench', '--workers', '3', '--target-queues', '2', '--api', 'native', '--ios', '100']);
+  t.is(r.code, 2, describe(r));
+  t.regex(r.stderr.trimEnd(), /^virtio-initiator bench: --workers "3": expected at most 2, the request queues/);
+});
+
+bench('bench --workers 2 --verify merges the mismatches of both workers by LBA (exit 1)', async (t) => {
+  const s = await startTestTarget({ luns: [`0:0:ram:${LUN_BYTES}:512`], queues: 2 });
+  t.teardown(() => s.cleanup());
+  const corrupted = 6;
+  await (await s.target.control()).inject(0, 0, 'corrupt', corrupted);
+  const args = ['--socket', s.socket, '--json', '--workers', '2', '--verify', '--rw', 'randread', '--size', String(REGION)];
+  const r = await cli(['bench', ...args, '--ios', '4000']);
+  t.is(r.code, 1, describe(r));
+  const j = lastJson(r);
+  t.is(j.errors, 0);
+  t.is(j.mismatches, corrupted, 'one mismatch per corrupted read, whichever worker did it');
+  t.deepEqual([...j.mismatchLbas].sort((a, b) => a - b), j.mismatchLbas, 'listed by LBA');
+  for (const lba of j.mismatchLbas) t.true(lba % 8 === 0 && lba < REGION / 512, `LBA ${lba}`);
+  checkShape(t, j, 2);
 });

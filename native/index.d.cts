@@ -176,13 +176,22 @@ export interface LoadResult {
   cpuSeconds: number
   /** Per-request latency in microseconds. */
   latencyUs: LoadLatency
+  /**
+   * The same latencies as a log-linear histogram in nanoseconds, laid out as the
+   * TypeScript `LatencyHistogram` (so that loads of several threads merge exactly).
+   */
+  latencyHistogram: Array<number>
+  /** Sum of all latencies, in microseconds. */
+  latencySumUs: number
 }
 
 export interface LoadSpec {
   target: number
   lun: number
   blockSize: number
-  /** Blocks of the device the load may touch, from 0. */
+  /** First block of the region the load touches (default 0). */
+  firstBlock?: number
+  /** Blocks of the region, from `first_block`. */
   blocks: number
   /** Bytes per request, a multiple of the block size. */
   ioBytes: number

@@ -12,6 +12,10 @@
 // pattern derived from the three; reads of blocks written in this run are checked against what
 // was last written there. No two requests in flight touch the same unit (one --bs sized, aligned
 // piece of the region), so the expected contents are always known.
+//
+// Several loads can run at once, one per worker thread (`bench --workers`): `workloadShare` gives
+// each its own contiguous region and its part of the request count, `onReady` lets them start
+// together, and `mergeWorkloadResults` adds up what they did (latency histograms included).
 
 import { performance } from 'node:perf_hooks';
 
@@ -54,12 +58,22 @@ const SUB_BUCKETS = 64;
 const OCTAVES = 32 - 7;
 const MAX_NS = 0xffffffff;
 
+/** A histogram as plain data: what a worker thread sends back (structured clone keeps it). */
+export interface LatencyHistogramState {
+  counts: Float64Array;
+  count: number;
+  sum: number;
+  max: number;
+}
+
+const BUCKETS = LINEAR_NS + OCTAVES * SUB_BUCKETS;
+
 /**
  * Log-linear latency histogram in nanoseconds (up to 4.29 s; beyond that the value lands in the
  * last bucket, the mean and maximum stay exact). Fixed size, nothing allocated per sample.
  */
 export class LatencyHistogram {
-  private readonly counts = new Float64Array(LINEAR_NS + OCTAVES * SUB_BUCKETS);
+  private readonly counts = new Float64Array(BUCKETS);
   count = 0;
   /** Microseconds. */
   sum = 0;
@@ -92,6 +106,26 @@ export class LatencyHistogram {
       if (seen >= rank) return Math.min(this.max, bucketMiddleNs(i) / 1000);
     }
     return this.max;
+  }
+
+  /** A copy of the histogram as plain data. */
+  state(): LatencyHistogramState {
+    return { counts: this.counts.slice(), count: this.count, sum: this.sum, max: this.max };
+  }
+
+  /** Adds the samples of another histogram (of another thread, say) to this one. */
+  merge(other: LatencyHistogram | LatencyHistogramState): this {
+    const s = other instanceof LatencyHistogram ? other.state() : other;
+    if (s.counts.length !== BUCKETS) throw new RangeError(`a latency histogram has ${BUCKETS} buckets, not ${s.counts.length}`);
+    for (let i = 0; i < BUCKETS; i++) this.counts[i]! += s.counts[i]!;
+    this.count += s.count;
+    this.sum += s.sum;
+    if (s.max > this.max) this.max = s.max;
+    return this;
+  }
+
+  static from(state: LatencyHistogramState): LatencyHistogram {
+    return new LatencyHistogram().merge(state);
   }
 
   summary(): LatencySummary {
@@ -202,9 +236,12 @@ export interface Mismatch {
   detail: string;
 }
 
-/** What every block of the region should hold, and what did not. */
+/** What every block of the region should hold, and what did not. LBAs are the device's own. */
 export class Verifier {
-  /** Per block: generation last written (0 never written in this run, UNKNOWN after a failed write). */
+  /**
+   * Per block of the region (from `firstLba`): generation last written (0 never written in this
+   * run, UNKNOWN after a failed write).
+   */
   private readonly gens: Uint32Array;
   private nextGen = 1;
   private readonly wordsPerBlock: number;
@@ -216,6 +253,8 @@ export class Verifier {
     readonly blockSize: number,
     readonly regionBlocks: number,
     readonly seed: number,
+    /** First block of the region. */
+    readonly firstLba = 0,
   ) {
     this.gens = new Uint32Array(regionBlocks);
     this.wordsPerBlock = blockSize >>> 2;
@@ -232,13 +271,15 @@ export class Verifier {
 
   /** A write of `gen` over the blocks ended: they hold it now, or (when it failed) nobody knows. */
   written(lba: number, blocks: number, gen: number, ok: boolean): void {
-    this.gens.fill(ok ? gen : UNKNOWN, lba, lba + blocks);
+    const i = lba - this.firstLba;
+    this.gens.fill(ok ? gen : UNKNOWN, i, i + blocks);
   }
 
   /** Whether any block of the range was written in this run. */
   anyWritten(lba: number, blocks: number): boolean {
     const g = this.gens;
-    for (let i = lba; i < lba + blocks; i++) if (g[i] !== 0 && g[i] !== UNKNOWN) return true;
+    const from = lba - this.firstLba;
+    for (let i = from; i < from + blocks; i++) if (g[i] !== 0 && g[i] !== UNKNOWN) return true;
     return false;
   }
 
@@ -249,8 +290,9 @@ export class Verifier {
   check(words: Uint32Array, wordOffset: number, lba: number, blocks: number): boolean {
     const n = this.wordsPerBlock;
     const gens = this.gens;
+    const from = lba - this.firstLba;
     for (let b = 0; b < blocks; b++) {
-      const gen = gens[lba + b]!;
+      const gen = gens[from + b]!;
       if (gen === 0 || gen === UNKNOWN) continue;
       const off = wordOffset + b * n;
       const bad = checkBlock(words, off, n, lba + b, gen, this.seed);
@@ -299,6 +341,14 @@ export interface Progress {
   fraction: number | undefined;
 }
 
+/** The request queue a load runs on. */
+export interface QueueInfo {
+  /** Virtqueue index (2 is the first request queue; 0 when unknown). */
+  queue: number;
+  /** Whether other threads use the same queue. */
+  shared: boolean;
+}
+
 export interface WorkloadOptions {
   api: Api;
   rw: ReadWrite;
@@ -313,11 +363,23 @@ export interface WorkloadOptions {
   ios?: number;
   seed?: number;
   verify?: boolean;
-  /** Bytes of the device, from LBA 0, that the load touches (default: all of it). */
+  /** First block of the region the load touches (default 0; the native path starts at 0 only). */
+  firstLba?: number;
+  /** Bytes of the device, from `firstLba`, that the load touches (default: all up to the end). */
   regionBytes?: number;
+  /**
+   * Which of several loads run at once this is (default 0): varies the offsets and read/write
+   * choices, so that loads given one seed do not walk in step. Data stamps keep `seed`.
+   */
+  stream?: number;
   /** Called about every `progressMs` (default 250) while a phase runs (not for `native`). */
   onProgress?: (p: Progress) => void;
   progressMs?: number;
+  /**
+   * Awaited once the load is set up (buffers, the fill pass, its request queue open), right
+   * before the measured phase: lets several loads start together.
+   */
+  onReady?: (queue: QueueInfo) => void | Promise<void>;
   /** Called right before and right after the measured phase (for outside CPU accounting). */
   onMeasure?: (edge: 'start' | 'end') => void;
   /** Stops issuing; requests in flight complete and the result covers what ran. */
@@ -330,9 +392,13 @@ export interface WorkloadResult {
   readPercent: number;
   ioBytes: number;
   queueDepth: number;
+  /** The region the load touched: its first block and its size. */
+  firstLba: number;
   regionBytes: number;
   seed: number;
   verify: boolean;
+  /** When the measured phase began, in milliseconds since the epoch (comparable across threads). */
+  startedAt: number;
   /** Wall time of the measured phase. */
   seconds: number;
   ios: number;
@@ -345,6 +411,8 @@ export interface WorkloadResult {
   /** 10^6 bytes per second. */
   mbPerSecond: number;
   latencyUs: LatencySummary;
+  /** Every request's latency, for merging. */
+  latencyHistogram: LatencyHistogramState;
   /** CPU seconds this process (for native: the load's thread) used in the measured phase. */
   cpuSeconds: number;
   /** Reads of a unit that returned other data than was last written there. */
@@ -353,6 +421,8 @@ export interface WorkloadResult {
   mismatchList: Mismatch[];
   /** Virtqueue index of the request queue the load ran on (2 is the first; 0 when unknown). */
   queue: number;
+  /** Other threads used that queue too (seen at the start or the end of the measured phase). */
+  shared: boolean;
   /** Stopped early through `signal`. */
   interrupted: boolean;
 }
@@ -366,6 +436,10 @@ const PASS_CHUNK_BYTES = 256 * 1024;
 const PASS_DEPTH = 8;
 /** Blocks verification keeps state for (4 bytes each). */
 const MAX_VERIFIED_BLOCKS = 2 ** 26;
+/** TEST UNIT READY: opens this thread's request queue without moving data. */
+const TEST_UNIT_READY = new Uint8Array(6);
+/** Spreads stream numbers over the seeds of the random streams. */
+const STREAM_STRIDE = 0x9e3779b9;
 
 const NO_OPTIONS = Object.freeze({});
 
@@ -380,35 +454,59 @@ function fatal(e: unknown): boolean {
 
 /** An option that does not fit the device or the controller, and what it should be. */
 export interface WorkloadProblem {
-  option: 'ioBytes' | 'queueDepth' | 'regionBytes' | 'verify' | 'seconds';
+  option: 'ioBytes' | 'queueDepth' | 'regionBytes' | 'verify' | 'seconds' | 'ios' | 'workers';
   expected: string;
 }
 
-/** Checks the options against this device and controller; undefined when they fit. */
-export function workloadProblem(ctrl: Controller, dev: BlockDevice, o: WorkloadOptions): WorkloadProblem | undefined {
+/**
+ * Checks the options against this device and controller, for one load or for `workers` loads
+ * sharing the region (see `workloadShare`); undefined when they fit.
+ */
+export function workloadProblem(
+  ctrl: Controller,
+  dev: BlockDevice,
+  o: WorkloadOptions,
+  workers = 1,
+): WorkloadProblem | undefined {
   const bs = dev.blockSize;
   const name = dev.name;
   if (!Number.isSafeInteger(o.ioBytes) || o.ioBytes < bs || o.ioBytes % bs !== 0) {
     return { option: 'ioBytes', expected: `a multiple of the ${bs}-byte blocks of ${name}` };
   }
-  const capacity = ctrl.info.queueSize;
+  const info = ctrl.info;
+  const capacity = info.queueSize;
   if (!Number.isInteger(o.queueDepth) || o.queueDepth < 1 || o.queueDepth > capacity) {
     return { option: 'queueDepth', expected: `at most ${capacity}, the size of the request queue` };
   }
-  const size = Number(dev.info.sizeBytes);
+  const size = Number(dev.info.sizeBytes) - (o.firstLba ?? 0) * bs;
   const region = regionOf(dev, o);
   if (region < o.ioBytes) {
     return o.regionBytes !== undefined && o.regionBytes < size
       ? { option: 'regionBytes', expected: `room for at least one ${o.ioBytes}-byte request` }
       : { option: 'ioBytes', expected: `at most the ${size} bytes of ${name}` };
   }
+  const units = Math.floor(region / o.ioBytes);
+  if (workers > 1) {
+    if (o.api === 'native' && workers > info.requestQueues) {
+      const why = 'the native load loop needs a request queue of its own';
+      return { option: 'workers', expected: `at most ${info.requestQueues}, the request queues of ${ctrl.name} (${why})` };
+    }
+    if (o.api !== 'native' && workers > units) {
+      return { option: 'workers', expected: `at most ${units}, one ${o.ioBytes}-byte unit of the region each` };
+    }
+    if (o.ios !== undefined && o.ios < workers) {
+      return { option: 'ios', expected: `at least one request per worker (${workers})` };
+    }
+  }
   if (o.verify === true) {
     if (o.api === 'native') return { option: 'verify', expected: 'the promise or batch path (not native)' };
-    const units = Math.floor(region / o.ioBytes);
-    if (units <= o.queueDepth) {
+    // Each worker verifies a region of its own: the smallest one counts.
+    const perWorker = Math.floor(units / workers);
+    if (perWorker <= o.queueDepth) {
+      const whose = workers > 1 ? "each worker's" : 'the';
       return {
         option: 'queueDepth',
-        expected: `fewer than the ${units} units of ${o.ioBytes} bytes that verification spreads requests over`,
+        expected: `fewer than the ${perWorker} units of ${o.ioBytes} bytes that verification spreads ${whose} requests over`,
       };
     }
     // 4 bytes of state per block.
@@ -426,42 +524,74 @@ export function workloadProblem(ctrl: Controller, dev: BlockDevice, o: WorkloadO
 }
 
 function regionOf(dev: BlockDevice, o: WorkloadOptions): number {
-  const size = Number(dev.info.sizeBytes);
+  const size = Number(dev.info.sizeBytes) - (o.firstLba ?? 0) * dev.blockSize;
   const region = o.regionBytes === undefined ? size : Math.min(size, o.regionBytes);
-  return region - (region % o.ioBytes);
+  return Math.max(0, region - (region % o.ioBytes));
+}
+
+/**
+ * The share of load `index` of `workers` run at once: a contiguous region of its own (whole
+ * `ioBytes` units, so that with verification no two requests in flight anywhere touch the same
+ * block), its part of `ios`, and a random stream of its own. Its callbacks are those of `o`.
+ */
+export function workloadShare(dev: BlockDevice, o: WorkloadOptions, index: number, workers: number): WorkloadOptions {
+  const share: WorkloadOptions = { ...o, stream: (o.stream ?? 0) + index };
+  if (o.ios !== undefined) share.ios = Math.floor(o.ios / workers) + (index < o.ios % workers ? 1 : 0);
+  const region = regionOf(dev, o);
+  const first = o.firstLba ?? 0;
+  const units = region / o.ioBytes;
+  const from = Math.floor((index * units) / workers);
+  const to = Math.floor(((index + 1) * units) / workers);
+  share.firstLba = first + from * (o.ioBytes / dev.blockSize);
+  share.regionBytes = (to - from) * o.ioBytes;
+  return share;
 }
 
 /** Runs the workload on `dev` (a device of `ctrl`); see WorkloadOptions. */
 export async function runWorkload(ctrl: Controller, dev: BlockDevice, o: WorkloadOptions): Promise<WorkloadResult> {
+  const firstLba = o.firstLba ?? 0;
+  if (!Number.isSafeInteger(firstLba) || firstLba < 0 || firstLba >= Number(dev.blockCount)) {
+    const last = dev.blockCount - 1n;
+    throw new RangeError(`${dev.name}: firstLba ${String(o.firstLba)}: expected a block of the device (0 to ${last})`);
+  }
   const problem = workloadProblem(ctrl, dev, o);
   if (problem !== undefined) {
-    throw new RangeError(`${dev.name}: ${problem.option} ${String(o[problem.option])}: expected ${problem.expected}`);
+    const { option } = problem;
+    // One load: never a problem with the number of workers.
+    const value = option === 'workers' ? 1 : o[option];
+    throw new RangeError(`${dev.name}: ${option} ${String(value)}: expected ${problem.expected}`);
   }
-  const load = new Load(dev, o, regionOf(dev, o));
+  const load = new Load(dev, o, firstLba, regionOf(dev, o));
   const verifier = load.verifier;
   if (verifier && load.readPercent === 100) await pass(dev, load, 'fill');
-  let queue = 0;
+  // The queue is opened before the measured phase: not timed, and held by the time `onReady`
+  // resolves, so that loads started together see which of them share a queue.
+  const path = await openPath(ctrl, dev, o.api);
   let measured: Measured;
-  if (o.api === 'native') {
-    measured = runNative(ctrl, dev, load);
-    queue = measured.queue;
-  } else {
-    const cpu0 = process.cpuUsage();
-    o.onMeasure?.('start');
-    const stopProgress = load.startProgress();
-    try {
-      if (o.api === 'batch') {
-        queue = await runBatch(ctrl, dev, load);
-      } else {
-        await runPromise(dev, load);
-        queue = ctrl.queueStats?.queueIndex ?? 0;
+  let shared: boolean;
+  try {
+    await o.onReady?.({ queue: path.queueIndex(), shared: path.shared() });
+    shared = path.shared();
+    if (path.raw !== undefined && o.api === 'native') {
+      measured = runNative(path.raw, dev, load);
+    } else {
+      const cpu0 = process.cpuUsage();
+      o.onMeasure?.('start');
+      const stopProgress = load.startProgress();
+      try {
+        if (path.raw !== undefined) await runBatch(path.raw, ctrl, dev, load);
+        else await runPromise(dev, load);
+      } finally {
+        stopProgress();
       }
-    } finally {
-      stopProgress();
+      o.onMeasure?.('end');
+      const cpu = process.cpuUsage(cpu0);
+      measured = { cpuSeconds: (cpu.user + cpu.system) / 1e6, startedAt: performance.timeOrigin + load.t0 };
     }
-    o.onMeasure?.('end');
-    const cpu = process.cpuUsage(cpu0);
-    measured = { cpuSeconds: (cpu.user + cpu.system) / 1e6, queue };
+    shared ||= path.shared();
+    measured.queue = path.queueIndex();
+  } finally {
+    path.close();
   }
   const seconds = Math.max(1e-9, (load.lastCompletion - load.t0) / 1000);
   const result: WorkloadResult = {
@@ -470,9 +600,11 @@ export async function runWorkload(ctrl: Controller, dev: BlockDevice, o: Workloa
     readPercent: load.readPercent,
     ioBytes: o.ioBytes,
     queueDepth: o.queueDepth,
+    firstLba,
     regionBytes: load.regionBytes,
     seed: load.seed,
     verify: verifier !== undefined,
+    startedAt: measured.startedAt,
     seconds: measured.seconds ?? seconds,
     ios: measured.ios ?? load.done,
     reads: measured.reads ?? load.reads,
@@ -482,14 +614,15 @@ export async function runWorkload(ctrl: Controller, dev: BlockDevice, o: Workloa
     iops: 0,
     mbPerSecond: 0,
     latencyUs: measured.latencyUs ?? load.latency.summary(),
+    latencyHistogram: measured.latencyHistogram ?? load.latency.state(),
     cpuSeconds: measured.cpuSeconds,
     mismatches: 0,
     mismatchList: [],
-    queue,
+    queue: measured.queue ?? 0,
+    shared,
     interrupted: o.signal?.aborted === true,
   };
-  result.iops = Math.round(result.ios / result.seconds);
-  result.mbPerSecond = Math.round(((result.ios * o.ioBytes) / result.seconds / 1e6) * 100) / 100;
+  rates(result);
   // A run without reads still checks what it wrote.
   if (verifier && load.readPercent === 0 && !load.fatalError && o.signal?.aborted !== true) {
     await pass(dev, load, 'read-back');
@@ -502,15 +635,94 @@ export async function runWorkload(ctrl: Controller, dev: BlockDevice, o: Workloa
   return result;
 }
 
+function rates(r: WorkloadResult): void {
+  r.iops = Math.round(r.ios / r.seconds);
+  r.mbPerSecond = Math.round(((r.ios * r.ioBytes) / r.seconds / 1e6) * 100) / 100;
+}
+
+/**
+ * One result for loads that ran at once (see `workloadShare`): requests, errors and mismatches
+ * add up; the time runs from the first start to the last completion; latency percentiles come
+ * from the merged histograms (the native loop keeps the same histogram as JavaScript does).
+ * `cpuSeconds` is the process's CPU over the run, measured by the caller.
+ */
+export function mergeWorkloadResults(parts: readonly WorkloadResult[], cpuSeconds: number): WorkloadResult {
+  const first = parts[0];
+  if (first === undefined) throw new RangeError('no results to merge');
+  const sum = (f: (r: WorkloadResult) => number): number => parts.reduce((n, r) => n + f(r), 0);
+  const startedAt = Math.min(...parts.map((r) => r.startedAt));
+  const endedAt = Math.max(...parts.map((r) => r.startedAt + r.seconds * 1000));
+  const h = new LatencyHistogram();
+  for (const r of parts) h.merge(r.latencyHistogram);
+  // Shares are disjoint and contiguous.
+  const result: WorkloadResult = {
+    ...first,
+    firstLba: Math.min(...parts.map((r) => r.firstLba)),
+    regionBytes: sum((r) => r.regionBytes),
+    startedAt,
+    seconds: Math.max(1e-9, (endedAt - startedAt) / 1000),
+    ios: sum((r) => r.ios),
+    reads: sum((r) => r.reads),
+    writes: sum((r) => r.writes),
+    errors: sum((r) => r.errors),
+    firstError: parts.find((r) => r.firstError !== undefined)?.firstError,
+    latencyUs: h.summary(),
+    latencyHistogram: h.state(),
+    cpuSeconds,
+    mismatches: sum((r) => r.mismatches),
+    mismatchList: parts.flatMap((r) => r.mismatchList).sort((a, b) => a.lba - b.lba),
+    shared: parts.some((r) => r.shared),
+    interrupted: parts.some((r) => r.interrupted),
+  };
+  rates(result);
+  return result;
+}
+
 interface Measured {
   cpuSeconds: number;
-  queue: number;
+  startedAt: number;
+  queue?: number;
   seconds?: number;
   ios?: number;
   reads?: number;
   writes?: number;
   errors?: number;
   latencyUs?: LatencySummary;
+  latencyHistogram?: LatencyHistogramState;
+}
+
+type RawChannel = ReturnType<Controller['rawChannel']>;
+
+/** Where the measured phase sends its requests. */
+interface RequestPath {
+  /** The raw channel (batch, native); undefined for promise, which uses the thread's queue. */
+  raw: RawChannel | undefined;
+  queueIndex(): number;
+  shared(): boolean;
+  close(): void;
+}
+
+async function openPath(ctrl: Controller, dev: BlockDevice, api: Api): Promise<RequestPath> {
+  if (api !== 'promise') {
+    const raw = ctrl.rawChannel();
+    return {
+      raw,
+      queueIndex: () => raw.channel.queueIndex,
+      shared: () => raw.channel.shared,
+      close: () => raw.channel.close(),
+    };
+  }
+  if (ctrl.queueStats === undefined) {
+    // The thread's queue opens with its first command. Whether this one succeeds does not
+    // matter: a device that fails it fails the run's requests too, and they report it.
+    await dev.passthrough(TEST_UNIT_READY).catch(() => undefined);
+  }
+  return {
+    raw: undefined,
+    queueIndex: () => ctrl.queueStats?.queueIndex ?? 0,
+    shared: () => ctrl.queueStats?.shared ?? false,
+    close: () => {},
+  };
 }
 
 /** The state of one run: per-slot requests, counters, latency, and the verifier. */
@@ -553,6 +765,8 @@ class Load {
   constructor(
     readonly dev: BlockDevice,
     readonly o: WorkloadOptions,
+    /** First block of the region, and its size. */
+    readonly firstLba: number,
     readonly regionBytes: number,
   ) {
     this.readPercent = readPercentOf(o.rw, o.mix);
@@ -563,15 +777,17 @@ class Load {
     this.units = regionBytes / o.ioBytes;
     this.depth = o.ios === undefined ? o.queueDepth : Math.min(o.queueDepth, o.ios);
     this.iosLimit = o.ios ?? Infinity;
-    this.offsets = new Xorshift32(this.seed ^ 0x5bd1e995);
-    this.ops = new Xorshift32(this.seed ^ 0x1b873593);
+    // Stream 0 keeps the sequences a single load has always had.
+    const stream = Math.imul(o.stream ?? 0, STREAM_STRIDE);
+    this.offsets = new Xorshift32(this.seed ^ 0x5bd1e995 ^ stream);
+    this.ops = new Xorshift32(this.seed ^ 0x1b873593 ^ stream);
     const n = o.queueDepth;
     this.lba = new Float64Array(n);
     this.isWrite = new Uint8Array(n);
     this.gen = new Uint32Array(n);
     this.started = new Float64Array(n);
     if (o.verify === true) {
-      this.verifier = new Verifier(dev.blockSize, regionBytes / dev.blockSize, this.seed);
+      this.verifier = new Verifier(dev.blockSize, regionBytes / dev.blockSize, this.seed, firstLba);
       this.busy = new Uint8Array(this.units);
     }
     if (o.api !== 'native') {
@@ -608,7 +824,7 @@ class Load {
       }
       busy[unit] = 1;
     }
-    const lba = unit * this.unitBlocks;
+    const lba = this.firstLba + unit * this.unitBlocks;
     this.lba[slot] = lba;
     this.isWrite[slot] = write ? 1 : 0;
     if (write && this.verifier) this.gen[slot] = this.verifier.stamp(this.words[slot]!, 0, lba, this.unitBlocks);
@@ -629,7 +845,7 @@ class Load {
       const lba = this.lba[slot]!;
       if (write) v.written(lba, this.unitBlocks, this.gen[slot]!, ok);
       else if (ok) v.check(this.words[slot]!, 0, lba, this.unitBlocks);
-      this.busy![lba / this.unitBlocks] = 0;
+      this.busy![(lba - this.firstLba) / this.unitBlocks] = 0;
     }
   }
 
@@ -706,107 +922,108 @@ function runPromise(dev: BlockDevice, load: Load): Promise<void> {
  * its completion is seen and goes down with the next `pump`. Spins; yields to the event loop
  * every few thousand turns so that timers (progress, signals) run.
  */
-async function runBatch(ctrl: Controller, dev: BlockDevice, load: Load): Promise<number> {
-  const { channel, addressOf } = ctrl.rawChannel();
-  try {
-    if (channel.capacity < load.depth) {
-      throw new RangeError(`the channel holds ${channel.capacity} requests, fewer than the queue depth ${load.depth}`);
+async function runBatch(raw: RawChannel, ctrl: Controller, dev: BlockDevice, load: Load): Promise<void> {
+  const { channel, addressOf } = raw;
+  if (channel.capacity < load.depth) {
+    throw new RangeError(`the channel holds ${channel.capacity} requests, fewer than the queue depth ${load.depth}`);
+  }
+  const writer = new RecordWriter(channel.submissionArea());
+  const reader = new CompletionReader(channel.completionArea(), channel.capacity);
+  const addresses = load.buffers.map((b) => addressOf(b));
+  if (addresses.some((a) => a < 0)) throw new Error('a benchmark buffer is not in the DMA memory of the controller');
+  const target = dev.target;
+  const lun = dev.lun;
+  const blocks = load.unitBlocks;
+  const ioBytes = load.o.ioBytes;
+  let staged = 0;
+  let onDevice = 0;
+  const stage = (slot: number, now: number): void => {
+    load.prepare(slot);
+    load.started[slot] = now;
+    const write = load.isWrite[slot] === 1;
+    writer.readWrite(staged++, slot, target, lun, write, load.lba[slot]!, blocks, false, addresses[slot]!, ioBytes, 0);
+  };
+  load.begin();
+  for (let s = 0; s < load.depth; s++) stage(s, load.t0);
+  let turns = 0;
+  let idle = 0;
+  while (staged > 0 || onDevice > 0) {
+    const r = channel.pump(staged, null);
+    const taken = r >>> 16;
+    const done = r & 0xffff;
+    if (taken > 0) {
+      if (taken < staged) writer.shift(taken, staged - taken);
+      staged -= taken;
+      onDevice += taken;
     }
-    const writer = new RecordWriter(channel.submissionArea());
-    const reader = new CompletionReader(channel.completionArea(), channel.capacity);
-    const addresses = load.buffers.map((b) => addressOf(b));
-    if (addresses.some((a) => a < 0)) throw new Error('a benchmark buffer is not in the DMA memory of the controller');
-    const target = dev.target;
-    const lun = dev.lun;
-    const blocks = load.unitBlocks;
-    const ioBytes = load.o.ioBytes;
-    let staged = 0;
-    let onDevice = 0;
-    const stage = (slot: number, now: number): void => {
-      load.prepare(slot);
-      load.started[slot] = now;
-      const write = load.isWrite[slot] === 1;
-      writer.readWrite(staged++, slot, target, lun, write, load.lba[slot]!, blocks, false, addresses[slot]!, ioBytes, 0);
-    };
-    load.begin();
-    for (let s = 0; s < load.depth; s++) stage(s, load.t0);
-    let turns = 0;
-    let idle = 0;
-    while (staged > 0 || onDevice > 0) {
-      const r = channel.pump(staged, null);
-      const taken = r >>> 16;
-      const done = r & 0xffff;
-      if (taken > 0) {
-        if (taken < staged) writer.shift(taken, staged - taken);
-        staged -= taken;
-        onDevice += taken;
-      }
-      if (done > 0) {
-        idle = 0;
-        const now = performance.now();
-        for (let k = 0; k < done; k++) {
-          const slot = reader.token(k);
-          const response = reader.response(k);
-          const status = reader.status(k);
-          // A short READ is an error too, as on the promise path.
-          const ok = response === 0 && status === 0 && (load.isWrite[slot] === 1 || reader.residual(k) === 0);
-          onDevice--;
-          if (!ok) {
-            const what =
-              response === 0 && status === 0
-                ? `a residual of ${reader.residual(k)} bytes`
-                : `response ${response}, status ${status}`;
-            load.failed(new Error(`request on LBA ${load.lba[slot]} ended with ${what}`));
-          }
-          load.finish(slot, ok, now);
-          if (load.more(now)) stage(slot, now);
+    if (done > 0) {
+      idle = 0;
+      const now = performance.now();
+      for (let k = 0; k < done; k++) {
+        const slot = reader.token(k);
+        const response = reader.response(k);
+        const status = reader.status(k);
+        // A short READ is an error too, as on the promise path.
+        const ok = response === 0 && status === 0 && (load.isWrite[slot] === 1 || reader.residual(k) === 0);
+        onDevice--;
+        if (!ok) {
+          const what =
+            response === 0 && status === 0
+              ? `a residual of ${reader.residual(k)} bytes`
+              : `response ${response}, status ${status}`;
+          load.failed(new Error(`request on LBA ${load.lba[slot]} ended with ${what}`));
         }
-      } else if (++idle % 1024 === 0 && performance.now() - load.lastCompletion > STALL_MS) {
-        const why = ctrl.failure;
-        const requests = `${onDevice} requests on the device`;
-        throw new Error(`no completion for ${STALL_MS / 1000} s with ${requests}${why ? `: ${why}` : ''}`);
+        load.finish(slot, ok, now);
+        if (load.more(now)) stage(slot, now);
       }
-      if (++turns % BATCH_YIELD_EVERY === 0) await new Promise<void>((resolve) => setImmediate(resolve));
+    } else if (++idle % 1024 === 0 && performance.now() - load.lastCompletion > STALL_MS) {
+      const why = ctrl.failure;
+      const requests = `${onDevice} requests on the device`;
+      throw new Error(`no completion for ${STALL_MS / 1000} s with ${requests}${why ? `: ${why}` : ''}`);
     }
-    return channel.queueIndex;
-  } finally {
-    channel.close();
+    if (++turns % BATCH_YIELD_EVERY === 0) await new Promise<void>((resolve) => setImmediate(resolve));
   }
 }
 
 /** The channel's own load loop: blocks this thread for the whole run. */
-function runNative(ctrl: Controller, dev: BlockDevice, load: Load): Measured {
+function runNative(raw: RawChannel, dev: BlockDevice, load: Load): Measured {
   const o = load.o;
-  const { channel, controller } = ctrl.rawChannel();
-  try {
-    o.onMeasure?.('start');
-    const r = channel.runLoad(controller, {
-      target: dev.target,
-      lun: dev.lun,
-      blockSize: dev.blockSize,
-      blocks: load.regionBytes / dev.blockSize,
-      ioBytes: o.ioBytes,
-      queueDepth: o.queueDepth,
-      readPercent: load.readPercent,
-      random: load.random,
-      ...(o.seconds !== undefined ? { seconds: o.seconds } : {}),
-      ...(o.ios !== undefined ? { ios: o.ios } : {}),
-      seed: load.seed,
-    });
-    o.onMeasure?.('end');
-    return {
-      cpuSeconds: r.cpuSeconds,
-      queue: channel.queueIndex,
-      seconds: r.seconds,
-      ios: r.ios,
-      reads: r.reads,
-      writes: r.writes,
-      errors: r.errors,
-      latencyUs: r.latencyUs,
-    };
-  } finally {
-    channel.close();
-  }
+  const { channel, controller } = raw;
+  o.onMeasure?.('start');
+  const startedAt = performance.timeOrigin + performance.now();
+  const r = channel.runLoad(controller, {
+    target: dev.target,
+    lun: dev.lun,
+    blockSize: dev.blockSize,
+    firstBlock: load.firstLba,
+    blocks: load.regionBytes / dev.blockSize,
+    ioBytes: o.ioBytes,
+    queueDepth: o.queueDepth,
+    readPercent: load.readPercent,
+    random: load.random,
+    ...(o.seconds !== undefined ? { seconds: o.seconds } : {}),
+    ...(o.ios !== undefined ? { ios: o.ios } : {}),
+    // Stream 0 keeps the seed as given; other streams get seeds of their own.
+    seed: (load.seed + Math.imul(o.stream ?? 0, STREAM_STRIDE)) >>> 0,
+  });
+  o.onMeasure?.('end');
+  const latencyHistogram: LatencyHistogramState = {
+    counts: Float64Array.from(r.latencyHistogram),
+    count: r.ios,
+    sum: r.latencySumUs,
+    max: r.latencyUs.max,
+  };
+  return {
+    cpuSeconds: r.cpuSeconds,
+    startedAt,
+    seconds: r.seconds,
+    ios: r.ios,
+    reads: r.reads,
+    writes: r.writes,
+    errors: r.errors,
+    latencyUs: LatencyHistogram.from(latencyHistogram).summary(),
+    latencyHistogram,
+  };
 }
 
 /**
@@ -820,8 +1037,8 @@ async function pass(dev: BlockDevice, load: Load, phase: 'fill' | 'read-back'): 
   const chunkBlocks = chunkBytes / load.blockSize;
   const unitBlocks = load.unitBlocks;
   const wordsPerUnit = ioBytes >>> 2;
-  const regionBlocks = load.regionBytes / load.blockSize;
-  let next = 0;
+  const end = load.firstLba + load.regionBytes / load.blockSize;
+  let next = load.firstLba;
   let bytes = 0;
   const started = performance.now();
   const progress = load.o.onProgress;
@@ -834,15 +1051,15 @@ async function pass(dev: BlockDevice, load: Load, phase: 'fill' | 'read-back'): 
         bytes,
         elapsedSeconds: (performance.now() - started) / 1000,
         remainingSeconds: undefined,
-        fraction: Math.min(1, (next * load.blockSize) / load.regionBytes),
+        fraction: Math.min(1, ((next - load.firstLba) * load.blockSize) / load.regionBytes),
       });
     }, load.o.progressMs ?? 250);
   const worker = async (): Promise<void> => {
     const buf = dev.allocBuffer(chunkBytes);
     const words = wordsOf(buf);
-    while (next < regionBlocks && load.o.signal?.aborted !== true) {
+    while (next < end && load.o.signal?.aborted !== true) {
       const lba = next;
-      const blocks = Math.min(chunkBlocks, regionBlocks - lba);
+      const blocks = Math.min(chunkBlocks, end - lba);
       next += blocks;
       const view = blocks === chunkBlocks ? buf : buf.subarray(0, blocks * load.blockSize);
       if (phase === 'fill') {

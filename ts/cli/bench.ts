@@ -1,6 +1,7 @@
 // `virtio-initiator bench`: a fio/bdevperf-like load on one block device, through the Promise
 // API, the batch binding or the native load loop (ts/bench.ts), against a vhost-user socket, a
-// PCI function, or the bundled target started for the run.
+// PCI function, or the bundled target started for the run; in this thread, or in worker threads
+// with a request queue each (--workers, workers.ts).
 
 import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
@@ -24,11 +25,15 @@ import { startTarget, type TargetProcess } from '../bundled-target.js';
 import { Controller } from '../controller.js';
 import { bad, formatSize, HELP_OPTION, type OptionSpec, optionsHelp, parseArgs, type Subcommand, UsageError } from './args.js';
 import { compact, ProgressLine, table, writeJsonLine } from './output.js';
+import { runWorkers, type WorkerSummary } from './workers.js';
+
+/** Worker threads at most: the bundled target's request queues at most. */
+const MAX_WORKERS = 64;
 
 const OPTIONS: readonly OptionSpec[] = [
   { name: 'socket', kind: 'value', metavar: 'PATH', help: 'vhost-user-scsi socket of a running target' },
   { name: 'pci', kind: 'value', metavar: 'BDF', help: 'virtio-scsi PCI function bound to vfio-pci (0000:00:03.0)' },
-  { name: 'target-queues', kind: 'value', metavar: 'N', help: 'bundled target: request queues (default 1)' },
+  { name: 'target-queues', kind: 'value', metavar: 'N', help: 'bundled target: request queues (default: one per worker)' },
   { name: 'target-poll', kind: 'flag', help: 'bundled target: busy-poll its queues (--poll)' },
   {
     name: 'target-lun',
@@ -48,7 +53,12 @@ const OPTIONS: readonly OptionSpec[] = [
   { name: 'seed', kind: 'value', metavar: 'N', help: 'seed of offsets, read/write choices and verify data (default 1)' },
   { name: 'verify', kind: 'flag', help: 'stamp written blocks and check every read of them (promise, batch)' },
   { name: 'json', kind: 'flag', help: 'print the result as one JSON object on the last line of stdout' },
-  { name: 'workers', kind: 'value', metavar: 'N', help: 'worker threads, one request queue each (only 1 for now)' },
+  {
+    name: 'workers',
+    kind: 'value',
+    metavar: 'N',
+    help: `threads running the load, a request queue and a region each (default 1: this thread; at most ${MAX_WORKERS})`,
+  },
   HELP_OPTION,
 ];
 
@@ -97,16 +107,14 @@ interface BenchConfig {
   seed: number;
   verify: boolean;
   json: boolean;
+  workers: number;
 }
 
 /** Everything that can be checked before anything is started. */
 export function parseBenchArgs(argv: readonly string[]): BenchConfig | 'help' {
   const a = parseArgs(argv, OPTIONS);
   if (a.flag('help')) return 'help';
-  const workers = a.integer('workers', { min: 1, max: 1024 }, 1);
-  if (workers !== 1) {
-    throw new UsageError(`--workers ${workers}: worker threads are not supported yet (only --workers 1)`);
-  }
+  const workers = a.integer('workers', { min: 1, max: MAX_WORKERS }, 1);
   const socket = a.string('socket');
   const pci = a.string('pci');
   if (socket !== undefined && pci !== undefined) throw new UsageError('--socket and --pci exclude each other');
@@ -130,11 +138,15 @@ export function parseBenchArgs(argv: readonly string[]): BenchConfig | 'help' {
   const bs = a.size('bs', { min: 512, max: MAX_BS }) ?? 4096;
   if (bs % 512 !== 0) throw bad('bs', a.string('bs')!, 'a multiple of 512 bytes, the smallest block size');
   const qd = a.integer('qd', { min: 1, max: MAX_QUEUE_DEPTH }, 32);
-  if (qd * bs > MAX_IN_FLIGHT_BYTES) {
+  if (qd * bs * workers > MAX_IN_FLIGHT_BYTES) {
     const most = formatSize(MAX_IN_FLIGHT_BYTES);
-    throw new UsageError(`--qd ${qd} with --bs ${formatSize(bs)}: expected at most ${most} of buffers in flight`);
+    const each = workers > 1 ? ` on each of ${workers} workers` : '';
+    throw new UsageError(`--qd ${qd} with --bs ${formatSize(bs)}${each}: expected at most ${most} of buffers in flight`);
   }
   const ios = a.integer('ios', { min: 1, max: 1e15 });
+  if (ios !== undefined && ios < workers) {
+    throw new UsageError(`--ios ${ios} with --workers ${workers}: expected at least one request per worker`);
+  }
   const seconds = a.positive('time', 86_400) ?? (ios === undefined ? 5 : undefined);
   const size = a.size('size', { min: 512, max: Number.MAX_SAFE_INTEGER });
   const seed = a.integer('seed', { min: 0, max: 0xffffffff }, 1);
@@ -143,7 +155,8 @@ export function parseBenchArgs(argv: readonly string[]): BenchConfig | 'help' {
   return {
     socket,
     pci,
-    targetQueues: a.integer('target-queues', { min: 1, max: 64 }, 1),
+    // One queue per worker: the main thread gives back the one the scan opened (see run()).
+    targetQueues: a.integer('target-queues', { min: 1, max: 64 }, workers),
     targetPoll: a.flag('target-poll'),
     targetLuns,
     device: a.string('device'),
@@ -158,6 +171,7 @@ export function parseBenchArgs(argv: readonly string[]): BenchConfig | 'help' {
     seed,
     verify,
     json: a.flag('json'),
+    workers,
   };
 }
 
@@ -213,7 +227,7 @@ export interface BenchReport {
   mismatchLbas: number[];
   seed: number;
   cpu: { initiator: number; target: number | null };
-  workers: Array<{ queue: number; iops: number }>;
+  workers: WorkerSummary[];
   interrupted: boolean;
 }
 
@@ -224,7 +238,14 @@ function roundLatency(l: WorkloadResult['latencyUs']): WorkloadResult['latencyUs
   return { mean: r(l.mean), p50: r(l.p50), p99: r(l.p99), p999: r(l.p999), max: r(l.max) };
 }
 
-export function report(r: WorkloadResult, dev: BlockDevice, transport: string, targetCpu: number | null): BenchReport {
+/** The report of a run; `workers` lists the worker threads' parts (default: the run's own queue). */
+export function report(
+  r: WorkloadResult,
+  dev: BlockDevice,
+  transport: string,
+  targetCpu: number | null,
+  workers: readonly WorkerSummary[] = [{ queue: r.queue, iops: r.iops, shared: r.shared }],
+): BenchReport {
   return {
     api: r.api,
     rw: r.rw,
@@ -248,7 +269,7 @@ export function report(r: WorkloadResult, dev: BlockDevice, transport: string, t
     mismatchLbas: r.mismatchList.slice(0, JSON_MISMATCHES).map((m) => m.lba),
     seed: r.seed,
     cpu: { initiator: round3(r.cpuSeconds / r.seconds), target: targetCpu === null ? null : round3(targetCpu / r.seconds) },
-    workers: [{ queue: r.queue, iops: r.iops }],
+    workers: workers.map((w) => ({ ...w })),
     interrupted: r.interrupted,
   };
 }
@@ -257,9 +278,12 @@ export function report(r: WorkloadResult, dev: BlockDevice, transport: string, t
 export function summary(rep: BenchReport, r: WorkloadResult): string {
   const l = rep.latencyUs;
   const rwText = rep.rw === 'randrw' ? `randrw (${rep.readPercent}% reads)` : rep.rw;
+  const several = rep.workers.length > 1;
+  const queues = several
+    ? `${rep.workers.length} workers on queues ${[...new Set(rep.workers.map((w) => w.queue))].sort((a, b) => a - b).join(', ')}`
+    : `queue ${rep.workers[0]?.queue ?? 0}`;
   const lines = [
-    `${rep.device} (${rep.blockSize}-byte blocks) over ${rep.transport}, queue ${rep.workers[0]?.queue ?? 0}` +
-      (rep.interrupted ? ' - interrupted' : ''),
+    `${rep.device} (${rep.blockSize}-byte blocks) over ${rep.transport}, ${queues}` + (rep.interrupted ? ' - interrupted' : ''),
     table([
       ['api', rep.api, 'rw', rwText, 'bs', formatSize(rep.bs), 'qd', String(rep.qd)],
     ]),
@@ -281,6 +305,17 @@ export function summary(rep: BenchReport, r: WorkloadResult): string {
       new Set([1]),
     ),
   ];
+  if (several) {
+    lines.push(
+      table(
+        [
+          ['worker', 'queue', 'IOPS', ''],
+          ...rep.workers.map((w, i) => [String(i), String(w.queue), String(w.iops), w.shared ? 'shared queue' : '']),
+        ],
+        new Set([0, 1, 2]),
+      ),
+    );
+  }
   if (r.mismatches > 0) {
     const list = r.mismatchList;
     const shown = list.length > HUMAN_MISMATCHES ? `, first ${HUMAN_MISMATCHES}` : '';
@@ -324,8 +359,9 @@ export function progressText(p: Progress, last: LastProgress): string {
 // ---- the subcommand ----------------------------------------------------------------------------
 
 function memoryFor(cfg: BenchConfig): { memoryBytes: number; maxMemoryBytes: number } {
-  // Room for every in-flight buffer plus the fill/read-back buffers and the queue's own bounce space.
-  const need = cfg.qd * cfg.bs + 2 * 2 ** 20 + 16 * 2 ** 20;
+  // Every thread's in-flight and fill/read-back buffers (one pool for all of them), plus the
+  // queues' own bounce space.
+  const need = cfg.workers * (cfg.qd * cfg.bs + 2 * 2 ** 20) + 16 * 2 ** 20;
   const memoryBytes = Math.max(DEFAULT_MEMORY, Math.ceil(need / HUGEPAGE) * HUGEPAGE);
   return { memoryBytes, maxMemoryBytes: memoryBytes * 4 };
 }
@@ -359,10 +395,12 @@ async function run(cfg: BenchConfig, stop: AbortController, leftovers: Leftovers
       leftovers.target = targetProcess;
     }
     const memory = memoryFor(cfg);
+    // Every queue of the bundled target, even beyond the 16 a controller sets up by default.
+    const queues = targetProcess !== undefined ? { requestQueues: cfg.targetQueues } : {};
     ctrl =
       cfg.pci !== undefined
         ? await Controller.openPci(cfg.pci, memory)
-        : await Controller.connect(cfg.socket ?? targetProcess!.socket, memory);
+        : await Controller.connect(cfg.socket ?? targetProcess!.socket, { ...memory, ...queues });
     const scan = await ctrl.scan();
     const devices = ctrl.devices;
     let dev: BlockDevice;
@@ -413,9 +451,18 @@ async function run(cfg: BenchConfig, stop: AbortController, leftovers: Leftovers
         progress.update(`run: native load for ${limit} (no progress until it ends)`);
       }
     }
-    const result = await runWorkload(ctrl, dev, options);
+    let result: WorkloadResult;
+    let workers: WorkerSummary[] | undefined;
+    if (cfg.workers === 1) {
+      result = await runWorkload(ctrl, dev, options);
+    } else {
+      // The scan opened this thread's request queue, and it does no I/O from now on: giving it
+      // back leaves the target's queues (one per worker by default) to the workers.
+      ctrl.rawChannel().channel.close();
+      ({ result, workers } = await runWorkers(ctrl, dev, options, cfg.workers));
+    }
     progress.clear();
-    const rep = report(result, dev, ctrl.info.transport, targetCpu);
+    const rep = report(result, dev, ctrl.info.transport, targetCpu, workers);
     if (cfg.json) writeJsonLine(rep);
     else process.stdout.write(summary(rep, result));
     if (result.interrupted) return 128 + (stop.signal.reason === 'SIGTERM' ? 15 : 2);
@@ -439,7 +486,7 @@ async function run(cfg: BenchConfig, stop: AbortController, leftovers: Leftovers
 
 /** What depends on the device and the controller is still a bad argument (exit 2). */
 function checkAgainstDevice(cfg: BenchConfig, ctrl: Controller, dev: BlockDevice, o: WorkloadOptions): void {
-  const problem = workloadProblem(ctrl, dev, o);
+  const problem = workloadProblem(ctrl, dev, o, cfg.workers);
   if (problem === undefined) return;
   if (problem.option === 'regionBytes' && cfg.size === undefined) {
     throw new UsageError(`--verify over all of ${dev.name}: expected ${problem.expected} (give --size)`);
@@ -450,6 +497,8 @@ function checkAgainstDevice(cfg: BenchConfig, ctrl: Controller, dev: BlockDevice
     regionBytes: ['size', formatSize(cfg.size ?? 0)],
     verify: ['verify', ''],
     seconds: ['time', String(cfg.seconds)],
+    ios: ['ios', String(cfg.ios)],
+    workers: ['workers', String(cfg.workers)],
   }[problem.option];
   throw bad(flag!, value!, problem.expected);
 }

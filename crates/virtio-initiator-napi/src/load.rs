@@ -15,7 +15,9 @@ pub struct LoadSpec {
     pub target: u32,
     pub lun: u32,
     pub block_size: u32,
-    /// Blocks of the device the load may touch, from 0.
+    /// First block of the region the load touches (default 0).
+    pub first_block: Option<f64>,
+    /// Blocks of the region, from `first_block`.
     pub blocks: f64,
     /// Bytes per request, a multiple of the block size.
     pub io_bytes: u32,
@@ -54,6 +56,34 @@ pub struct LoadResult {
     pub cpu_seconds: f64,
     /// Per-request latency in microseconds.
     pub latency_us: LoadLatency,
+    /// The same latencies as a log-linear histogram in nanoseconds, laid out as the
+    /// TypeScript `LatencyHistogram` (so that loads of several threads merge exactly).
+    pub latency_histogram: Vec<f64>,
+    /// Sum of all latencies, in microseconds.
+    pub latency_sum_us: f64,
+}
+
+/// Below this many nanoseconds every nanosecond has a bucket of its own; above, each power of
+/// two has `SUB_BUCKETS` (ts/bench.ts has the same layout).
+const LINEAR_NS: usize = 128;
+const SUB_BUCKETS: usize = 64;
+const BUCKETS: usize = LINEAR_NS + (32 - 7) * SUB_BUCKETS;
+
+fn bucket(ns: u32) -> usize {
+    if (ns as usize) < LINEAR_NS {
+        return ns as usize;
+    }
+    let e = 31 - ns.leading_zeros() as usize;
+    LINEAR_NS + (e - 7) * SUB_BUCKETS + ((ns >> (e - 6)) as usize & (SUB_BUCKETS - 1))
+}
+
+fn bucket_middle_ns(i: usize) -> f64 {
+    if i < LINEAR_NS {
+        return i as f64;
+    }
+    let e = (i - LINEAR_NS) / SUB_BUCKETS + 7;
+    let width = (1u64 << (e - 6)) as f64;
+    (SUB_BUCKETS + (i - LINEAR_NS) % SUB_BUCKETS) as f64 * width + width / 2.0
 }
 
 /// xorshift64*: cheap, and the same sequence for the same seed.
@@ -89,6 +119,7 @@ pub fn run(
         return Err(bad(format!("ioBytes {} is not a positive multiple of blockSize {bs}", spec.io_bytes)));
     }
     let per_io = u64::from(spec.io_bytes) / bs;
+    let first = spec.first_block.map_or(0.0, |b| b.max(0.0)) as u64;
     let slots = (spec.blocks.max(0.0) as u64) / per_io;
     if slots == 0 {
         return Err(bad(format!("{} blocks hold no {}-byte request", spec.blocks, spec.io_bytes)));
@@ -117,7 +148,8 @@ pub fn run(
     let mut rng = Rng(u64::from(spec.seed.unwrap_or(1)).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let mut next_seq = 0u64;
     let mut started = vec![Instant::now(); depth];
-    let mut latencies: Vec<u32> = Vec::with_capacity(1 << 20);
+    let mut histogram = vec![0u64; BUCKETS];
+    let (mut sum_ns, mut max_ns) = (0u64, 0u32);
     let (mut issued, mut done, mut errors, mut reads, mut writes) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut in_flight = 0usize;
 
@@ -128,7 +160,7 @@ pub fn run(
         let slot = if spec.random { rng.next() % slots } else { (next_seq, next_seq += 1).0 % slots };
         let read = spec.read_percent == 100
             || (spec.read_percent > 0 && rng.next() % 100 < u64::from(spec.read_percent));
-        let (cdb, cdb_len) = read_write_cdb(!read, slot * per_io, per_io as u32, false);
+        let (cdb, cdb_len) = read_write_cdb(!read, first + slot * per_io, per_io as u32, false);
         let b = &buffers[token];
         let rec = SubmitRecord {
             token: token as u32,
@@ -171,7 +203,10 @@ pub fn run(
             stop = true;
         }
         for &(token, ok) in &finished {
-            latencies.push((now - started[token]).as_nanos().min(u128::from(u32::MAX)) as u32);
+            let ns = (now - started[token]).as_nanos().min(u128::from(u32::MAX)) as u32;
+            histogram[bucket(ns)] += 1;
+            sum_ns += u64::from(ns);
+            max_ns = max_ns.max(ns);
             done += 1;
             in_flight -= 1;
             if !ok {
@@ -191,19 +226,22 @@ pub fn run(
     let seconds = t0.elapsed().as_secs_f64();
     let cpu_seconds = thread_cpu_seconds() - cpu0;
 
-    latencies.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if latencies.is_empty() {
+    let max_us = f64::from(max_ns) / 1000.0;
+    let pct = |q: f64| -> f64 {
+        if done == 0 {
             return 0.0;
         }
-        let i = ((p / 100.0) * latencies.len() as f64).ceil() as usize;
-        f64::from(latencies[i.clamp(1, latencies.len()) - 1]) / 1000.0
+        let rank = ((q * done as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, &n) in histogram.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return (bucket_middle_ns(i) / 1000.0).min(max_us);
+            }
+        }
+        max_us
     };
-    let mean = if latencies.is_empty() {
-        0.0
-    } else {
-        latencies.iter().map(|&v| f64::from(v)).sum::<f64>() / latencies.len() as f64 / 1000.0
-    };
+    let mean = if done == 0 { 0.0 } else { sum_ns as f64 / done as f64 / 1000.0 };
     Ok(LoadResult {
         ios: done as f64,
         errors: errors as f64,
@@ -211,6 +249,31 @@ pub fn run(
         writes: writes as f64,
         seconds,
         cpu_seconds,
-        latency_us: LoadLatency { mean, p50: pct(50.0), p99: pct(99.0), p999: pct(99.9), max: pct(100.0) },
+        latency_us: LoadLatency { mean, p50: pct(0.5), p99: pct(0.99), p999: pct(0.999), max: max_us },
+        latency_histogram: histogram.iter().map(|&n| n as f64).collect(),
+        latency_sum_us: sum_ns as f64 / 1000.0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_keep_values_within_a_sixty_fourth() {
+        assert_eq!(bucket(0), 0);
+        assert_eq!(bucket(127), 127);
+        assert_eq!(bucket(128), LINEAR_NS);
+        assert_eq!(bucket(u32::MAX), BUCKETS - 1);
+        for ns in [128u32, 129, 1000, 4095, 4096, 123_456, 9_999_999, u32::MAX / 3] {
+            let mid = bucket_middle_ns(bucket(ns));
+            assert!((mid - f64::from(ns)).abs() <= f64::from(ns) / 64.0, "{ns} -> {mid}");
+        }
+        // Buckets are ordered: a larger value never lands in an earlier bucket.
+        let mut last = 0;
+        for ns in (0..1_000_000u32).step_by(37) {
+            assert!(bucket(ns) >= last);
+            last = bucket(ns);
+        }
+    }
 }
