@@ -44,6 +44,7 @@ function cli(args: string[], opts: { timeoutMs?: number; onSpawn?: (pid: number)
 
 interface BenchJson {
   api: string;
+  interrupts: boolean;
   rw: string;
   bs: number;
   qd: number;
@@ -477,4 +478,20 @@ bench('bench --workers 2 --verify merges the mismatches of both workers by LBA (
   t.deepEqual([...j.mismatchLbas].sort((a, b) => a - b), j.mismatchLbas, 'listed by LBA');
   for (const lba of j.mismatchLbas) t.true(lba % 8 === 0 && lba < REGION / 512, `LBA ${lba}`);
   checkShape(t, j, 2);
+});
+
+bench('bench --interrupts runs the promise path on the queue interrupt, data verified', async (t) => {
+  const r = await cli(['bench', '--json', '--interrupts', '--rw', 'randrw', '--verify', '--qd', '1', '--ios', '2000']);
+  t.is(r.code, 0, describe(r));
+  const j = lastJson(r);
+  t.is(j.interrupts, true);
+  t.true(j.ios >= 2000, `ios ${j.ios}`);
+  t.is(j.errors, 0);
+  t.is(j.mismatches, 0);
+});
+
+bench('bench --interrupts with --api batch is exit 2 naming --interrupts', async (t) => {
+  const r = await cli(['bench', '--interrupts', '--api', 'batch', '--ios', '10']);
+  t.is(r.code, 2);
+  t.regex(r.stderr.trim(), /--interrupts applies to --api promise only/);
 });

@@ -51,6 +51,11 @@ const OPTIONS: readonly OptionSpec[] = [
   { name: 'ios', kind: 'value', metavar: 'N', help: 'requests to run (with --time: whichever ends first)' },
   { name: 'size', kind: 'value', metavar: 'SIZE', help: 'bytes of the device, from LBA 0, to use (default all)' },
   { name: 'seed', kind: 'value', metavar: 'N', help: 'seed of offsets, read/write choices and verify data (default 1)' },
+  {
+    name: 'interrupts',
+    kind: 'flag',
+    help: 'wait for completions on the queue interrupt instead of polling (promise API, vhost-user)',
+  },
   { name: 'verify', kind: 'flag', help: 'stamp written blocks and check every read of them (promise, batch)' },
   { name: 'json', kind: 'flag', help: 'print the result as one JSON object on the last line of stdout' },
   {
@@ -106,6 +111,8 @@ interface BenchConfig {
   size: number | undefined;
   seed: number;
   verify: boolean;
+  /** Interrupt mode (Controller option `poll: false`). */
+  interrupts: boolean;
   json: boolean;
   workers: number;
 }
@@ -152,6 +159,11 @@ export function parseBenchArgs(argv: readonly string[]): BenchConfig | 'help' {
   const seed = a.integer('seed', { min: 0, max: 0xffffffff }, 1);
   const verify = a.flag('verify');
   if (verify && api === 'native') throw new UsageError('--verify is not supported with --api native (use promise or batch)');
+  const interrupts = a.flag('interrupts');
+  if (interrupts && api !== 'promise') {
+    throw new UsageError(`--interrupts applies to --api promise only (the ${api} path polls by design)`);
+  }
+  if (interrupts && pci !== undefined) throw new UsageError('--interrupts is for vhost-user (PCI functions are polled)');
   return {
     socket,
     pci,
@@ -170,6 +182,7 @@ export function parseBenchArgs(argv: readonly string[]): BenchConfig | 'help' {
     size,
     seed,
     verify,
+    interrupts,
     json: a.flag('json'),
     workers,
   };
@@ -229,6 +242,8 @@ export interface BenchReport {
   cpu: { initiator: number; target: number | null };
   workers: WorkerSummary[];
   interrupted: boolean;
+  /** Completions were waited for on the queue interrupt (`--interrupts`), not polled. */
+  interrupts: boolean;
 }
 
 const round3 = (x: number) => Math.round(x * 1000) / 1000;
@@ -245,6 +260,7 @@ export function report(
   transport: string,
   targetCpu: number | null,
   workers: readonly WorkerSummary[] = [{ queue: r.queue, iops: r.iops, shared: r.shared }],
+  interrupts = false,
 ): BenchReport {
   return {
     api: r.api,
@@ -271,6 +287,7 @@ export function report(
     cpu: { initiator: round3(r.cpuSeconds / r.seconds), target: targetCpu === null ? null : round3(targetCpu / r.seconds) },
     workers: workers.map((w) => ({ ...w })),
     interrupted: r.interrupted,
+    interrupts,
   };
 }
 
@@ -282,8 +299,10 @@ export function summary(rep: BenchReport, r: WorkloadResult): string {
   const queues = several
     ? `${rep.workers.length} workers on queues ${[...new Set(rep.workers.map((w) => w.queue))].sort((a, b) => a - b).join(', ')}`
     : `queue ${rep.workers[0]?.queue ?? 0}`;
+  const waiting = rep.interrupts ? ', completions by interrupt' : '';
   const lines = [
-    `${rep.device} (${rep.blockSize}-byte blocks) over ${rep.transport}, ${queues}` + (rep.interrupted ? ' - interrupted' : ''),
+    `${rep.device} (${rep.blockSize}-byte blocks) over ${rep.transport}, ${queues}${waiting}` +
+      (rep.interrupted ? ' - interrupted' : ''),
     table([
       ['api', rep.api, 'rw', rwText, 'bs', formatSize(rep.bs), 'qd', String(rep.qd)],
     ]),
@@ -400,7 +419,7 @@ async function run(cfg: BenchConfig, stop: AbortController, leftovers: Leftovers
     ctrl =
       cfg.pci !== undefined
         ? await Controller.openPci(cfg.pci, memory)
-        : await Controller.connect(cfg.socket ?? targetProcess!.socket, { ...memory, ...queues });
+        : await Controller.connect(cfg.socket ?? targetProcess!.socket, { ...memory, ...queues, poll: !cfg.interrupts });
     const scan = await ctrl.scan();
     const devices = ctrl.devices;
     let dev: BlockDevice;
@@ -462,7 +481,7 @@ async function run(cfg: BenchConfig, stop: AbortController, leftovers: Leftovers
       ({ result, workers } = await runWorkers(ctrl, dev, options, cfg.workers));
     }
     progress.clear();
-    const rep = report(result, dev, ctrl.info.transport, targetCpu, workers);
+    const rep = report(result, dev, ctrl.info.transport, targetCpu, workers, cfg.interrupts);
     if (cfg.json) writeJsonLine(rep);
     else process.stdout.write(summary(rep, result));
     if (result.interrupted) return 128 + (stop.signal.reason === 'SIGTERM' ? 15 : 2);
