@@ -63,6 +63,22 @@ test('requests of one tick go down in one submit call, with their fields encoded
   t.deepEqual(Buffer.from(rc!.sense!), sense);
 });
 
+test('a long burst starts down in groups of 16 while it is being written', async (t) => {
+  const ch = new FakeChannel(64);
+  const q = new RequestQueue(ch, { label: 'Q' });
+  const p = Array.from({ length: 40 }, (_, i) => q.execute(tur({ lun: i })));
+  t.deepEqual(
+    ch.submitCalls.map((c) => c.length),
+    [16, 16],
+    'two groups of 16 went down synchronously, within the burst',
+  );
+  await Promise.resolve();
+  t.deepEqual(ch.submitCalls.map((c) => c.length), [16, 16, 8], 'the rest at the end of the tick');
+  t.deepEqual(ch.submitCalls.flat().map((r) => r.lun), Array.from({ length: 40 }, (_, i) => i), 'in order');
+  ch.auto = () => ({});
+  t.true((await Promise.all(p)).every((r) => r.status === 0));
+});
+
 test('a full ring parks requests in the FIFO and submits them as slots free, in order', async (t) => {
   const ch = new FakeChannel(4);
   const q = new RequestQueue(ch);

@@ -49,6 +49,11 @@ export declare class Channel {
   /** Back to polling: no more signals. */
   disarmInterrupts(): void
   /**
+   * Submits the first `count` records of the submission area without reaping; returns how
+   * many the ring took. For sending a burst down before the rest of the batch is written.
+   */
+  submit(count: number, buffers?: Array<Buffer | undefined | null> | undefined | null): number
+  /**
    * Runs a load from native code alone, with no JavaScript per request: the upper bound
    * the JavaScript paths are measured against. Blocks the calling thread for its duration.
    */

@@ -30,6 +30,8 @@ export interface ChannelLike {
   completionArea(): Buffer;
   /** Takes `count` records, reaps completions; returns `taken * 65536 + completed`. */
   pump(count: number, buffers?: Array<Buffer | null> | null): number;
+  /** Takes `count` records without reaping; returns how many the ring took. */
+  submit?(count: number, buffers?: Array<Buffer | null> | null): number;
   close(): void;
   /** Interrupt mode: a blocking descriptor of the caller's own for the queue's signal. */
   interruptFd?(): number;
@@ -166,6 +168,8 @@ const MIN_CDB = 6;
 const ABANDONED_POLL_MS = 10;
 /** Passes run back to back from microtasks before the event loop gets a turn. */
 const MICROTASK_BUDGET = 16;
+/** Staged requests that are sent down at once, without waiting for the end of the burst. */
+const EARLY_SUBMIT = 16;
 
 const noAddress = (): number => -1;
 
@@ -407,6 +411,8 @@ export class RequestQueue implements CommandExecutor {
       const slot = this.freeSlots[--this.freeCount]!;
       this.fill(slot, mode, cmd, write, target, lun, lba, blocks, data, fua, signal, value, recover, resolve, reject);
       this.stage(slot);
+      // A long burst (the continuations of many completions) starts down before it ends.
+      if (this.stagedCount >= EARLY_SUBMIT) this.submitStaged();
     }
     this.ensurePass();
     return promise;
@@ -527,6 +533,16 @@ export class RequestQueue implements CommandExecutor {
       this.fail(new Error(`pump took ${taken} of ${count} requests and returned ${done} completions`));
       return;
     }
+    this.took(taken, count);
+    for (let k = 0; k < done; k++) {
+      this.complete(k);
+      if (this.closedError) return;
+    }
+    this.plan(taken + done > 0);
+  }
+
+  /** The first `taken` of `count` staged requests are on the device; the rest stay staged. */
+  private took(taken: number, count: number): void {
     for (let i = 0; i < taken; i++) this.state[this.staged[i]!] = State.OnDevice;
     this.onDevice += taken;
     this.counters.submitted += taken;
@@ -536,11 +552,25 @@ export class RequestQueue implements CommandExecutor {
     } else {
       this.restage(taken);
     }
-    for (let k = 0; k < done; k++) {
-      this.complete(k);
-      if (this.closedError) return;
+  }
+
+  /** Sends the staged requests down now, without reaping (the next pass does that). */
+  private submitStaged(): void {
+    if (this.channel.submit === undefined || this.closedError) return;
+    const count = this.stagedCount;
+    let taken: number;
+    try {
+      this.counters.submitCalls++;
+      taken = this.channel.submit(count, this.passBuffers.length > 0 ? this.passBuffers : null);
+    } catch (e) {
+      this.fail(e);
+      return;
     }
-    this.plan(taken + done > 0);
+    if (!(taken >= 0 && taken <= count)) {
+      this.fail(new Error(`submit took ${taken} of ${count} requests`));
+      return;
+    }
+    this.took(taken, count);
   }
 
   private plan(didWork: boolean): void {

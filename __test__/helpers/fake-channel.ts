@@ -54,12 +54,16 @@ export class FakeChannel implements ChannelLike {
   }
 
   pump(count: number, buffers?: Array<Buffer | null> | null): number {
-    const taken = count > 0 ? this.submit(this.submissions, count, buffers ?? []) : 0;
+    const taken = count > 0 ? this.take(this.submissions, count, buffers ?? []) : 0;
     return taken * 65536 + this.reap(this.completions, this.capacity);
   }
 
+  submit(count: number, buffers?: Array<Buffer | null> | null): number {
+    return this.take(this.submissions, count, buffers ?? []);
+  }
+
   /** Decodes the records the queue wrote, as the native side does. */
-  private submit(batch: Buffer, count: number, buffers: Array<Buffer | null>): number {
+  private take(batch: Buffer, count: number, buffers: Array<Buffer | null>): number {
     if (this.closed) throw new Error('channel closed');
     if (this.failure) throw this.failure;
     const free = this.capacity - this.onDevice.size;

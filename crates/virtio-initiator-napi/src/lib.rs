@@ -437,6 +437,21 @@ impl Channel {
         self.inner.disarm_interrupts().map_err(err)
     }
 
+    /// Submits the first `count` records of the submission area without reaping; returns how
+    /// many the ring took. For sending a burst down before the rest of the batch is written.
+    #[napi]
+    pub fn submit(&mut self, count: u32, buffers: Option<Vec<Option<BufferSlice>>>) -> Result<u32> {
+        let hosts = host_buffers(buffers);
+        let capacity = self.inner.capacity();
+        // SAFETY: as in `pump`; no completion area is written.
+        let (taken, _) = unsafe {
+            let batch = self.submissions.bytes();
+            self.inner.pump(batch, (count as usize).min(capacity), &hosts, &mut [])
+        }
+        .map_err(err)?;
+        Ok(taken as u32)
+    }
+
     /// Runs a load from native code alone, with no JavaScript per request: the upper bound
     /// the JavaScript paths are measured against. Blocks the calling thread for its duration.
     #[napi]
