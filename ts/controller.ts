@@ -181,9 +181,16 @@ export class Controller implements AsyncDisposable {
   private blockDevices = new Map<string, BlockDevice>();
   /** Host address of each DMA Buffer's memory, for requests that name their data by address. */
   private readonly dmaBase = new WeakMap<ArrayBufferLike, number>();
+  /** The address of each view already asked about (buffers are reused request after request). */
+  private readonly viewAddress = new WeakMap<Uint8Array, number>();
   private readonly addressOf = (data: Uint8Array): number => {
-    const base = this.dmaBase.get(data.buffer);
-    return base === undefined ? -1 : base + data.byteOffset;
+    let addr = this.viewAddress.get(data);
+    if (addr === undefined) {
+      const base = this.dmaBase.get(data.buffer);
+      addr = base === undefined ? -1 : base + data.byteOffset;
+      this.viewAddress.set(data, addr);
+    }
+    return addr;
   };
 
   private constructor(
