@@ -11,36 +11,10 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import test, { type ExecutionContext, type ImplementationFn } from 'ava';
 
 import { LatencyHistogram, mergeWorkloadResults, Verifier, type WorkloadResult, wordsOf } from '../ts/bench.js';
+import { cli, type Run } from './helpers/cli.js';
 import { repoRoot, requireTargetBinary, testWhen } from './helpers/env.js';
 import { initiatorRequirements, startTestTarget } from './helpers/initiator.js';
 
-interface Run {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  stdout: string;
-  stderr: string;
-}
-
-/** Runs the CLI from its TypeScript sources (no dist build needed). */
-function cli(args: string[], opts: { timeoutMs?: number; onSpawn?: (pid: number) => void } = {}): Promise<Run> {
-  const child = spawn(process.execPath, ['--import', 'tsx', join(repoRoot, 'ts', 'cli', 'main.ts'), ...args], {
-    cwd: repoRoot,
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
-  child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
-  if (child.pid !== undefined) opts.onSpawn?.(child.pid);
-  const timer = setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs ?? 120_000);
-  return new Promise((resolve, reject) => {
-    child.once('error', reject);
-    child.once('close', (code, signal) => {
-      clearTimeout(timer);
-      resolve({ code, signal, stdout, stderr });
-    });
-  });
-}
 
 interface BenchJson {
   api: string;

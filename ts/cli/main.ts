@@ -20,6 +20,11 @@ const SUBCOMMANDS: readonly Entry[] = [
     load: async () => (await import('./bench.js')).bench,
   },
   {
+    name: 'scan',
+    summary: 'attach a controller and list its targets and LUNs (with attach and scan times)',
+    load: async () => (await import('./scan.js')).scan,
+  },
+  {
     name: 'target',
     summary: 'run the bundled vhost-user-scsi target with the arguments that follow',
     load: async () => (await import('./target.js')).target,
@@ -81,12 +86,14 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
-// Output to pipes, files and terminals is written synchronously on Linux, so exiting right away
-// loses nothing, and nothing left behind (a timer, a handle) can keep the process alive.
-main(process.argv.slice(2)).then(
-  (code) => process.exit(code),
-  (e: unknown) => {
-    process.stderr.write(`${PROGRAM}: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`);
-    process.exit(1);
-  },
-);
+// Exit once stdout and stderr have taken everything (a large JSON result into a pipe that the
+// reader drains slowly must not be cut short), so that nothing left behind (a timer, a handle)
+// keeps the process alive either.
+function exit(code: number): void {
+  process.stdout.write('', () => process.stderr.write('', () => process.exit(code)));
+}
+
+main(process.argv.slice(2)).then(exit, (e: unknown) => {
+  process.stderr.write(`${PROGRAM}: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`);
+  exit(1);
+});

@@ -1,0 +1,71 @@
+// `virtio-initiator scan`: the LUNs of the bundled target as a table and as JSON, with the time
+// attaching and scanning took, and one-line usage errors with exit status 2.
+import test from 'ava';
+
+import type { ScanReport } from '../ts/cli/scan.js';
+import { cli } from './helpers/cli.js';
+import { testWhen } from './helpers/env.js';
+import { initiatorRequirements, startTestTarget } from './helpers/initiator.js';
+
+const LUNS = ['0:0:ram:64M:512', '0:1:null:1G:4096', '2:0:ram:16M:4096', '2:3:null:2G:512'];
+
+testWhen(test, 'scan --json lists every LUN as the target has it, with attach and scan times', initiatorRequirements, async (t) => {
+  const s = await startTestTarget({ luns: LUNS });
+  t.teardown(() => s.cleanup());
+  const r = await cli(['scan', '--socket', s.socket, '--name', 'Scan0', '--json']);
+  t.is(r.code, 0, r.stderr);
+  const j = JSON.parse(r.stdout.trim().split('\n').pop()!) as ScanReport;
+  t.is(j.controller, 'Scan0');
+  t.true(j.attachMs > 0 && j.scanMs > 0, `attach ${j.attachMs} ms, scan ${j.scanMs} ms`);
+  t.deepEqual(j.problems, []);
+  const listed = await (await s.target.control()).list();
+  t.deepEqual(
+    j.luns.map((l) => [l.name, l.target, l.lun, l.blockSize, l.blocks]),
+    listed.map((l) => [
+      l.lun === 0 ? `Scan0t${l.target}` : `Scan0t${l.target}l${l.lun}`,
+      l.target,
+      l.lun,
+      l.block_size,
+      String(l.blocks),
+    ]),
+  );
+  for (const l of j.luns) {
+    t.is(l.vendor, 'VIRTINIT');
+    t.true(l.unmap);
+    t.is(l.writeCache, true);
+    t.regex(l.serial ?? '', /^[0-9A-F]{18}$/);
+    t.is(BigInt(l.bytes!), BigInt(l.blocks!) * BigInt(l.blockSize!));
+  }
+});
+
+testWhen(test, 'scan prints a table naming every LUN', initiatorRequirements, async (t) => {
+  const s = await startTestTarget({ luns: LUNS });
+  t.teardown(() => s.cleanup());
+  const r = await cli(['scan', '--socket', s.socket]);
+  t.is(r.code, 0, r.stderr);
+  t.regex(r.stdout, /^VirtioScsi0 over vhost-user .*: 4 LUN\(s\); attached in [0-9.]+ ms, scanned in [0-9.]+ ms$/m);
+  for (const name of ['VirtioScsi0t0 ', 'VirtioScsi0t0l1 ', 'VirtioScsi0t2 ', 'VirtioScsi0t2l3 ']) t.true(r.stdout.includes(name), name);
+  t.regex(r.stdout, /NULL DISK\s+512\s+4194304\s+2G/);
+});
+
+for (const [args, message] of [
+  [[], /give the device: --socket PATH or --pci BDF/],
+  [['--socket', 'a', '--pci', '00:03.0'], /--socket and --pci exclude each other/],
+  [['--pci', 'nope'], /--pci "nope": expected a PCI address/],
+  [['--socket', 'a', '--type', 'blk'], /--type blk: virtio-blk is not supported yet/],
+  [['--socket', 'a', '--type', 'nvme'], /--type "nvme": expected scsi or blk/],
+  [['--socket', 'a', '--frobnicate'], /--frobnicate/],
+] as const) {
+  test(`scan ${args.join(' ') || '(no device)'} is exit 2 with one line`, async (t) => {
+    const r = await cli(['scan', ...args]);
+    t.is(r.code, 2);
+    t.is(r.stderr.trim().split('\n').length, 1, r.stderr);
+    t.regex(r.stderr, message);
+  });
+}
+
+test('scan of a socket that does not exist is exit 1 naming it', async (t) => {
+  const r = await cli(['scan', '--socket', '/nonexistent/vhost.sock']);
+  t.is(r.code, 1);
+  t.regex(r.stderr, /\/nonexistent\/vhost\.sock: no such file or directory/);
+});
