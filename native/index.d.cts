@@ -149,9 +149,9 @@ export interface ControllerOptions {
   requestQueues?: number
   /** Entries per queue, a power of two up to 1024 (default 256). */
   queueSize?: number
-  /** DMA pool size in bytes (default 64 MiB). */
+  /** DMA pool size in bytes (default 16 MiB). */
   memoryBytes?: number
-  /** How far the DMA memory may grow when it runs dry (default 4 x memoryBytes). */
+  /** How far the DMA memory may grow when it runs dry (default 4 x memoryBytes, at least 256 MiB). */
   maxMemoryBytes?: number
   /** "auto" (default), "require" or "never". */
   hugepages?: string

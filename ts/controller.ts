@@ -23,10 +23,11 @@ export interface ControllerOptions {
   requestQueues?: number;
   /** Ring entries per queue, a power of two up to 1024 (default 256). */
   queueSize?: number;
-  /** Size of the DMA memory pool (default 64 MiB). */
+  /** Size of the DMA memory pool at first (default 16 MiB: populated up front, so attaching stays quick). */
   memoryBytes?: number;
   /**
-   * How far DMA memory may grow when allocations run dry (default four times memoryBytes); the
+   * How far DMA memory may grow when allocations run dry (default four times memoryBytes, at
+   * least 256 MiB), by regions of at least 64 MiB; the
    * device is told of each new region (vhost-user ADD_MEM_REG, VFIO MAP_DMA).
    */
   maxMemoryBytes?: number;

@@ -44,9 +44,9 @@ pub struct ControllerOptions {
     pub request_queues: Option<u32>,
     /// Entries per queue, a power of two up to 1024 (default 256).
     pub queue_size: Option<u32>,
-    /// DMA pool size in bytes (default 64 MiB).
+    /// DMA pool size in bytes (default 16 MiB).
     pub memory_bytes: Option<f64>,
-    /// How far the DMA memory may grow when it runs dry (default 4 x memoryBytes).
+    /// How far the DMA memory may grow when it runs dry (default 4 x memoryBytes, at least 256 MiB).
     pub max_memory_bytes: Option<f64>,
     /// "auto" (default), "require" or "never".
     pub hugepages: Option<String>,

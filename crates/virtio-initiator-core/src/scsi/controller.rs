@@ -30,6 +30,8 @@ const EVENT_BUFFERS: u16 = 8;
 /// Segments a request uses at most: header, data-out, response, data-in.
 pub(super) const SEGMENTS_PER_REQUEST: u16 = 4;
 const TMF_TIMEOUT: Duration = Duration::from_secs(1);
+/// How far DMA memory grows by default (at least; four times the initial pool when that is more).
+const DEFAULT_MEMORY_LIMIT: u64 = 256 << 20;
 
 #[derive(Clone, Debug)]
 pub struct ControllerOptions {
@@ -38,7 +40,7 @@ pub struct ControllerOptions {
     pub queue_size: u16,
     pub memory_bytes: u64,
     /// How far the DMA memory may grow when allocations run dry; default four times
-    /// `memory_bytes`. Equal to `memory_bytes`, it never grows.
+    /// `memory_bytes`, at least 256 MiB. Equal to `memory_bytes`, it never grows.
     pub max_memory_bytes: Option<u64>,
     pub hugepages: HugePages,
 }
@@ -48,7 +50,8 @@ impl Default for ControllerOptions {
         ControllerOptions {
             request_queues: None,
             queue_size: 256,
-            memory_bytes: 64 << 20,
+            // Small, so that attaching is quick (the pool is populated up front); it grows.
+            memory_bytes: 16 << 20,
             max_memory_bytes: None,
             hugepages: HugePages::Auto,
         }
@@ -249,8 +252,10 @@ impl ScsiController {
             eventq.handle.notifier.notify().map_err(crate::transport::TransportError::from)?;
         }
 
-        let memory_limit =
-            opts.max_memory_bytes.unwrap_or(opts.memory_bytes.saturating_mul(4)).max(pool.total_size());
+        let memory_limit = opts
+            .max_memory_bytes
+            .unwrap_or(opts.memory_bytes.saturating_mul(4).max(DEFAULT_MEMORY_LIMIT))
+            .max(pool.total_size());
         let info = ControllerInfo {
             transport: transport.describe(),
             config,

@@ -16,6 +16,8 @@ use crate::memory::{DmaBuf, DmaPool, HugePages, MemoryError, PoolConfig};
 use crate::transport::Transport;
 
 const HUGE_PAGE: u64 = 2 << 20;
+/// Smallest region the memory grows by.
+const GROWTH_STEP: u64 = 64 << 20;
 
 /// A stretch of DMA memory in our address space and in the device's.
 #[derive(Clone, Copy, Debug)]
@@ -45,7 +47,9 @@ pub(super) struct DmaMemory {
 
 impl DmaMemory {
     pub fn new(first: Arc<DmaPool>, limit: u64, hugepages: HugePages) -> Self {
-        let step = first.total_size();
+        // Few, large regions: a backend has a handful of memory slots (8 without
+        // CONFIGURE_MEM_SLOTS), and each growth is a round trip to it.
+        let step = first.total_size().max(GROWTH_STEP);
         DmaMemory {
             pools: RwLock::new(vec![first]),
             generation: AtomicU64::new(0),
@@ -115,8 +119,9 @@ impl DmaMemory {
             return Ok(b);
         }
         let need = (len as u64 + align as u64).div_ceil(HUGE_PAGE) * HUGE_PAGE;
-        let size = self.step.max(need);
         let have = self.total_bytes();
+        // A full step where the limit allows, else what is left of it (when that is enough).
+        let size = self.step.max(need).min(self.limit.saturating_sub(have) / HUGE_PAGE * HUGE_PAGE).max(need);
         if have + size > self.limit {
             return Err(ScsiError::MemoryLimit {
                 requested: len as u64,
