@@ -48,6 +48,20 @@ testWhen(test, 'scan prints a table naming every LUN', initiatorRequirements, as
   t.regex(r.stdout, /NULL DISK\s+512\s+4194304\s+2G/);
 });
 
+testWhen(test, 'scan --trace logs every command with its CDB, status and latency; nothing without it', initiatorRequirements, async (t) => {
+  const s = await startTestTarget({ luns: ['0:0:ram:16M:512'] });
+  t.teardown(() => s.cleanup());
+  const traced = await cli(['scan', '--socket', s.socket, '--trace']);
+  t.is(traced.code, 0, traced.stderr);
+  const lines = traced.stderr.split('\n').filter((l) => / virtio-initiator trace command: /.test(l));
+  t.true(lines.some((l) => /VirtioScsi0 0:0 REPORT LUNS \[a0[0-9a-f]+\]: response 0 status 0 data 16 residual \d+ in \d+ us$/.test(l)), lines.join('\n'));
+  t.true(lines.some((l) => /VirtioScsi0 0:0 READ CAPACITY\(10\) \[25[0-9a-f]+\]: response 0 status 0 data 8 /.test(l)));
+  t.true(lines.length >= 8, `${lines.length} commands traced`);
+  const quiet = await cli(['scan', '--socket', s.socket]);
+  t.is(quiet.code, 0);
+  t.is(quiet.stderr, '', 'no diagnostics at the default level');
+});
+
 for (const [args, message] of [
   [[], /give the device: --socket PATH or --pci BDF/],
   [['--socket', 'a', '--pci', '00:03.0'], /--socket and --pci exclude each other/],
@@ -55,6 +69,7 @@ for (const [args, message] of [
   [['--socket', 'a', '--type', 'blk'], /--type blk: virtio-blk is not supported yet/],
   [['--socket', 'a', '--type', 'nvme'], /--type "nvme": expected scsi or blk/],
   [['--socket', 'a', '--frobnicate'], /--frobnicate/],
+  [['--socket', 'a', '--log-level', 'loud'], /--log-level "loud": expected one of off, error, warn, info, debug, trace/],
 ] as const) {
   test(`scan ${args.join(' ') || '(no device)'} is exit 2 with one line`, async (t) => {
     const r = await cli(['scan', ...args]);

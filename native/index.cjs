@@ -843,5 +843,6 @@ module.exports.COMPLETION_SLOT_SIZE = nativeBinding.COMPLETION_SLOT_SIZE
 module.exports.listPciDevices = nativeBinding.listPciDevices
 module.exports.nativeVersion = nativeBinding.nativeVersion
 module.exports.RESPONSE_REFUSED = nativeBinding.RESPONSE_REFUSED
+module.exports.setLogLevel = nativeBinding.setLogLevel
 module.exports.SUBMIT_RECORD_SIZE = nativeBinding.SUBMIT_RECORD_SIZE
 module.exports.unbindVfioPci = nativeBinding.unbindVfioPci

@@ -233,6 +233,12 @@ export interface PciDeviceInfo {
 /** Response code of a completion for a request refused before it reached the device. */
 export declare const RESPONSE_REFUSED: number
 
+/**
+ * Sets the level of the native log records on stderr ("off", "error", "warn", "info",
+ * "debug", "trace"); the default comes from the VIRTIO_INITIATOR_LOG environment variable.
+ */
+export declare function setLogLevel(level: string): void
+
 /** Size of one packed request record. */
 export declare const SUBMIT_RECORD_SIZE: number
 

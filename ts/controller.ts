@@ -7,6 +7,7 @@ import { BlockDevice, type DeviceContext } from './block-device.js';
 import { DEFAULT_RETRY_POLICY, type RetryPolicy } from './command.js';
 import { ClosedError, ConnectError, InitiatorError } from './errors.js';
 import { loadNative, type NativeChannel, type NativeController, type NativeControllerOptions } from './native.js';
+import { log } from './log.js';
 import { RequestQueue, type RequestQueueStats } from './queue.js';
 import { lunName, type ScannedLun, scanTargets, type ScanResult } from './scan.js';
 
@@ -46,6 +47,11 @@ export interface ControllerOptions {
    * latency. vhost-user only (PCI functions are driven without MSI-X).
    */
   poll?: boolean;
+  /**
+   * Log every command of this thread's queue (CDB, status, sense, latency) at level 'trace'
+   * (see `setLogLevel`), for debugging a target. Off by default: then it costs nothing.
+   */
+  trace?: boolean;
 }
 
 /** What the device and the negotiation gave (virtio-scsi config space and features). */
@@ -175,6 +181,7 @@ export class Controller implements AsyncDisposable {
   private readonly handle: NativeController;
   private readonly policy: Readonly<RetryPolicy>;
   private readonly poll: boolean;
+  private readonly trace: boolean;
   private readonly context: DeviceContext;
   private queue: RequestQueue | undefined;
   private closedError: ClosedError | undefined;
@@ -206,6 +213,7 @@ export class Controller implements AsyncDisposable {
     this.transport = Object.freeze({ ...transport });
     this.policy = policy;
     this.poll = options.poll !== false;
+    this.trace = options.trace === true;
     const info = handle.info;
     this.context = {
       controllerName: name,
@@ -498,6 +506,7 @@ export class Controller implements AsyncDisposable {
       addressOf: this.addressOf,
       closedError: () => (this.handle.closed ? new ClosedError(`controller ${this.name} is closed`) : undefined),
       interrupts: !this.poll,
+      ...(this.trace ? { trace: (line: string) => log('trace', 'command', line) } : {}),
     });
     return this.queue;
   }

@@ -37,6 +37,7 @@ export {
   type InitiatorErrorCode,
 } from './errors.js';
 export { NativeLoadError } from './native.js';
+export { LOG_LEVELS, logLevel, setLogLevel, type LogLevel } from './log.js';
 export { bindVfioPci, listPciDevices, unbindVfioPci, type PciDeviceInfo } from './pci.js';
 export {
   ControlClient,

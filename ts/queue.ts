@@ -15,7 +15,9 @@ import { closeSync, read, writeSync } from 'node:fs';
 
 import { ClosedError, ControllerFailedError, InitiatorError } from './errors.js';
 import { CompletionReader, Direction, RecordWriter, RESPONSE_REFUSED, SubmitRecord } from './records.js';
-import { read as readCdb, write as writeCdb } from './scsi/cdb.js';
+import { performance } from 'node:perf_hooks';
+
+import { describeCdb, read as readCdb, write as writeCdb } from './scsi/cdb.js';
 
 /** What a request queue needs from a channel; the native Channel has exactly this shape. */
 export interface ChannelLike {
@@ -117,6 +119,11 @@ export interface RequestQueueOptions {
    * instead of polling: for services that do little I/O, at the cost of latency.
    */
   interrupts?: boolean;
+  /**
+   * Called with one line per completed command (CDB, response, status, sense, data length,
+   * latency), for debugging a target. Costs nothing when not given.
+   */
+  trace?: (line: string) => void;
 }
 
 /** The native side refused a request before it reached the device (it names why). */
@@ -207,6 +214,9 @@ export class RequestQueue implements CommandExecutor {
   private readonly channel: ChannelLike;
   private readonly addressOf: (data: Uint8Array) => number;
   private readonly closedBy: (() => Error | undefined) | undefined;
+  private readonly traceLine: ((line: string) => void) | undefined;
+  /** With a trace: when each slot's request was staged (ms). */
+  private readonly tracedAt: Float64Array | undefined;
   private readonly capacity: number;
   private readonly writer: RecordWriter;
   private readonly reader: CompletionReader;
@@ -297,6 +307,7 @@ export class RequestQueue implements CommandExecutor {
     this.label = options.label ?? 'virtio-scsi';
     this.addressOf = options.addressOf ?? noAddress;
     this.closedBy = options.closedError;
+    this.traceLine = options.trace;
     const cap = channel.capacity;
     if (!Number.isInteger(cap) || cap < 1 || cap > 0xffff) {
       throw new RangeError(`channel capacity ${String(cap)} is not an integer from 1 to 65535`);
@@ -323,6 +334,7 @@ export class RequestQueue implements CommandExecutor {
     for (let i = 0; i < cap; i++) this.freeSlots[i] = cap - 1 - i;
     this.freeCount = cap;
     this.staged = new Int32Array(cap);
+    this.tracedAt = options.trace ? new Float64Array(cap) : undefined;
     if (options.interrupts === true) {
       if (!channel.interruptFd || !channel.armInterrupts || !channel.disarmInterrupts) {
         throw new TypeError(`${this.label}: this channel has no interrupt mode`);
@@ -461,6 +473,7 @@ export class RequestQueue implements CommandExecutor {
     const i = this.stagedCount++;
     this.staged[i] = slot;
     this.state[slot] = State.Staged;
+    if (this.tracedAt !== undefined) this.tracedAt[slot] = performance.now();
     const data = this.data[slot] ?? null;
     let addr = -1;
     let length = 0;
@@ -664,6 +677,7 @@ export class RequestQueue implements CommandExecutor {
     }
     this.onDevice--;
     this.counters.completed++;
+    if (this.traceLine !== undefined) this.traceCompletion(slot, k);
     if (state === State.Abandoned) {
       this.abandoned--;
       this.release(slot);
@@ -708,6 +722,32 @@ export class RequestQueue implements CommandExecutor {
     } catch (e) {
       reject(e);
     }
+  }
+
+  /** The trace line of completion `k` (of the request in `slot`). */
+  private traceCompletion(slot: number, k: number): void {
+    const r = this.reader;
+    let what: string;
+    let target: number;
+    let lun: number;
+    if (this.mode[slot] === Mode.Transfer) {
+      const args = { lba: this.lba[slot]!, blocks: this.blocks[slot]!, fua: this.fua[slot] === 1 };
+      what = describeCdb(this.isWrite[slot] === 1 ? writeCdb(args) : readCdb(args));
+      target = this.target[slot]!;
+      lun = this.lun[slot]!;
+    } else {
+      const cmd = this.cmd[slot]!;
+      what = `${describeCdb(cmd.cdb)} [${Buffer.from(cmd.cdb).toString('hex')}]`;
+      target = cmd.target;
+      lun = cmd.lun;
+    }
+    const us = Math.round((performance.now() - this.tracedAt![slot]!) * 1000);
+    const sense = r.senseLength(k) > 0 ? ` sense ${Buffer.from(r.sense(k)).toString('hex')}` : '';
+    const state = this.state[slot] === State.Abandoned ? ' (abandoned)' : '';
+    this.traceLine!(
+      `${this.label} ${target}:${lun} ${what}: response ${r.response(k)} status ${r.status(k)}${sense} ` +
+        `data ${r.dataLength(k)} residual ${r.residual(k)} in ${us} us${state}`,
+    );
   }
 
   /** One listener per signal and queue, however many requests carry it. */

@@ -2,6 +2,8 @@
 // repeatable options, with typed getters. Anything wrong becomes a UsageError whose message is
 // one line naming the argument and what was expected; the dispatcher prints it and exits 2.
 
+import { LOG_LEVELS, type LogLevel } from '../log.js';
+
 export class UsageError extends Error {
   constructor(message: string) {
     super(message);
@@ -20,6 +22,21 @@ export interface OptionSpec {
 }
 
 export const HELP_OPTION: OptionSpec = { name: 'help', kind: 'flag', help: 'this text' };
+
+export const LOG_LEVEL_OPTION: OptionSpec = {
+  name: 'log-level',
+  kind: 'value',
+  metavar: 'LEVEL',
+  help: 'diagnostics on stderr: off, error, warn (default), info, debug, trace (or VIRTIO_INITIATOR_LOG)',
+};
+
+/** The --log-level given, checked (the caller applies it with setLogLevel). */
+export function logLevelOf(a: ParsedArgs): LogLevel | undefined {
+  const level = a.string('log-level');
+  if (level === undefined) return undefined;
+  if (!(LOG_LEVELS as readonly string[]).includes(level)) throw bad('log-level', level, `one of ${LOG_LEVELS.join(', ')}`);
+  return level as LogLevel;
+}
 
 const SIZE_UNITS: Record<string, number> = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 };
 

@@ -23,7 +23,19 @@ import {
 import type { BlockDevice } from '../block-device.js';
 import { startTarget, type TargetProcess } from '../bundled-target.js';
 import { Controller } from '../controller.js';
-import { bad, formatSize, HELP_OPTION, type OptionSpec, optionsHelp, parseArgs, type Subcommand, UsageError } from './args.js';
+import { type LogLevel, setLogLevel } from '../log.js';
+import {
+  bad,
+  formatSize,
+  HELP_OPTION,
+  LOG_LEVEL_OPTION,
+  logLevelOf,
+  type OptionSpec,
+  optionsHelp,
+  parseArgs,
+  type Subcommand,
+  UsageError,
+} from './args.js';
 import { compact, ProgressLine, table, writeJsonLine } from './output.js';
 import { runWorkers, type WorkerSummary } from './workers.js';
 
@@ -64,6 +76,7 @@ const OPTIONS: readonly OptionSpec[] = [
     metavar: 'N',
     help: `threads running the load, a request queue and a region each (default 1: this thread; at most ${MAX_WORKERS})`,
   },
+  LOG_LEVEL_OPTION,
   HELP_OPTION,
 ];
 
@@ -113,6 +126,7 @@ interface BenchConfig {
   verify: boolean;
   /** Interrupt mode (Controller option `poll: false`). */
   interrupts: boolean;
+  logLevel: LogLevel | undefined;
   json: boolean;
   workers: number;
 }
@@ -183,6 +197,7 @@ export function parseBenchArgs(argv: readonly string[]): BenchConfig | 'help' {
     seed,
     verify,
     interrupts,
+    logLevel: logLevelOf(a),
     json: a.flag('json'),
     workers,
   };
@@ -529,6 +544,7 @@ export const bench: Subcommand = {
       process.stdout.write(HELP);
       return 0;
     }
+    if (cfg.logLevel !== undefined) setLogLevel(cfg.logLevel);
     // First signal: stop issuing, let what is in flight complete, report. Second: leave now.
     const stop = new AbortController();
     const leftovers: Leftovers = {};

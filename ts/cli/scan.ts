@@ -5,7 +5,19 @@ import { performance } from 'node:perf_hooks';
 
 import { Controller } from '../controller.js';
 import type { ScannedLun } from '../scan.js';
-import { bad, formatSize, HELP_OPTION, type OptionSpec, optionsHelp, parseArgs, type Subcommand, UsageError } from './args.js';
+import { type LogLevel, setLogLevel } from '../log.js';
+import {
+  bad,
+  formatSize,
+  HELP_OPTION,
+  LOG_LEVEL_OPTION,
+  logLevelOf,
+  type OptionSpec,
+  optionsHelp,
+  parseArgs,
+  type Subcommand,
+  UsageError,
+} from './args.js';
 import { table, writeJsonLine } from './output.js';
 
 const OPTIONS: readonly OptionSpec[] = [
@@ -14,6 +26,8 @@ const OPTIONS: readonly OptionSpec[] = [
   { name: 'type', kind: 'value', metavar: 'TYPE', help: 'device type: scsi (default) or blk' },
   { name: 'name', kind: 'value', metavar: 'NAME', help: 'controller name, the prefix of device names (default VirtioScsi0)' },
   { name: 'json', kind: 'flag', help: 'print the result as one JSON object on stdout' },
+  { name: 'trace', kind: 'flag', help: 'log every command of the scan (CDB, status, sense, latency) on stderr' },
+  LOG_LEVEL_OPTION,
   HELP_OPTION,
 ];
 
@@ -29,6 +43,8 @@ ${optionsHelp(OPTIONS)}
 const PCI_ADDRESS = /^([0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$/;
 
 interface ScanConfig {
+  logLevel: LogLevel | undefined;
+  trace: boolean;
   socket: string | undefined;
   pci: string | undefined;
   name: string | undefined;
@@ -47,7 +63,7 @@ export function parseScanArgs(argv: readonly string[]): ScanConfig | 'help' {
   const type = a.string('type') ?? 'scsi';
   if (type !== 'scsi' && type !== 'blk') throw bad('type', type, 'scsi or blk');
   if (type === 'blk') throw new UsageError('--type blk: virtio-blk is not supported yet');
-  return { socket, pci, name: a.string('name'), json: a.flag('json') };
+  return { logLevel: logLevelOf(a), trace: a.flag('trace'), socket, pci, name: a.string('name'), json: a.flag('json') };
 }
 
 /** One LUN as the scan reports it (JSON field names). */
@@ -110,7 +126,10 @@ export const scan: Subcommand = {
       process.stdout.write(HELP);
       return 0;
     }
-    const options = cfg.name !== undefined ? { name: cfg.name } : {};
+    // A trace is logged at level trace: asking for it lowers the level that far.
+    const level = cfg.trace ? 'trace' : cfg.logLevel;
+    if (level !== undefined) setLogLevel(level);
+    const options = { ...(cfg.name !== undefined ? { name: cfg.name } : {}), trace: cfg.trace };
     const t0 = performance.now();
     const ctrl =
       cfg.pci !== undefined ? await Controller.openPci(cfg.pci, options) : await Controller.connect(cfg.socket!, options);

@@ -14,6 +14,7 @@ use virtio_initiator_core::transport::vhost_user::VhostUserTransport;
 use virtio_scsi_proto::LunAddress;
 
 mod load;
+mod logger;
 
 fn err(e: impl std::fmt::Display) -> Error {
     Error::from_reason(e.to_string())
@@ -31,6 +32,17 @@ pub const COMPLETION_SLOT_SIZE: u32 = scsi::COMPLETION_SLOT_SIZE as u32;
 /// Response code of a completion for a request refused before it reached the device.
 #[napi]
 pub const RESPONSE_REFUSED: u32 = scsi::RESPONSE_REFUSED as u32;
+
+/// Sets the level of the native log records on stderr ("off", "error", "warn", "info",
+/// "debug", "trace"); the default comes from the VIRTIO_INITIATOR_LOG environment variable.
+#[napi]
+pub fn set_log_level(level: String) -> Result<()> {
+    logger::init();
+    let filter = logger::parse_level(&level)
+        .ok_or_else(|| err(format!("log level '{level}' is not off, error, warn, info, debug or trace")))?;
+    log::set_max_level(filter);
+    Ok(())
+}
 
 /// Version of the native addon.
 #[napi]
@@ -133,6 +145,7 @@ impl Controller {
     /// Connects to a vhost-user-scsi socket and brings the device up.
     #[napi(factory)]
     pub fn connect_vhost_user(path: String, options: Option<ControllerOptions>) -> Result<Self> {
+        logger::init();
         let opts = core_options(options)?;
         let transport = VhostUserTransport::connect(&path).map_err(err)?;
         let inner = ScsiController::open(Box::new(transport), &opts).map_err(err)?;
@@ -143,6 +156,7 @@ impl Controller {
     /// device up.
     #[napi(factory)]
     pub fn open_pci(address: String, options: Option<ControllerOptions>) -> Result<Self> {
+        logger::init();
         let opts = core_options(options)?;
         let transport = PciTransport::open(&address).map_err(err)?;
         let inner = ScsiController::open(Box::new(transport), &opts).map_err(err)?;
