@@ -1,5 +1,9 @@
 // `virtio-initiator scan`: the LUNs of the bundled target as a table and as JSON, with the time
 // attaching and scanning took, and one-line usage errors with exit status 2.
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
 import test from 'ava';
 
 import type { ScanReport } from '../ts/cli/scan.js';
@@ -14,9 +18,12 @@ testWhen(test, 'scan --json lists every LUN as the target has it, with attach an
   t.teardown(() => s.cleanup());
   const r = await cli(['scan', '--socket', s.socket, '--name', 'Scan0', '--json']);
   t.is(r.code, 0, r.stderr);
-  const j = JSON.parse(r.stdout.trim().split('\n').pop()!) as ScanReport;
+  const report = JSON.parse(r.stdout.trim().split('\n').pop()!) as ScanReport;
+  t.true(report.attachMs > 0 && report.scanMs > 0, `attach ${report.attachMs} ms, scan ${report.scanMs} ms`);
+  t.is(report.controllers.length, 1);
+  const j = report.controllers[0]!;
   t.is(j.controller, 'Scan0');
-  t.true(j.attachMs > 0 && j.scanMs > 0, `attach ${j.attachMs} ms, scan ${j.scanMs} ms`);
+  t.true(j.scanMs > 0);
   t.deepEqual(j.problems, []);
   const listed = await (await s.target.control()).list();
   t.deepEqual(
@@ -43,7 +50,8 @@ testWhen(test, 'scan prints a table naming every LUN', initiatorRequirements, as
   t.teardown(() => s.cleanup());
   const r = await cli(['scan', '--socket', s.socket]);
   t.is(r.code, 0, r.stderr);
-  t.regex(r.stdout, /^VirtioScsi0 over vhost-user .*: 4 LUN\(s\); attached in [0-9.]+ ms, scanned in [0-9.]+ ms$/m);
+  t.regex(r.stdout, /^attached in [0-9.]+ ms, scanned in [0-9.]+ ms$/m);
+  t.regex(r.stdout, /^VirtioScsi0 over vhost-user .*: 4 LUN\(s\), scanned in [0-9.]+ ms$/m);
   for (const name of ['VirtioScsi0t0 ', 'VirtioScsi0t0l1 ', 'VirtioScsi0t2 ', 'VirtioScsi0t2l3 ']) t.true(r.stdout.includes(name), name);
   t.regex(r.stdout, /NULL DISK\s+512\s+4194304\s+2G/);
 });
@@ -62,9 +70,32 @@ testWhen(test, 'scan --trace logs every command with its CDB, status and latency
   t.is(quiet.stderr, '', 'no diagnostics at the default level');
 });
 
+testWhen(test, 'scan --config attaches every controller an SPDK INI names, with its names', initiatorRequirements, async (t) => {
+  const a = await startTestTarget({ luns: ['0:0:ram:16M:512'] });
+  t.teardown(() => a.cleanup());
+  const b = await startTestTarget({ luns: ['1:2:null:1G:4096'] });
+  t.teardown(() => b.cleanup());
+  const dir = mkdtempSync(join(tmpdir(), 'scan-config-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const ini = join(dir, 'virtio.conf');
+  writeFileSync(ini, `[Global]\n  ReactorMask 0x1\n\n[VirtioUser0]\n  Path ${a.socket}\n  Name Alpha\n\n[Virtio]\n  Dev User ${b.socket}\n`);
+  const r = await cli(['scan', '--config', ini, '--json']);
+  t.is(r.code, 0, r.stderr);
+  t.regex(r.stderr, /Global/, 'the section that is not about virtio is named in a warning');
+  const report = JSON.parse(r.stdout.trim().split('\n').pop()!) as ScanReport;
+  t.deepEqual(
+    report.controllers.map((c) => [c.controller, c.luns.map((l) => [l.name, l.blockSize])]),
+    [
+      ['Alpha', [['Alphat0', 512]]],
+      ['VirtioScsi0', [['VirtioScsi0t1l2', 4096]]],
+    ],
+  );
+});
+
 for (const [args, message] of [
-  [[], /give the device: --socket PATH or --pci BDF/],
-  [['--socket', 'a', '--pci', '00:03.0'], /--socket and --pci exclude each other/],
+  [[], /give the device: --socket PATH, --pci BDF or --config FILE/],
+  [['--socket', 'a', '--pci', '00:03.0'], /--socket, --pci and --config exclude each other/],
+  [['--config', 'c.ini', '--name', 'X'], /--name comes from the configuration with --config/],
   [['--pci', 'nope'], /--pci "nope": expected a PCI address/],
   [['--socket', 'a', '--type', 'blk'], /--type blk: virtio-blk is not supported yet/],
   [['--socket', 'a', '--type', 'nvme'], /--type "nvme": expected scsi or blk/],

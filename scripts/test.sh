@@ -35,5 +35,8 @@ npx tsc -p tsconfig.test.json
 step "interop target (rust-vmm vhost-device-scsi)"
 bash scripts/setup-interop.sh
 
+step "SPDK's JSON-RPC client (spdk-rpc, for the management RPC tests)"
+bash scripts/setup-spdk-rpc.sh
+
 step "ava"
 npx ava

@@ -9,6 +9,7 @@ import { ClosedError, ConnectError, InitiatorError } from './errors.js';
 import { loadNative, type NativeChannel, type NativeController, type NativeControllerOptions } from './native.js';
 import { log } from './log.js';
 import { RequestQueue, type RequestQueueStats } from './queue.js';
+import { PCI_ADDRESS } from './pci.js';
 import { lunName, type ScannedLun, scanTargets, type ScanResult } from './scan.js';
 
 /**
@@ -118,8 +119,8 @@ const HANDLE_KIND = 'virtio-initiator/controller';
 const DEFAULT_NAME = 'VirtioScsi0';
 /** Default transfer cap: this fraction of the DMA pool per command. */
 const POOL_SHARE_PER_TRANSFER = 8;
-const PCI_ADDRESS = /^([0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$/;
-const NAME_PATTERN = /^[A-Za-z0-9_.-]{1,64}$/;
+/** What a controller name may be (it prefixes the device names). */
+export const CONTROLLER_NAME = /^[A-Za-z0-9_.-]{1,64}$/;
 const EVENT_TYPES: Record<number, ControllerEvent['type']> = {
   0: 'none',
   1: 'transport-reset',
@@ -238,7 +239,7 @@ export class Controller implements AsyncDisposable {
 
   static async open(transport: Transport, options: ControllerOptions = {}): Promise<Controller> {
     const name = options.name ?? DEFAULT_NAME;
-    if (typeof name !== 'string' || !NAME_PATTERN.test(name)) {
+    if (typeof name !== 'string' || !CONTROLLER_NAME.test(name)) {
       throw new RangeError(`name ${JSON.stringify(name)} must be 1 to 64 letters, digits, '_', '.' or '-'`);
     }
     checkCount(options.maxTransferBytes, 'maxTransferBytes');

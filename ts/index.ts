@@ -37,6 +37,20 @@ export {
   type InitiatorErrorCode,
 } from './errors.js';
 export { NativeLoadError } from './native.js';
+export {
+  AttachError,
+  attachAll,
+  CONFIG_SCHEMA,
+  ConfigError,
+  expandPciAll,
+  loadConfig,
+  parseConfig,
+  validateConfig,
+  type ConfigTransport,
+  type ControllerConfig,
+  type InitiatorConfig,
+} from './config/index.js';
+export { startRpcServer, type RpcServer, type StartRpcServerOptions } from './rpc/index.js';
 export { LOG_LEVELS, logLevel, setLogLevel, type LogLevel } from './log.js';
 export { bindVfioPci, listPciDevices, unbindVfioPci, type PciDeviceInfo } from './pci.js';
 export {

@@ -4,6 +4,9 @@
 import { loadNative } from './native.js';
 import type * as NativeModule from '../native/index.cjs';
 
+/** A PCI address: DDDD:BB:DD.F, or BB:DD.F in domain 0 (groups: domain, bus, device, function). */
+export const PCI_ADDRESS = /^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])$/;
+
 /** A virtio-scsi PCI function as sysfs describes it. */
 export type PciDeviceInfo = NativeModule.PciDeviceInfo;
 

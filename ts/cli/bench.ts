@@ -23,6 +23,7 @@ import {
 import type { BlockDevice } from '../block-device.js';
 import { startTarget, type TargetProcess } from '../bundled-target.js';
 import { Controller } from '../controller.js';
+import { PCI_ADDRESS } from '../pci.js';
 import { type LogLevel, setLogLevel } from '../log.js';
 import {
   bad,
@@ -95,7 +96,6 @@ exit status: 0 the run completed without errors or mismatches, 1 it had some (or
 const DEFAULT_NULL_LUN = '0:0:null:1G:512';
 const DEFAULT_RAM_LUN = '0:0:ram:256M:512';
 const LUN_SPEC = /^[0-9]+:[0-9]+:(ram|null|file):[^:]+(:[^:]*)*$/;
-const PCI_ADDRESS = /^([0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$/;
 /** Largest ring a virtio queue here can have. */
 const MAX_QUEUE_DEPTH = 1024;
 const MAX_BS = 16 * 2 ** 20;

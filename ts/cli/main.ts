@@ -20,6 +20,11 @@ const SUBCOMMANDS: readonly Entry[] = [
     load: async () => (await import('./bench.js')).bench,
   },
   {
+    name: 'rpc',
+    summary: 'serve the management JSON-RPC (SPDK method names) on a unix socket',
+    load: async () => (await import('./rpc.js')).rpc,
+  },
+  {
     name: 'scan',
     summary: 'attach a controller and list its targets and LUNs (with attach and scan times)',
     load: async () => (await import('./scan.js')).scan,

@@ -3,7 +3,9 @@
 
 import { performance } from 'node:perf_hooks';
 
+import { attachAll, loadConfig } from '../config/index.js';
 import { Controller } from '../controller.js';
+import { PCI_ADDRESS } from '../pci.js';
 import type { ScannedLun } from '../scan.js';
 import { type LogLevel, setLogLevel } from '../log.js';
 import {
@@ -23,6 +25,7 @@ import { table, writeJsonLine } from './output.js';
 const OPTIONS: readonly OptionSpec[] = [
   { name: 'socket', kind: 'value', metavar: 'PATH', help: 'vhost-user-scsi socket of a running target' },
   { name: 'pci', kind: 'value', metavar: 'BDF', help: 'virtio-scsi PCI function bound to vfio-pci (0000:00:03.0)' },
+  { name: 'config', kind: 'value', metavar: 'FILE', help: 'the controllers a configuration file names (SPDK INI or JSON, or ours)' },
   { name: 'type', kind: 'value', metavar: 'TYPE', help: 'device type: scsi (default) or blk' },
   { name: 'name', kind: 'value', metavar: 'NAME', help: 'controller name, the prefix of device names (default VirtioScsi0)' },
   { name: 'json', kind: 'flag', help: 'print the result as one JSON object on stdout' },
@@ -31,22 +34,22 @@ const OPTIONS: readonly OptionSpec[] = [
   HELP_OPTION,
 ];
 
-const HELP = `usage: virtio-initiator scan (--socket PATH | --pci BDF) [options]
+const HELP = `usage: virtio-initiator scan (--socket PATH | --pci BDF | --config FILE) [options]
 
-Attaches a virtio-scsi controller, enumerates its targets and LUNs (REPORT LUNS, INQUIRY and its
+Attaches virtio-scsi controllers, enumerates their targets and LUNs (REPORT LUNS, INQUIRY and its
 VPD pages, READ CAPACITY) and lists them with the time attaching and scanning took.
 
 options:
 ${optionsHelp(OPTIONS)}
 `;
 
-const PCI_ADDRESS = /^([0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$/;
 
 interface ScanConfig {
   logLevel: LogLevel | undefined;
   trace: boolean;
   socket: string | undefined;
   pci: string | undefined;
+  config: string | undefined;
   name: string | undefined;
   json: boolean;
 }
@@ -56,14 +59,17 @@ export function parseScanArgs(argv: readonly string[]): ScanConfig | 'help' {
   if (a.flag('help')) return 'help';
   const socket = a.string('socket');
   const pci = a.string('pci');
-  if (socket !== undefined && pci !== undefined) throw new UsageError('--socket and --pci exclude each other');
-  if (socket === undefined && pci === undefined) throw new UsageError('give the device: --socket PATH or --pci BDF');
+  const config = a.string('config');
+  const given = [socket, pci, config].filter((v) => v !== undefined).length;
+  if (given > 1) throw new UsageError('--socket, --pci and --config exclude each other');
+  if (given === 0) throw new UsageError('give the device: --socket PATH, --pci BDF or --config FILE');
+  if (config !== undefined && a.has('name')) throw new UsageError('--name comes from the configuration with --config');
   if (socket === '') throw bad('socket', socket, 'a socket path');
   if (pci !== undefined && !PCI_ADDRESS.test(pci)) throw bad('pci', pci, 'a PCI address like 0000:00:03.0');
   const type = a.string('type') ?? 'scsi';
   if (type !== 'scsi' && type !== 'blk') throw bad('type', type, 'scsi or blk');
   if (type === 'blk') throw new UsageError('--type blk: virtio-blk is not supported yet');
-  return { logLevel: logLevelOf(a), trace: a.flag('trace'), socket, pci, name: a.string('name'), json: a.flag('json') };
+  return { logLevel: logLevelOf(a), trace: a.flag('trace'), socket, pci, config, name: a.string('name'), json: a.flag('json') };
 }
 
 /** One LUN as the scan reports it (JSON field names). */
@@ -85,15 +91,21 @@ export interface ScanLunReport {
   problem: string | null;
 }
 
-export interface ScanReport {
+export interface ControllerScan {
   controller: string;
   transport: string;
-  /** Milliseconds from the call to a working controller (connection, negotiation, memory, rings). */
-  attachMs: number;
   /** Milliseconds the scan took. */
   scanMs: number;
   luns: ScanLunReport[];
   problems: Array<{ target: number; lun: number | null; error: string }>;
+}
+
+export interface ScanReport {
+  /** Milliseconds from the call to working controllers (connection, negotiation, memory, rings). */
+  attachMs: number;
+  /** Milliseconds all the scans took. */
+  scanMs: number;
+  controllers: ControllerScan[];
 }
 
 function lunReport(l: ScannedLun): ScanLunReport {
@@ -129,52 +141,64 @@ export const scan: Subcommand = {
     // A trace is logged at level trace: asking for it lowers the level that far.
     const level = cfg.trace ? 'trace' : cfg.logLevel;
     if (level !== undefined) setLogLevel(level);
-    const options = { ...(cfg.name !== undefined ? { name: cfg.name } : {}), trace: cfg.trace };
     const t0 = performance.now();
-    const ctrl =
-      cfg.pci !== undefined ? await Controller.openPci(cfg.pci, options) : await Controller.connect(cfg.socket!, options);
+    let controllers: Controller[];
+    if (cfg.config !== undefined) {
+      const config = await loadConfig(cfg.config);
+      for (const w of config.warnings) process.stderr.write(`virtio-initiator scan: ${w}\n`);
+      controllers = await attachAll(config, { scan: false, defaults: { trace: cfg.trace } });
+    } else {
+      const options = { ...(cfg.name !== undefined ? { name: cfg.name } : {}), trace: cfg.trace };
+      controllers = [
+        cfg.pci !== undefined ? await Controller.openPci(cfg.pci, options) : await Controller.connect(cfg.socket!, options),
+      ];
+    }
     try {
       const t1 = performance.now();
-      const result = await ctrl.scan();
-      const t2 = performance.now();
-      const report: ScanReport = {
-        controller: ctrl.name,
-        transport: ctrl.info.transport,
-        attachMs: round2(t1 - t0),
-        scanMs: round2(t2 - t1),
-        luns: result.luns.map(lunReport),
-        problems: result.problems.map((p) => ({ target: p.target, lun: p.lun ?? null, error: p.error.message })),
-      };
+      const scans: ControllerScan[] = [];
+      for (const ctrl of controllers) {
+        const start = performance.now();
+        const result = await ctrl.scan();
+        scans.push({
+          controller: ctrl.name,
+          transport: ctrl.info.transport,
+          scanMs: round2(performance.now() - start),
+          luns: result.luns.map(lunReport),
+          problems: result.problems.map((p) => ({ target: p.target, lun: p.lun ?? null, error: p.error.message })),
+        });
+      }
+      const report: ScanReport = { attachMs: round2(t1 - t0), scanMs: round2(performance.now() - t1), controllers: scans };
       if (cfg.json) writeJsonLine(report);
       else process.stdout.write(human(report));
-      return report.problems.length > 0 ? 1 : 0;
+      return scans.some((c) => c.problems.length > 0) ? 1 : 0;
     } finally {
-      ctrl.close();
+      for (const ctrl of controllers) ctrl.close();
     }
   },
 };
 
 function human(r: ScanReport): string {
-  const rows = [['name', 'target', 'lun', 'type', 'vendor', 'product', 'block', 'blocks', 'size', 'serial', 'unmap']];
-  for (const l of r.luns) {
-    rows.push([
-      l.name,
-      String(l.target),
-      String(l.lun),
-      l.type,
-      l.vendor,
-      l.product,
-      l.blockSize === null ? '-' : String(l.blockSize),
-      l.blocks ?? '-',
-      l.bytes === null ? (l.problem ?? '-') : formatSize(Number(l.bytes)),
-      l.serial ?? '-',
-      l.unmap ? 'yes' : 'no',
-    ]);
+  const lines = [`attached in ${r.attachMs} ms, scanned in ${r.scanMs} ms`];
+  for (const c of r.controllers) {
+    const rows = [['name', 'target', 'lun', 'type', 'vendor', 'product', 'block', 'blocks', 'size', 'serial', 'unmap']];
+    for (const l of c.luns) {
+      rows.push([
+        l.name,
+        String(l.target),
+        String(l.lun),
+        l.type,
+        l.vendor,
+        l.product,
+        l.blockSize === null ? '-' : String(l.blockSize),
+        l.blocks ?? '-',
+        l.bytes === null ? (l.problem ?? '-') : formatSize(Number(l.bytes)),
+        l.serial ?? '-',
+        l.unmap ? 'yes' : 'no',
+      ]);
+    }
+    lines.push('', `${c.controller} over ${c.transport}: ${c.luns.length} LUN(s), scanned in ${c.scanMs} ms`);
+    lines.push(table(rows, new Set([1, 2, 6, 7])));
+    for (const p of c.problems) lines.push(`problem: target ${p.target}${p.lun === null ? '' : ` lun ${p.lun}`}: ${p.error}`);
   }
-  const lines = [
-    `${r.controller} over ${r.transport}: ${r.luns.length} LUN(s); attached in ${r.attachMs} ms, scanned in ${r.scanMs} ms`,
-    table(rows, new Set([1, 2, 6, 7])),
-  ];
-  for (const p of r.problems) lines.push(`problem: target ${p.target}${p.lun === null ? '' : ` lun ${p.lun}`}: ${p.error}`);
   return `${lines.join('\n')}\n`;
 }

@@ -19,7 +19,7 @@ options:
                          T:L:file:PATH[:BS][:ro]   a file image; its length is the size
                        SIZE takes K, M, G, T suffixes; BS is the block size (default 512)
   --queues N           request queues (default 1, at most 64)
-  --queue-size N       entries per queue, a power of two up to 1024 (default 256)
+  --queue-size N       entries per queue, a power of two up to 1024 (default 1024)
   --max-target N       highest target id in the config space (default: highest configured)
   --poll               busy-poll the request queues instead of waiting for kicks; the driver
                        is told not to kick, and each poll thread keeps a CPU busy while a
@@ -55,7 +55,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<(Parsed, Option<A
     let mut control = None;
     let mut luns = Vec::new();
     let mut queues = 1u16;
-    let mut queue_size = 256u16;
+    let mut queue_size = MAX_QUEUE_SIZE;
     let mut max_target = None;
     let mut poll = false;
     let mut poll_threads = None;
@@ -172,7 +172,7 @@ mod tests {
         .unwrap();
         assert_eq!(a.luns.len(), 2);
         assert_eq!(a.queues, 4);
-        assert_eq!(a.queue_size, 256);
+        assert_eq!(a.queue_size, 1024);
     }
 
     #[test]

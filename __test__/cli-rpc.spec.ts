@@ -1,0 +1,101 @@
+// `virtio-initiator rpc`: the management server as a process, attaching what a configuration
+// file names at start, answering JSON-RPC on its socket, and detaching everything and removing
+// its socket on SIGTERM.
+import { spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { connect } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import test from 'ava';
+
+import { JsonSplitter } from '../ts/rpc/splitter.js';
+import { cli } from './helpers/cli.js';
+import { repoRoot, testWhen } from './helpers/env.js';
+import { initiatorRequirements, startTestTarget } from './helpers/initiator.js';
+
+/** One JSON-RPC call on a fresh connection. */
+function call(path: string, method: string, params?: unknown): Promise<{ result?: unknown; error?: { code: number; message: string } }> {
+  return new Promise((resolve, reject) => {
+    const sock = connect(path);
+    const splitter = new JsonSplitter(1 << 20);
+    sock.on('error', reject);
+    sock.on('data', (d: Buffer) => {
+      const [first] = splitter.push(d);
+      if (first !== undefined) {
+        sock.end();
+        resolve(JSON.parse(first) as { result?: unknown; error?: { code: number; message: string } });
+      }
+    });
+    sock.write(JSON.stringify({ jsonrpc: '2.0', id: 1, method, ...(params === undefined ? {} : { params }) }));
+  });
+}
+
+testWhen(test, 'rpc --config attaches at start, serves calls with a log line each, and cleans up on SIGTERM', initiatorRequirements, async (t) => {
+  const target = await startTestTarget({ luns: ['0:0:ram:16M:512', '0:1:null:1G:4096'] });
+  t.teardown(() => target.cleanup());
+  const dir = mkdtempSync(join(tmpdir(), 'cli-rpc-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const ini = join(dir, 'virtio.conf');
+  writeFileSync(ini, `[VirtioUser0]\n  Path ${target.socket}\n  Name Cfg0\n  Queues 1\n`);
+  const sock = join(dir, 'rpc.sock');
+  const child = spawn(process.execPath, ['--import', 'tsx', join(repoRoot, 'ts', 'cli', 'main.ts'), 'rpc', '--listen', sock, '--config', ini], {
+    cwd: repoRoot,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stderr = '';
+  const listening = new Promise<void>((resolve, reject) => {
+    child.stderr.setEncoding('utf8').on('data', (d: string) => {
+      stderr += d;
+      if (stderr.includes('listening on')) resolve();
+    });
+    child.once('exit', (code) => reject(new Error(`rpc exited with ${code}: ${stderr}`)));
+  });
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  t.teardown(() => child.kill('SIGKILL'));
+  await listening;
+  t.regex(stderr, /attached Cfg0: Cfg0t0, Cfg0t0l1/);
+  t.is(statSync(sock).mode & 0o777, 0o600);
+
+  const devices = await call(sock, 'bdev_virtio_scsi_get_devices');
+  t.like(devices.result, [{ name: 'Cfg0', virtio: { type: 'user', socket: target.socket, vq_count: 1 } }]);
+  const bdevs = (await call(sock, 'bdev_get_bdevs')).result as Array<{ name: string; block_size: number }>;
+  t.deepEqual(bdevs.map((b) => [b.name, b.block_size]), [
+    ['Cfg0t0', 512],
+    ['Cfg0t0l1', 4096],
+  ]);
+  const missing = await call(sock, 'bdev_get_bdevs', { name: 'Nope0t0' });
+  t.is(missing.error?.code, -19);
+  t.regex(stderr, /bdev_get_bdevs/, 'a log line per call');
+
+  child.kill('SIGTERM');
+  t.is(await exited, 0, stderr);
+  t.false(existsSync(sock), 'the socket is removed');
+  t.regex(stderr, /SIGTERM: detaching 1 controller/);
+  // The target is free for the next frontend: the controller was detached.
+  const again = await cli(['scan', '--socket', target.socket, '--json']);
+  t.is(again.code, 0, again.stderr);
+});
+
+test('rpc without --listen, or with a bad --mode, is exit 2 with one line', async (t) => {
+  for (const [args, message] of [
+    [[], /give the socket to serve on: --listen PATH/],
+    [['--listen', '/tmp/x.sock', '--mode', '999'], /--mode "999": expected an octal file mode/],
+  ] as const) {
+    const r = await cli(['rpc', ...args]);
+    t.is(r.code, 2);
+    t.regex(r.stderr, message);
+  }
+});
+
+test('rpc with a broken configuration starts nothing and names the line', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'cli-rpc-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const ini = join(dir, 'bad.conf');
+  writeFileSync(ini, '[VirtioUser0]\n  Queues 2\n');
+  const sock = join(dir, 'rpc.sock');
+  const r = await cli(['rpc', '--listen', sock, '--config', ini]);
+  t.is(r.code, 1);
+  t.regex(r.stderr, /bad\.conf:\d+.*Path/);
+  t.false(existsSync(sock));
+});
