@@ -16,24 +16,11 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ROOT=${INTEROP_ROOT:-$REPO/.cache/interop}
-FORCE=0
 # 0.1.0 is the only release on crates.io; its Cargo.lock pins vhost 0.8 / vhost-user-backend 0.10.
 CRATE=vhost-device-scsi
 VERSION=0.1.0
-
-while [ $# -gt 0 ]; do
-  case $1 in
-    --root) [ $# -ge 2 ] || { echo "setup-interop: --root needs a value" >&2; exit 2; }
-            ROOT=$2; shift 2 ;;
-    --force) FORCE=1; shift ;;
-    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed -n 's/^# \{0,1\}//p'; exit 0 ;;
-    *) echo "setup-interop: unknown argument $1 (see --help)" >&2; exit 2 ;;
-  esac
-done
-case $ROOT in /*) ;; *) ROOT=$PWD/$ROOT ;; esac
-
-say() { echo "setup-interop: $*"; }
-die() { echo "setup-interop: $*" >&2; exit 1; }
+NAME=setup-interop
+source "$REPO/scripts/lib/setup-args.sh"
 
 BIN=$ROOT/bin/$CRATE
 

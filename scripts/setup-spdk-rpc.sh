@@ -16,23 +16,10 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ROOT=${SPDK_RPC_ROOT:-$REPO/.cache/spdk-rpc}
-FORCE=0
 PACKAGE=spdk
 VERSION=26.9
-
-while [ $# -gt 0 ]; do
-  case $1 in
-    --root) [ $# -ge 2 ] || { echo "setup-spdk-rpc: --root needs a value" >&2; exit 2; }
-            ROOT=$2; shift 2 ;;
-    --force) FORCE=1; shift ;;
-    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed -n 's/^# \{0,1\}//p'; exit 0 ;;
-    *) echo "setup-spdk-rpc: unknown argument $1 (see --help)" >&2; exit 2 ;;
-  esac
-done
-case $ROOT in /*) ;; *) ROOT=$PWD/$ROOT ;; esac
-
-say() { echo "setup-spdk-rpc: $*"; }
-die() { echo "setup-spdk-rpc: $*" >&2; exit 1; }
+NAME=setup-spdk-rpc
+source "$REPO/scripts/lib/setup-args.sh"
 
 BIN=$ROOT/bin/spdk-rpc
 PY=$ROOT/bin/python
