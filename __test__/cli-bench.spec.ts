@@ -3,7 +3,7 @@
 // worker threads with queues of their own (or shared ones), verification that catches data the
 // target corrupts, and the `target` wrapper passing on arguments, exit status and signals.
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -18,6 +18,7 @@ import { initiatorRequirements, startTestTarget } from './helpers/initiator.js';
 
 interface BenchJson {
   api: string;
+  device: string;
   interrupts: boolean;
   rw: string;
   bs: number;
@@ -468,4 +469,25 @@ bench('bench --interrupts with --api batch is exit 2 naming --interrupts', async
   const r = await cli(['bench', '--interrupts', '--api', 'batch', '--ios', '10']);
   t.is(r.code, 2);
   t.regex(r.stderr.trim(), /--interrupts applies to --api promise only/);
+});
+
+bench('bench --config loads the disk --device names among every controller of the file', async (t) => {
+  const a = await startTestTarget({ luns: ['0:0:ram:16M:512'] });
+  t.teardown(() => a.cleanup());
+  const b = await startTestTarget({ luns: ['0:0:ram:32M:4096'] });
+  t.teardown(() => b.cleanup());
+  const dir = mkdtempSync(join(tmpdir(), 'bench-config-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const ini = join(dir, 'virtio.conf');
+  writeFileSync(ini, `[VirtioUser0]\n  Path ${a.socket}\n  Name First\n[VirtioUser1]\n  Path ${b.socket}\n  Name Second\n`);
+  const r = await cli(['bench', '--json', '--config', ini, '--device', 'Secondt0', '--rw', 'randrw', '--verify', '--ios', '2000']);
+  t.is(r.code, 0, describe(r));
+  const j = lastJson(r);
+  t.is(j.device, 'Secondt0');
+  t.true(j.ios >= 2000);
+  t.is(j.errors, 0);
+  t.is(j.mismatches, 0);
+  const unknown = await cli(['bench', '--config', ini, '--device', 'Thirdt0', '--ios', '10']);
+  t.is(unknown.code, 2);
+  t.regex(unknown.stderr, /--device "Thirdt0": expected one of Firstt0, Secondt0/);
 });

@@ -22,6 +22,7 @@ import {
 } from '../bench.js';
 import type { BlockDevice } from '../block-device.js';
 import { startTarget, type TargetProcess } from '../bundled-target.js';
+import { attachAll, loadConfig } from '../config/index.js';
 import { Controller } from '../controller.js';
 import { PCI_ADDRESS } from '../pci.js';
 import { type LogLevel, setLogLevel } from '../log.js';
@@ -46,6 +47,7 @@ const MAX_WORKERS = 64;
 const OPTIONS: readonly OptionSpec[] = [
   { name: 'socket', kind: 'value', metavar: 'PATH', help: 'vhost-user-scsi socket of a running target' },
   { name: 'pci', kind: 'value', metavar: 'BDF', help: 'virtio-scsi PCI function bound to vfio-pci (0000:00:03.0)' },
+  { name: 'config', kind: 'value', metavar: 'FILE', help: 'the controllers a configuration file names (--device picks the disk)' },
   { name: 'target-queues', kind: 'value', metavar: 'N', help: 'bundled target: request queues (default: one per worker)' },
   { name: 'target-poll', kind: 'flag', help: 'bundled target: busy-poll its queues (--poll)' },
   {
@@ -110,6 +112,7 @@ const JSON_MISMATCHES = 100;
 interface BenchConfig {
   socket: string | undefined;
   pci: string | undefined;
+  config: string | undefined;
   targetQueues: number;
   targetPoll: boolean;
   targetLuns: string[];
@@ -138,13 +141,16 @@ export function parseBenchArgs(argv: readonly string[]): BenchConfig | 'help' {
   const workers = a.integer('workers', { min: 1, max: MAX_WORKERS }, 1);
   const socket = a.string('socket');
   const pci = a.string('pci');
-  if (socket !== undefined && pci !== undefined) throw new UsageError('--socket and --pci exclude each other');
+  const config = a.string('config');
+  if ([socket, pci, config].filter((v) => v !== undefined).length > 1) {
+    throw new UsageError('--socket, --pci and --config exclude each other');
+  }
   if (pci !== undefined && !PCI_ADDRESS.test(pci)) throw bad('pci', pci, 'a PCI address like 0000:00:03.0');
   if (socket === '') throw bad('socket', socket, 'a socket path');
-  if (socket !== undefined || pci !== undefined) {
+  if (socket !== undefined || pci !== undefined || config !== undefined) {
     const given = ['target-queues', 'target-poll', 'target-lun'].find((n) => a.has(n));
     if (given !== undefined) {
-      const instead = socket !== undefined ? 'socket' : 'pci';
+      const instead = socket !== undefined ? 'socket' : pci !== undefined ? 'pci' : 'config';
       throw new UsageError(`--${given} is for the bundled target, which is not started with --${instead}`);
     }
   }
@@ -181,6 +187,7 @@ export function parseBenchArgs(argv: readonly string[]): BenchConfig | 'help' {
   return {
     socket,
     pci,
+    config,
     // One queue per worker: the main thread gives back the one the scan opened (see run()).
     targetQueues: a.integer('target-queues', { min: 1, max: 64 }, workers),
     targetPoll: a.flag('target-poll'),
@@ -410,9 +417,11 @@ async function run(cfg: BenchConfig, stop: AbortController, leftovers: Leftovers
   let dir: string | undefined;
   let targetProcess: TargetProcess | undefined;
   let ctrl: Controller | undefined;
+  /** With --config: every controller the file names (ctrl is the one with the device). */
+  let attached: Controller[] = [];
   const progress = new ProgressLine();
   try {
-    if (cfg.socket === undefined && cfg.pci === undefined) {
+    if (cfg.socket === undefined && cfg.pci === undefined && cfg.config === undefined) {
       dir = mkdtempSync(join(tmpdir(), 'virtio-initiator-bench-'));
       leftovers.dir = dir;
       const writes = cfg.verify || readPercentOf(cfg.rw, cfg.mix) < 100;
@@ -431,12 +440,24 @@ async function run(cfg: BenchConfig, stop: AbortController, leftovers: Leftovers
     const memory = memoryFor(cfg);
     // Every queue of the bundled target, even beyond the 16 a controller sets up by default.
     const queues = targetProcess !== undefined ? { requestQueues: cfg.targetQueues } : {};
-    ctrl =
-      cfg.pci !== undefined
-        ? await Controller.openPci(cfg.pci, memory)
-        : await Controller.connect(cfg.socket ?? targetProcess!.socket, { ...memory, ...queues, poll: !cfg.interrupts });
-    const scan = await ctrl.scan();
-    const devices = ctrl.devices;
+    let problems: string[];
+    let devices: BlockDevice[];
+    if (cfg.config !== undefined) {
+      const config = await loadConfig(cfg.config);
+      for (const w of config.warnings) process.stderr.write(`virtio-initiator bench: ${w}\n`);
+      attached = await attachAll(config, { defaults: { ...memory, poll: !cfg.interrupts } });
+      devices = attached.flatMap((c) => [...c.devices]);
+      problems = [];
+    } else {
+      ctrl =
+        cfg.pci !== undefined
+          ? await Controller.openPci(cfg.pci, memory)
+          : await Controller.connect(cfg.socket ?? targetProcess!.socket, { ...memory, ...queues, poll: !cfg.interrupts });
+      attached = [ctrl];
+      const scan = await ctrl.scan();
+      devices = [...ctrl.devices];
+      problems = scan.problems.map((p) => p.error.message);
+    }
     let dev: BlockDevice;
     if (cfg.device !== undefined) {
       const found = devices.find((d) => d.name === cfg.device);
@@ -448,11 +469,12 @@ async function run(cfg: BenchConfig, stop: AbortController, leftovers: Leftovers
     } else {
       const first = devices[0];
       if (first === undefined) {
-        const why = scan.problems.map((p) => p.error.message).join('; ');
+        const why = problems.join('; ');
         throw new Error(`the scan found no disk${why ? ` (${why})` : ''}`);
       }
       dev = first;
     }
+    ctrl = attached.find((c) => c.devices.includes(dev))!;
 
     const pid = targetProcess?.child.pid;
     let targetCpu0: number | undefined;
@@ -503,7 +525,7 @@ async function run(cfg: BenchConfig, stop: AbortController, leftovers: Leftovers
     return result.errors > 0 || result.mismatches > 0 ? 1 : 0;
   } finally {
     progress.clear();
-    ctrl?.close();
+    for (const c of attached) c.close();
     if (targetProcess) {
       // A target that ended on its own during the run is worth knowing about.
       const early = targetProcess.status;
