@@ -171,9 +171,10 @@ async function checkSocket(path: string, label: string): Promise<void> {
     st = await stat(path);
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
-    throw new ConnectError(label, code === 'ENOENT' ? 'no such file or directory' : errorText(e), { cause: e });
+    if (code === 'ENOENT') throw new ConnectError(label, 'no such file or directory', { cause: e, errno: 'ENOENT' });
+    throw new ConnectError(label, errorText(e), { cause: e });
   }
-  if (!st.isSocket()) throw new ConnectError(label, 'not a unix socket');
+  if (!st.isSocket()) throw new ConnectError(label, 'not a unix socket', { errno: 'ENOTSOCK' });
 }
 
 export class Controller implements AsyncDisposable {

@@ -63,11 +63,17 @@ export class InitiatorError extends Error {
 /** Opening a controller failed: no socket, not a vhost-user backend, negotiation refused. */
 export class ConnectError extends InitiatorError {
   readonly transport: string;
+  /**
+   * What was wrong with the socket path, where that is known before connecting: ENOENT (no such
+   * file) or ENOTSOCK (not a unix socket); undefined for failures of the connection itself.
+   */
+  readonly errno: 'ENOENT' | 'ENOTSOCK' | undefined;
 
-  constructor(transport: string, reason: string, options?: { cause?: unknown }) {
+  constructor(transport: string, reason: string, options?: { cause?: unknown; errno?: 'ENOENT' | 'ENOTSOCK' }) {
     super('ERR_VIRTIO_CONNECT', `cannot open ${transport}: ${reason}`, options);
     this.name = 'ConnectError';
     this.transport = transport;
+    this.errno = options?.errno;
   }
 }
 

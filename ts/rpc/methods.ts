@@ -120,7 +120,7 @@ function attachError(e: unknown, trtype: string, traddr: string): RpcError {
   if (e instanceof RpcError) return e;
   if (e instanceof RangeError || e instanceof TypeError) return invalidParams(e.message);
   const text = errorText(e);
-  if (e instanceof ConnectError && /no such file or directory/i.test(text)) {
+  if (e instanceof ConnectError && e.errno === 'ENOENT') {
     return new RpcError(
       Errno.ENOENT,
       trtype === 'user'
@@ -128,9 +128,10 @@ function attachError(e: unknown, trtype: string, traddr: string): RpcError {
         : `${text}: check the address given as traddr (-a)`,
     );
   }
-  if (/not a unix socket/i.test(text)) {
+  if (e instanceof ConnectError && e.errno === 'ENOTSOCK') {
     return new RpcError(Errno.ENODEV, `${traddr} is not a unix socket: traddr (-a) must be the target's vhost-user socket`);
   }
+  // The native connect reports the system's error text only.
   if (/refused/i.test(text)) {
     return new RpcError(Errno.ECONNREFUSED, `${text}: nothing accepts connections on ${traddr}; is the target running?`);
   }
