@@ -151,14 +151,24 @@ impl QueueShare {
         }
         let count = count.min(batch.len() / SUBMIT_RECORD_SIZE);
         let mut area = CompletionArea::new(out, self.cell.capacity);
+        // Member 0's tag is 0, so its records go down as they are; others are always tagged,
+        // since a member may join between this call and the completion.
+        if self.member != 0 {
+            let tag = u32::from(self.member) << MEMBER_SHIFT;
+            for i in 0..count {
+                let t = &mut batch[i * SUBMIT_RECORD_SIZE..i * SUBMIT_RECORD_SIZE + 4];
+                let token = u32::from_le_bytes(t.try_into().unwrap()) & TOKEN_MASK;
+                t.copy_from_slice(&(token | tag).to_le_bytes());
+            }
+        }
         let mut ch = self.cell.channel.lock().unwrap();
         if self.cell.active.load(Ordering::Acquire) == 1 {
-            // Alone on the queue: nothing to tag, nothing to route.
+            // Alone on the queue: nothing to route.
             let taken = if count > 0 { ch.submit(batch, count, buffers)? } else { 0 };
             let room = area.capacity();
             let done = ch.complete(room, |n, rec, sense| {
                 area.sense_mut(n)[..sense.len()].copy_from_slice(sense);
-                // Requests submitted while the queue was shared carry the member tag.
+                // This member's own requests: the tag goes.
                 area.put(n, &CompletionRecord { token: rec.token & TOKEN_MASK, ..*rec });
             })?;
             let mut members = self.cell.members.lock().unwrap();
@@ -175,12 +185,6 @@ impl QueueShare {
                 n += 1;
             }
             return Ok((taken, n));
-        }
-        let tag = u32::from(self.member) << MEMBER_SHIFT;
-        for i in 0..count {
-            let t = &mut batch[i * SUBMIT_RECORD_SIZE..i * SUBMIT_RECORD_SIZE + 4];
-            let token = u32::from_le_bytes(t.try_into().unwrap()) & TOKEN_MASK;
-            t.copy_from_slice(&(token | tag).to_le_bytes());
         }
         let taken = if count > 0 { ch.submit(batch, count, buffers)? } else { 0 };
         let mut members = self.cell.members.lock().unwrap();
