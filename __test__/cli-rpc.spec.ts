@@ -9,6 +9,7 @@ import { join } from 'node:path';
 
 import test from 'ava';
 
+import { startRpcServer } from '../ts/rpc/index.js';
 import { JsonSplitter } from '../ts/rpc/splitter.js';
 import { cli } from './helpers/cli.js';
 import { repoRoot, testWhen } from './helpers/env.js';
@@ -98,4 +99,39 @@ test('rpc with a broken configuration starts nothing and names the line', async 
   t.is(r.code, 1);
   t.regex(r.stderr, /bad\.conf:\d+.*Path/);
   t.false(existsSync(sock));
+});
+
+testWhen(test, 'bdev_get_iostat reports what the bdevs completed in the serving process', initiatorRequirements, async (t) => {
+  const target = await startTestTarget({ luns: ['0:0:ram:16M:512'] });
+  t.teardown(() => target.cleanup());
+  const dir = mkdtempSync(join(tmpdir(), 'rpc-iostat-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const server = await startRpcServer({ path: join(dir, 'rpc.sock') });
+  t.teardown(() => server.close());
+  const attached = await call(server.path, 'bdev_virtio_attach_controller', {
+    name: 'Io0',
+    trtype: 'user',
+    traddr: target.socket,
+    dev_type: 'scsi',
+  });
+  t.deepEqual(attached.result, ['Io0t0']);
+  const dev = server.controllers.get('Io0')!.controller.device('Io0t0');
+  const data = Buffer.alloc(4096, 7);
+  for (let i = 0; i < 3; i++) await dev.write(i * 8, data);
+  for (let i = 0; i < 5; i++) await dev.read(i * 8, 8);
+  await dev.unmap({ lba: 100, blocks: 16 });
+  await dev.flush();
+  const stat = (await call(server.path, 'bdev_get_iostat', { name: 'Io0t0' })).result as {
+    bdevs: Array<Record<string, number | string>>;
+  };
+  t.like(stat.bdevs[0], {
+    name: 'Io0t0',
+    num_write_ops: 3,
+    bytes_written: 3 * 4096,
+    num_read_ops: 5,
+    bytes_read: 5 * 4096,
+    num_unmap_ops: 1,
+    bytes_unmapped: 16 * 512,
+  });
+  t.like(dev.iostat, { flushOps: 1 });
 });

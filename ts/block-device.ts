@@ -4,7 +4,7 @@
 
 import { isIllegalRequest, type RetryPolicy, runCommand, type RunOptions, throwForResult } from './command.js';
 import { ClosedError, DeviceError, NotSupportedError, TaskManagementError, VirtioResponse } from './errors.js';
-import type { CommandResult, IoQueue, ScsiCommand } from './queue.js';
+import type { CommandResult, IoQueue, ScsiCommand, TransferOwner } from './queue.js';
 import { type Geometry, readGeometry, type ScannedLun } from './scan.js';
 import {
   type BlockLimits,
@@ -79,6 +79,18 @@ export interface PassthroughResult {
   dataLength: number;
   /** The data-in bytes received (a view of the data-in buffer). */
   data?: Buffer;
+}
+
+/** What a block device completed through the queue of the calling thread, since it was found. */
+export interface BlockDeviceIostat {
+  readOps: number;
+  readBytes: number;
+  writeOps: number;
+  writeBytes: number;
+  /** `unmap()` calls and the bytes they deallocated. */
+  unmapOps: number;
+  unmapBytes: number;
+  flushOps: number;
 }
 
 export interface BlockDeviceLimits {
@@ -203,6 +215,15 @@ export class BlockDevice {
   private zeroBlock: Buffer | undefined;
   private removed: Error | undefined;
   private refreshing: Promise<void> | undefined;
+  private readonly io: BlockDeviceIostat = {
+    readOps: 0,
+    readBytes: 0,
+    writeOps: 0,
+    writeBytes: 0,
+    unmapOps: 0,
+    unmapBytes: 0,
+    flushOps: 0,
+  };
   /** blockCount as a number, for range checks without BigInt (exact below 2^53). */
   private blockCountNumber = 0;
   private readonly runOptions: RunOptions;
@@ -230,6 +251,11 @@ export class BlockDevice {
   get info(): BlockDeviceInfo {
     this.cachedInfo ??= Object.freeze(this.buildInfo());
     return this.cachedInfo;
+  }
+
+  /** Reads, writes, unmaps and flushes this device completed in this thread, and their bytes. */
+  get iostat(): Readonly<BlockDeviceIostat> {
+    return { ...this.io };
   }
 
   get blockSize(): number {
@@ -293,6 +319,7 @@ export class BlockDevice {
     // 10-byte LBA could not address the device anyway.
     const cdb = this.blockCount > BigInt(U32) ? synchronizeCache16() : synchronizeCache10();
     await this.run({ cdb }, opts);
+    this.io.flushOps++;
   }
 
   /** Deallocates the ranges (UNMAP). Throws NotSupportedError when the device has no UNMAP. */
@@ -326,6 +353,8 @@ export class BlockDevice {
       const params = unmapParameterList(pieces.slice(i * perCommand, (i + 1) * perCommand));
       await this.run({ cdb: unmapCdb(params.length), dataOut: params }, opts);
     });
+    this.io.unmapOps++;
+    this.io.unmapBytes += pieces.reduce((n, p) => n + p.blocks, 0) * this.blockSize;
   }
 
   /**
@@ -492,7 +521,7 @@ export class BlockDevice {
   ): Promise<unknown> {
     const max = this.maxTransferBlocks;
     if (typeof lba === 'number' && blocks <= max) {
-      return this.ctx.executor().transfer(write, this.target, this.lun, lba, blocks, buf, fua, opts?.signal, value, this.recover);
+      return this.ctx.executor().transfer(write, this.target, this.lun, lba, blocks, buf, fua, opts?.signal, value, this.owner);
     }
     const bs = this.blockSize;
     const start = BigInt(lba);
@@ -507,15 +536,34 @@ export class BlockDevice {
         : { target: this.target, lun: this.lun, cdb: readCdb(args), dataIn: part };
       if (signal) cmd.signal = signal;
       this.checkTransferred(await runCommand(this.ctx.executor(), cmd, this.runOptions), cmd);
+      this.counted(cmd);
     }).then(() => value);
   }
 
-  /** A fast-path READ/WRITE that did not simply succeed: the retry rules, from its result on. */
-  private readonly recover = (result: CommandResult, cmd: ScsiCommand): Promise<unknown> =>
-    runCommand(this.ctx.executor(), cmd, this.runOptions, result).then((r) => {
-      this.checkTransferred(r, cmd);
-      return cmd.dataIn;
-    });
+  /**
+   * What the queue's fast path needs of this device: the counters it adds a completed READ or
+   * WRITE to, and the retry rules for one that did not simply succeed (from its result on).
+   */
+  private readonly owner: TransferOwner = {
+    counters: this.io,
+    recover: (result: CommandResult, cmd: ScsiCommand): Promise<unknown> =>
+      runCommand(this.ctx.executor(), cmd, this.runOptions, result).then((r) => {
+        this.checkTransferred(r, cmd);
+        this.counted(cmd);
+        return cmd.dataIn;
+      }),
+  };
+
+  /** Adds a READ or WRITE that completed outside the queue's fast path to the counters. */
+  private counted(cmd: ScsiCommand): void {
+    if (cmd.dataIn !== undefined) {
+      this.io.readOps++;
+      this.io.readBytes += cmd.dataIn.length;
+    } else if (cmd.dataOut !== undefined) {
+      this.io.writeOps++;
+      this.io.writeBytes += cmd.dataOut.length;
+    }
+  }
 
   /** A READ that succeeded must have filled its buffer. */
   private checkTransferred(r: CommandResult, cmd: ScsiCommand): void {

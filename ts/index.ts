@@ -14,6 +14,7 @@ export {
   BlockDevice,
   TMF_LOGICAL_UNIT_RESET,
   type BlockDeviceInfo,
+  type BlockDeviceIostat,
   type BlockDeviceLimits,
   type BlockRange,
   type IoOptions,

@@ -74,12 +74,24 @@ export interface CommandExecutor {
   execute(cmd: ScsiCommand): Promise<CommandResult>;
 }
 
-/**
- * Called for a READ or WRITE of the fast path that did not complete with GOOD status and the
- * whole transfer; what it returns (or throws) settles the request. Retries go here, so that the
- * common case runs no retry machinery at all.
- */
-export type Recover = (result: CommandResult, cmd: ScsiCommand) => unknown;
+/** Completed READ and WRITE commands of the fast path and their bytes, counted by the queue. */
+export interface TransferCounters {
+  readOps: number;
+  readBytes: number;
+  writeOps: number;
+  writeBytes: number;
+}
+
+/** Who a fast-path READ or WRITE belongs to (a block device). */
+export interface TransferOwner {
+  /** Counted when the command completes with GOOD status and the whole transfer. */
+  readonly counters: TransferCounters;
+  /**
+   * Called for a command that did not simply succeed; what it returns (or throws) settles the
+   * request. Retries go here, so that the common case runs no retry machinery at all.
+   */
+  recover(result: CommandResult, cmd: ScsiCommand): unknown;
+}
 
 /** What block devices need of a queue: commands, and the READ/WRITE fast path. */
 export type IoQueue = Pick<RequestQueue, 'execute' | 'transfer'>;
@@ -163,7 +175,7 @@ interface Waiting {
   fua: boolean;
   signal: AbortSignal | undefined;
   value: unknown;
-  recover: Recover | undefined;
+  recover: TransferOwner | undefined;
   resolve: (v: unknown) => void;
   reject: (e: unknown) => void;
 }
@@ -234,7 +246,7 @@ export class RequestQueue implements CommandExecutor {
   private readonly data: Array<Buffer | null>;
   private readonly signal: Array<AbortSignal | undefined>;
   private readonly value: unknown[];
-  private readonly recover: Array<Recover | undefined>;
+  private readonly recover: Array<TransferOwner | undefined>;
   private readonly resolveOf: Array<((v: unknown) => void) | undefined>;
   private readonly rejectOf: Array<((e: unknown) => void) | undefined>;
   private readonly freeSlots: Int32Array;
@@ -327,7 +339,7 @@ export class RequestQueue implements CommandExecutor {
     this.data = new Array<Buffer | null>(cap).fill(null);
     this.signal = new Array<AbortSignal | undefined>(cap).fill(undefined);
     this.value = new Array<unknown>(cap).fill(undefined);
-    this.recover = new Array<Recover | undefined>(cap).fill(undefined);
+    this.recover = new Array<TransferOwner | undefined>(cap).fill(undefined);
     this.resolveOf = new Array<((v: unknown) => void) | undefined>(cap).fill(undefined);
     this.rejectOf = new Array<((e: unknown) => void) | undefined>(cap).fill(undefined);
     this.freeSlots = new Int32Array(cap);
@@ -371,7 +383,8 @@ export class RequestQueue implements CommandExecutor {
   /**
    * READ (`write` false) or WRITE of `blocks` blocks at `lba` (below 2^53) with `data`, built
    * natively. Resolves with `value` when the command completes with GOOD status and the whole
-   * transfer; otherwise settles with what `recover` returns or throws. Arguments are trusted:
+   * transfer (counted in `owner.counters`); otherwise settles with what `owner.recover` returns
+   * or throws. Arguments are trusted:
    * the block device checks them.
    */
   transfer(
@@ -384,9 +397,9 @@ export class RequestQueue implements CommandExecutor {
     fua: boolean,
     signal: AbortSignal | undefined,
     value: unknown,
-    recover: Recover,
+    owner: TransferOwner,
   ): Promise<unknown> {
-    return this.enqueue(Mode.Transfer, undefined, write, target, lun, lba, blocks, data, fua, signal, value, recover);
+    return this.enqueue(Mode.Transfer, undefined, write, target, lun, lba, blocks, data, fua, signal, value, owner);
   }
 
   /** Rejects everything queued or in flight and releases the channel. */
@@ -407,7 +420,7 @@ export class RequestQueue implements CommandExecutor {
     fua: boolean,
     signal: AbortSignal | undefined,
     value: unknown,
-    recover: Recover | undefined,
+    recover: TransferOwner | undefined,
   ): Promise<unknown> {
     if (this.closedError) return Promise.reject(this.closedError);
     if (signal !== undefined) {
@@ -443,7 +456,7 @@ export class RequestQueue implements CommandExecutor {
     fua: boolean,
     signal: AbortSignal | undefined,
     value: unknown,
-    recover: Recover | undefined,
+    recover: TransferOwner | undefined,
     resolve: (v: unknown) => void,
     reject: (e: unknown) => void,
   ): void {
@@ -689,6 +702,14 @@ export class RequestQueue implements CommandExecutor {
     const status = r.status(k);
     if (this.mode[slot] === Mode.Transfer && response === 0 && status === 0 && (this.isWrite[slot] === 1 || r.residual(k) === 0)) {
       const value = this.value[slot];
+      const counters = this.recover[slot]!.counters;
+      if (this.isWrite[slot] === 1) {
+        counters.writeOps++;
+        counters.writeBytes += this.data[slot]!.length;
+      } else {
+        counters.readOps++;
+        counters.readBytes += this.data[slot]!.length;
+      }
       this.release(slot);
       resolve(value);
       return;
@@ -715,10 +736,10 @@ export class RequestQueue implements CommandExecutor {
     else cmd.dataIn = data;
     const signal = this.signal[slot];
     if (signal !== undefined) cmd.signal = signal;
-    const recover = this.recover[slot]!;
+    const owner = this.recover[slot]!;
     this.release(slot);
     try {
-      resolve(recover(result, cmd));
+      resolve(owner.recover(result, cmd));
     } catch (e) {
       reject(e);
     }

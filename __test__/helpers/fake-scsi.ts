@@ -2,7 +2,7 @@
 // and block-device logic against targets that implement less than the bundled one: no REPORT
 // LUNS, no VPD pages, no READ CAPACITY (16), no WRITE SAME, units that need starting, and
 // pending unit attentions. Data commands work on an in-memory image.
-import type { CommandResult, IoQueue, Recover, ScsiCommand } from '../../ts/queue.js';
+import type { CommandResult, IoQueue, ScsiCommand, TransferOwner } from '../../ts/queue.js';
 import { read as readCdb, write as writeCdb } from '../../ts/scsi/cdb.js';
 
 export interface FakeLun {
@@ -123,7 +123,7 @@ export class FakeScsiTarget implements IoQueue {
     fua: boolean,
     signal: AbortSignal | undefined,
     value: unknown,
-    recover: Recover,
+    owner: TransferOwner,
   ): Promise<unknown> {
     const args = { lba, blocks, fua };
     const cmd: ScsiCommand = write
@@ -131,8 +131,17 @@ export class FakeScsiTarget implements IoQueue {
       : { target, lun, cdb: readCdb(args), dataIn: data };
     if (signal) cmd.signal = signal;
     const r = await this.execute(cmd);
-    if (r.response === 0 && r.status === 0 && (write || r.residual === 0)) return value;
-    return recover(r, cmd);
+    if (r.response === 0 && r.status === 0 && (write || r.residual === 0)) {
+      if (write) {
+        owner.counters.writeOps++;
+        owner.counters.writeBytes += data.length;
+      } else {
+        owner.counters.readOps++;
+        owner.counters.readBytes += data.length;
+      }
+      return value;
+    }
+    return owner.recover(r, cmd);
   }
 
   async execute(cmd: ScsiCommand): Promise<CommandResult> {
