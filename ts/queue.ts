@@ -105,11 +105,10 @@ export interface RequestQueueStats {
   queued: number;
   /** Requests on the device, including abandoned (aborted) ones whose completion is pending. */
   inFlight: number;
-  /** Native calls (each submits and reaps). */
+  /** Native calls (each submits, and all but the early submits of a long burst reap too). */
   submitCalls: number;
   submitted: number;
   completed: number;
-  reapCalls: number;
 }
 
 export interface RequestQueueOptions {
@@ -369,7 +368,6 @@ export class RequestQueue implements CommandExecutor {
       submitCalls: this.counters.submitCalls,
       submitted: this.counters.submitted,
       completed: this.counters.completed,
-      reapCalls: this.counters.submitCalls,
     };
   }
 

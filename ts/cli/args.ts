@@ -3,6 +3,7 @@
 // one line naming the argument and what was expected; the dispatcher prints it and exits 2.
 
 import { LOG_LEVELS, type LogLevel } from '../log.js';
+import { PCI_ADDRESS } from '../pci.js';
 
 export class UsageError extends Error {
   constructor(message: string) {
@@ -29,6 +30,31 @@ export const LOG_LEVEL_OPTION: OptionSpec = {
   metavar: 'LEVEL',
   help: 'diagnostics on stderr: off, error, warn (default), info, debug, trace (or VIRTIO_INITIATOR_LOG)',
 };
+
+/** How `scan` and `bench` are told the device: a socket, a PCI function or a configuration file. */
+export const DEVICE_OPTIONS: readonly OptionSpec[] = [
+  { name: 'socket', kind: 'value', metavar: 'PATH', help: 'vhost-user-scsi socket of a running target' },
+  { name: 'pci', kind: 'value', metavar: 'BDF', help: 'virtio-scsi PCI function bound to vfio-pci (0000:00:03.0)' },
+  { name: 'config', kind: 'value', metavar: 'FILE', help: 'the controllers a configuration file names (SPDK INI or JSON, or ours)' },
+];
+
+export interface DeviceArgs {
+  socket: string | undefined;
+  pci: string | undefined;
+  config: string | undefined;
+}
+
+/** The device options given, checked: at most one of them, each well-formed. */
+export function deviceArgs(a: ParsedArgs): DeviceArgs {
+  const d = { socket: a.string('socket'), pci: a.string('pci'), config: a.string('config') };
+  if ([d.socket, d.pci, d.config].filter((v) => v !== undefined).length > 1) {
+    throw new UsageError('--socket, --pci and --config exclude each other');
+  }
+  if (d.socket === '') throw bad('socket', d.socket, 'a socket path');
+  if (d.config === '') throw bad('config', d.config, 'a file');
+  if (d.pci !== undefined && !PCI_ADDRESS.test(d.pci)) throw bad('pci', d.pci, 'a PCI address like 0000:00:03.0');
+  return d;
+}
 
 /** The --log-level given, checked (the caller applies it with setLogLevel). */
 export function logLevelOf(a: ParsedArgs): LogLevel | undefined {

@@ -24,10 +24,11 @@ import type { BlockDevice } from '../block-device.js';
 import { startTarget, type TargetProcess } from '../bundled-target.js';
 import { attachAll, loadConfig } from '../config/index.js';
 import { Controller } from '../controller.js';
-import { PCI_ADDRESS } from '../pci.js';
 import { type LogLevel, setLogLevel } from '../log.js';
 import {
   bad,
+  DEVICE_OPTIONS,
+  deviceArgs,
   formatSize,
   HELP_OPTION,
   LOG_LEVEL_OPTION,
@@ -45,9 +46,7 @@ import { runWorkers, type WorkerSummary } from './workers.js';
 const MAX_WORKERS = 64;
 
 const OPTIONS: readonly OptionSpec[] = [
-  { name: 'socket', kind: 'value', metavar: 'PATH', help: 'vhost-user-scsi socket of a running target' },
-  { name: 'pci', kind: 'value', metavar: 'BDF', help: 'virtio-scsi PCI function bound to vfio-pci (0000:00:03.0)' },
-  { name: 'config', kind: 'value', metavar: 'FILE', help: 'the controllers a configuration file names (--device picks the disk)' },
+  ...DEVICE_OPTIONS,
   { name: 'target-queues', kind: 'value', metavar: 'N', help: 'bundled target: request queues (default: one per worker)' },
   { name: 'target-poll', kind: 'flag', help: 'bundled target: busy-poll its queues (--poll)' },
   {
@@ -139,14 +138,7 @@ export function parseBenchArgs(argv: readonly string[]): BenchConfig | 'help' {
   const a = parseArgs(argv, OPTIONS);
   if (a.flag('help')) return 'help';
   const workers = a.integer('workers', { min: 1, max: MAX_WORKERS }, 1);
-  const socket = a.string('socket');
-  const pci = a.string('pci');
-  const config = a.string('config');
-  if ([socket, pci, config].filter((v) => v !== undefined).length > 1) {
-    throw new UsageError('--socket, --pci and --config exclude each other');
-  }
-  if (pci !== undefined && !PCI_ADDRESS.test(pci)) throw bad('pci', pci, 'a PCI address like 0000:00:03.0');
-  if (socket === '') throw bad('socket', socket, 'a socket path');
+  const { socket, pci, config } = deviceArgs(a);
   if (socket !== undefined || pci !== undefined || config !== undefined) {
     const given = ['target-queues', 'target-poll', 'target-lun'].find((n) => a.has(n));
     if (given !== undefined) {

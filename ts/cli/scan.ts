@@ -5,11 +5,12 @@ import { performance } from 'node:perf_hooks';
 
 import { attachAll, loadConfig } from '../config/index.js';
 import { Controller } from '../controller.js';
-import { PCI_ADDRESS } from '../pci.js';
 import type { ScannedLun } from '../scan.js';
 import { type LogLevel, setLogLevel } from '../log.js';
 import {
   bad,
+  DEVICE_OPTIONS,
+  deviceArgs,
   formatSize,
   HELP_OPTION,
   LOG_LEVEL_OPTION,
@@ -23,9 +24,7 @@ import {
 import { table, writeJsonLine } from './output.js';
 
 const OPTIONS: readonly OptionSpec[] = [
-  { name: 'socket', kind: 'value', metavar: 'PATH', help: 'vhost-user-scsi socket of a running target' },
-  { name: 'pci', kind: 'value', metavar: 'BDF', help: 'virtio-scsi PCI function bound to vfio-pci (0000:00:03.0)' },
-  { name: 'config', kind: 'value', metavar: 'FILE', help: 'the controllers a configuration file names (SPDK INI or JSON, or ours)' },
+  ...DEVICE_OPTIONS,
   { name: 'type', kind: 'value', metavar: 'TYPE', help: 'device type: scsi (default) or blk' },
   { name: 'name', kind: 'value', metavar: 'NAME', help: 'controller name, the prefix of device names (default VirtioScsi0)' },
   { name: 'json', kind: 'flag', help: 'print the result as one JSON object on stdout' },
@@ -57,15 +56,11 @@ interface ScanConfig {
 export function parseScanArgs(argv: readonly string[]): ScanConfig | 'help' {
   const a = parseArgs(argv, OPTIONS);
   if (a.flag('help')) return 'help';
-  const socket = a.string('socket');
-  const pci = a.string('pci');
-  const config = a.string('config');
-  const given = [socket, pci, config].filter((v) => v !== undefined).length;
-  if (given > 1) throw new UsageError('--socket, --pci and --config exclude each other');
-  if (given === 0) throw new UsageError('give the device: --socket PATH, --pci BDF or --config FILE');
+  const { socket, pci, config } = deviceArgs(a);
+  if (socket === undefined && pci === undefined && config === undefined) {
+    throw new UsageError('give the device: --socket PATH, --pci BDF or --config FILE');
+  }
   if (config !== undefined && a.has('name')) throw new UsageError('--name comes from the configuration with --config');
-  if (socket === '') throw bad('socket', socket, 'a socket path');
-  if (pci !== undefined && !PCI_ADDRESS.test(pci)) throw bad('pci', pci, 'a PCI address like 0000:00:03.0');
   const type = a.string('type') ?? 'scsi';
   if (type !== 'scsi' && type !== 'blk') throw bad('type', type, 'scsi or blk');
   if (type === 'blk') throw new UsageError('--type blk: virtio-blk is not supported yet');

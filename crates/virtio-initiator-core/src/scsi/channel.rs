@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 use virtio_scsi_proto::{response, CmdRequest, CmdResponse, SENSE_SIZE};
 
 use super::controller::{QueueParts, ScsiController};
-use super::records::{
-    CompletionArea, CompletionRecord, DataRef, Direction, SubmitRecord, SUBMIT_RECORD_SIZE,
-};
+use super::records::{CompletionRecord, DataRef, Direction, SubmitRecord, SUBMIT_RECORD_SIZE};
 use super::ScsiError;
 use crate::memory::{Arena, DmaBuf};
 use crate::queue::{QueueError, Segment};
@@ -75,7 +73,9 @@ pub struct RequestChannel {
     refused: Vec<(u32, String)>,
     /// DMA memory as of a generation (see `dma_address`).
     spans: (u64, Vec<super::Span>),
-    last_progress: Instant,
+    /// Since when polls have found nothing while requests are in flight (None: progress, or
+    /// nothing to wait for), so that only empty polls read the clock.
+    waiting_since: Option<Instant>,
     /// The queue was given back without the device being stopped: the memory of its requests
     /// may still be written, so it is never freed.
     leak: bool,
@@ -102,7 +102,7 @@ impl RequestChannel {
             free: (0..size as u16).rev().collect(),
             refused: Vec::new(),
             spans: controller.memory_spans(),
-            last_progress: Instant::now(),
+            waiting_since: None,
             leak: false,
         })
     }
@@ -296,21 +296,9 @@ impl RequestChannel {
         self.spans.1.iter().find_map(|s| s.iova_of(b.ptr as u64, b.len as u64))
     }
 
-    /// Writes up to `max` completion records (with their sense slots) into `out`, laid out as
-    /// [`CompletionArea`], and returns how many. When the device broke the ring protocol or went
-    /// away, the controller fails and this returns the reason: the requests still in flight
-    /// will never complete.
-    pub fn reap(&mut self, out: &mut [u8], max: usize) -> Result<usize, ScsiError> {
-        let mut area = CompletionArea::new(out, max);
-        let room = area.capacity();
-        self.complete(room, |n, rec, sense| {
-            area.sense_mut(n)[..sense.len()].copy_from_slice(sense);
-            area.put(n, rec);
-        })
-    }
-
     /// Hands up to `max` completions to `each` (position, record, sense bytes) and returns how
-    /// many; errors as for [`reap`](Self::reap).
+    /// many. When the device broke the ring protocol or went away, the controller fails and this
+    /// returns the reason: the requests still in flight will never complete.
     pub fn complete(
         &mut self,
         max: usize,
@@ -378,10 +366,17 @@ impl RequestChannel {
             n += 1;
         }
         if n > 0 || self.in_flight() == 0 {
-            self.last_progress = Instant::now();
-        } else if self.last_progress.elapsed() >= LIVENESS_INTERVAL {
-            self.last_progress = Instant::now();
-            self.controller.check_alive()?;
+            self.waiting_since = None;
+        } else {
+            let now = Instant::now();
+            match self.waiting_since {
+                None => self.waiting_since = Some(now),
+                Some(since) if now - since >= LIVENESS_INTERVAL => {
+                    self.waiting_since = Some(now);
+                    self.controller.check_alive()?;
+                }
+                Some(_) => {}
+            }
         }
         Ok(n)
     }
@@ -410,23 +405,6 @@ impl RequestChannel {
             parts.handle.notifier.notify().map_err(crate::transport::TransportError::from)?;
         }
         Ok(())
-    }
-
-    /// Submits `count` records, then reaps up to `max` completions: both directions in one
-    /// call. Returns (records taken, completions written).
-    ///
-    /// # Safety
-    /// As for [`submit`](Self::submit).
-    pub unsafe fn pump(
-        &mut self,
-        batch: &[u8],
-        count: usize,
-        buffers: &[Option<HostBuffer>],
-        out: &mut [u8],
-        max: usize,
-    ) -> Result<(usize, usize), ScsiError> {
-        let taken = if count > 0 { self.submit(batch, count, buffers)? } else { 0 };
-        Ok((taken, self.reap(out, max)?))
     }
 
     /// Asks the device to signal the queue's interrupt descriptor at the next completion.

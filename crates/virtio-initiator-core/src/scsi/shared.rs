@@ -3,8 +3,8 @@
 //! instead of being refused. A queue's members submit under its lock, and completions are
 //! routed to the member that submitted them by the member id in the token's upper 16 bits.
 //!
-//! A queue with one member never contends: each native call takes one uncontended lock and
-//! skips routing altogether.
+//! A queue with one member never contends: each native call takes its two locks uncontended,
+//! and every completion is that member's.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -162,42 +162,22 @@ impl QueueShare {
             }
         }
         let mut ch = self.cell.channel.lock().unwrap();
-        if self.cell.active.load(Ordering::Acquire) == 1 {
-            // Alone on the queue: nothing to route.
-            let taken = if count > 0 { ch.submit(batch, count, buffers)? } else { 0 };
-            let room = area.capacity();
-            let done = ch.complete(room, |n, rec, sense| {
-                area.sense_mut(n)[..sense.len()].copy_from_slice(sense);
-                // This member's own requests: the tag goes.
-                area.put(n, &CompletionRecord { token: rec.token & TOKEN_MASK, ..*rec });
-            })?;
-            let mut members = self.cell.members.lock().unwrap();
-            let me = &mut members[self.member as usize];
-            me.in_flight = (me.in_flight + taken).saturating_sub(done);
-            // Completions routed here while the queue was shared.
-            let mut n = done;
-            while n < area.capacity() {
-                let Some(r) = me.inbox.pop_front() else { break };
-                area.sense_mut(n)[..r.rec.sense_len as usize]
-                    .copy_from_slice(&r.sense[..r.rec.sense_len as usize]);
-                area.put(n, &r.rec);
-                me.in_flight = me.in_flight.saturating_sub(1);
-                n += 1;
-            }
-            return Ok((taken, n));
-        }
         let taken = if count > 0 { ch.submit(batch, count, buffers)? } else { 0 };
+        // Uncontended unless the queue is shared: members only take it together with the
+        // channel's lock, or to join and leave.
         let mut members = self.cell.members.lock().unwrap();
-        members[self.member as usize].in_flight += taken;
+        let mine = self.member as usize;
+        members[mine].in_flight += taken;
+        // Completions another member reaped for this one first, then the ring: this member's
+        // go into its area, others' into their inboxes (none while it is alone on the queue).
         let mut n = 0;
         while n < area.capacity() {
-            let Some(r) = members[self.member as usize].inbox.pop_front() else { break };
-            area.sense_mut(n)[..r.rec.sense_len as usize]
-                .copy_from_slice(&r.sense[..r.rec.sense_len as usize]);
+            let Some(r) = members[mine].inbox.pop_front() else { break };
+            let len = r.rec.sense_len as usize;
+            area.sense_mut(n)[..len].copy_from_slice(&r.sense[..len]);
             area.put(n, &r.rec);
             n += 1;
         }
-        let mine = self.member as usize;
         let room = self.cell.capacity;
         route(
             &mut ch,
