@@ -133,5 +133,22 @@ testWhen(test, 'bdev_get_iostat reports what the bdevs completed in the serving 
     num_unmap_ops: 1,
     bytes_unmapped: 16 * 512,
   });
+  // Latencies in ticks of tick_rate (nanoseconds): each minimum <= mean <= maximum, all below a second.
+  const row = stat.bdevs[0]!;
+  for (const [op, count] of [['read', 5], ['write', 3], ['unmap', 1]] as const) {
+    const total = row[`${op}_latency_ticks`] as number;
+    const min = row[`min_${op}_latency_ticks`] as number;
+    const max = row[`max_${op}_latency_ticks`] as number;
+    t.true(min > 0 && min * count <= total && total <= max * count && max < 1e9, `${op}: ${min} ${total} ${max}`);
+  }
   t.like(dev.iostat, { flushOps: 1 });
+
+  // reset_mode: "maxmin" clears the extremes only, "all" everything, once reported.
+  await call(server.path, 'bdev_get_iostat', { name: 'Io0t0', reset_mode: 'maxmin' });
+  t.like(dev.iostat, { readOps: 5, readLatencyMinNs: 0, readLatencyMaxNs: 0, readLatencyNs: row.read_latency_ticks });
+  await dev.read(0, 8);
+  t.true(dev.iostat.readLatencyMinNs > 0 && dev.iostat.readLatencyMinNs === dev.iostat.readLatencyMaxNs);
+  await call(server.path, 'bdev_get_iostat', { reset_mode: 'all' });
+  const cleared = (await call(server.path, 'bdev_get_iostat', { name: 'Io0t0' })).result as typeof stat;
+  t.like(cleared.bdevs[0], { num_read_ops: 0, bytes_read: 0, read_latency_ticks: 0, num_write_ops: 0, num_unmap_ops: 0 });
 });

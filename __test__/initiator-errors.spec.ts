@@ -1,7 +1,7 @@
 // Bad input gets a clear error before anything reaches the device; bad socket paths fail to
 // connect with a clear error; and a process that closes its controller exits by itself.
 import test, { type ImplementationFn } from 'ava';
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -73,16 +73,23 @@ testWhen(test, 'connect: a missing path, a plain file and a non-vhost-user socke
   const dir = mkdtempSync(join(tmpdir(), 'vi-bad-'));
   t.teardown(() => rmSync(dir, { recursive: true, force: true }));
   const missing = join(dir, 'nothing.sock');
-  await t.throwsAsync(Controller.connect(missing), {
+  const e1 = await t.throwsAsync(Controller.connect(missing), {
     instanceOf: ConnectError,
     message: `cannot open vhost-user socket ${missing}: no such file or directory`,
   });
+  t.is(e1!.errno, 'ENOENT');
   const file = join(dir, 'plain');
   writeFileSync(file, 'not a socket');
-  await t.throwsAsync(Controller.connect(file), {
+  const e2 = await t.throwsAsync(Controller.connect(file), {
     instanceOf: ConnectError,
     message: `cannot open vhost-user socket ${file}: not a unix socket`,
   });
+  t.is(e2!.errno, 'ENOTSOCK');
+  // A socket file that nothing listens on (bound, never listened, its process gone).
+  const stale = join(dir, 'stale.sock');
+  execFileSync('python3', ['-c', 'import socket, sys; socket.socket(socket.AF_UNIX).bind(sys.argv[1])', stale]);
+  const e3 = await t.throwsAsync(Controller.connect(stale), { instanceOf: ConnectError, message: /refused/ });
+  t.is(e3!.errno, 'ECONNREFUSED');
   await t.throwsAsync(Controller.connect(''), { instanceOf: TypeError });
   await t.throwsAsync(Controller.connect(file, { name: 'bad name!' }), { instanceOf: RangeError, message: /name/ });
   await t.throwsAsync(Controller.connect(file, { queueSize: 0 }), { instanceOf: RangeError, message: /queueSize/ });

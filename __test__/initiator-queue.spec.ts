@@ -54,10 +54,10 @@ test('requests of one tick go down in one submit call, with their fields encoded
 
   const sense = Buffer.from('700006000000000a00000000290000000000', 'hex');
   ch.complete(c!.token, { status: 2, sense });
-  ch.complete(a!.token, { residual: 0, dataLength: 8 });
+  ch.complete(a!.token, { residual: 0, dataLength: 8, latencyNs: 2 ** 33 + 5 });
   ch.complete(b!.token, { response: 3 });
   const [ra, rb, rc] = await Promise.all(p);
-  t.deepEqual(ra, { response: 0, status: 0, residual: 0, dataLength: 8 });
+  t.deepEqual(ra, { response: 0, status: 0, residual: 0, dataLength: 8, latencyNs: 2 ** 33 + 5 });
   t.like(rb, { response: 3 });
   t.is(rc!.status, 2);
   t.deepEqual(Buffer.from(rc!.sense!), sense);

@@ -12,7 +12,7 @@ import { FakeScsiTarget } from './helpers/fake-scsi.js';
 const opts = { controllerName: 'Fake0', maxTarget: 7, maxLun: 0x3fff };
 
 test('a bare SCSI-2 style target: no REPORT LUNS, no VPD, no READ CAPACITY (16)', async (t) => {
-  const fake = new FakeScsiTarget({ 0: { luns: { 0: { blocks: 1000n, blockSize: 512 } } } });
+  const fake = new FakeScsiTarget({ 0: { luns: { 0: { blocks: 1000n, blockSize: 512, version: 2 } } } });
   const { luns, problems } = await scanTargets(fake, opts);
   t.deepEqual(problems, []);
   t.is(luns.length, 1);
@@ -24,6 +24,17 @@ test('a bare SCSI-2 style target: no REPORT LUNS, no VPD, no READ CAPACITY (16)'
   t.is(fake.ops(0x9e).length, 0, 'READ CAPACITY (16) not needed');
   // Targets 1..7 answered BAD_TARGET and were skipped without problems.
   t.deepEqual([...new Set(fake.ops(0xa0).map((c) => c.target))], [0, 1, 2, 3, 4, 5, 6, 7]);
+});
+
+test('an SPC-3 disk is sized by READ CAPACITY (16) alone; without it, by READ CAPACITY (10)', async (t) => {
+  const fake = new FakeScsiTarget({
+    0: { reportLuns: true, luns: { 0: { blocks: 1000n, rc16: true }, 1: { blocks: 2000n, rc16: false } } },
+  });
+  const { luns, problems } = await scanTargets(fake, opts);
+  t.deepEqual(problems, []);
+  t.deepEqual(luns.map((l) => l.geometry?.blockCount), [1000n, 2000n]);
+  t.deepEqual(fake.ops(0x9e).map((c) => c.lun), [0, 1], 'READ CAPACITY (16) first');
+  t.deepEqual(fake.ops(0x25).map((c) => c.lun), [1], 'READ CAPACITY (10) only where (16) is refused');
 });
 
 test('a disk too large for READ CAPACITY (10) is sized by READ CAPACITY (16)', async (t) => {

@@ -259,6 +259,14 @@ testWhen(test.serial, 'spdk-rpc: errors (missing socket, duplicate, blk, unknown
     t.is(e1.code, -2);
     t.true(e1.message.includes(nowhere) && e1.message.includes('does not exist'), e1.message);
 
+    // A socket file that nothing listens on: -ECONNREFUSED, not a generic I/O error.
+    const stale = join(f.dir, 'stale.sock');
+    await run('python3', ['-c', 'import socket, sys; socket.socket(socket.AF_UNIX).bind(sys.argv[1])', stale]);
+    const refused = await rpc(f.sock, 'bdev_virtio_attach_controller', '-t', 'user', '-a', stale, '-d', 'scsi', 'V0');
+    const e0 = printedError(refused);
+    t.is(e0.code, -111);
+    t.true(e0.message.includes('is the target running?'), e0.message);
+
     t.is((await rpc(f.sock, 'bdev_virtio_attach_controller', '-t', 'user', '-a', a.socket, '-d', 'scsi', 'V0')).code, 0);
     const dup = await rpc(f.sock, 'bdev_virtio_attach_controller', '-t', 'user', '-a', a.socket, '-d', 'scsi', 'V0');
     t.is(printedError(dup).code, -17);

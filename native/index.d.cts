@@ -67,7 +67,10 @@ export declare class Channel {
 
 /** A virtio-scsi controller. */
 export declare class Controller {
-  /** Connects to a vhost-user-scsi socket and brings the device up. */
+  /**
+   * Connects to a vhost-user-scsi socket and brings the device up.
+   * A connection that fails carries its errno name (ECONNREFUSED, ...) as the error's `code`.
+   */
   static connectVhostUser(path: string, options?: ControllerOptions | undefined | null): Controller
   /**
    * Opens a virtio-scsi PCI function bound to vfio-pci ("0000:00:03.0") and brings the

@@ -4,7 +4,7 @@
 
 import { isIllegalRequest, type RetryPolicy, runCommand, type RunOptions, throwForResult } from './command.js';
 import { ClosedError, DeviceError, NotSupportedError, TaskManagementError, VirtioResponse } from './errors.js';
-import type { CommandResult, IoQueue, ScsiCommand, TransferOwner } from './queue.js';
+import { type CommandResult, countTransfer, type IoQueue, type ScsiCommand, type TransferCounters, type TransferOwner } from './queue.js';
 import { type Geometry, readGeometry, type ScannedLun } from './scan.js';
 import {
   type BlockLimits,
@@ -81,15 +81,19 @@ export interface PassthroughResult {
   data?: Buffer;
 }
 
-/** What a block device completed through the queue of the calling thread, since it was found. */
-export interface BlockDeviceIostat {
-  readOps: number;
-  readBytes: number;
-  writeOps: number;
-  writeBytes: number;
+/**
+ * What a block device completed through the queue of the calling thread, since it was found.
+ * Latencies are in nanoseconds: their sum, least and most (minimums are 0 until the first
+ * operation). Reads and writes are timed per command, from its submission to the poll that
+ * found it complete; unmaps per `unmap()` call.
+ */
+export interface BlockDeviceIostat extends TransferCounters {
   /** `unmap()` calls and the bytes they deallocated. */
   unmapOps: number;
   unmapBytes: number;
+  unmapLatencyNs: number;
+  unmapLatencyMinNs: number;
+  unmapLatencyMaxNs: number;
   flushOps: number;
 }
 
@@ -215,13 +219,23 @@ export class BlockDevice {
   private zeroBlock: Buffer | undefined;
   private removed: Error | undefined;
   private refreshing: Promise<void> | undefined;
+  /** The counters of `iostat`; minimums are Infinity until the first operation. */
   private readonly io: BlockDeviceIostat = {
     readOps: 0,
     readBytes: 0,
+    readLatencyNs: 0,
+    readLatencyMinNs: Infinity,
+    readLatencyMaxNs: 0,
     writeOps: 0,
     writeBytes: 0,
+    writeLatencyNs: 0,
+    writeLatencyMinNs: Infinity,
+    writeLatencyMaxNs: 0,
     unmapOps: 0,
     unmapBytes: 0,
+    unmapLatencyNs: 0,
+    unmapLatencyMinNs: Infinity,
+    unmapLatencyMaxNs: 0,
     flushOps: 0,
   };
   /** blockCount as a number, for range checks without BigInt (exact below 2^53). */
@@ -255,7 +269,28 @@ export class BlockDevice {
 
   /** Reads, writes, unmaps and flushes this device completed in this thread, and their bytes. */
   get iostat(): Readonly<BlockDeviceIostat> {
-    return { ...this.io };
+    const io = this.io;
+    const least = (ns: number): number => (ns === Infinity ? 0 : ns);
+    return {
+      ...io,
+      readLatencyMinNs: least(io.readLatencyMinNs),
+      writeLatencyMinNs: least(io.writeLatencyMinNs),
+      unmapLatencyMinNs: least(io.unmapLatencyMinNs),
+    };
+  }
+
+  /** Zeroes the counters of `iostat`, or only the latency minimums and maximums. */
+  resetIostat(minMaxOnly = false): void {
+    const io = this.io;
+    for (const op of ['read', 'write', 'unmap'] as const) {
+      io[`${op}LatencyMinNs`] = Infinity;
+      io[`${op}LatencyMaxNs`] = 0;
+    }
+    if (minMaxOnly) return;
+    io.readOps = io.readBytes = io.readLatencyNs = 0;
+    io.writeOps = io.writeBytes = io.writeLatencyNs = 0;
+    io.unmapOps = io.unmapBytes = io.unmapLatencyNs = 0;
+    io.flushOps = 0;
   }
 
   get blockSize(): number {
@@ -347,14 +382,20 @@ export class BlockDevice {
         left -= BigInt(n);
       }
     }
+    const started = performance.now();
     const perCommand = Math.min(maxUnmapDescriptors, MAX_UNMAP_DESCRIPTORS);
     const commands = Math.ceil(pieces.length / perCommand);
     await windowed(commands, async (i) => {
       const params = unmapParameterList(pieces.slice(i * perCommand, (i + 1) * perCommand));
       await this.run({ cdb: unmapCdb(params.length), dataOut: params }, opts);
     });
-    this.io.unmapOps++;
-    this.io.unmapBytes += pieces.reduce((n, p) => n + p.blocks, 0) * this.blockSize;
+    const ns = Math.round((performance.now() - started) * 1e6);
+    const io = this.io;
+    io.unmapOps++;
+    if (ns < io.unmapLatencyMinNs) io.unmapLatencyMinNs = ns;
+    if (ns > io.unmapLatencyMaxNs) io.unmapLatencyMaxNs = ns;
+    io.unmapLatencyNs += ns;
+    io.unmapBytes += pieces.reduce((n, p) => n + p.blocks, 0) * this.blockSize;
   }
 
   /**
@@ -535,8 +576,9 @@ export class BlockDevice {
         ? { target: this.target, lun: this.lun, cdb: writeCdb(args), dataOut: part }
         : { target: this.target, lun: this.lun, cdb: readCdb(args), dataIn: part };
       if (signal) cmd.signal = signal;
-      this.checkTransferred(await runCommand(this.ctx.executor(), cmd, this.runOptions), cmd);
-      this.counted(cmd);
+      const r = await runCommand(this.ctx.executor(), cmd, this.runOptions);
+      this.checkTransferred(r, cmd);
+      this.counted(cmd, r);
     }).then(() => value);
   }
 
@@ -549,20 +591,15 @@ export class BlockDevice {
     recover: (result: CommandResult, cmd: ScsiCommand): Promise<unknown> =>
       runCommand(this.ctx.executor(), cmd, this.runOptions, result).then((r) => {
         this.checkTransferred(r, cmd);
-        this.counted(cmd);
+        this.counted(cmd, r);
         return cmd.dataIn;
       }),
   };
 
   /** Adds a READ or WRITE that completed outside the queue's fast path to the counters. */
-  private counted(cmd: ScsiCommand): void {
-    if (cmd.dataIn !== undefined) {
-      this.io.readOps++;
-      this.io.readBytes += cmd.dataIn.length;
-    } else if (cmd.dataOut !== undefined) {
-      this.io.writeOps++;
-      this.io.writeBytes += cmd.dataOut.length;
-    }
+  private counted(cmd: ScsiCommand, r: CommandResult): void {
+    const data = cmd.dataIn ?? cmd.dataOut;
+    if (data !== undefined) countTransfer(this.io, cmd.dataOut !== undefined, data.length, r.latencyNs);
   }
 
   /** A READ that succeeded must have filled its buffer. */

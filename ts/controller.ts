@@ -5,7 +5,7 @@ import { stat } from 'node:fs/promises';
 
 import { BlockDevice, type DeviceContext } from './block-device.js';
 import { DEFAULT_RETRY_POLICY, type RetryPolicy } from './command.js';
-import { ClosedError, ConnectError, InitiatorError } from './errors.js';
+import { ClosedError, CONNECT_ERRNOS, ConnectError, InitiatorError } from './errors.js';
 import { loadNative, type NativeChannel, type NativeController, type NativeControllerOptions } from './native.js';
 import { log } from './log.js';
 import { RequestQueue, type RequestQueueStats } from './queue.js';
@@ -274,7 +274,10 @@ export class Controller implements AsyncDisposable {
     try {
       handle = connect(native);
     } catch (e) {
-      throw new ConnectError(label, errorText(e), { cause: e });
+      // The native side names the system's reason for a failed connection in `code`.
+      const code = (e as { code?: unknown }).code;
+      const errno = CONNECT_ERRNOS.find((n) => n === code);
+      throw new ConnectError(label, errorText(e), errno ? { cause: e, errno } : { cause: e });
     }
     return new Controller(handle, name, transport, options, policy);
   }
@@ -331,6 +334,7 @@ export class Controller implements AsyncDisposable {
       maxTarget: info.maxTarget,
       maxLun: info.maxLun,
       policy: this.policy,
+      allocBuffer: (bytes) => this.allocBuffer(bytes),
       ...(opts.signal ? { signal: opts.signal } : {}),
     });
     this.checkOpen();

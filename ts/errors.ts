@@ -61,15 +61,29 @@ export class InitiatorError extends Error {
 }
 
 /** Opening a controller failed: no socket, not a vhost-user backend, negotiation refused. */
+/** The errno names a failed connection reports. */
+export const CONNECT_ERRNOS = [
+  'ENOENT',
+  'ENOTSOCK',
+  'ECONNREFUSED',
+  'EACCES',
+  'EPERM',
+  'ETIMEDOUT',
+  'ECONNRESET',
+  'EAGAIN',
+] as const;
+export type ConnectErrno = (typeof CONNECT_ERRNOS)[number];
+
 export class ConnectError extends InitiatorError {
   readonly transport: string;
   /**
-   * What was wrong with the socket path, where that is known before connecting: ENOENT (no such
-   * file) or ENOTSOCK (not a unix socket); undefined for failures of the connection itself.
+   * Why the connection could not be made, where the system said: ENOENT (no such file),
+   * ENOTSOCK (not a unix socket), ECONNREFUSED (nothing listening), EACCES, ...; undefined for
+   * failures after connecting (the device did not come up).
    */
-  readonly errno: 'ENOENT' | 'ENOTSOCK' | undefined;
+  readonly errno: ConnectErrno | undefined;
 
-  constructor(transport: string, reason: string, options?: { cause?: unknown; errno?: 'ENOENT' | 'ENOTSOCK' }) {
+  constructor(transport: string, reason: string, options?: { cause?: unknown; errno?: ConnectErrno }) {
     super('ERR_VIRTIO_CONNECT', `cannot open ${transport}: ${reason}`, options);
     this.name = 'ConnectError';
     this.transport = transport;

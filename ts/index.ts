@@ -27,6 +27,7 @@ export { DEFAULT_RETRY_POLICY, type RetryPolicy } from './command.js';
 export {
   ClosedError,
   ConnectError,
+  type ConnectErrno,
   ControllerFailedError,
   DeviceError,
   InitiatorError,

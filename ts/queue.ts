@@ -15,7 +15,6 @@ import { closeSync, read, writeSync } from 'node:fs';
 
 import { ClosedError, ControllerFailedError, InitiatorError } from './errors.js';
 import { CompletionReader, Direction, RecordWriter, RESPONSE_REFUSED, SubmitRecord } from './records.js';
-import { performance } from 'node:perf_hooks';
 
 import { describeCdb, read as readCdb, write as writeCdb } from './scsi/cdb.js';
 
@@ -67,6 +66,8 @@ export interface CommandResult {
   residual: number;
   /** Bytes the device wrote into the data-in buffer. */
   dataLength: number;
+  /** Nanoseconds from the submission to the poll that found the completion. */
+  latencyNs: number;
 }
 
 /** Anything that runs SCSI commands: a RequestQueue, or a wrapper that shares one. */
@@ -74,12 +75,39 @@ export interface CommandExecutor {
   execute(cmd: ScsiCommand): Promise<CommandResult>;
 }
 
-/** Completed READ and WRITE commands of the fast path and their bytes, counted by the queue. */
+/**
+ * Completed READ and WRITE commands of the fast path, their bytes and their latencies (sum,
+ * least and most, in nanoseconds from submission to the poll that found them), counted by the
+ * queue. Minimums start at Infinity.
+ */
 export interface TransferCounters {
   readOps: number;
   readBytes: number;
+  readLatencyNs: number;
+  readLatencyMinNs: number;
+  readLatencyMaxNs: number;
   writeOps: number;
   writeBytes: number;
+  writeLatencyNs: number;
+  writeLatencyMinNs: number;
+  writeLatencyMaxNs: number;
+}
+
+/** Adds one completed READ (`write` false) or WRITE to `c`. */
+export function countTransfer(c: TransferCounters, write: boolean, bytes: number, ns: number): void {
+  if (write) {
+    if (ns < c.writeLatencyMinNs) c.writeLatencyMinNs = ns;
+    if (ns > c.writeLatencyMaxNs) c.writeLatencyMaxNs = ns;
+    c.writeOps++;
+    c.writeBytes += bytes;
+    c.writeLatencyNs += ns;
+  } else {
+    if (ns < c.readLatencyMinNs) c.readLatencyMinNs = ns;
+    if (ns > c.readLatencyMaxNs) c.readLatencyMaxNs = ns;
+    c.readOps++;
+    c.readBytes += bytes;
+    c.readLatencyNs += ns;
+  }
 }
 
 /** Who a fast-path READ or WRITE belongs to (a block device). */
@@ -226,8 +254,6 @@ export class RequestQueue implements CommandExecutor {
   private readonly addressOf: (data: Uint8Array) => number;
   private readonly closedBy: (() => Error | undefined) | undefined;
   private readonly traceLine: ((line: string) => void) | undefined;
-  /** With a trace: when each slot's request was staged (ms). */
-  private readonly tracedAt: Float64Array | undefined;
   private readonly capacity: number;
   private readonly writer: RecordWriter;
   private readonly reader: CompletionReader;
@@ -345,7 +371,6 @@ export class RequestQueue implements CommandExecutor {
     for (let i = 0; i < cap; i++) this.freeSlots[i] = cap - 1 - i;
     this.freeCount = cap;
     this.staged = new Int32Array(cap);
-    this.tracedAt = options.trace ? new Float64Array(cap) : undefined;
     if (options.interrupts === true) {
       if (!channel.interruptFd || !channel.armInterrupts || !channel.disarmInterrupts) {
         throw new TypeError(`${this.label}: this channel has no interrupt mode`);
@@ -484,7 +509,6 @@ export class RequestQueue implements CommandExecutor {
     const i = this.stagedCount++;
     this.staged[i] = slot;
     this.state[slot] = State.Staged;
-    if (this.tracedAt !== undefined) this.tracedAt[slot] = performance.now();
     const data = this.data[slot] ?? null;
     let addr = -1;
     let length = 0;
@@ -700,14 +724,7 @@ export class RequestQueue implements CommandExecutor {
     const status = r.status(k);
     if (this.mode[slot] === Mode.Transfer && response === 0 && status === 0 && (this.isWrite[slot] === 1 || r.residual(k) === 0)) {
       const value = this.value[slot];
-      const counters = this.recover[slot]!.counters;
-      if (this.isWrite[slot] === 1) {
-        counters.writeOps++;
-        counters.writeBytes += this.data[slot]!.length;
-      } else {
-        counters.readOps++;
-        counters.readBytes += this.data[slot]!.length;
-      }
+      countTransfer(this.recover[slot]!.counters, this.isWrite[slot] === 1, this.data[slot]!.length, r.latencyNs(k));
       this.release(slot);
       resolve(value);
       return;
@@ -718,7 +735,13 @@ export class RequestQueue implements CommandExecutor {
       reject(new RequestRefusedError(this.label, reason));
       return;
     }
-    const result: CommandResult = { response, status, residual: r.residual(k), dataLength: r.dataLength(k) };
+    const result: CommandResult = {
+      response,
+      status,
+      residual: r.residual(k),
+      dataLength: r.dataLength(k),
+      latencyNs: r.latencyNs(k),
+    };
     if (r.senseLength(k) > 0) result.sense = r.sense(k);
     if (this.mode[slot] === Mode.Command) {
       this.release(slot);
@@ -760,7 +783,7 @@ export class RequestQueue implements CommandExecutor {
       target = cmd.target;
       lun = cmd.lun;
     }
-    const us = Math.round((performance.now() - this.tracedAt![slot]!) * 1000);
+    const us = Math.round(r.latencyNs(k) / 1000);
     const sense = r.senseLength(k) > 0 ? ` sense ${Buffer.from(r.sense(k)).toString('hex')}` : '';
     const state = this.state[slot] === State.Abandoned ? ' (abandoned)' : '';
     this.traceLine!(

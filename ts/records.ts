@@ -24,17 +24,30 @@ export const SubmitRecord = {
 
 /** Completion record layout (little-endian); sense slots follow the records in an area. */
 export const CompletionRecord = {
-  SIZE: 16,
+  SIZE: 24,
   TOKEN: 0,
   RESPONSE: 4,
   STATUS: 5,
   SENSE_LENGTH: 6,
   RESIDUAL: 8,
   DATA_LENGTH: 12,
+  /** u64: nanoseconds from the submission to the poll that found the completion. */
+  LATENCY: 16,
   /** Bytes per record in a completion area: the record and its sense slot. */
-  SLOT_SIZE: 16 + 96,
+  SLOT_SIZE: 24 + 96,
   SENSE_MAX: 96,
 } as const;
+
+/** The fields of one completion record. */
+export interface CompletionFields {
+  token: number;
+  response: number;
+  status: number;
+  sense: Uint8Array;
+  residual: number;
+  dataLength: number;
+  latencyNs: number;
+}
 
 /** Data direction byte. */
 export const Direction = { NONE: 0, IN: 1, OUT: 2 } as const;
@@ -157,6 +170,9 @@ export class RecordWriter {
 }
 
 /** Reads completion records (and their sense slots) of an area holding `capacity` of them. */
+/** 32-bit words per completion record. */
+const RECORD_WORDS = CompletionRecord.SIZE / 4;
+
 export class CompletionReader {
   readonly bytes: Uint8Array;
   private readonly words: Uint32Array;
@@ -173,7 +189,7 @@ export class CompletionReader {
   }
 
   token(k: number): number {
-    return this.words[k * 4]!;
+    return this.words[k * RECORD_WORDS]!;
   }
 
   response(k: number): number {
@@ -190,11 +206,15 @@ export class CompletionReader {
   }
 
   residual(k: number): number {
-    return this.words[k * 4 + 2]!;
+    return this.words[k * RECORD_WORDS + 2]!;
   }
 
   dataLength(k: number): number {
-    return this.words[k * 4 + 3]!;
+    return this.words[k * RECORD_WORDS + 3]!;
+  }
+
+  latencyNs(k: number): number {
+    return this.words[k * RECORD_WORDS + 4]! + this.words[k * RECORD_WORDS + 5]! * 0x1_0000_0000;
   }
 
   /** A copy of the sense bytes of record `k` (the area is reused by the next call). */
@@ -207,6 +227,20 @@ export class CompletionReader {
   refusal(k: number): string {
     return Buffer.from(this.sense(k)).toString('utf8');
   }
+}
+
+/** Writes record `k` of a completion area for `capacity` records, as the native side does. */
+export function writeCompletion(area: Buffer, capacity: number, k: number, c: CompletionFields): void {
+  const off = k * CompletionRecord.SIZE;
+  const sense = c.sense.subarray(0, CompletionRecord.SENSE_MAX);
+  area.writeUInt32LE(c.token, off + CompletionRecord.TOKEN);
+  area.writeUInt8(c.response, off + CompletionRecord.RESPONSE);
+  area.writeUInt8(c.status, off + CompletionRecord.STATUS);
+  area.writeUInt16LE(sense.length, off + CompletionRecord.SENSE_LENGTH);
+  area.writeUInt32LE(c.residual, off + CompletionRecord.RESIDUAL);
+  area.writeUInt32LE(c.dataLength, off + CompletionRecord.DATA_LENGTH);
+  area.writeBigUInt64LE(BigInt(c.latencyNs), off + CompletionRecord.LATENCY);
+  area.set(sense, capacity * CompletionRecord.SIZE + k * CompletionRecord.SENSE_MAX);
 }
 
 /** Bytes of a completion area for `capacity` records. */

@@ -3,9 +3,9 @@
 // implement less (no REPORT LUNS, no VPD pages, no READ CAPACITY (16)) are handled through the
 // ILLEGAL REQUEST they answer with; only transport-level failures end a scan.
 
-import { DEFAULT_RETRY_POLICY, isIllegalRequest, type RetryPolicy, runCommand } from './command.js';
+import { DEFAULT_RETRY_POLICY, isIllegalRequest, type RetryPolicy, runCommand, succeeded } from './command.js';
 import { DeviceError, InitiatorError, VirtioResponse, VirtioResponseError } from './errors.js';
-import type { CommandExecutor } from './queue.js';
+import type { CommandExecutor, CommandResult, ScsiCommand } from './queue.js';
 import {
   type BlockCharacteristics,
   type BlockLimits,
@@ -114,6 +114,11 @@ export interface ScanOptions {
   targets?: readonly number[];
   signal?: AbortSignal;
   policy?: Readonly<RetryPolicy>;
+  /**
+   * DMA memory of the controller (`Controller.allocBuffer`): command data then lands where the
+   * device writes it, with no bounce copy. Without it, each command gets a plain buffer.
+   */
+  allocBuffer?: (bytes: number) => Buffer;
 }
 
 /** Name of a LUN under a controller (SPDK's naming for LUN 0). */
@@ -136,21 +141,57 @@ function isFatal(e: unknown, signal: AbortSignal | undefined): boolean {
 const INQUIRY_LENGTH = 96;
 const VPD_FIRST_LENGTH = 252;
 const REPORT_LUNS_FIRST_LENGTH = 16 + 8 * 64;
+/** INQUIRY VERSION of SPC-3 (0x05); later standards have higher values. */
+const SPC3_VERSION = 0x05;
 /** Reissues of a command whose data did not fit the first allocation length. */
 const MAX_REGROW = 2;
 /** UNIT ATTENTIONs are queued per condition (power on, nexus loss, LUN changes, ...). */
 const SCAN_UNIT_ATTENTION_RETRIES = 8;
 
+/** Data-in bytes each LUN's prober keeps for its commands: enough for every first attempt. */
+const SCRATCH_BYTES = 1024;
+/** DMA memory is taken for this many probers at a time. */
+const SCRATCH_SLAB_PROBERS = 64;
+
+/** Hands out scratch buffers carved from DMA buffers taken a slab at a time. */
+class ScratchSlabs {
+  private slab: Buffer | undefined;
+  private used = 0;
+
+  constructor(private readonly alloc: (bytes: number) => Buffer) {}
+
+  /** A scratch buffer, or undefined when DMA memory is short (plain buffers then). */
+  take(): Buffer | undefined {
+    if (this.slab === undefined || this.used === this.slab.length) {
+      try {
+        this.slab = this.alloc(SCRATCH_BYTES * SCRATCH_SLAB_PROBERS);
+      } catch {
+        return undefined;
+      }
+      this.used = 0;
+    }
+    this.used += SCRATCH_BYTES;
+    return this.slab.subarray(this.used - SCRATCH_BYTES, this.used);
+  }
+}
+
 class LunProber {
   private readonly device: string;
   private readonly policy: Readonly<RetryPolicy>;
+  /**
+   * Where the data of this prober's commands land when they fit: a LUN is probed one command
+   * at a time, and every parser copies what it keeps out of the bytes it is given.
+   */
+  private readonly scratch: Buffer | undefined;
 
   constructor(
     private readonly exec: CommandExecutor,
     private readonly target: number,
     private readonly lun: number,
     private readonly opts: ScanOptions,
+    slabs?: ScratchSlabs,
   ) {
+    this.scratch = slabs?.take();
     this.device = lunName(opts.controllerName, target, lun);
     const base = opts.policy ?? DEFAULT_RETRY_POLICY;
     this.policy = {
@@ -161,20 +202,24 @@ class LunProber {
 
   /** Runs a command and returns its data-in bytes. */
   async dataIn(cdb: Uint8Array, length: number): Promise<Uint8Array> {
-    const buf = Buffer.alloc(length);
-    const cmd = { target: this.target, lun: this.lun, cdb, dataIn: buf, ...this.signal() };
-    const r = await runCommand(this.exec, cmd, { device: this.device, policy: this.policy });
+    const buf =
+      this.scratch !== undefined && length <= this.scratch.length
+        ? this.scratch.subarray(0, length).fill(0)
+        : // Small and short-lived: from Node's buffer pool rather than an ArrayBuffer each.
+          Buffer.allocUnsafe(length).fill(0);
+    const r = await this.run({ target: this.target, lun: this.lun, cdb, dataIn: buf, signal: this.opts.signal });
     // The residual is what SAM and Linux go by; bytes the device claims beyond it are ignored.
     return buf.subarray(0, length - Math.min(r.residual, length));
   }
 
   async noData(cdb: Uint8Array): Promise<void> {
-    const cmd = { target: this.target, lun: this.lun, cdb, ...this.signal() };
-    await runCommand(this.exec, cmd, { device: this.device, policy: this.policy });
+    await this.run({ target: this.target, lun: this.lun, cdb, signal: this.opts.signal });
   }
 
-  private signal(): { signal?: AbortSignal } {
-    return this.opts.signal ? { signal: this.opts.signal } : {};
+  /** One command; the retry machinery runs only for a completion that did not succeed. */
+  private async run(cmd: ScsiCommand): Promise<CommandResult> {
+    const r = await this.exec.execute(cmd);
+    return succeeded(r) ? r : runCommand(this.exec, cmd, { device: this.device, policy: this.policy }, r);
   }
 
   /**
@@ -265,27 +310,34 @@ class LunProber {
   }
 
   async capacity(inq: StandardInquiry, vpdPages: readonly number[]): Promise<Geometry> {
-    let rc10: ReturnType<typeof parseReadCapacity10> | undefined;
-    try {
-      rc10 = parseReadCapacity10(await this.dataIn(readCapacity10(), 8));
-    } catch (e) {
-      // Some devices implement only READ CAPACITY (16).
-      if (!isIllegalRequest(e)) throw e;
-    }
-    // READ CAPACITY (16) for large devices, and for what only it reports: protection
-    // information and thin provisioning (LBPME / LBPRZ).
-    const want16 =
-      rc10 === undefined ||
-      rc10.needs16 ||
-      inq.protect ||
-      vpdPages.includes(VpdPage.LOGICAL_BLOCK_PROVISIONING);
     let rc16: Capacity16 | undefined;
-    if (want16) {
+    let refused16: ScsiError | undefined;
+    const try16 = async (): Promise<void> => {
       try {
         rc16 = parseReadCapacity16(await this.dataIn(readCapacity16(32), 32));
       } catch (e) {
-        if (!isIllegalRequest(e) || rc10 === undefined || rc10.needs16) throw e;
+        if (!isIllegalRequest(e)) throw e;
+        refused16 = e;
       }
+    };
+    // SPC-3 and later devices are asked READ CAPACITY (16) first, as Linux's sd does: one
+    // command reports everything (sizes past 2 TiB, protection, thin provisioning).
+    const first16 = inq.version >= SPC3_VERSION;
+    if (first16) await try16();
+    let rc10: ReturnType<typeof parseReadCapacity10> | undefined;
+    if (rc16 === undefined) {
+      try {
+        rc10 = parseReadCapacity10(await this.dataIn(readCapacity10(), 8));
+      } catch (e) {
+        // Some devices implement only READ CAPACITY (16).
+        if (!isIllegalRequest(e)) throw e;
+      }
+      // READ CAPACITY (16) for large devices, and for what only it reports: protection
+      // information and thin provisioning (LBPME / LBPRZ).
+      const want16 =
+        rc10 === undefined || rc10.needs16 || inq.protect || vpdPages.includes(VpdPage.LOGICAL_BLOCK_PROVISIONING);
+      if (want16 && !first16) await try16();
+      if (rc16 === undefined && (rc10 === undefined || rc10.needs16)) throw refused16;
     }
     const blockSize = rc16?.blockSize ?? rc10?.blockSize ?? 0;
     const blockCount = rc16 !== undefined ? rc16.lastLba + 1n : BigInt((rc10?.lastLba ?? -1) + 1);
@@ -361,8 +413,13 @@ class LunProber {
 }
 
 /** REPORT LUNS on LUN 0; undefined when the target is absent (virtio BAD_TARGET). */
-async function targetLuns(exec: CommandExecutor, target: number, opts: ScanOptions): Promise<number[] | undefined> {
-  const prober = new LunProber(exec, target, 0, opts);
+async function targetLuns(
+  exec: CommandExecutor,
+  target: number,
+  opts: ScanOptions,
+  slabs: ScratchSlabs | undefined,
+): Promise<number[] | undefined> {
+  const prober = new LunProber(exec, target, 0, opts, slabs);
   let luns: number[];
   try {
     luns = await prober.grown((alloc) => reportLuns(alloc), REPORT_LUNS_FIRST_LENGTH, 0xffffffff, parseReportLuns);
@@ -397,11 +454,12 @@ export async function scanTargets(exec: CommandExecutor, opts: ScanOptions): Pro
     problems.push(lun === undefined ? { target, error } : { target, lun, error });
   };
 
+  const slabs = opts.allocBuffer ? new ScratchSlabs(opts.allocBuffer) : undefined;
   const perTarget = await settleAll(
     targets.map(async (target): Promise<ScannedLun[]> => {
       let luns: number[] | undefined;
       try {
-        luns = await targetLuns(exec, target, opts);
+        luns = await targetLuns(exec, target, opts, slabs);
       } catch (e) {
         note(target, undefined, e);
         return [];
@@ -410,7 +468,7 @@ export async function scanTargets(exec: CommandExecutor, opts: ScanOptions): Pro
       const found = await settleAll(
         luns.map(async (lun) => {
           try {
-            return await new LunProber(exec, target, lun, opts).probe();
+            return await new LunProber(exec, target, lun, opts, slabs).probe();
           } catch (e) {
             note(target, lun, e);
             return undefined;

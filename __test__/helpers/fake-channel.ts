@@ -2,7 +2,7 @@
 // the records the queue writes into its submission area, holds the requests "on the device" until the test
 // completes them, and encodes completion records the way the addon does.
 import type { ChannelLike } from '../../ts/queue.js';
-import { completionAreaBytes, CompletionRecord, Flag, Kind, SubmitRecord } from '../../ts/records.js';
+import { completionAreaBytes, Flag, Kind, SubmitRecord, writeCompletion } from '../../ts/records.js';
 import { read as readCdb, write as writeCdb } from '../../ts/scsi/cdb.js';
 
 export interface SubmittedRecord {
@@ -22,6 +22,7 @@ export interface FakeCompletion {
   sense?: Uint8Array;
   residual?: number;
   dataLength?: number;
+  latencyNs?: number;
 }
 
 export class FakeChannel implements ChannelLike {
@@ -122,16 +123,15 @@ export class FakeChannel implements ChannelLike {
     while (n < max && this.ready.length > 0) {
       const { token, c } = this.ready.shift()!;
       this.onDevice.delete(token);
-      const off = n * CompletionRecord.SIZE;
-      out.fill(0, off, off + CompletionRecord.SIZE);
-      out.writeUInt32LE(token, off + CompletionRecord.TOKEN);
-      out.writeUInt8(c.response ?? 0, off + CompletionRecord.RESPONSE);
-      out.writeUInt8(c.status ?? 0, off + CompletionRecord.STATUS);
-      const sense = c.sense ?? new Uint8Array(0);
-      out.writeUInt16LE(sense.length, off + CompletionRecord.SENSE_LENGTH);
-      out.writeUInt32LE(c.residual ?? 0, off + CompletionRecord.RESIDUAL);
-      out.writeUInt32LE(c.dataLength ?? 0, off + CompletionRecord.DATA_LENGTH);
-      out.set(sense, max * CompletionRecord.SIZE + n * CompletionRecord.SENSE_MAX);
+      writeCompletion(out, max, n, {
+        token,
+        response: c.response ?? 0,
+        status: c.status ?? 0,
+        sense: c.sense ?? new Uint8Array(0),
+        residual: c.residual ?? 0,
+        dataLength: c.dataLength ?? 0,
+        latencyNs: c.latencyNs ?? 0,
+      });
       n++;
     }
     return n;

@@ -2,12 +2,14 @@
 // and block-device logic against targets that implement less than the bundled one: no REPORT
 // LUNS, no VPD pages, no READ CAPACITY (16), no WRITE SAME, units that need starting, and
 // pending unit attentions. Data commands work on an in-memory image.
-import type { CommandResult, IoQueue, ScsiCommand, TransferOwner } from '../../ts/queue.js';
+import { type CommandResult, countTransfer, type IoQueue, type ScsiCommand, type TransferOwner } from '../../ts/queue.js';
 import { read as readCdb, write as writeCdb } from '../../ts/scsi/cdb.js';
 
 export interface FakeLun {
   /** Peripheral device type (default 0, disk). */
   type?: number;
+  /** INQUIRY VERSION (default 5, SPC-3; 2 is SCSI-2). */
+  version?: number;
   blockSize?: number;
   blocks?: bigint;
   vpd?: boolean;
@@ -43,7 +45,7 @@ export interface LoggedCommand {
   cdb: Uint8Array;
 }
 
-const GOOD: CommandResult = { response: 0, status: 0, residual: 0, dataLength: 0 };
+const GOOD: CommandResult = { response: 0, status: 0, residual: 0, dataLength: 0, latencyNs: 0 };
 
 function checkCondition(key: number, asc: number, ascq: number): CommandResult {
   const sense = new Uint8Array(18);
@@ -52,7 +54,7 @@ function checkCondition(key: number, asc: number, ascq: number): CommandResult {
   sense[7] = 10;
   sense[12] = asc;
   sense[13] = ascq;
-  return { response: 0, status: 2, sense, residual: 0, dataLength: 0 };
+  return { response: 0, status: 2, sense, residual: 0, dataLength: 0, latencyNs: 0 };
 }
 
 const illegal = (asc = 0x20): CommandResult => checkCondition(5, asc, 0);
@@ -132,13 +134,7 @@ export class FakeScsiTarget implements IoQueue {
     if (signal) cmd.signal = signal;
     const r = await this.execute(cmd);
     if (r.response === 0 && r.status === 0 && (write || r.residual === 0)) {
-      if (write) {
-        owner.counters.writeOps++;
-        owner.counters.writeBytes += data.length;
-      } else {
-        owner.counters.readOps++;
-        owner.counters.readBytes += data.length;
-      }
+      countTransfer(owner.counters, write, data.length, r.latencyNs);
       return value;
     }
     return owner.recover(r, cmd);
@@ -228,7 +224,7 @@ export class FakeScsiTarget implements IoQueue {
       const data = new Uint8Array(36).fill(0x20);
       data.fill(0, 0, 8);
       data[0] = unit ? (unit.spec.type ?? 0) : 0x7f;
-      data[2] = 5;
+      data[2] = unit?.spec.version ?? 5;
       data[3] = 2;
       data[4] = 31;
       data.set(Buffer.from('FAKE    TINY DISK       0042', 'latin1'), 8);

@@ -131,8 +131,7 @@ function attachError(e: unknown, trtype: string, traddr: string): RpcError {
   if (e instanceof ConnectError && e.errno === 'ENOTSOCK') {
     return new RpcError(Errno.ENODEV, `${traddr} is not a unix socket: traddr (-a) must be the target's vhost-user socket`);
   }
-  // The native connect reports the system's error text only.
-  if (/refused/i.test(text)) {
+  if (e instanceof ConnectError && e.errno === 'ECONNREFUSED') {
     return new RpcError(Errno.ECONNREFUSED, `${text}: nothing accepts connections on ${traddr}; is the target running?`);
   }
   return new RpcError(Errno.EIO, `cannot attach ${traddr}: ${text}`);
@@ -299,8 +298,9 @@ export class VirtioRpcMethods {
   }
 
   /**
-   * SPDK's iostat shape. The block devices keep no per-device counters yet, so every count is
-   * zero; `virtio_initiator_get_queue_stats` has what the request queues know.
+   * SPDK's iostat shape, from what each bdev completed in this process (ticks are nanoseconds);
+   * `reset_mode` clears the counters (or only the minimums and maximums) once reported.
+   * `virtio_initiator_get_queue_stats` has what the request queues know.
    */
   getIostat(p: RpcParams): Record<string, unknown> {
     checkKnown(p, ['name', 'names', 'per_channel', 'reset_mode']);
@@ -312,7 +312,7 @@ export class VirtioRpcMethods {
     if (optionalBool(p, 'per_channel') === true) {
       throw new RpcError(Errno.EOPNOTSUPP, 'per_channel statistics are not supported (one channel per thread here)');
     }
-    if (p.reset_mode !== undefined) oneOf(p, 'reset_mode', ['all', 'maxmin', 'error', 'none'] as const);
+    const reset = p.reset_mode === undefined ? 'none' : oneOf(p, 'reset_mode', ['all', 'maxmin', 'error', 'none'] as const);
     const wanted = [...(name === undefined ? [] : [name]), ...((names as string[] | undefined) ?? [])];
     const all = this.bdevs();
     for (const w of wanted) {
@@ -324,6 +324,8 @@ export class VirtioRpcMethods {
       ticks: Number(process.hrtime.bigint()),
       bdevs: chosen.map(([d]) => {
         const io = d.iostat;
+        // Errors are not counted per bdev: "error" has nothing to reset.
+        if (reset === 'all' || reset === 'maxmin') d.resetIostat(reset === 'maxmin');
         return {
           name: d.name,
           bytes_read: io.readBytes,
@@ -334,15 +336,15 @@ export class VirtioRpcMethods {
           num_unmap_ops: io.unmapOps,
           bytes_copied: 0,
           num_copy_ops: 0,
-          read_latency_ticks: 0,
-          max_read_latency_ticks: 0,
-          min_read_latency_ticks: 0,
-          write_latency_ticks: 0,
-          max_write_latency_ticks: 0,
-          min_write_latency_ticks: 0,
-          unmap_latency_ticks: 0,
-          max_unmap_latency_ticks: 0,
-          min_unmap_latency_ticks: 0,
+          read_latency_ticks: io.readLatencyNs,
+          max_read_latency_ticks: io.readLatencyMaxNs,
+          min_read_latency_ticks: io.readLatencyMinNs,
+          write_latency_ticks: io.writeLatencyNs,
+          max_write_latency_ticks: io.writeLatencyMaxNs,
+          min_write_latency_ticks: io.writeLatencyMinNs,
+          unmap_latency_ticks: io.unmapLatencyNs,
+          max_unmap_latency_ticks: io.unmapLatencyMaxNs,
+          min_unmap_latency_ticks: io.unmapLatencyMinNs,
           copy_latency_ticks: 0,
           max_copy_latency_ticks: 0,
           min_copy_latency_ticks: 0,

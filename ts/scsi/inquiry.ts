@@ -112,13 +112,13 @@ function vpdLabel(page: number): string {
  * declared length. Throws when the buffer holds less than the header promises.
  */
 function vpdPage(buf: Uint8Array, page: number, minPayload = 0): Uint8Array {
-  const label = vpdLabel(page);
-  requireLength(buf, 4, label);
-  if (buf[1] !== page) throw new ScsiDataError(`${label}: response carries page ${hex(buf[1] ?? 0)}`);
-  const total = 4 + dataView(buf).getUint16(2);
-  requireLength(buf, total, label);
+  // The label is built only for an error: this runs for every page of every scanned LUN.
+  if (buf.length < 4) throw new TruncatedDataError(vpdLabel(page), 4, buf.length);
+  if (buf[1] !== page) throw new ScsiDataError(`${vpdLabel(page)}: response carries page ${hex(buf[1] ?? 0)}`);
+  const total = 4 + ((buf[2]! << 8) | buf[3]!);
+  if (buf.length < total) throw new TruncatedDataError(vpdLabel(page), total, buf.length);
   if (total < 4 + minPayload) {
-    throw new ScsiDataError(`${label}: PAGE LENGTH ${total - 4} below the minimum of ${minPayload}`);
+    throw new ScsiDataError(`${vpdLabel(page)}: PAGE LENGTH ${total - 4} below the minimum of ${minPayload}`);
   }
   return buf.subarray(0, total);
 }
@@ -168,12 +168,12 @@ export function parseVpdDeviceId(buf: Uint8Array): Designator[] {
   const out: Designator[] = [];
   let off = 4;
   while (off < page.length) {
-    const what = `${vpdLabel(VpdPage.DEVICE_IDENTIFICATION)} designator ${out.length}`;
-    if (off + 4 > page.length) throw new TruncatedDataError(what, off + 4, page.length);
+    const what = (): string => `${vpdLabel(VpdPage.DEVICE_IDENTIFICATION)} designator ${out.length}`;
+    if (off + 4 > page.length) throw new TruncatedDataError(what(), off + 4, page.length);
     const b0 = page[off] ?? 0;
     const b1 = page[off + 1] ?? 0;
     const end = off + 4 + (page[off + 3] ?? 0);
-    if (end > page.length) throw new TruncatedDataError(what, end, page.length);
+    if (end > page.length) throw new TruncatedDataError(what(), end, page.length);
     const codeSet = b0 & 0x0f;
     const type = b1 & 0x0f;
     const body = page.subarray(off + 4, end);

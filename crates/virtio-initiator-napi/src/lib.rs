@@ -20,6 +20,11 @@ fn err(e: impl std::fmt::Display) -> Error {
     Error::from_reason(e.to_string())
 }
 
+/// An error whose JavaScript `code` names its cause.
+fn coded(code: &str, e: impl std::fmt::Display) -> Error<String> {
+    Error::new(code.to_owned(), e.to_string())
+}
+
 /// Size of one packed request record.
 #[napi]
 pub const SUBMIT_RECORD_SIZE: u32 = scsi::SUBMIT_RECORD_SIZE as u32;
@@ -143,12 +148,15 @@ type SharedEntry = (u32, Weak<ScsiController>);
 #[napi]
 impl Controller {
     /// Connects to a vhost-user-scsi socket and brings the device up.
+    /// A connection that fails carries its errno name (ECONNREFUSED, ...) as the error's `code`.
     #[napi(factory)]
-    pub fn connect_vhost_user(path: String, options: Option<ControllerOptions>) -> Result<Self> {
+    pub fn connect_vhost_user(path: String, options: Option<ControllerOptions>) -> Result<Self, String> {
         logger::init();
-        let opts = core_options(options)?;
-        let transport = VhostUserTransport::connect(&path).map_err(err)?;
-        let inner = ScsiController::open(Box::new(transport), &opts).map_err(err)?;
+        let generic = Status::GenericFailure.as_ref();
+        let opts = core_options(options).map_err(|e| coded(e.status.as_ref(), &e.reason))?;
+        let transport =
+            VhostUserTransport::connect(&path).map_err(|e| coded(e.errno_name().unwrap_or(generic), &e))?;
+        let inner = ScsiController::open(Box::new(transport), &opts).map_err(|e| coded(generic, &e))?;
         Ok(Controller { inner, owner: true, shared_id: None })
     }
 

@@ -147,7 +147,6 @@ pub fn run(
     }
     let mut rng = Rng(u64::from(spec.seed.unwrap_or(1)).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let mut next_seq = 0u64;
-    let mut started = vec![Instant::now(); depth];
     let mut histogram = vec![0u64; BUCKETS];
     let (mut sum_ns, mut max_ns) = (0u64, 0u32);
     let (mut issued, mut done, mut errors, mut reads, mut writes) = (0u64, 0u64, 0u64, 0u64, 0u64);
@@ -180,8 +179,7 @@ pub fn run(
         unsafe { channel.push(&rec, Some(HostBuffer { ptr: b.as_ptr(), len: b.len() })) }
     };
 
-    for (token, start) in started.iter_mut().enumerate().take(depth.min(limit_ios as usize)) {
-        *start = Instant::now();
+    for token in 0..depth.min(limit_ios as usize) {
         if !push(channel, token)? {
             return Err(bad("the ring took fewer requests than the queue depth".into()));
         }
@@ -192,8 +190,10 @@ pub fn run(
     let mut finished = Vec::with_capacity(depth);
     while in_flight > 0 {
         finished.clear();
+        // The channel times each request from its submission to the poll that found it.
         channel.complete(depth, |_, rec, _| {
-            finished.push((rec.token as usize, rec.response == 0 && rec.status == 0))
+            let ns = rec.latency_ns.min(u64::from(u32::MAX)) as u32;
+            finished.push((rec.token as usize, rec.response == 0 && rec.status == 0, ns))
         })?;
         if finished.is_empty() {
             continue;
@@ -202,8 +202,7 @@ pub fn run(
         if !stop && (issued >= limit_ios || limit_time.is_some_and(|t| now - t0 >= t)) {
             stop = true;
         }
-        for &(token, ok) in &finished {
-            let ns = (now - started[token]).as_nanos().min(u128::from(u32::MAX)) as u32;
+        for &(token, ok, ns) in &finished {
             histogram[bucket(ns)] += 1;
             sum_ns += u64::from(ns);
             max_ns = max_ns.max(ns);
@@ -213,7 +212,6 @@ pub fn run(
                 errors += 1;
             }
             if !stop && issued < limit_ios {
-                started[token] = now;
                 if !push(channel, token)? {
                     return Err(bad("the ring refused a request while below the queue depth".into()));
                 }

@@ -51,6 +51,8 @@ struct Slot {
     /// Bytes of the data-in buffer (0 for other directions): the most data the device can
     /// have returned, whatever its used length says.
     data_in: u32,
+    /// When the request went down, in nanoseconds of the channel's clock.
+    submitted: u64,
 }
 
 /// What became of one record offered to the ring.
@@ -79,6 +81,10 @@ pub struct RequestChannel {
     /// The queue was given back without the device being stopped: the memory of its requests
     /// may still be written, so it is never freed.
     leak: bool,
+    /// Zero of the clock that times requests.
+    epoch: Instant,
+    /// When the requests queued since the last publish went down: one clock read per batch.
+    batch_time: Option<u64>,
 }
 
 // SAFETY: the raw caller pointers in `Slot` refer to memory the caller keeps alive until the
@@ -104,6 +110,8 @@ impl RequestChannel {
             spans: controller.memory_spans(),
             waiting_since: None,
             leak: false,
+            epoch: Instant::now(),
+            batch_time: None,
         })
     }
 
@@ -269,7 +277,9 @@ impl RequestChannel {
                     (Direction::FromDevice, Some(b)) => b.len as u32,
                     _ => 0,
                 };
-                self.slots[slot as usize] = Some(Slot { token: rec.token, copy_back, bounce, data_in });
+                let submitted = self.batch_now();
+                self.slots[slot as usize] =
+                    Some(Slot { token: rec.token, copy_back, bounce, data_in, submitted });
                 Ok(Added::Queued)
             }
             Err(QueueError::Full) => {
@@ -319,6 +329,8 @@ impl RequestChannel {
             n += 1;
         }
         let mut sense = [0u8; SENSE_SIZE];
+        // Read once, at the first completion: every completion of this poll was found now.
+        let mut found_at = None;
         while n < max {
             let parts = self.parts()?;
             let done = match parts.queue.pop_used() {
@@ -339,8 +351,13 @@ impl RequestChannel {
             let base = slot_no * SLOT_BYTES + RESPONSE_AT;
             let mut head = [0u8; 12];
             self.headers.read_at(base, &mut head)?;
-            let mut rec =
-                CompletionRecord { token: slot.token, response: response::FAILURE, ..Default::default() };
+            let now = *found_at.get_or_insert_with(|| nanos_since(self.epoch));
+            let mut rec = CompletionRecord {
+                token: slot.token,
+                response: response::FAILURE,
+                latency_ns: now.saturating_sub(slot.submitted),
+                ..Default::default()
+            };
             // A response the device did not wholly write (short used length, or the sentinel
             // still in place) cannot be trusted: FAILURE, and no data.
             if done.len as usize >= CmdResponse::SIZE && head[RESPONSE_BYTE] != NO_RESPONSE {
@@ -398,8 +415,16 @@ impl RequestChannel {
         }
     }
 
+    /// The submission time of the batch being queued: the clock is read at its first request,
+    /// so polls that submit nothing do not read it.
+    fn batch_now(&mut self) -> u64 {
+        let epoch = self.epoch;
+        *self.batch_time.get_or_insert_with(|| nanos_since(epoch))
+    }
+
     /// Makes the queued requests visible to the device, notifying it when it asks to be.
     pub fn publish(&mut self) -> Result<(), ScsiError> {
+        self.batch_time = None;
         let parts = self.parts()?;
         if parts.queue.publish() {
             parts.handle.notifier.notify().map_err(crate::transport::TransportError::from)?;
@@ -466,6 +491,10 @@ impl RequestChannel {
         self.free = (0..self.slots.len() as u16).rev().collect();
         self.refused.clear();
     }
+}
+
+fn nanos_since(epoch: Instant) -> u64 {
+    epoch.elapsed().as_nanos() as u64
 }
 
 /// True when `len` bytes at host address `host` lie in DMA memory (possibly across regions

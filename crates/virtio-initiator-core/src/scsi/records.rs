@@ -18,7 +18,7 @@
 //! | 16 | CDB (kind CDB, 32 bytes), or u64 LBA at 16 and u32 blocks at 24 (READ, WRITE) |
 //! | 48 | u64 data: a host address inside DMA memory (flag), else an index into the buffer list |
 //!
-//! Completion record, 16 bytes, followed in the completion area by one 96-byte sense slot per
+//! Completion record, 24 bytes, followed in the completion area by one 96-byte sense slot per
 //! record (sense bytes are copied only when the device returned some):
 //!
 //! | offset | field |
@@ -29,11 +29,12 @@
 //! | 6 | u16 sense length |
 //! | 8 | u32 residual |
 //! | 12 | u32 bytes written into the data-in buffer |
+//! | 16 | u64 nanoseconds from submission to the poll that found the completion |
 
 use virtio_scsi_proto::{LunAddress, CDB_SIZE, SENSE_SIZE};
 
 pub const SUBMIT_RECORD_SIZE: usize = 64;
-pub const COMPLETION_RECORD_SIZE: usize = 16;
+pub const COMPLETION_RECORD_SIZE: usize = 24;
 /// Bytes of the completion area per record: the record and its sense slot.
 pub const COMPLETION_SLOT_SIZE: usize = COMPLETION_RECORD_SIZE + SENSE_SIZE;
 
@@ -206,10 +207,12 @@ pub struct CompletionRecord {
     pub residual: u32,
     /// Bytes the device wrote into the data-in buffer.
     pub data_len: u32,
+    /// From the submission to the poll that found the completion (0 for a refused request).
+    pub latency_ns: u64,
 }
 
 impl CompletionRecord {
-    /// Writes the record at `out[0..16]`.
+    /// Writes the record at `out[0..24]`.
     pub fn encode(&self, out: &mut [u8]) {
         out[0..4].copy_from_slice(&self.token.to_le_bytes());
         out[4] = self.response;
@@ -217,6 +220,7 @@ impl CompletionRecord {
         out[6..8].copy_from_slice(&self.sense_len.to_le_bytes());
         out[8..12].copy_from_slice(&self.residual.to_le_bytes());
         out[12..16].copy_from_slice(&self.data_len.to_le_bytes());
+        out[16..24].copy_from_slice(&self.latency_ns.to_le_bytes());
     }
 }
 
@@ -237,11 +241,9 @@ impl<'a> CompletionArea<'a> {
         self.max
     }
 
+    /// Writes record `n` (every byte of it).
     pub fn put(&mut self, n: usize, rec: &CompletionRecord) {
-        self.out[n * COMPLETION_RECORD_SIZE..(n + 1) * COMPLETION_RECORD_SIZE]
-            .iter_mut()
-            .for_each(|b| *b = 0);
-        rec.encode(&mut self.out[n * COMPLETION_RECORD_SIZE..]);
+        rec.encode(&mut self.out[n * COMPLETION_RECORD_SIZE..(n + 1) * COMPLETION_RECORD_SIZE]);
     }
 
     /// The sense slot of record `n`.
@@ -338,14 +340,16 @@ mod tests {
                 sense_len: 18,
                 residual: 512,
                 data_len: 100,
+                latency_ns: 1 << 40 | 7,
             },
         );
         area.sense_mut(1)[2] = 5;
-        let rec = &out[16..32];
+        let rec = &out[COMPLETION_RECORD_SIZE..2 * COMPLETION_RECORD_SIZE];
         assert_eq!(&rec[0..4], &9u32.to_le_bytes());
         assert_eq!((rec[5], u16::from_le_bytes([rec[6], rec[7]])), (2, 18));
         assert_eq!(&rec[8..12], &512u32.to_le_bytes());
         assert_eq!(&rec[12..16], &100u32.to_le_bytes());
+        assert_eq!(&rec[16..24], &(1u64 << 40 | 7).to_le_bytes());
         assert_eq!(out[4 * COMPLETION_RECORD_SIZE + SENSE_SIZE + 2], 5);
     }
 }

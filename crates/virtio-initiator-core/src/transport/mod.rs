@@ -36,6 +36,25 @@ pub enum TransportError {
     Io(#[from] io::Error),
 }
 
+impl TransportError {
+    /// The errno name of a failed connection (ECONNREFUSED, ENOENT, ...), for callers that act
+    /// on the cause rather than the text.
+    pub fn errno_name(&self) -> Option<&'static str> {
+        let TransportError::Connect { source, .. } = self else { return None };
+        Some(match source.raw_os_error()? {
+            libc::ECONNREFUSED => "ECONNREFUSED",
+            libc::ENOENT => "ENOENT",
+            libc::ENOTSOCK => "ENOTSOCK",
+            libc::EACCES => "EACCES",
+            libc::EPERM => "EPERM",
+            libc::ETIMEDOUT => "ETIMEDOUT",
+            libc::ECONNRESET => "ECONNRESET",
+            libc::EAGAIN => "EAGAIN",
+            _ => return None,
+        })
+    }
+}
+
 pub type Result<T> = std::result::Result<T, TransportError>;
 
 /// Where a ring's three parts live, both as the device addresses them (IOVA) and in our own
