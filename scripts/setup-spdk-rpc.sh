@@ -21,41 +21,20 @@ VERSION=26.9
 NAME=setup-spdk-rpc
 source "$REPO/scripts/lib/setup-args.sh"
 
+source "$REPO/scripts/lib/venv.sh"
+
 BIN=$ROOT/bin/spdk-rpc
 PY=$ROOT/bin/python
-
-# The environment's own pip metadata says which version is installed; the script alone could
-# be left over from another one.
-installed() {
-  [ -x "$BIN" ] && [ -x "$PY" ] &&
-    [ "$("$PY" -c "import importlib.metadata as m; print(m.version('$PACKAGE'))" 2>/dev/null)" = "$VERSION" ]
-}
+installed() { [ -x "$BIN" ] && venv_has "$PY" "$PACKAGE" "$VERSION"; }
 
 if [ "$FORCE" = 0 ] && installed; then
   exit 0
 fi
 
-command -v python3 >/dev/null 2>&1 ||
-  die "python3 is not on PATH: install Python 3.9 or later (Debian: apt-get install python3 python3-venv)"
-python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 9) else 1)' ||
-  die "$PACKAGE $VERSION needs Python 3.9 or later; python3 is $(python3 --version 2>&1)"
-
-mkdir -p "$(dirname "$ROOT")" || die "cannot create $(dirname "$ROOT")"
-LOG=$(dirname "$ROOT")/install-spdk-rpc.log
-say "installing $PACKAGE $VERSION into $ROOT (log: $LOG)"
 start=$SECONDS
-rm -rf "$ROOT"
-if ! python3 -m venv "$ROOT" >"$LOG" 2>&1; then
-  tail -n 10 "$LOG" >&2
-  die "python3 -m venv failed (Debian: apt-get install python3-venv); the SPDK client tests skip without it (and fail under CI=true)"
-fi
-if ! "$PY" -m pip install --disable-pip-version-check --no-input "$PACKAGE==$VERSION" >>"$LOG" 2>&1; then
-  echo "setup-spdk-rpc: pip install $PACKAGE==$VERSION failed; last lines of $LOG:" >&2
-  tail -n 25 "$LOG" >&2
-  die "the SPDK client tests skip without it (and fail under CI=true); PyPI must be reachable"
-fi
-
-installed || die "pip finished but $BIN ($PACKAGE $VERSION) is not there; see $LOG"
+venv_create "$ROOT" "$(dirname "$ROOT")/install-spdk-rpc.log" \
+  "the SPDK client tests skip without it (and fail under CI=true)" "$PACKAGE==$VERSION"
+installed || die "pip finished but $BIN ($PACKAGE $VERSION) is not there; see $(dirname "$ROOT")/install-spdk-rpc.log"
 # The command must start: its --help parses every subcommand's arguments.
-"$BIN" --help >/dev/null 2>&1 || die "$BIN does not run (try --force); see $LOG"
+"$BIN" --help >/dev/null 2>&1 || die "$BIN does not run (try --force)"
 say "installed $BIN ($PACKAGE $VERSION) in $((SECONDS - start)) s"

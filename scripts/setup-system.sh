@@ -47,7 +47,8 @@ IS_ROOT=0
 # package -> a file it must provide (busybox must be the static build: it is
 # copied into the guest initramfs, which has no libc)
 PKGS="qemu-system-x86:/usr/bin/qemu-system-x86_64 busybox-static:/bin/busybox kmod:/sbin/depmod
-cpio:/usr/bin/cpio xz-utils:/usr/bin/xz file:/usr/bin/file util-linux:/usr/bin/flock"
+cpio:/usr/bin/cpio xz-utils:/usr/bin/xz file:/usr/bin/file util-linux:/usr/bin/flock
+python3-venv:/usr/share/doc/python3-venv binutils:/usr/bin/objdump"
 pkg_installed() {
   [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]
 }

@@ -2,20 +2,43 @@
 // socket, wait until it listens, drive it through its control socket, and
 // stop it. The demo, the tests and the benchmarks all use it.
 import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { stat } from 'node:fs/promises';
+import { createRequire } from 'node:module';
 import { connect, type Socket } from 'node:net';
+import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 
+const TARGET_FILE = 'vhost-user-scsi-target';
+
+/** The npm platform package of this machine, as napi-rs names them (linux-x64-gnu, ...). */
+function platformName(): string {
+  const arch = process.arch === 'arm64' ? 'arm64' : process.arch;
+  // glibcVersionRuntime is present exactly when Node runs on glibc.
+  const header = (process.report?.getReport() as { header?: { glibcVersionRuntime?: string } } | undefined)?.header;
+  return `${process.platform}-${arch}-${header?.glibcVersionRuntime ? 'gnu' : 'musl'}`;
+}
+
 /**
- * The target binary: `$VHOST_USER_SCSI_TARGET`, else the release build in this checkout
- * (`cargo build --release -p vhost-user-scsi-target`).
+ * The target binary: `$VHOST_USER_SCSI_TARGET`, else the one in this machine's platform package
+ * (`virtio-initiator-linux-x64-gnu`, ...; in a checkout, its folder `npm/<platform>/` after
+ * `npm run build`), else a local `cargo build --release -p vhost-user-scsi-target`.
  */
 export function defaultTargetBinary(): string {
-  return (
-    process.env.VHOST_USER_SCSI_TARGET ??
-    fileURLToPath(new URL('../target/release/vhost-user-scsi-target', import.meta.url))
-  );
+  const fromEnv = process.env.VHOST_USER_SCSI_TARGET;
+  if (fromEnv) return fromEnv;
+  const platform = platformName();
+  const candidates: string[] = [];
+  try {
+    const pkg = createRequire(import.meta.url).resolve(`virtio-initiator-${platform}/package.json`);
+    candidates.push(join(dirname(pkg), TARGET_FILE));
+  } catch {
+    // Not installed (a checkout, or a platform without a prebuilt package).
+  }
+  candidates.push(fileURLToPath(new URL(`../npm/${platform}/${TARGET_FILE}`, import.meta.url)));
+  const local = fileURLToPath(new URL(`../target/release/${TARGET_FILE}`, import.meta.url));
+  return candidates.find((c) => existsSync(c)) ?? local;
 }
 
 export interface TargetOptions {

@@ -56,16 +56,6 @@ export { startRpcServer, type RpcServer, type StartRpcServerOptions } from './rp
 export { LOG_LEVELS, logLevel, setLogLevel, type LogLevel } from './log.js';
 export { bindVfioPci, listPciDevices, unbindVfioPci, type PciDeviceInfo } from './pci.js';
 export {
-  ControlClient,
-  ControlError,
-  defaultTargetBinary,
-  startTarget,
-  TargetProcess,
-  type Fault,
-  type LunInfo,
-  type TargetOptions,
-} from './bundled-target.js';
-export {
   RequestQueue,
   RequestRefusedError,
   type CommandExecutor,

@@ -86,7 +86,7 @@ export function requireFile(path: string, hint: string): Requirement {
 export const requireTargetBinary: Requirement = () => {
   const bin = targetBinary();
   if (!existsSync(bin)) {
-    return `${bin} is missing (cargo build --release -p vhost-user-scsi-target)`;
+    return `${bin} is missing (npm run build)`;
   }
   return executable(bin) ? undefined : `${bin} is not executable`;
 };

@@ -26,7 +26,7 @@ export const target: Subcommand = {
       };
       child.once('error', (e) => {
         done();
-        const hint = 'cargo build --release -p vhost-user-scsi-target, or set VHOST_USER_SCSI_TARGET';
+        const hint = 'install the platform package, run npm run build in a checkout, or set VHOST_USER_SCSI_TARGET';
         reject(new Error(`cannot run ${binary}: ${e.message} (${hint})`));
       });
       child.once('exit', (code, signal) => {
