@@ -36,5 +36,5 @@ npx napi build --platform --release --cross-compile --target "$link_target" \
 addon=native/virtio-initiator.$platform.node
 [ -f "$addon" ] || die "the addon build left no $addon"
 cp "$addon" "npm/$platform/"
-cp "target/$target/release/vhost-user-scsi-target" "npm/$platform/"
+cp "${CARGO_TARGET_DIR:-target}/$target/release/vhost-user-scsi-target" "npm/$platform/"
 npx tsc -p tsconfig.json
