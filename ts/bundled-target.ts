@@ -10,15 +10,9 @@ import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 
-const TARGET_FILE = 'vhost-user-scsi-target';
+import { platformNames } from './platform.js';
 
-/** The npm platform package of this machine, as napi-rs names them (linux-x64-gnu, ...). */
-function platformName(): string {
-  const arch = process.arch === 'arm64' ? 'arm64' : process.arch;
-  // glibcVersionRuntime is present exactly when Node runs on glibc.
-  const header = (process.report?.getReport() as { header?: { glibcVersionRuntime?: string } } | undefined)?.header;
-  return `${process.platform}-${arch}-${header?.glibcVersionRuntime ? 'gnu' : 'musl'}`;
-}
+const TARGET_FILE = 'vhost-user-scsi-target';
 
 /**
  * The target binary: `$VHOST_USER_SCSI_TARGET`, else the one in this machine's platform package
@@ -28,15 +22,18 @@ function platformName(): string {
 export function defaultTargetBinary(): string {
   const fromEnv = process.env.VHOST_USER_SCSI_TARGET;
   if (fromEnv) return fromEnv;
-  const platform = platformName();
   const candidates: string[] = [];
-  try {
-    const pkg = createRequire(import.meta.url).resolve(`virtio-initiator-${platform}/package.json`);
-    candidates.push(join(dirname(pkg), TARGET_FILE));
-  } catch {
-    // Not installed (a checkout, or a platform without a prebuilt package).
+  const require = createRequire(import.meta.url);
+  for (const platform of platformNames()) {
+    try {
+      candidates.push(join(dirname(require.resolve(`virtio-initiator-${platform}/package.json`)), TARGET_FILE));
+    } catch {
+      // Not installed (a checkout, or a platform without a prebuilt package).
+    }
   }
-  candidates.push(fileURLToPath(new URL(`../npm/${platform}/${TARGET_FILE}`, import.meta.url)));
+  for (const platform of platformNames()) {
+    candidates.push(fileURLToPath(new URL(`../npm/${platform}/${TARGET_FILE}`, import.meta.url)));
+  }
   const local = fileURLToPath(new URL(`../target/release/${TARGET_FILE}`, import.meta.url));
   return candidates.find((c) => existsSync(c)) ?? local;
 }

@@ -7,6 +7,7 @@
 import { createRequire } from 'node:module';
 
 import type * as NativeModule from '../native/index.cjs';
+import { platformNames } from './platform.js';
 import { CompletionRecord, RESPONSE_REFUSED, SubmitRecord } from './records.js';
 
 export type Native = typeof NativeModule;
@@ -26,6 +27,25 @@ export class NativeLoadError extends Error {
   }
 }
 
+/**
+ * The addon of this machine's platform, from this checkout's build or the installed platform
+ * package, loaded directly: napi-rs's generated loader, the fallback, probes for the C library
+ * and other platforms first, which costs a few milliseconds of every process start.
+ */
+function loadDirect(require: NodeJS.Require): Native | undefined {
+  if (process.platform !== 'linux' || process.env.NAPI_RS_NATIVE_LIBRARY_PATH) return undefined;
+  for (const platform of platformNames()) {
+    for (const id of [`../native/virtio-initiator.${platform}.node`, `virtio-initiator-${platform}`]) {
+      try {
+        return require(id) as Native;
+      } catch {
+        // Not here (or not for this C library): the next candidate, then the generated loader.
+      }
+    }
+  }
+  return undefined;
+}
+
 let loaded: Native | undefined;
 let loadError: NativeLoadError | undefined;
 
@@ -34,7 +54,8 @@ export function loadNative(): Native {
   if (loaded) return loaded;
   if (loadError) throw loadError;
   try {
-    const mod = createRequire(import.meta.url)('../native/index.cjs') as Native;
+    const require = createRequire(import.meta.url);
+    const mod = loadDirect(require) ?? (require('../native/index.cjs') as Native);
     // The record layouts are compiled into both sides; a mismatch means a stale binary.
     if (
       mod.SUBMIT_RECORD_SIZE !== SubmitRecord.SIZE ||

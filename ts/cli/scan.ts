@@ -2,6 +2,7 @@
 // table (or one JSON object with --json), with the time attaching and scanning took.
 
 import { performance } from 'node:perf_hooks';
+import { setFlagsFromString } from 'node:v8';
 
 import { attachAll, loadConfig } from '../config/index.js';
 import { Controller } from '../controller.js';
@@ -133,6 +134,9 @@ export const scan: Subcommand = {
       process.stdout.write(HELP);
       return 0;
     }
+    // A scan runs each code path a few thousand times at most and then the process ends:
+    // optimizing compilation costs more than it saves (256 LUNs on one core: 85 ms -> 43 ms).
+    setFlagsFromString('--no-opt');
     // A trace is logged at level trace: asking for it lowers the level that far.
     const level = cfg.trace ? 'trace' : cfg.logLevel;
     if (level !== undefined) setLogLevel(level);
