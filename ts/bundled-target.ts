@@ -38,6 +38,8 @@ export function defaultTargetBinary(): string {
   return candidates.find((c) => existsSync(c)) ?? local;
 }
 
+export type TargetQuirk = 'tmf-zero-used-len';
+
 export interface TargetOptions {
   /** vhost-user socket path; must not exist yet. */
   socket: string;
@@ -52,6 +54,11 @@ export interface TargetOptions {
   poll?: boolean;
   /** Poll threads sharing the request queues (`--poll-threads`); needs `poll`. */
   pollThreads?: number;
+  /**
+   * Deviations of other targets to reproduce (`--quirk`): `tmf-zero-used-len` answers task
+   * management with the response written but a used length of 0.
+   */
+  quirks?: readonly TargetQuirk[];
   /**
    * Run in a process group of its own, so that a Ctrl-C at the terminal reaches only the
    * parent, which then stops the target when it is done with it.
@@ -153,6 +160,7 @@ export function targetArgs(opts: TargetOptions): string[] {
   if (opts.maxTarget !== undefined) args.push('--max-target', String(opts.maxTarget));
   if (opts.poll === true) args.push('--poll');
   if (opts.pollThreads !== undefined) args.push('--poll-threads', String(opts.pollThreads));
+  for (const q of opts.quirks ?? []) args.push('--quirk', q);
   return args;
 }
 

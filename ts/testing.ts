@@ -13,4 +13,5 @@ export {
   type Fault,
   type LunInfo,
   type TargetOptions,
+  type TargetQuirk,
 } from './bundled-target.js';

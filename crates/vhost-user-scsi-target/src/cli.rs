@@ -25,6 +25,9 @@ options:
                        is told not to kick, and each poll thread keeps a CPU busy while a
                        frontend has rings running
   --poll-threads N     poll threads sharing the request queues (default 1, at most --queues)
+  --quirk NAME         behave like other targets do, for tests of initiators (repeatable):
+                         tmf-zero-used-len   task management answers with the response
+                                             written but a used length of 0
   -v, --verbose        log each request (RUST_LOG=debug works too)
   -h, --help           this text
 ";
@@ -39,7 +42,23 @@ pub struct Args {
     pub max_target: Option<u8>,
     /// Poll threads, when the request queues are polled.
     pub poll_threads: Option<u16>,
+    pub quirks: Vec<Quirk>,
     pub verbose: bool,
+}
+
+/// Deviations from the virtio specification that other targets have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quirk {
+    TmfZeroUsedLen,
+}
+
+impl Quirk {
+    fn parse(name: &str) -> Result<Quirk, String> {
+        match name {
+            "tmf-zero-used-len" => Ok(Quirk::TmfZeroUsedLen),
+            other => Err(format!("--quirk: unknown quirk '{other}' (known: tmf-zero-used-len)")),
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -59,6 +78,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<(Parsed, Option<A
     let mut max_target = None;
     let mut poll = false;
     let mut poll_threads = None;
+    let mut quirks = Vec::new();
     let mut verbose = false;
     while let Some(arg) = it.next() {
         let (name, inline) = match arg.split_once('=') {
@@ -100,6 +120,9 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<(Parsed, Option<A
                 max_target = Some(
                     v.parse().map_err(|_| format!("--max-target: '{v}' is not a number from 0 to 255"))?,
                 );
+            }
+            "--quirk" => {
+                quirks.push(Quirk::parse(&value("a quirk name")?)?);
             }
             "--poll" => {
                 if inline.is_some() {
@@ -146,7 +169,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<(Parsed, Option<A
     };
     Ok((
         Parsed::Run,
-        Some(Args { socket, control, luns, queues, queue_size, max_target, poll_threads, verbose }),
+        Some(Args { socket, control, luns, queues, queue_size, max_target, poll_threads, quirks, verbose }),
     ))
 }
 
@@ -193,6 +216,11 @@ mod tests {
 
     #[test]
     fn poll_options() {
+        assert_eq!(
+            run(&["--socket", "s", "--quirk", "tmf-zero-used-len"]).unwrap().quirks,
+            [Quirk::TmfZeroUsedLen]
+        );
+        assert!(run(&["--socket", "s", "--quirk", "nope"]).unwrap_err().contains("unknown quirk 'nope'"));
         assert_eq!(run(&["--socket", "s"]).unwrap().poll_threads, None);
         assert_eq!(run(&["--socket", "s", "--poll"]).unwrap().poll_threads, Some(1));
         let a = run(&["--socket", "s", "--poll-threads", "3", "--poll", "--queues", "4"]).unwrap();

@@ -47,6 +47,7 @@ fn run(args: cli::Args) -> Result<(), String> {
         request_queues: args.queues,
         queue_size: args.queue_size,
         poll_threads: args.poll_threads,
+        tmf_zero_used_len: args.quirks.contains(&cli::Quirk::TmfZeroUsedLen),
     };
     let backend = ScsiBackend::new(bus.clone(), opts);
 

@@ -29,7 +29,14 @@ impl Inner {
         let kind = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
         match kind {
             ctrl::TMF => match TmfRequest::decode(&raw[..n]) {
-                Some(req) => reply(segs, mem, &[self.task_management(req)]),
+                Some(req) => {
+                    let used = reply(segs, mem, &[self.task_management(req)]);
+                    if self.opts.tmf_zero_used_len {
+                        0
+                    } else {
+                        used
+                    }
+                }
                 None => reply(segs, mem, &[response::FAILURE]),
             },
             ctrl::AN_QUERY | ctrl::AN_SUBSCRIBE => match AnRequest::decode(&raw[..n]) {

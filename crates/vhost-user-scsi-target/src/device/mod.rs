@@ -53,6 +53,9 @@ pub struct DeviceOptions {
     pub queue_size: u16,
     /// Busy-poll the request queues with this many threads instead of waiting for kicks.
     pub poll_threads: Option<u16>,
+    /// Quirk of some vhost targets, reproduced for tests: task management completes with its
+    /// response written but a used length of 0.
+    pub tmf_zero_used_len: bool,
 }
 
 /// The vhost-user backend. Cheap to clone: every clone shares one device state, and each new

@@ -30,6 +30,9 @@ const EVENT_BUFFERS: u16 = 8;
 /// Segments a request uses at most: header, data-out, response, data-in.
 pub(super) const SEGMENTS_PER_REQUEST: u16 = 4;
 const TMF_TIMEOUT: Duration = Duration::from_secs(1);
+/// Written into a task management response before it goes down: no virtio-scsi response has
+/// this value, so a device that answers without writing one is told apart.
+const TMF_NO_RESPONSE: u8 = 0xff;
 /// How far DMA memory grows by default (at least; four times the initial pool when that is more).
 const DEFAULT_MEMORY_LIMIT: u64 = 256 << 20;
 
@@ -459,7 +462,7 @@ impl ScsiController {
         let buf_len = TmfRequest::SIZE + TmfRequest::RESPONSE_SIZE;
         let mut buf = self.alloc_dma(buf_len, 64)?;
         buf.write_at(0, &TmfRequest { subtype, lun: addr.encode(), tag }.encode())?;
-        buf.write_at(TmfRequest::SIZE, &[0xff])?;
+        buf.write_at(TmfRequest::SIZE, &[TMF_NO_RESPONSE])?;
         let token = cq.next_token;
         cq.next_token += 1;
         cq.queue.add(
@@ -482,7 +485,10 @@ impl ScsiController {
                     }
                     let mut resp = [0u8; 1];
                     buf.read_at(TmfRequest::SIZE, &mut resp)?;
-                    if done.len < 1 {
+                    // Liberal where targets are sloppy: some complete task management with the
+                    // response written but a used length of 0. The sentinel tells a written
+                    // response from an untouched one; data requests keep the strict rules.
+                    if done.len < 1 && resp[0] == TMF_NO_RESPONSE {
                         return Ok(response::FAILURE);
                     }
                     return Ok(resp[0]);
