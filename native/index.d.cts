@@ -105,6 +105,12 @@ export declare class Controller {
   get closed(): boolean
   /** Why the controller failed, or null while it works. */
   get failure(): string | null
+  /**
+   * Asks the transport whether the device is still there (a vhost-user socket that closed,
+   * a PCI function that needs a reset); returns why the controller failed, or null. Cheap
+   * enough to call from a timer while idle.
+   */
+  checkAlive(): string | null
   /** Stops the device and lets it go (the owner), or releases this thread's hold on it. */
   close(): void
 }

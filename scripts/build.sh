@@ -35,6 +35,8 @@ npx napi build --platform --release --cross-compile --target "$link_target" \
 
 addon=native/virtio-initiator.$platform.node
 [ -f "$addon" ] || die "the addon build left no $addon"
-cp "$addon" "npm/$platform/"
-cp "${CARGO_TARGET_DIR:-target}/$target/release/vhost-user-scsi-target" "npm/$platform/"
+# Copied under a temporary name and renamed: a running target keeps its old file.
+place() { cp "$1" "$2.tmp" && mv -f "$2.tmp" "$2"; }
+place "$addon" "npm/$platform/virtio-initiator.$platform.node"
+place "${CARGO_TARGET_DIR:-target}/$target/release/vhost-user-scsi-target" "npm/$platform/vhost-user-scsi-target"
 npx tsc -p tsconfig.json

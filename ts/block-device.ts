@@ -3,7 +3,7 @@
 // split to the device's and the transport's limits.
 
 import { isIllegalRequest, type RetryPolicy, runCommand, type RunOptions, throwForResult } from './command.js';
-import { ClosedError, DeviceError, NotSupportedError, TaskManagementError, VirtioResponse } from './errors.js';
+import { ClosedError, DeviceError, DeviceRemovedError, NotSupportedError, TaskManagementError, VirtioResponse } from './errors.js';
 import { type CommandResult, countTransfer, type IoQueue, type ScsiCommand, type TransferCounters, type TransferOwner } from './queue.js';
 import { type Geometry, readGeometry, type ScannedLun } from './scan.js';
 import {
@@ -38,6 +38,8 @@ export interface DeviceContext {
   /** Largest single request the caller allows, in bytes (0 = no extra cap). */
   readonly maxTransferBytes: number;
   readonly policy: Readonly<RetryPolicy>;
+  /** Called when a refresh or rescan finds a different capacity or block size. */
+  onGeometryChange?(device: BlockDevice, before: Geometry): void;
 }
 
 export interface IoOptions {
@@ -503,9 +505,17 @@ export class BlockDevice {
     this.zeroStrategy = this.initialZeroStrategy();
   }
 
-  /** Marks the device gone (LUN removed, controller closed): every later call rejects. */
-  detach(reason: string): void {
-    this.removed ??= new ClosedError(`${this.name}: ${reason}`);
+  /**
+   * Marks the device gone: every later call rejects, and so does a pending one that fails, with
+   * DeviceRemovedError when the logical unit left the target, else ClosedError.
+   */
+  detach(reason: string, removed = false): void {
+    this.removed ??= removed ? new DeviceRemovedError(this.name, reason) : new ClosedError(`${this.name}: ${reason}`);
+  }
+
+  /** Whether `detach` was called. */
+  get detached(): boolean {
+    return this.removed !== undefined;
   }
 
   private checkUsable(): void {
@@ -543,8 +553,13 @@ export class BlockDevice {
   private run(cmd: Omit<ScsiCommand, 'target' | 'lun'>, opts: IoOptions): Promise<CommandResult> {
     const full: ScsiCommand = { target: this.target, lun: this.lun, ...cmd };
     if (opts.signal) full.signal = opts.signal;
-    return runCommand(this.ctx.executor(), full, this.runOptions);
+    return runCommand(this.ctx.executor(), full, this.runOptions).catch(this.removedOr);
   }
+
+  /** A failure of a command on a device that was removed meanwhile is the removal. */
+  private readonly removedOr = (e: unknown): never => {
+    throw this.removed ?? e;
+  };
 
   /**
    * READ or WRITE of `blocks` blocks from `buf` at `lba` (checked). One command with an LBA
@@ -579,7 +594,7 @@ export class BlockDevice {
       const r = await runCommand(this.ctx.executor(), cmd, this.runOptions);
       this.checkTransferred(r, cmd);
       this.counted(cmd, r);
-    }).then(() => value);
+    }).then(() => value, this.removedOr);
   }
 
   /**
@@ -593,7 +608,7 @@ export class BlockDevice {
         this.checkTransferred(r, cmd);
         this.counted(cmd, r);
         return cmd.dataIn;
-      }),
+      }, this.removedOr),
   };
 
   /** Adds a READ or WRITE that completed outside the queue's fast path to the counters. */
@@ -631,7 +646,11 @@ export class BlockDevice {
   }
 
   private setGeometry(g: Geometry): void {
+    const before = this.geometry as Geometry | undefined;
     this.geometry = g;
+    if (before && (before.blockCount !== g.blockCount || before.blockSize !== g.blockSize)) {
+      this.ctx.onGeometryChange?.(this, before);
+    }
     this.blockCountNumber = Number(g.blockCount);
     this.cachedInfo = undefined;
   }

@@ -1,16 +1,18 @@
 // A virtio-scsi controller: the connection to one device (a vhost-user socket today, a VFIO PCI
 // function later), its request queue for the calling thread, the scan and the block devices.
 
+import { EventEmitter } from 'node:events';
 import { stat } from 'node:fs/promises';
 
 import { BlockDevice, type DeviceContext } from './block-device.js';
 import { DEFAULT_RETRY_POLICY, type RetryPolicy } from './command.js';
-import { ClosedError, CONNECT_ERRNOS, ConnectError, InitiatorError } from './errors.js';
+import { ClosedError, CONNECT_ERRNOS, ConnectError, ControllerFailedError, InitiatorError } from './errors.js';
 import { loadNative, type NativeChannel, type NativeController, type NativeControllerOptions } from './native.js';
 import { log } from './log.js';
 import { RequestQueue, type RequestQueueStats } from './queue.js';
 import { PCI_ADDRESS } from './pci.js';
-import { lunName, type ScannedLun, scanTargets, type ScanResult } from './scan.js';
+import { type Geometry, lunName, type ScannedLun, scanTargets, type ScanResult } from './scan.js';
+import { type EventPlan, EventWatcher } from './watch.js';
 
 /**
  * How to reach the device: a vhost-user-scsi socket, or a virtio-scsi PCI function bound to
@@ -177,7 +179,30 @@ async function checkSocket(path: string, label: string): Promise<void> {
   if (!st.isSocket()) throw new ConnectError(label, 'not a unix socket', { errno: 'ENOTSOCK' });
 }
 
-export class Controller implements AsyncDisposable {
+/**
+ * What a controller tells its listeners (`ctrl.on('device-added', (dev) => ...)`). Events are
+ * watched by the controller that opened the device (not by those attached in worker threads).
+ */
+export interface ControllerEventMap {
+  /** A scan or a hot-plug event found a disk (every disk of the first scan, too). */
+  'device-added': [device: BlockDevice];
+  /** The disk left the target; its pending and later calls fail with DeviceRemovedError. */
+  'device-removed': [device: BlockDevice];
+  /** A refresh found a different size or block size (CAPACITY DATA HAS CHANGED). */
+  'capacity-changed': [device: BlockDevice, before: Geometry];
+  /** The device reported a media change (asynchronous notification). */
+  'media-changed': [device: BlockDevice];
+  /** A scan finished, asked for or started by events (TRANSPORT_RESET, EVENTS_MISSED). */
+  rescanned: [result: ScanResult, targets: 'all' | readonly number[]];
+  /** The target went away (its socket closed, the PCI function stopped answering). */
+  disconnected: [reason: string];
+  /** The controller cannot be used any more; every request fails with this error. */
+  failed: [error: ControllerFailedError];
+  /** Acting on an event failed (a rescan that could not run); later events are still handled. */
+  'event-error': [error: Error];
+}
+
+export class Controller extends EventEmitter<ControllerEventMap> implements AsyncDisposable {
   readonly name: string;
   readonly transport: Readonly<Transport>;
   private readonly handle: NativeController;
@@ -189,6 +214,7 @@ export class Controller implements AsyncDisposable {
   private closedError: ClosedError | undefined;
   private scanned: readonly ScannedLun[] = [];
   private blockDevices = new Map<string, BlockDevice>();
+  private watcher: EventWatcher | undefined;
   /** Host address of each DMA Buffer's memory, for requests that name their data by address. */
   private readonly dmaBase = new WeakMap<ArrayBufferLike, number>();
   /** The address of each view already asked about (buffers are reused request after request). */
@@ -210,6 +236,7 @@ export class Controller implements AsyncDisposable {
     options: ControllerOptions,
     policy: Readonly<RetryPolicy>,
   ) {
+    super();
     this.handle = handle;
     this.name = name;
     this.transport = Object.freeze({ ...transport });
@@ -225,6 +252,7 @@ export class Controller implements AsyncDisposable {
       maxSectors: info.maxSectors,
       maxTransferBytes: options.maxTransferBytes ?? Math.floor(info.memoryBytes / POOL_SHARE_PER_TRANSFER),
       policy,
+      onGeometryChange: (dev, before) => this.emit('capacity-changed', dev, before),
     };
   }
 
@@ -279,7 +307,50 @@ export class Controller implements AsyncDisposable {
       const errno = CONNECT_ERRNOS.find((n) => n === code);
       throw new ConnectError(label, errorText(e), errno ? { cause: e, errno } : { cause: e });
     }
-    return new Controller(handle, name, transport, options, policy);
+    const ctrl = new Controller(handle, name, transport, options, policy);
+    ctrl.watch();
+    return ctrl;
+  }
+
+  /** Starts watching the event queue and the connection (see `ControllerEventMap`). */
+  private watch(): void {
+    this.watcher = new EventWatcher({
+      pollEvents: () => this.pollEvents(),
+      checkAlive: () => this.handle.checkAlive(),
+      apply: (plan) => this.applyEvents(plan),
+      lost: (reason) => {
+        if (this.closedError) return;
+        log('warn', 'controller', `${this.name}: ${reason}`);
+        this.emit('disconnected', reason);
+        this.emit('failed', new ControllerFailedError(this.name, reason));
+      },
+      failedToApply: (e) => {
+        if (this.closedError) return;
+        const error = e instanceof Error ? e : new Error(String(e));
+        log('warn', 'controller', `${this.name}: acting on events: ${error.message}`);
+        this.emit('event-error', error);
+      },
+    });
+  }
+
+  /** Rescans what the events name, then refreshes capacities and reports media changes. */
+  private async applyEvents(plan: EventPlan): Promise<void> {
+    if (this.closedError) return;
+    if (plan.rescan === 'all' || plan.rescan.length > 0) await this.rescan(plan.rescan);
+    for (const name of plan.media) {
+      const dev = this.blockDevices.get(name);
+      if (dev) this.emit('media-changed', dev);
+    }
+    for (const name of plan.refresh) {
+      const dev = this.blockDevices.get(name);
+      // A capacity change is emitted by the device's geometry update.
+      if (dev && !dev.detached) await dev.refresh();
+    }
+  }
+
+  /** Resolves once the events taken from the device so far have been acted on. */
+  eventsSettled(): Promise<void> {
+    return this.watcher?.settled() ?? Promise.resolve();
   }
 
   get info(): ControllerInfo {
@@ -328,6 +399,11 @@ export class Controller implements AsyncDisposable {
    * rescan keep their object; devices that disappeared are detached.
    */
   async scan(opts: { signal?: AbortSignal } = {}): Promise<ScanResult> {
+    return this.rescan('all', opts.signal);
+  }
+
+  /** Scans all targets or some; devices of other targets stay as they are. */
+  private async rescan(targets: 'all' | readonly number[], signal?: AbortSignal): Promise<ScanResult> {
     const info = this.info;
     const result = await scanTargets(this.executor(), {
       controllerName: this.name,
@@ -335,10 +411,12 @@ export class Controller implements AsyncDisposable {
       maxLun: info.maxLun,
       policy: this.policy,
       allocBuffer: (bytes) => this.allocBuffer(bytes),
-      ...(opts.signal ? { signal: opts.signal } : {}),
+      ...(targets === 'all' ? {} : { targets }),
+      ...(signal ? { signal } : {}),
     });
     this.checkOpen();
-    this.install(result.luns);
+    this.install(result.luns, targets);
+    this.emit('rescanned', result, targets);
     return result;
   }
 
@@ -386,9 +464,16 @@ export class Controller implements AsyncDisposable {
     return c;
   }
 
-  /** (Re)builds the block devices from scanned LUNs; devices that survive keep their object. */
-  private install(luns: readonly ScannedLun[]): void {
+  /**
+   * (Re)builds the block devices of the scanned targets from their LUNs; devices that survive
+   * keep their object, the others are detached as removed. Tells the listeners what changed.
+   */
+  private install(luns: readonly ScannedLun[], targets: 'all' | readonly number[] = 'all'): void {
+    const inScope = (target: number): boolean => targets === 'all' || targets.includes(target);
     const next = new Map<string, BlockDevice>();
+    for (const [name, dev] of this.blockDevices) if (!inScope(dev.target)) next.set(name, dev);
+    const added: BlockDevice[] = [];
+    const removed: BlockDevice[] = [];
     for (const lun of luns) {
       if (lun.deviceType !== 0 || !lun.geometry) continue;
       const old = this.blockDevices.get(lun.name);
@@ -396,15 +481,28 @@ export class Controller implements AsyncDisposable {
         old.update(lun);
         next.set(lun.name, old);
       } else {
-        old?.detach('replaced by a different logical unit');
-        next.set(lun.name, new BlockDevice(this.context, lun));
+        if (old) {
+          old.detach('replaced by a different logical unit', true);
+          removed.push(old);
+        }
+        const dev = new BlockDevice(this.context, lun);
+        next.set(lun.name, dev);
+        added.push(dev);
       }
     }
     for (const [name, dev] of this.blockDevices) {
-      if (!next.has(name)) dev.detach('no longer present on the controller');
+      if (inScope(dev.target) && !next.has(name)) {
+        dev.detach('no longer present on the target', true);
+        removed.push(dev);
+      }
     }
     this.blockDevices = next;
-    this.scanned = luns;
+    this.scanned =
+      targets === 'all'
+        ? luns
+        : [...this.scanned.filter((l) => !inScope(l.target)), ...luns].sort((a, b) => a.target - b.target || a.lun - b.lun);
+    for (const dev of removed) this.emit('device-removed', dev);
+    for (const dev of added) this.emit('device-added', dev);
   }
 
   /** A zero-copy Buffer over the controller's DMA pool, released when garbage-collected. */
@@ -489,6 +587,7 @@ export class Controller implements AsyncDisposable {
   close(): void {
     if (this.closedError) return;
     this.closedError = new ClosedError(`controller ${this.name} is closed`);
+    this.watcher?.stop();
     for (const dev of this.blockDevices.values()) dev.detach(`controller ${this.name} closed`);
     // The device is reset and let go before the queue releases anything it might still write.
     try {

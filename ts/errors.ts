@@ -43,6 +43,7 @@ export type InitiatorErrorCode =
   | 'ERR_VIRTIO_CONNECT'
   | 'ERR_VIRTIO_CONTROLLER_FAILED'
   | 'ERR_VIRTIO_CLOSED'
+  | 'ERR_VIRTIO_DEVICE_REMOVED'
   | 'ERR_VIRTIO_RESPONSE'
   | 'ERR_VIRTIO_NOT_SUPPORTED'
   | 'ERR_VIRTIO_DEVICE'
@@ -115,6 +116,17 @@ export class ClosedError extends InitiatorError {
 }
 
 /** A request completed with a virtio response other than OK (the SCSI command did not run). */
+/** The logical unit is gone from the target (a rescan or a hot-unplug event found it missing). */
+export class DeviceRemovedError extends InitiatorError {
+  readonly device: string;
+
+  constructor(device: string, reason: string) {
+    super('ERR_VIRTIO_DEVICE_REMOVED', `${device}: ${reason}`);
+    this.name = 'DeviceRemovedError';
+    this.device = device;
+  }
+}
+
 export class VirtioResponseError extends InitiatorError {
   readonly response: number;
   readonly responseName: string;

@@ -293,6 +293,17 @@ impl Controller {
         self.inner.failure()
     }
 
+    /// Asks the transport whether the device is still there (a vhost-user socket that closed,
+    /// a PCI function that needs a reset); returns why the controller failed, or null. Cheap
+    /// enough to call from a timer while idle.
+    #[napi]
+    pub fn check_alive(&self) -> Option<String> {
+        match self.inner.check_alive() {
+            Ok(()) => None,
+            Err(_) => self.inner.failure().or_else(|| Some("closed".into())),
+        }
+    }
+
     /// Stops the device and lets it go (the owner), or releases this thread's hold on it.
     #[napi]
     pub fn close(&mut self) {

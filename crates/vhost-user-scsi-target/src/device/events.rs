@@ -35,6 +35,12 @@ impl EventQueue {
         st.events.push_back(ev);
     }
 
+    /// Whether events (or the news that some were dropped) wait for a buffer.
+    pub fn pending(&self) -> bool {
+        let st = self.state.lock().unwrap();
+        st.missed || !st.events.is_empty()
+    }
+
     pub fn clear(&self) {
         *self.state.lock().unwrap() = Pending::default();
     }

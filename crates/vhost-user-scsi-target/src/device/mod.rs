@@ -308,9 +308,25 @@ impl Inner {
         let Some(mem) = self.memory() else { return };
         self.with_ring(virtio_scsi_proto::EVENT_QUEUE, |ring, _| {
             if ring_live(ring) {
-                self.events.deliver(ring, &mem);
+                if let Err(e) = self.deliver_events(ring, &mem) {
+                    warn!("event queue: {e}");
+                }
             }
         });
+    }
+
+    /// Delivers pending events into the driver's buffers. With EVENT_IDX the driver kicks only
+    /// when asked to: while events wait for buffers, ask for a kick at the next one it posts.
+    fn deliver_events(&self, vring: &VringRwLock, mem: &MemGuard) -> io::Result<()> {
+        loop {
+            self.events.deliver(vring, mem);
+            if !self.event_idx.load(Ordering::Relaxed) || !self.events.pending() {
+                return Ok(());
+            }
+            if !vring.enable_notification().map_err(io::Error::other)? {
+                return Ok(());
+            }
+        }
     }
 
     /// Serves every chain the driver has made available, with EVENT_IDX notification
@@ -514,10 +530,7 @@ impl VhostUserBackend for ScsiBackend {
             }
             match queue {
                 virtio_scsi_proto::CONTROL_QUEUE => inner.process_control(vring),
-                virtio_scsi_proto::EVENT_QUEUE => {
-                    inner.events.deliver(vring, &mem);
-                    Ok(())
-                }
+                virtio_scsi_proto::EVENT_QUEUE => inner.deliver_events(vring, &mem),
                 q => inner.process_requests(q - FIRST_REQUEST_QUEUE, vring),
             }
         });

@@ -360,7 +360,7 @@ impl ScsiController {
     }
 
     /// Asks the transport whether the device is still there; fails the controller if not.
-    pub(super) fn check_alive(&self) -> Result<(), ScsiError> {
+    pub fn check_alive(&self) -> Result<(), ScsiError> {
         self.check_usable()?;
         let result = match self.transport.lock().unwrap().as_mut() {
             Some(t) => t.check_alive(),
