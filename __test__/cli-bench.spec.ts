@@ -491,3 +491,22 @@ bench('bench --config loads the disk --device names among every controller of th
   t.is(unknown.code, 2);
   t.regex(unknown.stderr, /--device "Thirdt0": expected one of Firstt0, Secondt0/);
 });
+
+bench('bench prints what the controller reports while it runs (a LUN added, a capacity change)', async (t) => {
+  const s = await startTestTarget({ luns: [`0:0:ram:${LUN_BYTES}:512`] });
+  t.teardown(() => s.cleanup());
+  const control = await s.target.control();
+  const run = cli(['bench', '--socket', s.socket, '--json', '--rw', 'randread', '--size', String(REGION), '--time', '3']);
+  // Once the bench moves data (its scan is done by then), the target changes under it.
+  const moved = async (): Promise<number> => {
+    const queues = (await control.stats()).queues as Array<{ bytes_in: number }>;
+    return queues.reduce((n, q) => n + q.bytes_in, 0);
+  };
+  for (let i = 0; i < 200 && (await moved()) < REGION; i++) await new Promise((r) => setTimeout(r, 25));
+  await control.addLun('0:1:ram:1M:512');
+  await control.resizeLun(0, 0, `${(LUN_BYTES >> 20) * 2}M`);
+  const r = await run;
+  t.is(r.code, 0, describe(r));
+  t.regex(r.stderr, /virtio-initiator bench: event VirtioScsi0 device-added VirtioScsi0t0l1 /);
+  t.regex(r.stderr, /virtio-initiator bench: event VirtioScsi0 capacity-changed VirtioScsi0t0 \{"before":/);
+});

@@ -152,3 +152,58 @@ testWhen(test, 'bdev_get_iostat reports what the bdevs completed in the serving 
   const cleared = (await call(server.path, 'bdev_get_iostat', { name: 'Io0t0' })).result as typeof stat;
   t.like(cleared.bdevs[0], { num_read_ops: 0, bytes_read: 0, read_latency_ticks: 0, num_write_ops: 0, num_unmap_ops: 0 });
 });
+
+testWhen(test, 'virtio_initiator_get_events: what the controllers reported since a cursor, and their state', initiatorRequirements, async (t) => {
+  const target = await startTestTarget({ luns: ['0:0:ram:4M:512'] });
+  t.teardown(() => target.cleanup());
+  const control = await target.target.control();
+  const dir = mkdtempSync(join(tmpdir(), 'rpc-events-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const server = await startRpcServer({ path: join(dir, 'rpc.sock') });
+  t.teardown(() => server.close());
+  await call(server.path, 'bdev_virtio_attach_controller', { name: 'Ev0', trtype: 'user', traddr: target.socket, dev_type: 'scsi' });
+
+  type Answer = {
+    cursor: number;
+    dropped: number;
+    events: Array<{ seq: number; controller: string; event: string; device?: string; detail?: Record<string, unknown> }>;
+    controllers: Array<{ name: string; state: string; failure: string | null }>;
+  };
+  const events = async (params: Record<string, unknown>): Promise<Answer> => {
+    const r = await call(server.path, 'virtio_initiator_get_events', params);
+    if (r.error) throw new Error(r.error.message);
+    return r.result as Answer;
+  };
+  const first = await events({});
+  t.deepEqual(
+    first.events.map((e) => [e.event, e.device ?? null]),
+    [
+      ['device-added', 'Ev0t0'],
+      ['rescanned', null],
+    ],
+  );
+  t.deepEqual(first.controllers, [{ name: 'Ev0', state: 'open', failure: null }]);
+
+  /** Asks again from `cursor` until `want` shows up. */
+  const waitFor = async (cursor: number, want: (e: Answer['events'][number]) => boolean): Promise<Answer> => {
+    for (let i = 0; i < 100; i++) {
+      const a = await events({ cursor });
+      if (a.events.some(want)) return a;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    throw new Error('the event never came');
+  };
+  await control.addLun('0:1:ram:2M:4096');
+  const added = await waitFor(first.cursor, (e) => e.event === 'device-added' && e.device === 'Ev0t0l1');
+  t.true(added.events.every((e) => e.seq > first.cursor), 'only events after the cursor');
+  t.like(added.events.find((e) => e.device === 'Ev0t0l1')!.detail, { blockSize: 4096, blocks: '512' });
+
+  await control.disconnect();
+  const lost = await waitFor(added.cursor, (e) => e.event === 'failed');
+  t.true(lost.events.some((e) => e.event === 'disconnected'));
+  t.is(lost.controllers[0]!.state, 'failed');
+  t.regex(lost.controllers[0]!.failure ?? '', /closed the connection/);
+
+  const bad = await call(server.path, 'virtio_initiator_get_events', { name: 'Nope0' });
+  t.is(bad.error?.code, -19);
+});

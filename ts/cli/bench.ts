@@ -39,7 +39,7 @@ import {
   type Subcommand,
   UsageError,
 } from './args.js';
-import { compact, ProgressLine, table, writeJsonLine } from './output.js';
+import { compact, printEvents, ProgressLine, table, writeJsonLine } from './output.js';
 import { runWorkers, type WorkerSummary } from './workers.js';
 
 /** Worker threads at most: the bundled target's request queues at most. */
@@ -467,6 +467,8 @@ async function run(cfg: BenchConfig, stop: AbortController, leftovers: Leftovers
       dev = first;
     }
     ctrl = attached.find((c) => c.devices.includes(dev))!;
+    // Hot-plug, capacity changes and a target that goes away show up as they happen.
+    printEvents('bench', attached);
 
     const pid = targetProcess?.child.pid;
     let targetCpu0: number | undefined;

@@ -1,5 +1,8 @@
 // Output pieces shared by the subcommands: a live progress line on a terminal, aligned tables,
-// and the one-line JSON result.
+// the one-line JSON result, and what controllers report while a command runs.
+
+import type { Controller } from '../controller.js';
+import { describeEvent, EventLog, type LoggedEvent } from '../event-log.js';
 
 /** A line rewritten in place on a terminal (stderr by default); does nothing elsewhere. */
 export class ProgressLine {
@@ -50,4 +53,20 @@ export function compact(n: number): string {
 /** The machine-readable result: one JSON object on one line of stdout. */
 export function writeJsonLine(value: unknown): void {
   process.stdout.write(`${JSON.stringify(value)}\n`);
+}
+
+/**
+ * Prints what the controllers report from now on, one stderr line per event, except the kinds
+ * in `except` (a scan's own results, which the command prints anyway).
+ */
+export function printEvents(
+  command: string,
+  controllers: readonly Controller[],
+  except: ReadonlyArray<LoggedEvent['event']> = [],
+): EventLog {
+  const events = new EventLog(64, (e) => {
+    if (!except.includes(e.event)) process.stderr.write(`virtio-initiator ${command}: event ${describeEvent(e)}\n`);
+  });
+  for (const c of controllers) events.follow(c);
+  return events;
 }

@@ -22,7 +22,7 @@ import {
   type Subcommand,
   UsageError,
 } from './args.js';
-import { table, writeJsonLine } from './output.js';
+import { printEvents, table, writeJsonLine } from './output.js';
 
 const OPTIONS: readonly OptionSpec[] = [
   ...DEVICE_OPTIONS,
@@ -152,6 +152,8 @@ export const scan: Subcommand = {
         cfg.pci !== undefined ? await Controller.openPci(cfg.pci, options) : await Controller.connect(cfg.socket!, options),
       ];
     }
+    // A target that goes away or changes during the scan is reported as it happens.
+    printEvents('scan', controllers, ['device-added', 'rescanned']);
     try {
       const t1 = performance.now();
       const scans: ControllerScan[] = [];

@@ -8,6 +8,7 @@ import { Controller, type ControllerOptions } from '../controller.js';
 import { ConnectError } from '../errors.js';
 import type { RequestQueueStats } from '../queue.js';
 import type { Designator } from '../scsi/index.js';
+import { describeEvent, EventLog } from '../event-log.js';
 import { Errno, invalidParams, RpcError, type RpcParams } from './server.js';
 
 /** A controller the server attached, with what `bdev_virtio_scsi_get_devices` reports. */
@@ -25,6 +26,9 @@ export interface MethodsOptions {
   controllerOptions?: Omit<ControllerOptions, 'name' | 'requestQueues' | 'queueSize'>;
   log?: (line: string) => void;
 }
+
+/** Events virtio_initiator_get_events keeps. */
+const EVENT_LOG_CAPACITY = 1024;
 
 /** SPDK's defaults for bdev_virtio_attach_controller. */
 const DEFAULT_VQ_COUNT = 1;
@@ -182,8 +186,12 @@ export class VirtioRpcMethods {
   private readonly attaching = new Set<string>();
   private closed = false;
   readonly version = packageVersion();
+  /** What the attached controllers reported, for virtio_initiator_get_events. */
+  readonly events: EventLog;
 
-  constructor(private readonly options: MethodsOptions = {}) {}
+  constructor(private readonly options: MethodsOptions = {}) {
+    this.events = new EventLog(EVENT_LOG_CAPACITY, (e) => options.log?.(`event ${describeEvent(e)}`));
+  }
 
   /** Method name to handler, for registration with the protocol server. */
   handlers(methodNames: () => string[]): Record<string, (params: RpcParams) => Promise<unknown> | unknown> {
@@ -194,6 +202,7 @@ export class VirtioRpcMethods {
       bdev_get_bdevs: (p) => this.getBdevs(p),
       bdev_get_iostat: (p) => this.getIostat(p),
       virtio_initiator_get_queue_stats: (p) => this.getQueueStats(p),
+      virtio_initiator_get_events: (p) => this.getEvents(p),
       spdk_get_version: (p) => this.getVersion(p),
       rpc_get_methods: (p) => {
         // spdk-rpc always sends both flags; everything here is callable at any time and has
@@ -243,6 +252,7 @@ export class VirtioRpcMethods {
         if (vqSize !== undefined) opts.queueSize = vqSize;
         ctrl = await Controller.openPci(traddr, opts);
       }
+      this.events.follow(ctrl);
       const { problems } = await ctrl.scan();
       for (const pr of problems) {
         this.options.log?.(
@@ -260,6 +270,7 @@ export class VirtioRpcMethods {
       });
       return ctrl.devices.map((d) => d.name);
     } catch (e) {
+      if (ctrl) this.events.forget(ctrl);
       ctrl?.close();
       throw attachError(e, trtype, traddr);
     } finally {
@@ -273,8 +284,32 @@ export class VirtioRpcMethods {
     const a = this.controllers.get(name);
     if (!a) throw this.noController(name);
     this.controllers.delete(name);
+    this.events.forget(a.controller);
     a.controller.close();
     return true;
+  }
+
+  /**
+   * What the attached controllers reported after `cursor` (the `cursor` of the previous answer;
+   * 0 for everything kept), and the state of each controller.
+   */
+  getEvents(p: RpcParams): Record<string, unknown> {
+    checkKnown(p, ['cursor', 'name']);
+    const cursor = optionalInt(p, 'cursor', 0, Number.MAX_SAFE_INTEGER) ?? 0;
+    const name = optionalString(p, 'name');
+    if (name !== undefined && !this.controllers.has(name)) throw this.noController(name);
+    const { cursor: last, dropped, events } = this.events.since(cursor);
+    return {
+      cursor: last,
+      dropped,
+      events: events.filter((e) => name === undefined || e.controller === name),
+      controllers: [...this.controllers.entries()]
+        .filter(([n]) => name === undefined || n === name)
+        .map(([n, a]) => {
+          const failure = a.controller.failure;
+          return { name: n, state: failure === null ? 'open' : 'failed', failure };
+        }),
+    };
   }
 
   getDevices(p: RpcParams): Array<Record<string, unknown>> {
