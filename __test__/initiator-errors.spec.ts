@@ -162,7 +162,7 @@ when('UNMAP on a device without it is NotSupportedError', async (t) => {
         throw new Error('must not be reached');
       },
       allocBuffer: (n) => Buffer.alloc(n),
-      taskManagement: () => 0,
+      taskManagement: () => Promise.resolve(0),
       maxSectors: 0,
       maxTransferBytes: 0,
       policy: (await import('../ts/command.js')).DEFAULT_RETRY_POLICY,

@@ -157,5 +157,29 @@ testWhen(test, 'task management answered with a used length of 0 (tmf-zero-used-
   await d.reset();
   t.true((await d.read(8, 8)).equals(data), 'I/O goes on after the reset');
   // The byte is read, not assumed: a reset of a LUN that is not there answers INCORRECT LUN.
-  t.is(c.taskManagement(0, 9, TMF_LOGICAL_UNIT_RESET), VirtioResponse.INCORRECT_LUN);
+  t.is(await c.taskManagement(0, 9, TMF_LOGICAL_UNIT_RESET), VirtioResponse.INCORRECT_LUN);
+});
+
+// The wait for a task management answer happens off the event loop: with the target stopped
+// (SIGSTOP), a LOGICAL UNIT RESET waits out its bound while timers keep firing, then fails with
+// a typed error; once the target runs again, the controller goes on working.
+testWhen(test, 'task management waits off the event loop: timers fire while a stopped target does not answer', initiatorRequirements, async (t) => {
+  const s = await startTestTarget({ luns: ['0:0:ram:4M:512'] });
+  t.teardown(() => s.cleanup());
+  const c = await connectAndScan(s);
+  t.teardown(() => c.close());
+  const d = c.device('VirtioScsi0t0');
+  const pid = s.target.child.pid!;
+  let ticks = 0;
+  const timer = setInterval(() => ticks++, 20);
+  process.kill(pid, 'SIGSTOP');
+  try {
+    await t.throwsAsync(d.reset(), { code: 'ERR_VIRTIO_TASK_MANAGEMENT', message: /timed out|timeout/i });
+  } finally {
+    process.kill(pid, 'SIGCONT');
+    clearInterval(timer);
+  }
+  t.true(ticks >= 10, `${ticks} timer ticks during the wait`);
+  await d.reset();
+  t.true((await d.read(0, 1)).length === 512);
 });

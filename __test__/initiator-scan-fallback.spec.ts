@@ -107,7 +107,7 @@ function device(fake: FakeScsiTarget, lun: Awaited<ReturnType<typeof scanTargets
     controllerName: 'Fake0',
     executor: () => fake,
     allocBuffer: (n) => Buffer.alloc(n),
-    taskManagement: () => 0,
+    taskManagement: () => Promise.resolve(0),
     maxSectors: 0,
     maxTransferBytes: 0,
     policy: DEFAULT_RETRY_POLICY,

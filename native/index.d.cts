@@ -97,8 +97,11 @@ export declare class Controller {
    * or -1 when the Buffer is not DMA memory of this controller.
    */
   dmaAddress(buffer: Buffer): number
-  /** Runs a task management function on the control queue and returns the virtio response. */
-  taskManagement(target: number, lun: number, tmf: number, tag?: number | undefined | null): number
+  /**
+   * Runs a task management function on the control queue and resolves with the virtio
+   * response. The wait for the device happens in libuv's thread pool, not on the event loop.
+   */
+  taskManagement(target: number, lun: number, tmf: number, tag?: number | undefined | null): Promise<number>
   /** Events from the event queue since the last call. */
   pollEvents(): Array<ControllerEvent>
   /** True once the controller was closed (by its owner, in any thread). */

@@ -32,7 +32,7 @@ export interface DeviceContext {
   executor(): IoQueue;
   allocBuffer(bytes: number): Buffer;
   /** Returns the virtio-scsi response of the task management function. */
-  taskManagement(target: number, lun: number, fn: number): number;
+  taskManagement(target: number, lun: number, fn: number): Promise<number>;
   /** From the device config space: largest transfer in 512-byte sectors (0 = not stated). */
   readonly maxSectors: number;
   /** Largest single request the caller allows, in bytes (0 = no extra cap). */
@@ -429,7 +429,7 @@ export class BlockDevice {
   async reset(opts: IoOptions = {}): Promise<void> {
     this.checkUsable();
     opts.signal?.throwIfAborted();
-    const response = this.ctx.taskManagement(this.target, this.lun, TMF_LOGICAL_UNIT_RESET);
+    const response = await this.ctx.taskManagement(this.target, this.lun, TMF_LOGICAL_UNIT_RESET);
     if (response !== VirtioResponse.OK && response !== VirtioResponse.FUNCTION_SUCCEEDED) {
       throw new TaskManagementError(`LOGICAL UNIT RESET of ${this.name}`, response);
     }

@@ -525,9 +525,10 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
 
   /**
    * A task management function on the control queue (0 ABORT TASK, 1 ABORT TASK SET,
-   * 4 I_T NEXUS RESET, 5 LOGICAL UNIT RESET); returns the virtio-scsi response code.
+   * 4 I_T NEXUS RESET, 5 LOGICAL UNIT RESET); resolves with the virtio-scsi response code.
+   * The wait for the device happens off the event loop.
    */
-  taskManagement(target: number, lun: number, fn: number, tag?: number): number {
+  async taskManagement(target: number, lun: number, fn: number, tag?: number): Promise<number> {
     this.checkOpen();
     for (const [field, v, max] of [
       ['target', target, 255],
@@ -539,7 +540,7 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
       }
     }
     try {
-      return this.handle.taskManagement(target, lun, fn, tag ?? null);
+      return await this.handle.taskManagement(target, lun, fn, tag ?? null);
     } catch (e) {
       throw new InitiatorError(
         'ERR_VIRTIO_TASK_MANAGEMENT',

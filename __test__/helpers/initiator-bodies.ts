@@ -384,7 +384,7 @@ const reset: Body = async (t, ctx) =>
     const data = pattern(900, 32 * KiB);
     await writeAt(t, ch, l, AREA.reset, data, 'before reset');
     const LOGICAL_UNIT_RESET = 5;
-    const response = ctx.controller.taskManagement(l.target, l.lun, LOGICAL_UNIT_RESET);
+    const response = await ctx.controller.taskManagement(l.target, l.lun, LOGICAL_UNIT_RESET);
     // FUNCTION COMPLETE (0) or FUNCTION SUCCEEDED (10).
     t.true(response === 0 || response === 10, `LOGICAL UNIT RESET of ${lunId(l)}: virtio response ${response}`);
     good(t, await ch.exec({ target: l.target, lun: l.lun, cdb: testUnitReady(), dir: Direction.NONE }), `TEST UNIT READY after the reset`);

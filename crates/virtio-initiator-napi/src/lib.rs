@@ -25,6 +25,27 @@ fn coded(code: &str, e: impl std::fmt::Display) -> Error<String> {
     Error::new(code.to_owned(), e.to_string())
 }
 
+/// A task management function waiting for the device, off the event loop.
+pub struct TaskManagement {
+    inner: Arc<ScsiController>,
+    addr: LunAddress,
+    tmf: u32,
+    tag: u64,
+}
+
+impl Task for TaskManagement {
+    type Output = u8;
+    type JsValue = u32;
+
+    fn compute(&mut self) -> Result<u8> {
+        self.inner.task_management(self.addr, self.tmf, self.tag).map_err(err)
+    }
+
+    fn resolve(&mut self, _env: Env, response: u8) -> Result<u32> {
+        Ok(u32::from(response))
+    }
+}
+
 /// Size of one packed request record.
 #[napi]
 pub const SUBMIT_RECORD_SIZE: u32 = scsi::SUBMIT_RECORD_SIZE as u32;
@@ -258,12 +279,12 @@ impl Controller {
         }
     }
 
-    /// Runs a task management function on the control queue and returns the virtio response.
-    #[napi]
-    pub fn task_management(&self, target: u32, lun: u32, tmf: u32, tag: Option<u32>) -> Result<u32> {
+    /// Runs a task management function on the control queue and resolves with the virtio
+    /// response. The wait for the device happens in libuv's thread pool, not on the event loop.
+    #[napi(ts_return_type = "Promise<number>")]
+    pub fn task_management(&self, target: u32, lun: u32, tmf: u32, tag: Option<u32>) -> Result<AsyncTask<TaskManagement>> {
         let addr = lun_address(target, lun)?;
-        let r = self.inner.task_management(addr, tmf, u64::from(tag.unwrap_or(0))).map_err(err)?;
-        Ok(u32::from(r))
+        Ok(AsyncTask::new(TaskManagement { inner: self.inner.clone(), addr, tmf, tag: u64::from(tag.unwrap_or(0)) }))
     }
 
     /// Events from the event queue since the last call.
