@@ -282,9 +282,20 @@ impl Controller {
     /// Runs a task management function on the control queue and resolves with the virtio
     /// response. The wait for the device happens in libuv's thread pool, not on the event loop.
     #[napi(ts_return_type = "Promise<number>")]
-    pub fn task_management(&self, target: u32, lun: u32, tmf: u32, tag: Option<u32>) -> Result<AsyncTask<TaskManagement>> {
+    pub fn task_management(
+        &self,
+        target: u32,
+        lun: u32,
+        tmf: u32,
+        tag: Option<u32>,
+    ) -> Result<AsyncTask<TaskManagement>> {
         let addr = lun_address(target, lun)?;
-        Ok(AsyncTask::new(TaskManagement { inner: self.inner.clone(), addr, tmf, tag: u64::from(tag.unwrap_or(0)) }))
+        Ok(AsyncTask::new(TaskManagement {
+            inner: self.inner.clone(),
+            addr,
+            tmf,
+            tag: u64::from(tag.unwrap_or(0)),
+        }))
     }
 
     /// Events from the event queue since the last call.
