@@ -26,6 +26,9 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 step "cargo test"
 cargo test --workspace
 
+step "fuzzing, short pass (scripts/fuzz.sh runs long ones; the parsers' pass is in ava)"
+bash scripts/fuzz-native.sh --count 20000
+
 step "release build (target, addon, TypeScript)"
 bash scripts/build.sh
 

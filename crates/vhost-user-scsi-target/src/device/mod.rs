@@ -251,6 +251,18 @@ impl ScsiBackend {
     pub fn stats(&self) -> Vec<QueueStatsSnapshot> {
         self.inner.stats.iter().map(QueueStats::snapshot).collect()
     }
+
+    /// Serves the control queue or a request queue as a kick would; used by crates/fuzz.
+    #[doc(hidden)]
+    pub fn serve_queue(&self, queue: u16, vring: &VringRwLock) -> io::Result<()> {
+        if queue == virtio_scsi_proto::CONTROL_QUEUE {
+            return self.inner.process_control(vring);
+        }
+        match queue.checked_sub(FIRST_REQUEST_QUEUE) {
+            Some(rq) if rq < self.inner.opts.request_queues => self.inner.process_requests(rq, vring),
+            _ => Err(io::Error::other(format!("queue {queue} is not served this way"))),
+        }
+    }
 }
 
 impl Inner {

@@ -75,7 +75,11 @@ impl Stream {
             if done < pend && done < end {
                 let start_in_part = done - base;
                 let take = (pend - done).min(end - done);
-                f(addr.unchecked_add(start_in_part as u64), done - offset..done - offset + take)?;
+                // A descriptor at the top of the address space must not wrap around to low memory.
+                let at = addr.checked_add(start_in_part as u64).ok_or_else(|| {
+                    DataError::Memory(format!("buffer at {:#x} wraps around the address space", addr.0))
+                })?;
+                f(at, done - offset..done - offset + take)?;
                 done += take;
             }
             if done >= end {
@@ -211,6 +215,17 @@ mod tests {
         let bad = Segments::from_descriptors([(GuestAddress(0xfff0_0000), 16, true)].into_iter());
         assert!(matches!(bad.writable.write(&m, 0, &[0; 16]), Err(DataError::Memory(_))));
         assert!(matches!(bad.writable.check(&m, 0, 16), Err(DataError::Memory(_))));
+    }
+
+    #[test]
+    fn offsets_into_a_buffer_at_the_top_of_memory_do_not_wrap() {
+        let m = mem();
+        let top = Segments::from_descriptors([(GuestAddress(u64::MAX - 7), 64, true)].into_iter());
+        assert!(matches!(top.writable.write(&m, 16, &[1; 8]), Err(DataError::Memory(_))));
+        assert!(matches!(top.writable.read(&m, 16, &mut [0; 8]), Err(DataError::Memory(_))));
+        let mut raw = [0u8; 32];
+        m.read_slice(&mut raw, GuestAddress(0)).unwrap();
+        assert_eq!(raw, [0; 32], "nothing written at the wrapped address");
     }
 
     #[test]
