@@ -125,8 +125,11 @@ export interface CachingPage {
 export function parseCachingPage(page: Uint8Array): CachingPage {
   const what = 'caching mode page';
   requireLength(page, 3, what);
-  const code = (page[0] ?? 0) & 0x3f;
+  const b0 = page[0] ?? 0;
+  const code = b0 & 0x3f;
   if (code !== ModePage.CACHING) throw new ScsiDataError(`${what}: got page ${hex(code)}`);
+  // The caching page is page_0 format; with SPF set byte 2 would be PAGE LENGTH, not the flags.
+  if (b0 & 0x40) throw new ScsiDataError(`${what}: sub_page format (subpage ${hex(page[1] ?? 0)})`);
   const b2 = page[2] ?? 0;
   return { wce: (b2 & 0x04) !== 0, rcd: (b2 & 0x01) !== 0 };
 }

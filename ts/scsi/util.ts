@@ -76,15 +76,23 @@ export function hexBytes(bytes: Uint8Array): string {
   return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('hex');
 }
 
+/**
+ * Strips leading blanks and NULs; the value ends at the first NUL after that (C string) and
+ * trailing blanks are dropped. Linear in the length: a `[\s\0]+$` regex is quadratic on long
+ * runs of inner blanks, and VPD pages reach 64 KiB.
+ */
+function trimField(text: string): string {
+  const start = text.search(/[^\s\0]/);
+  if (start < 0) return '';
+  const nul = text.indexOf('\0', start);
+  return (nul < 0 ? text.slice(start) : text.slice(start, nul)).trimEnd();
+}
+
 /** ASCII fields in SCSI data are space padded; some targets pad with NULs instead. */
 export function asciiField(bytes: Uint8Array): string {
-  return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength)
-    .toString('latin1')
-    .replace(/^[\s\0]+|[\s\0]+$/g, '');
+  return trimField(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('latin1'));
 }
 
 export function utf8Field(bytes: Uint8Array): string {
-  return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength)
-    .toString('utf8')
-    .replace(/^[\s\0]+|[\s\0]+$/g, '');
+  return trimField(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('utf8'));
 }
