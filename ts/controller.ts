@@ -550,7 +550,10 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
     }
   }
 
-  /** Events the device posted since the last call. */
+  /**
+   * @internal Events the device posted since the last call. The controller's own watcher takes
+   * them (see `ControllerEventMap`); a caller taking them too would take them away from it.
+   */
   pollEvents(): ControllerEvent[] {
     this.checkOpen();
     return this.handle.pollEvents().map((e) => {
