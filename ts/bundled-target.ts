@@ -95,6 +95,7 @@ export class TargetProcess {
   private exitStatus: ExitStatus | undefined;
   private readonly output = new Tail(64 * 1024);
   private client: ControlClient | undefined;
+  private heardListening = false;
 
   constructor(
     readonly child: ChildProcess,
@@ -117,6 +118,15 @@ export class TargetProcess {
   }
 
   /** The last 64 KiB of the target's stdout and stderr. */
+  /**
+   * Whether the target said it listens: it prints that line once both of its sockets accept
+   * connections (a socket file exists a moment before it does).
+   */
+  get listening(): boolean {
+    this.heardListening ||= this.output.toString().includes('"event":"listening"');
+    return this.heardListening;
+  }
+
   get log(): string {
     return this.output.toString();
   }
@@ -178,7 +188,7 @@ export async function startTarget(opts: TargetOptions): Promise<TargetProcess> {
   const paths = [opts.socket, ...(opts.control === undefined ? [] : [opts.control])];
   for (;;) {
     const ready = await Promise.all(paths.map(isSocket));
-    if (ready.every(Boolean)) return target;
+    if (ready.every(Boolean) && target.listening) return target;
     const failed = await Promise.race([spawnError, sleep(25).then(() => undefined)]);
     if (failed) throw new Error(`cannot run ${binary}: ${failed.message}`);
     if (target.status) {
