@@ -5,11 +5,11 @@
 // the installed declarations, and `virtio-initiator/testing` loads.
 import test from 'ava';
 import { spawn } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, realpathSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, realpathSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 
-import { isCI, repoRoot, requireCommands, requireFile, testWhen } from './helpers/env.js';
+import { repoRoot, requireCommands, requireFile, testWhen } from './helpers/env.js';
 
 interface Run {
   code: number | null;
@@ -242,8 +242,5 @@ testWhen(
     );
     t.not(wrong.code, 0);
     t.regex(wrong.stdout, /Promise<Controller>/);
-
-    if (isCI) t.log(`installed from ${main.filename} and ${platform.filename}`);
-    t.true(readFileSync(join(app, 'node_modules', 'virtio-initiator', 'package.json'), 'utf8').includes('"version"'));
   },
 );
