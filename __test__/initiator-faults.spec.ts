@@ -1,6 +1,8 @@
 // Faults injected through the bundled target's control socket: CHECK CONDITION, BUSY and TASK
 // SET FULL (within and beyond the retry bound), delayed and lost completions, abort, and a
 // target that disconnects with requests in flight.
+import { readdirSync, readFileSync } from 'node:fs';
+
 import test, { type ImplementationFn } from 'ava';
 
 import { ControllerFailedError, type Controller, ScsiError, scsi, TMF_LOGICAL_UNIT_RESET, VirtioResponse } from '../ts/index.js';
@@ -29,6 +31,22 @@ test.after.always(async () => {
 });
 
 const fault = (title: string, impl: ImplementationFn<[]>) => testWhen(test, title, initiatorRequirements, impl);
+
+/**
+ * SIGSTOP that returns only once every thread of the process has stopped: the signal is
+ * delivered asynchronously, and a target polling on another core could otherwise still answer
+ * a request submitted right after kill() returns.
+ */
+async function stopProcess(pid: number): Promise<void> {
+  process.kill(pid, 'SIGSTOP');
+  const state = (stat: string) => stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+  for (let i = 0; i < 500; i++) {
+    const tasks = readdirSync(`/proc/${pid}/task`);
+    if (tasks.every((tid) => /[tT]/.test(state(readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8'))))) return;
+    await new Promise((r) => setTimeout(r, 2));
+  }
+  throw new Error(`process ${pid} did not stop`);
+}
 
 /** The rejection reason of a promise (DOMException reasons included). */
 async function reason(p: Promise<unknown>): Promise<unknown> {
@@ -172,7 +190,7 @@ testWhen(test, 'task management waits off the event loop: timers fire while a st
   const pid = s.target.child.pid!;
   let ticks = 0;
   const timer = setInterval(() => ticks++, 20);
-  process.kill(pid, 'SIGSTOP');
+  await stopProcess(pid);
   try {
     await t.throwsAsync(d.reset(), { code: 'ERR_VIRTIO_TASK_MANAGEMENT', message: /timed out|timeout/i });
   } finally {
