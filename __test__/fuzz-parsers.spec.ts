@@ -51,3 +51,22 @@ test('regression: a caching page in sub_page format is refused', (t) => {
   const page = new Uint8Array([0x48, 0x00, 0x00, 0x12, ...new Array<number>(0x12).fill(0)]);
   t.throws(() => parseCachingPage(page), { instanceOf: ScsiDataError, message: /sub_page format/ });
 });
+
+// Short fields are decoded in JavaScript, long ones through Buffer: both give the same text.
+test('text and hex fields decode alike on both sides of the short-field limit', async (t) => {
+  const { asciiField, hexBytes } = await import('../ts/scsi/util.js');
+  const fc = (await import('fast-check')).default;
+  fc.assert(
+    fc.property(fc.uint8Array({ minLength: 0, maxLength: 200 }), (bytes) => {
+      const b = Buffer.from(bytes);
+      const text = b.toString('latin1');
+      const start = text.search(/[^\s\0]/);
+      const nul = start < 0 ? -1 : text.indexOf('\0', start);
+      const expected = start < 0 ? '' : (nul < 0 ? text.slice(start) : text.slice(start, nul)).trimEnd();
+      return asciiField(bytes) === expected && hexBytes(bytes) === b.toString('hex');
+    }),
+    seed === undefined ? { numRuns: NUM_RUNS } : { numRuns: NUM_RUNS, seed },
+  );
+  t.is(asciiField(Buffer.from('  VIRTINIT\0junk')), 'VIRTINIT');
+  t.is(hexBytes(Uint8Array.of(0, 0xab, 0x10)), '00ab10');
+});

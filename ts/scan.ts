@@ -200,36 +200,40 @@ class LunProber {
     };
   }
 
+  // The command helpers below return the queue's promise chained with plain callbacks rather
+  // than being async functions: a scan runs thousands of commands through them, and each async
+  // layer costs a promise, a suspended frame and a microtask per command.
+
   /** Runs a command and returns its data-in bytes. */
-  async dataIn(cdb: Uint8Array, length: number): Promise<Uint8Array> {
+  dataIn(cdb: Uint8Array, length: number): Promise<Uint8Array> {
     const buf =
       this.scratch !== undefined && length <= this.scratch.length
         ? this.scratch.subarray(0, length).fill(0)
         : // Small and short-lived: from Node's buffer pool rather than an ArrayBuffer each.
           Buffer.allocUnsafe(length).fill(0);
-    const r = await this.run({ target: this.target, lun: this.lun, cdb, dataIn: buf, signal: this.opts.signal });
     // The residual is what SAM and Linux go by; bytes the device claims beyond it are ignored.
-    return buf.subarray(0, length - Math.min(r.residual, length));
+    return this.run({ target: this.target, lun: this.lun, cdb, dataIn: buf, signal: this.opts.signal }).then((r) =>
+      buf.subarray(0, length - Math.min(r.residual, length)),
+    );
   }
 
-  async noData(cdb: Uint8Array): Promise<void> {
-    await this.run({ target: this.target, lun: this.lun, cdb, signal: this.opts.signal });
+  noData(cdb: Uint8Array): Promise<CommandResult> {
+    return this.run({ target: this.target, lun: this.lun, cdb, signal: this.opts.signal });
   }
 
   /** One command; the retry machinery runs only for a completion that did not succeed. */
-  private async run(cmd: ScsiCommand): Promise<CommandResult> {
-    const r = await this.exec.execute(cmd);
-    return succeeded(r) ? r : runCommand(this.exec, cmd, { device: this.device, policy: this.policy }, r);
+  private run(cmd: ScsiCommand): Promise<CommandResult> {
+    return this.exec
+      .execute(cmd)
+      .then((r) => (succeeded(r) ? r : runCommand(this.exec, cmd, { device: this.device, policy: this.policy }, r)));
   }
 
   /**
    * Issues a command built for an allocation length, parses the answer, and reissues it with
    * the length the data says it needs when the first one was too short.
    */
-  async grown<T>(build: (alloc: number) => Uint8Array, first: number, max: number, parse: (d: Uint8Array) => T) {
-    let alloc = first;
-    for (let attempt = 0; ; attempt++) {
-      const data = await this.dataIn(build(alloc), alloc);
+  grown<T>(build: (alloc: number) => Uint8Array, alloc: number, max: number, parse: (d: Uint8Array) => T, attempt = 0): Promise<T> {
+    return this.dataIn(build(alloc), alloc).then((data) => {
       try {
         return parse(data);
       } catch (e) {
@@ -241,15 +245,14 @@ class LunProber {
           e.needed <= max &&
           attempt < MAX_REGROW
         ) {
-          alloc = e.needed;
-          continue;
+          return this.grown(build, e.needed, max, parse, attempt + 1);
         }
         throw e;
       }
-    }
+    });
   }
 
-  async vpd<T>(page: number, parse: (d: Uint8Array) => T): Promise<T> {
+  vpd<T>(page: number, parse: (d: Uint8Array) => T): Promise<T> {
     return this.grown((alloc) => inquiry({ page, allocationLength: alloc }), VPD_FIRST_LENGTH, 0xffff, parse);
   }
 
@@ -348,14 +351,12 @@ class LunProber {
   }
 
   /** Reads a VPD page the unit listed; undefined when it then refuses it. */
-  async optionalVpd<T>(pages: readonly number[], page: number, parse: (d: Uint8Array) => T) {
+  optionalVpd<T>(pages: readonly number[], page: number, parse: (d: Uint8Array) => T): Promise<T | undefined> | undefined {
     if (!pages.includes(page)) return undefined;
-    try {
-      return await this.vpd(page, parse);
-    } catch (e) {
+    return this.vpd(page, parse).catch((e: unknown) => {
       if (isIllegalRequest(e)) return undefined;
       throw e;
-    }
+    });
   }
 
   async probe(): Promise<ScannedLun | undefined> {

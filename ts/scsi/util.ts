@@ -72,8 +72,26 @@ export function hex(value: number | bigint, width = 2): string {
   return `0x${value.toString(16).padStart(width, '0')}`;
 }
 
+/**
+ * Fields up to this many bytes are decoded in JavaScript: for the short fields of INQUIRY and
+ * VPD data, wrapping them in a Buffer to decode costs more than the decoding (a scan decodes
+ * thousands of them).
+ */
+const SHORT_FIELD = 64;
+const HEX_DIGITS = Array.from({ length: 256 }, (_, i) => i.toString(16).padStart(2, '0'));
+
 export function hexBytes(bytes: Uint8Array): string {
-  return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('hex');
+  if (bytes.length > SHORT_FIELD) return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('hex');
+  let out = '';
+  for (let i = 0; i < bytes.length; i++) out += HEX_DIGITS[bytes[i]!]!;
+  return out;
+}
+
+/** Bytes as Latin-1 text (one character per byte). */
+function latin1(bytes: Uint8Array): string {
+  if (bytes.length > SHORT_FIELD) return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('latin1');
+  // fromCharCode takes any array-like of numbers; a Uint8Array is one.
+  return String.fromCharCode.apply(null, bytes as unknown as number[]);
 }
 
 /**
@@ -90,7 +108,7 @@ function trimField(text: string): string {
 
 /** ASCII fields in SCSI data are space padded; some targets pad with NULs instead. */
 export function asciiField(bytes: Uint8Array): string {
-  return trimField(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('latin1'));
+  return trimField(latin1(bytes));
 }
 
 export function utf8Field(bytes: Uint8Array): string {
