@@ -100,3 +100,35 @@ testWhen(test.serial, 'DMA memory grows when it runs dry, and the target uses th
   t.regex(e!.message, /maxMemoryBytes/);
   t.true(ctrl.info.memoryBytes <= 40 << 20);
 });
+
+testWhen(test.serial, 'DMA memory grows ahead of need in the background once it runs low', initiatorRequirements, async (t) => {
+  const s = await startTestTarget({ luns: ['0:0:ram:64M:4096'] });
+  t.teardown(() => s.cleanup());
+  // Room for exactly one growth step (64 MiB) beyond the 4 MiB it starts with.
+  const ctrl = await connectAndScan(s, { memoryBytes: 4 << 20, maxMemoryBytes: 68 << 20 });
+  t.teardown(() => ctrl.close());
+  const start = ctrl.info.memoryBytes;
+  t.is(start, 4 << 20);
+  const disk = ctrl.device('VirtioScsi0t0');
+  // Take memory until less than a quarter is free: each allocation returns at once, and the
+  // pool has not grown by the time it does (the growth runs off the event loop).
+  const held: Buffer[] = [];
+  for (let i = 0; i < 3; i++) {
+    held.push(disk.allocBuffer(CHUNK));
+    t.is(ctrl.info.memoryBytes, start, `allocation ${i} returned before any growth`);
+  }
+  for (let i = 0; i < 2000 && ctrl.info.memoryBytes === start; i++) await new Promise((r) => setTimeout(r, 5));
+  const grown = ctrl.info.memoryBytes;
+  t.is(grown, 68 << 20, 'the memory grew by one step in the background');
+  // Later allocations find the memory there: no further growth (there is no room for one).
+  for (let i = 0; i < 32; i++) held.push(disk.allocBuffer(CHUNK));
+  t.is(ctrl.info.memoryBytes, grown);
+  // The target maps the new region: data in buffers from it goes there and back.
+  const blocks = CHUNK / disk.blockSize;
+  const fresh = held.slice(-8);
+  fresh.forEach((b, i) => pattern(CHUNK, 200 + i).copy(b));
+  await Promise.all(fresh.map((b, i) => disk.write(i * blocks, b)));
+  fresh.forEach((b) => b.fill(0));
+  await Promise.all(fresh.map((b, i) => disk.read(i * blocks, b)));
+  fresh.forEach((b, i) => t.true(b.equals(pattern(CHUNK, 200 + i)), `chunk ${i}`));
+});

@@ -27,7 +27,11 @@ export interface ControllerOptions {
   requestQueues?: number;
   /** Ring entries per queue, a power of two up to 1024 (default 256). */
   queueSize?: number;
-  /** Size of the DMA memory pool at first (default 16 MiB: populated up front, so attaching stays quick). */
+  /**
+   * Size of the DMA memory pool at first (default 4 MiB: it is populated up front, so attaching
+   * stays quick). When less than a quarter of it is free, it grows ahead of need in the
+   * background (libuv's thread pool), so that allocations find memory without waiting.
+   */
   memoryBytes?: number;
   /**
    * How far DMA memory may grow when allocations run dry (default four times memoryBytes, at
@@ -39,7 +43,7 @@ export interface ControllerOptions {
   hugepages?: 'auto' | 'require' | 'never';
   /**
    * Cap on the bytes of one READ or WRITE command; larger transfers are split. Default: an
-   * eighth of the DMA pool, so that several bounced transfers fit at once.
+   * eighth of the DMA pool at first, at least 2 MiB, so that several bounced transfers fit.
    */
   maxTransferBytes?: number;
   /** Retry bounds for BUSY, TASK SET FULL and UNIT ATTENTION. */
@@ -119,8 +123,9 @@ export interface ControllerHandle {
 
 const HANDLE_KIND = 'virtio-initiator/controller';
 const DEFAULT_NAME = 'VirtioScsi0';
-/** Default transfer cap: this fraction of the DMA pool per command. */
+/** Default transfer cap: this fraction of the DMA pool per command, and at least MIN_TRANSFER_CAP. */
 const POOL_SHARE_PER_TRANSFER = 8;
+const MIN_TRANSFER_CAP = 2 << 20;
 /** What a controller name may be (it prefixes the device names). */
 export const CONTROLLER_NAME = /^[A-Za-z0-9_.-]{1,64}$/;
 const EVENT_TYPES: Record<number, ControllerEvent['type']> = {
@@ -219,6 +224,8 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
   private readonly dmaBase = new WeakMap<ArrayBufferLike, number>();
   /** The address of each view already asked about (buffers are reused request after request). */
   private readonly viewAddress = new WeakMap<Uint8Array, number>();
+  /** Growth of the DMA memory under way in the background. */
+  private growing: Promise<void> | undefined;
   private readonly addressOf = (data: Uint8Array): number => {
     let addr = this.viewAddress.get(data);
     if (addr === undefined) {
@@ -250,7 +257,8 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
       allocBuffer: (bytes) => this.allocBuffer(bytes),
       taskManagement: (target, lun, fn) => this.taskManagement(target, lun, fn),
       maxSectors: info.maxSectors,
-      maxTransferBytes: options.maxTransferBytes ?? Math.floor(info.memoryBytes / POOL_SHARE_PER_TRANSFER),
+      maxTransferBytes:
+        options.maxTransferBytes ?? Math.max(MIN_TRANSFER_CAP, Math.floor(info.memoryBytes / POOL_SHARE_PER_TRANSFER)),
       policy,
       onGeometryChange: (dev, before) => this.emit('capacity-changed', dev, before),
     };
@@ -515,12 +523,31 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
       const buf = this.handle.allocDmaBuffer(bytes);
       const base = this.handle.dmaAddress(buf) - buf.byteOffset;
       if (base >= 0) this.dmaBase.set(buf.buffer, base);
+      this.growAhead();
       return buf;
     } catch (e) {
       // Closed by its owner in another thread.
       if (this.handle.closed) throw new ClosedError(`controller ${this.name} is closed`);
       throw new Error(`${this.name}: cannot allocate ${bytes} bytes of DMA memory: ${errorText(e)}`, { cause: e });
     }
+  }
+
+  /**
+   * Grows the DMA memory in the background once free memory runs low, so that the
+   * allocations to come find it without the event loop waiting for the device.
+   */
+  private growAhead(): void {
+    if (this.growing !== undefined || !this.handle.memoryLow()) return;
+    this.growing = this.handle.growMemory().then(
+      () => {
+        this.growing = undefined;
+      },
+      (e: unknown) => {
+        this.growing = undefined;
+        // The next allocation that finds no room tries again, synchronously, and reports why.
+        if (!this.closed) log('warn', 'memory', `${this.name}: cannot grow DMA memory ahead of need: ${errorText(e)}`);
+      },
+    );
   }
 
   /**

@@ -46,6 +46,24 @@ impl Task for TaskManagement {
     }
 }
 
+/// Growth of the DMA memory ahead of need, off the event loop.
+pub struct GrowMemory {
+    inner: Arc<ScsiController>,
+}
+
+impl Task for GrowMemory {
+    type Output = bool;
+    type JsValue = bool;
+
+    fn compute(&mut self) -> Result<bool> {
+        self.inner.grow_memory_ahead().map_err(err)
+    }
+
+    fn resolve(&mut self, _env: Env, grew: bool) -> Result<bool> {
+        Ok(grew)
+    }
+}
+
 /// Size of one packed request record.
 #[napi]
 pub const SUBMIT_RECORD_SIZE: u32 = scsi::SUBMIT_RECORD_SIZE as u32;
@@ -265,6 +283,19 @@ impl Controller {
         // alive; it moves into the finalizer, so the memory stays valid until the Buffer is
         // collected and is returned to the pool only then.
         unsafe { BufferSlice::from_external(env, ptr, size as usize, buf, |_, buf| drop(buf)) }
+    }
+
+    /// Whether free DMA memory is below the low-water mark (with room left to grow).
+    #[napi]
+    pub fn memory_low(&self) -> bool {
+        self.inner.memory_low()
+    }
+
+    /// Grows the DMA memory by one region when it is low, in libuv's thread pool; resolves
+    /// with whether it grew.
+    #[napi(ts_return_type = "Promise<boolean>")]
+    pub fn grow_memory(&self) -> AsyncTask<GrowMemory> {
+        AsyncTask::new(GrowMemory { inner: self.inner.clone() })
     }
 
     /// The address of a DMA Buffer of this controller in this process (for by-address records),

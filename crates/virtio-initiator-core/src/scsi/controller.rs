@@ -53,8 +53,9 @@ impl Default for ControllerOptions {
         ControllerOptions {
             request_queues: None,
             queue_size: 256,
-            // Small, so that attaching is quick (the pool is populated up front); it grows.
-            memory_bytes: 16 << 20,
+            // Small, so that attaching is quick (the pool is populated up front); it grows,
+            // ahead of need where the caller asks for that (see `grow_memory_ahead`).
+            memory_bytes: 4 << 20,
             max_memory_bytes: None,
             hugepages: HugePages::Auto,
         }
@@ -312,6 +313,20 @@ impl ScsiController {
             return Err(ScsiError::Closed);
         }
         self.memory.alloc_or_grow(len, align, &self.transport)
+    }
+
+    /// Whether free DMA memory is below the low-water mark with room left to grow.
+    pub fn memory_low(&self) -> bool {
+        !self.closed.load(Ordering::Acquire) && self.memory.low()
+    }
+
+    /// Grows the DMA memory ahead of need when it is low; false when it was not. Blocks for as
+    /// long as making and announcing a pool takes: call it from a thread that does no I/O.
+    pub fn grow_memory_ahead(&self) -> Result<bool, ScsiError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(ScsiError::Closed);
+        }
+        self.memory.grow_ahead(&self.transport)
     }
 
     /// Changes whenever the memory grows; see [`Self::memory_spans`].

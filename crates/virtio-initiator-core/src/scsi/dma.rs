@@ -18,6 +18,8 @@ use crate::transport::Transport;
 const HUGE_PAGE: u64 = 2 << 20;
 /// Smallest region the memory grows by.
 const GROWTH_STEP: u64 = 64 << 20;
+/// Growth ahead of need starts when less than this fraction of the memory is free.
+const LOW_WATER_DIVISOR: u64 = 4;
 
 /// A stretch of DMA memory in our address space and in the device's.
 #[derive(Clone, Copy, Debug)]
@@ -101,6 +103,30 @@ impl DmaMemory {
         Err(last.expect("there is always a first pool"))
     }
 
+    /// Bytes free in all pools.
+    pub fn free_bytes(&self) -> u64 {
+        self.pools.read().unwrap().iter().map(|p| p.free_bytes()).sum()
+    }
+
+    /// Whether free memory has fallen below the low-water mark (a quarter of the memory there
+    /// is) while the limit leaves room to grow: time to grow ahead of need.
+    pub fn low(&self) -> bool {
+        let total = self.total_bytes();
+        total + HUGE_PAGE <= self.limit && self.free_bytes() < total / LOW_WATER_DIVISOR
+    }
+
+    /// Grows by one step when [`Self::low`]; false when there was no need (or another thread
+    /// grew it meanwhile). Meant for a thread other than the one doing I/O: allocations go on
+    /// from the pools there are while the new one is made.
+    pub fn grow_ahead(&self, transport: &Mutex<Option<Box<dyn Transport>>>) -> Result<bool, ScsiError> {
+        let _one_at_a_time = self.growing.lock().unwrap();
+        if !self.low() {
+            return Ok(false);
+        }
+        self.publish(self.grow(0, 0, transport)?);
+        Ok(true)
+    }
+
     /// Allocates `len` bytes, growing by one pool through `transport` when all are full.
     pub fn alloc_or_grow(
         &self,
@@ -118,7 +144,30 @@ impl DmaMemory {
         if let Ok(b) = self.try_alloc(len, align) {
             return Ok(b);
         }
-        let need = (len as u64 + align as u64).div_ceil(HUGE_PAGE) * HUGE_PAGE;
+        match self.grow(len, align, transport) {
+            Ok(pool) => {
+                // Taken before the pool is published, so that no other thread gets there first.
+                let buf = pool.alloc_shared_aligned(len, align)?;
+                self.publish(pool);
+                Ok(buf)
+            }
+            Err(ScsiError::MemoryLimit { requested, have, limit, .. }) => {
+                Err(ScsiError::MemoryLimit { requested, have, limit, cause: exhausted })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Adds a pool big enough for `len` bytes at `align` (a full step where the limit allows)
+    /// and tells the device. The caller holds `growing`. The pool is made and populated without
+    /// the transport lock, which is held only to ask for its placement and to announce it.
+    fn grow(
+        &self,
+        len: usize,
+        align: usize,
+        transport: &Mutex<Option<Box<dyn Transport>>>,
+    ) -> Result<Arc<DmaPool>, ScsiError> {
+        let need = (len as u64 + align as u64).div_ceil(HUGE_PAGE).max(1) * HUGE_PAGE;
         let have = self.total_bytes();
         // A full step where the limit allows, else what is left of it (when that is enough).
         let size = self.step.max(need).min(self.limit.saturating_sub(have) / HUGE_PAGE * HUGE_PAGE).max(need);
@@ -127,7 +176,11 @@ impl DmaMemory {
                 requested: len as u64,
                 have,
                 limit: self.limit,
-                cause: exhausted,
+                cause: MemoryError::Exhausted {
+                    requested: len as u64,
+                    available: self.free_bytes(),
+                    largest: 0,
+                },
             });
         }
         let base = {
@@ -135,19 +188,29 @@ impl DmaMemory {
             let end = pools.iter().flat_map(|p| p.regions().iter().map(|r| r.iova_end())).max().unwrap_or(0);
             end.div_ceil(HUGE_PAGE) * HUGE_PAGE
         };
-        let mut guard = transport.lock().unwrap();
-        let t = guard.as_mut().ok_or(ScsiError::Closed)?;
-        let mut config = t.pool_config(PoolConfig::new(size).hugepages(self.hugepages))?;
+        let mut config = {
+            let mut guard = transport.lock().unwrap();
+            guard
+                .as_mut()
+                .ok_or(ScsiError::Closed)?
+                .pool_config(PoolConfig::new(size).hugepages(self.hugepages))?
+        };
         config.iova_base = config.iova_base.max(base);
         let pool = Arc::new(DmaPool::new(config)?);
-        for r in pool.regions() {
-            t.add_memory(r)?;
+        {
+            let mut guard = transport.lock().unwrap();
+            let t = guard.as_mut().ok_or(ScsiError::Closed)?;
+            for r in pool.regions() {
+                t.add_memory(r)?;
+            }
         }
-        drop(guard);
         info!("DMA memory grew by {size} bytes to {} of at most {}", have + pool.total_size(), self.limit);
-        let buf = pool.alloc_shared_aligned(len, align)?;
+        Ok(pool)
+    }
+
+    /// Makes a new pool available to allocations and to the channels' address lookups.
+    fn publish(&self, pool: Arc<DmaPool>) {
         self.pools.write().unwrap().push(pool);
         self.generation.fetch_add(1, Ordering::AcqRel);
-        Ok(buf)
     }
 }
