@@ -92,6 +92,13 @@ export declare class Controller {
   static attach(id: number): Controller
   /** A Buffer over DMA memory: I/O on it copies nothing. Freed when garbage-collected. */
   allocDmaBuffer(size: number): Buffer
+  /** Whether free DMA memory is below the low-water mark (with room left to grow). */
+  memoryLow(): boolean
+  /**
+   * Grows the DMA memory by one region when it is low, in libuv's thread pool; resolves
+   * with whether it grew.
+   */
+  growMemory(): Promise<boolean>
   /**
    * The address of a DMA Buffer of this controller in this process (for by-address records),
    * or -1 when the Buffer is not DMA memory of this controller.
