@@ -4,6 +4,7 @@ import test, { type ImplementationFn } from 'ava';
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
+import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 
@@ -93,6 +94,50 @@ testWhen(test, 'connect: a missing path, a plain file and a non-vhost-user socke
   await t.throwsAsync(Controller.connect(''), { instanceOf: TypeError });
   await t.throwsAsync(Controller.connect(file, { name: 'bad name!' }), { instanceOf: RangeError, message: /name/ });
   await t.throwsAsync(Controller.connect(file, { queueSize: 0 }), { instanceOf: RangeError, message: /queueSize/ });
+});
+
+// A backend that answers GET_FEATURES (offering protocol features) and then falls silent: the
+// next request's reply never comes. The wait is bounded (a timeout error naming the request,
+// errno ETIMEDOUT) and happens off the event loop: timers keep firing meanwhile.
+testWhen(test, 'connect: a vhost-user backend that stops answering is a timeout, not a hang', [requireAddon], async (t) => {
+  t.timeout(30_000);
+  const dir = mkdtempSync(join(tmpdir(), 'vi-silent-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const socket = join(dir, 'silent.sock');
+  const requests: number[] = [];
+  const server = createServer((conn) => {
+    let pending = Buffer.alloc(0);
+    conn.on('data', (chunk: Buffer) => {
+      pending = Buffer.concat([pending, chunk]);
+      while (pending.length >= 12) {
+        const request = pending.readUInt32LE(0);
+        const size = pending.readUInt32LE(8);
+        if (pending.length < 12 + size) break;
+        pending = pending.subarray(12 + size);
+        requests.push(request);
+        if (request !== 1) continue; // silent on everything but GET_FEATURES
+        const reply = Buffer.alloc(20);
+        reply.writeUInt32LE(1, 0);
+        reply.writeUInt32LE(0x5, 4); // version 1, reply
+        reply.writeUInt32LE(8, 8);
+        reply.writeBigUInt64LE((1n << 32n) | (1n << 30n), 12); // VERSION_1, PROTOCOL_FEATURES
+        conn.write(reply);
+      }
+    });
+    conn.on('error', () => {});
+  });
+  await new Promise<void>((r) => server.listen(socket, r));
+  t.teardown(() => server.close());
+  let ticks = 0;
+  const timer = setInterval(() => ticks++, 50);
+  t.teardown(() => clearInterval(timer));
+  const e = await t.throwsAsync(Controller.connect(socket), {
+    instanceOf: ConnectError,
+    message: /did not answer GET_PROTOCOL_FEATURES within 5s; the connection was closed/,
+  });
+  t.is(e!.errno, 'ETIMEDOUT');
+  t.deepEqual(requests.slice(0, 3), [1, 1, 15], 'the probe, the negotiation, then the request left unanswered');
+  t.true(ticks >= 20, `${ticks} timer ticks while the backend was silent`);
 });
 
 // Serial: no other test of this file has child processes coming and going meanwhile (the

@@ -287,7 +287,9 @@ const hostRun = once(async () => {
   });
   const socket = join(d, 'vhost.sock');
   const target = await startTarget({ socket, luns: luns.map((l, i) => `${l.target}:${l.lun}:file:${images[i]}:${l.blockSize}`) });
-  const controller = loadNative().Controller.connectVhostUser(socket, { memoryBytes: 32 * MiB });
+  const native = loadNative();
+  const controller = await native.Controller.connectVhostUser(socket, { memoryBytes: 32 * MiB });
+  if (!(controller instanceof native.Controller)) throw new Error(controller.message);
   host = { target, close: () => controller.close() };
   return { controller, luns };
 });

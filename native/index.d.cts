@@ -68,10 +68,11 @@ export declare class Channel {
 /** A virtio-scsi controller. */
 export declare class Controller {
   /**
-   * Connects to a vhost-user-scsi socket and brings the device up.
-   * A connection that fails carries its errno name (ECONNREFUSED, ...) as the error's `code`.
+   * Connects to a vhost-user-scsi socket and brings the device up, in libuv's thread pool.
+   * Resolves with the controller, or with why it failed: the message and, for a failed
+   * connection, its errno name (ECONNREFUSED, ETIMEDOUT, ...) as `code`.
    */
-  static connectVhostUser(path: string, options?: ControllerOptions | undefined | null): Controller
+  static connectVhostUser(path: string, options?: ControllerOptions | undefined | null): Promise<Controller | OpenFailure>
   /**
    * Opens a virtio-scsi PCI function bound to vfio-pci ("0000:00:03.0") and brings the
    * device up.
@@ -233,6 +234,13 @@ export interface LoadSpec {
 
 /** Version of the native addon. */
 export declare function nativeVersion(): string
+
+/** Why opening a controller failed. */
+export interface OpenFailure {
+  /** The errno name of a failed connection (ECONNREFUSED, ETIMEDOUT, ...), else GenericFailure. */
+  code: string
+  message: string
+}
 
 /** A virtio-scsi PCI function as sysfs describes it. */
 export interface PciDeviceInfo {

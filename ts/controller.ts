@@ -7,7 +7,13 @@ import { stat } from 'node:fs/promises';
 import { BlockDevice, type DeviceContext } from './block-device.js';
 import { DEFAULT_RETRY_POLICY, type RetryPolicy } from './command.js';
 import { ClosedError, CONNECT_ERRNOS, ConnectError, ControllerFailedError, InitiatorError } from './errors.js';
-import { loadNative, type NativeChannel, type NativeController, type NativeControllerOptions } from './native.js';
+import {
+  loadNative,
+  type NativeChannel,
+  type NativeController,
+  type NativeControllerOptions,
+  type NativeOpenFailure,
+} from './native.js';
 import { log } from './log.js';
 import { RequestQueue, type RequestQueueStats } from './queue.js';
 import { PCI_ADDRESS } from './pci.js';
@@ -286,7 +292,7 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
     const policy = retryPolicy(options.retry);
     const nativeOpts = nativeOptions(options);
     let label: string;
-    let connect: (native: ReturnType<typeof loadNative>) => NativeController;
+    let connect: (native: ReturnType<typeof loadNative>) => Promise<NativeController | NativeOpenFailure>;
     if (transport?.type === 'vhost-user') {
       const path = transport.path;
       if (typeof path !== 'string' || path === '') {
@@ -301,20 +307,25 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
         throw new TypeError(`PCI address ${JSON.stringify(address)} is not of the form 0000:00:03.0`);
       }
       label = `PCI function ${address}`;
-      connect = (native) => native.Controller.openPci(address, nativeOpts);
+      connect = async (native) => native.Controller.openPci(address, nativeOpts);
     } else {
       throw new TypeError(`unsupported transport ${JSON.stringify(transport)} (use 'vhost-user' or 'pci')`);
     }
     const native = loadNative();
-    let handle: NativeController;
+    // Connection, negotiation, memory and rings are set up in libuv's thread pool: a slow or
+    // silent device (bounded by the native side's reply deadline) never stalls the event loop.
+    let opened: NativeController | NativeOpenFailure;
     try {
-      handle = connect(native);
+      opened = await connect(native);
     } catch (e) {
-      // The native side names the system's reason for a failed connection in `code`.
-      const code = (e as { code?: unknown }).code;
-      const errno = CONNECT_ERRNOS.find((n) => n === code);
-      throw new ConnectError(label, errorText(e), errno ? { cause: e, errno } : { cause: e });
+      throw new ConnectError(label, errorText(e), { cause: e });
     }
+    if (!(opened instanceof native.Controller)) {
+      // The native side names the system's reason for a failed connection in `code`.
+      const errno = CONNECT_ERRNOS.find((n) => n === opened.code);
+      throw new ConnectError(label, opened.message, errno ? { errno } : {});
+    }
+    const handle = opened;
     const ctrl = new Controller(handle, name, transport, options, policy);
     ctrl.watch();
     return ctrl;

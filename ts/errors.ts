@@ -61,7 +61,6 @@ export class InitiatorError extends Error {
   }
 }
 
-/** Opening a controller failed: no socket, not a vhost-user backend, negotiation refused. */
 /** The errno names a failed connection reports. */
 export const CONNECT_ERRNOS = [
   'ENOENT',
@@ -75,6 +74,7 @@ export const CONNECT_ERRNOS = [
 ] as const;
 export type ConnectErrno = (typeof CONNECT_ERRNOS)[number];
 
+/** Opening a controller failed: no socket, not a vhost-user backend, negotiation refused. */
 export class ConnectError extends InitiatorError {
   readonly transport: string;
   /**

@@ -15,6 +15,7 @@ export type NativeController = NativeModule.Controller;
 export type NativeChannel = NativeModule.Channel;
 export type NativeControllerInfo = NativeModule.ControllerInfo;
 export type NativeControllerOptions = NativeModule.ControllerOptions;
+export type NativeOpenFailure = NativeModule.OpenFailure;
 export type NativeControllerEvent = NativeModule.ControllerEvent;
 export type NativeLoadSpec = NativeModule.LoadSpec;
 export type NativeLoadResult = NativeModule.LoadResult;

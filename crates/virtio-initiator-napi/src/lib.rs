@@ -46,6 +46,45 @@ impl Task for TaskManagement {
     }
 }
 
+/// Why opening a controller failed.
+#[napi(object)]
+pub struct OpenFailure {
+    /// The errno name of a failed connection (ECONNREFUSED, ETIMEDOUT, ...), else GenericFailure.
+    pub code: String,
+    pub message: String,
+}
+
+/// Opening a vhost-user controller (connection, negotiation, memory, rings), off the event loop.
+pub struct Open {
+    path: String,
+    opts: scsi::ControllerOptions,
+}
+
+impl Task for Open {
+    type Output = std::result::Result<Arc<ScsiController>, OpenFailure>;
+    type JsValue = Either<Controller, OpenFailure>;
+
+    fn compute(&mut self) -> Result<Self::Output> {
+        let generic = || Status::GenericFailure.as_ref().to_owned();
+        let transport = match VhostUserTransport::connect(&self.path) {
+            Ok(t) => t,
+            Err(e) => {
+                let code = e.errno_name().map(str::to_owned).unwrap_or_else(generic);
+                return Ok(Err(OpenFailure { code, message: e.to_string() }));
+            }
+        };
+        Ok(ScsiController::open(Box::new(transport), &self.opts)
+            .map_err(|e| OpenFailure { code: generic(), message: e.to_string() }))
+    }
+
+    fn resolve(&mut self, _env: Env, output: Self::Output) -> Result<Self::JsValue> {
+        Ok(match output {
+            Ok(inner) => Either::A(Controller { inner, owner: true, shared_id: None }),
+            Err(failure) => Either::B(failure),
+        })
+    }
+}
+
 /// Growth of the DMA memory ahead of need, off the event loop.
 pub struct GrowMemory {
     inner: Arc<ScsiController>,
@@ -186,17 +225,17 @@ type SharedEntry = (u32, Weak<ScsiController>);
 
 #[napi]
 impl Controller {
-    /// Connects to a vhost-user-scsi socket and brings the device up.
-    /// A connection that fails carries its errno name (ECONNREFUSED, ...) as the error's `code`.
-    #[napi(factory)]
-    pub fn connect_vhost_user(path: String, options: Option<ControllerOptions>) -> Result<Self, String> {
+    /// Connects to a vhost-user-scsi socket and brings the device up, in libuv's thread pool.
+    /// Resolves with the controller, or with why it failed: the message and, for a failed
+    /// connection, its errno name (ECONNREFUSED, ETIMEDOUT, ...) as `code`.
+    #[napi(ts_return_type = "Promise<Controller | OpenFailure>")]
+    pub fn connect_vhost_user(
+        path: String,
+        options: Option<ControllerOptions>,
+    ) -> Result<AsyncTask<Open>, String> {
         logger::init();
-        let generic = Status::GenericFailure.as_ref();
         let opts = core_options(options).map_err(|e| coded(e.status.as_ref(), &e.reason))?;
-        let transport =
-            VhostUserTransport::connect(&path).map_err(|e| coded(e.errno_name().unwrap_or(generic), &e))?;
-        let inner = ScsiController::open(Box::new(transport), &opts).map_err(|e| coded(generic, &e))?;
-        Ok(Controller { inner, owner: true, shared_id: None })
+        Ok(AsyncTask::new(Open { path, opts }))
     }
 
     /// Opens a virtio-scsi PCI function bound to vfio-pci ("0000:00:03.0") and brings the

@@ -22,6 +22,8 @@ pub enum TransportError {
     NotVhostUser { path: String, detail: String },
     #[error("vhost-user {request} failed: {detail}")]
     Protocol { request: &'static str, detail: String },
+    #[error("the vhost-user backend at {path} did not answer {request} within {after:?}; the connection was closed")]
+    Timeout { path: String, request: &'static str, after: std::time::Duration },
     #[error("the device does not support {0}")]
     Unsupported(&'static str),
     #[error("the device rejected the features {0:#x}")]
@@ -40,7 +42,11 @@ impl TransportError {
     /// The errno name of a failed connection (ECONNREFUSED, ENOENT, ...), for callers that act
     /// on the cause rather than the text.
     pub fn errno_name(&self) -> Option<&'static str> {
-        let TransportError::Connect { source, .. } = self else { return None };
+        let source = match self {
+            TransportError::Connect { source, .. } => source,
+            TransportError::Timeout { .. } => return Some("ETIMEDOUT"),
+            _ => return None,
+        };
         Some(match source.raw_os_error()? {
             libc::ECONNREFUSED => "ECONNREFUSED",
             libc::ENOENT => "ENOENT",

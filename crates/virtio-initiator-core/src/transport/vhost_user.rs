@@ -3,9 +3,12 @@
 //! it; kicks and calls travel over eventfds.
 
 use std::io::{Read, Write};
+use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use log::debug;
 use vhost::vhost_user::message::VhostUserConfigFlags;
@@ -20,6 +23,10 @@ use crate::memory::Region;
 /// How long the backend may take to answer the first request. A backend answers in
 /// microseconds; this only bounds a socket that accepted us but does not speak vhost-user.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long the backend may take to answer any later request. The `vhost` crate waits for a
+/// reply for ever; past this, the watchdog closes the socket and the request fails.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Most queues a frontend message may address.
 const MAX_QUEUES: u64 = 256;
@@ -36,6 +43,7 @@ fn wanted_protocol_features() -> VhostUserProtocolFeatures {
 pub struct VhostUserTransport {
     path: String,
     frontend: Frontend,
+    watchdog: Watchdog,
     /// A second handle on the socket, to notice a backend that went away.
     peer: UnixStream,
     offered: u64,
@@ -54,24 +62,28 @@ impl VhostUserTransport {
             .map_err(|source| TransportError::Connect { path: path.into(), source })?;
         probe(&stream, path)?;
         let peer = stream.try_clone()?;
+        let watchdog = Watchdog::start(stream.try_clone()?, path)?;
         let mut frontend = Frontend::from_stream(stream, MAX_QUEUES);
 
-        let offered = frontend
-            .get_features()
-            .map_err(|e| TransportError::NotVhostUser { path: path.into(), detail: e.to_string() })?;
+        let offered = watchdog.call("GET_FEATURES", || frontend.get_features()).map_err(|e| match e {
+            TransportError::Protocol { detail, .. } => {
+                TransportError::NotVhostUser { path: path.into(), detail }
+            }
+            e => e,
+        })?;
         let mut protocol = VhostUserProtocolFeatures::empty();
         if offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            let theirs = frontend.get_protocol_features().map_err(proto("GET_PROTOCOL_FEATURES"))?;
+            let theirs = watchdog.call("GET_PROTOCOL_FEATURES", || frontend.get_protocol_features())?;
             protocol = theirs & wanted_protocol_features();
-            frontend.set_protocol_features(protocol).map_err(proto("SET_PROTOCOL_FEATURES"))?;
+            watchdog.call("SET_PROTOCOL_FEATURES", || frontend.set_protocol_features(protocol))?;
             if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
                 // Every request is acknowledged, so a failure surfaces at the request that failed.
                 frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
             }
         }
-        frontend.set_owner().map_err(proto("SET_OWNER"))?;
+        watchdog.call("SET_OWNER", || frontend.set_owner())?;
         let max_mem_slots = if protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS) {
-            frontend.get_max_mem_slots().map_err(proto("GET_MAX_MEM_SLOTS"))?
+            watchdog.call("GET_MAX_MEM_SLOTS", || frontend.get_max_mem_slots())?
         } else {
             8
         };
@@ -81,6 +93,7 @@ impl VhostUserTransport {
         Ok(VhostUserTransport {
             path: path.into(),
             frontend,
+            watchdog,
             peer,
             offered,
             protocol,
@@ -153,8 +166,97 @@ fn probe(stream: &UnixStream, path: &str) -> Result<()> {
     Ok(())
 }
 
-fn proto(request: &'static str) -> impl Fn(vhost::Error) -> TransportError {
-    move |e| TransportError::Protocol { request, detail: e.to_string() }
+/// Bounds the wait for each reply of the backend. A thread sleeps until the deadline of the
+/// request in progress and, should it pass, shuts the socket down: the `vhost` crate's blocking
+/// read then ends and the request fails, instead of the caller hanging on a backend that is
+/// alive but silent. The thread is woken only when a deadline is set while it sleeps without
+/// one, so that a busy connection costs no extra wake-up per message.
+struct Watchdog {
+    shared: Arc<(Mutex<Watch>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+    path: String,
+}
+
+#[derive(Default)]
+struct Watch {
+    deadline: Option<Instant>,
+    /// The thread waits without a deadline and must be woken for a new one.
+    parked: bool,
+    fired: bool,
+    stop: bool,
+}
+
+impl Watchdog {
+    fn start(stream: UnixStream, path: &str) -> std::io::Result<Self> {
+        let shared = Arc::new((Mutex::new(Watch::default()), Condvar::new()));
+        let s = shared.clone();
+        let thread = std::thread::Builder::new().name("vhost-user-watchdog".into()).spawn(move || {
+            let (lock, wake) = &*s;
+            let mut w = lock.lock().unwrap();
+            while !w.stop {
+                match w.deadline {
+                    Some(d) => {
+                        let left = d.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            let _ = stream.shutdown(Shutdown::Both);
+                            w.fired = true;
+                            w.deadline = None;
+                        } else {
+                            w = wake.wait_timeout(w, left).unwrap().0;
+                        }
+                    }
+                    None => {
+                        w.parked = true;
+                        w = wake.wait(w).unwrap();
+                        w.parked = false;
+                    }
+                }
+            }
+        })?;
+        Ok(Watchdog { shared, thread: Some(thread), path: path.into() })
+    }
+
+    /// Runs one request/reply exchange with the backend under the reply deadline.
+    fn call<T, E: std::fmt::Display>(
+        &self,
+        request: &'static str,
+        f: impl FnOnce() -> std::result::Result<T, E>,
+    ) -> Result<T> {
+        let (lock, wake) = &*self.shared;
+        let timeout = || TransportError::Timeout { path: self.path.clone(), request, after: REPLY_TIMEOUT };
+        {
+            let mut w = lock.lock().unwrap();
+            if w.fired {
+                return Err(timeout());
+            }
+            w.deadline = Some(Instant::now() + REPLY_TIMEOUT);
+            if w.parked {
+                wake.notify_one();
+            }
+        }
+        let result = f();
+        let fired = {
+            let mut w = lock.lock().unwrap();
+            w.deadline = None;
+            w.fired
+        };
+        match result {
+            _ if fired => Err(timeout()),
+            Ok(v) => Ok(v),
+            Err(e) => Err(TransportError::Protocol { request, detail: e.to_string() }),
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        let (lock, wake) = &*self.shared;
+        lock.lock().unwrap().stop = true;
+        wake.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Transport for VhostUserTransport {
@@ -169,14 +271,14 @@ impl Transport for VhostUserTransport {
         // PROTOCOL_FEATURES stays acked whenever it was offered: it is what enables the rings
         // only on SET_VRING_ENABLE.
         let acked = features | (self.offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits());
-        self.frontend.set_features(acked).map_err(proto("SET_FEATURES"))
+        self.watchdog.call("SET_FEATURES", || self.frontend.set_features(acked))
     }
 
     fn queue_count(&mut self) -> Result<Option<u16>> {
         if !self.protocol.contains(VhostUserProtocolFeatures::MQ) {
             return Ok(None);
         }
-        let n = self.frontend.get_queue_num().map_err(proto("GET_QUEUE_NUM"))?;
+        let n = self.watchdog.call("GET_QUEUE_NUM", || self.frontend.get_queue_num())?;
         Ok(Some(n.min(MAX_QUEUES) as u16))
     }
 
@@ -190,10 +292,9 @@ impl Transport for VhostUserTransport {
             return Err(TransportError::Unsupported("GET_CONFIG (protocol feature CONFIG)"));
         }
         let zeros = vec![0u8; buf.len()];
-        let (_, payload) = self
-            .frontend
-            .get_config(offset, buf.len() as u32, VhostUserConfigFlags::empty(), &zeros)
-            .map_err(proto("GET_CONFIG"))?;
+        let (_, payload) = self.watchdog.call("GET_CONFIG", || {
+            self.frontend.get_config(offset, buf.len() as u32, VhostUserConfigFlags::empty(), &zeros)
+        })?;
         if payload.len() != buf.len() {
             return Err(TransportError::Protocol { request: "GET_CONFIG", detail: "short reply".into() });
         }
@@ -203,7 +304,7 @@ impl Transport for VhostUserTransport {
 
     fn set_memory(&mut self, regions: &[Region]) -> Result<()> {
         let infos: Vec<_> = regions.iter().map(Self::region_info).collect();
-        self.frontend.set_mem_table(&infos).map_err(proto("SET_MEM_TABLE"))?;
+        self.watchdog.call("SET_MEM_TABLE", || self.frontend.set_mem_table(&infos))?;
         self.regions = infos;
         Ok(())
     }
@@ -214,13 +315,13 @@ impl Transport for VhostUserTransport {
             return Err(TransportError::Unsupported("more memory regions (backend's slots are full)"));
         }
         if self.protocol.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS) {
-            self.frontend.add_mem_region(&info).map_err(proto("ADD_MEM_REG"))?;
+            self.watchdog.call("ADD_MEM_REG", || self.frontend.add_mem_region(&info))?;
             self.regions.push(info);
             Ok(())
         } else {
             let mut all = self.regions.clone();
             all.push(info);
-            self.frontend.set_mem_table(&all).map_err(proto("SET_MEM_TABLE"))?;
+            self.watchdog.call("SET_MEM_TABLE", || self.frontend.set_mem_table(&all))?;
             self.regions = all;
             Ok(())
         }
@@ -239,16 +340,19 @@ impl Transport for VhostUserTransport {
             avail_ring_addr: rings.avail_host,
             log_addr: None,
         };
-        self.frontend.set_vring_num(i, rings.size).map_err(|e| TransportError::Queue {
-            index,
-            detail: format!("SET_VRING_NUM {}: {e}", rings.size),
+        let (w, f) = (&self.watchdog, &mut self.frontend);
+        w.call("SET_VRING_NUM", || f.set_vring_num(i, rings.size)).map_err(|e| match e {
+            TransportError::Protocol { detail, .. } => {
+                TransportError::Queue { index, detail: format!("SET_VRING_NUM {}: {detail}", rings.size) }
+            }
+            e => e,
         })?;
-        self.frontend.set_vring_base(i, 0).map_err(proto("SET_VRING_BASE"))?;
-        self.frontend.set_vring_addr(i, &cfg).map_err(proto("SET_VRING_ADDR"))?;
-        self.frontend.set_vring_call(i, &call).map_err(proto("SET_VRING_CALL"))?;
-        self.frontend.set_vring_kick(i, &kick).map_err(proto("SET_VRING_KICK"))?;
+        w.call("SET_VRING_BASE", || f.set_vring_base(i, 0))?;
+        w.call("SET_VRING_ADDR", || f.set_vring_addr(i, &cfg))?;
+        w.call("SET_VRING_CALL", || f.set_vring_call(i, &call))?;
+        w.call("SET_VRING_KICK", || f.set_vring_kick(i, &kick))?;
         if self.offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            self.frontend.set_vring_enable(i, true).map_err(proto("SET_VRING_ENABLE"))?;
+            w.call("SET_VRING_ENABLE", || f.set_vring_enable(i, true))?;
         }
         Ok(QueueHandle { notifier: super::Notifier::EventFd(kick), interrupt: Some(call) })
     }
@@ -261,17 +365,17 @@ impl Transport for VhostUserTransport {
     fn stop_queue(&mut self, index: u16) -> Result<bool> {
         let i = index as usize;
         if self.offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            self.frontend.set_vring_enable(i, false).map_err(proto("SET_VRING_ENABLE"))?;
+            self.watchdog.call("SET_VRING_ENABLE", || self.frontend.set_vring_enable(i, false))?;
         }
         // The backend answers once the ring is stopped; what it still held is finished (or
         // answered as aborted) by then, and nothing of the ring is written afterwards.
-        self.frontend.get_vring_base(i).map_err(proto("GET_VRING_BASE"))?;
+        self.watchdog.call("GET_VRING_BASE", || self.frontend.get_vring_base(i))?;
         Ok(true)
     }
 
     fn reset(&mut self) -> Result<()> {
         if self.protocol.contains(VhostUserProtocolFeatures::RESET_DEVICE) {
-            self.frontend.reset_device().map_err(proto("RESET_DEVICE"))
+            self.watchdog.call("RESET_DEVICE", || self.frontend.reset_device())
         } else {
             Err(TransportError::Unsupported("device reset (protocol feature RESET_DEVICE)"))
         }
