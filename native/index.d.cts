@@ -15,6 +15,11 @@ export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-was
  * completion area, both shared with JavaScript, so that one `pump` call moves both ways.
  */
 export declare class Channel {
+  /**
+   * Added to a slot number, the tag the device knows that request by: the member id in the
+   * upper 16 bits on a shared queue (member 0's requests carry their slot as it is).
+   */
+  get tagBase(): number
   get queueIndex(): number
   /** Most requests in flight at once; also the record capacity of both areas. */
   get capacity(): number
@@ -114,6 +119,8 @@ export declare class Controller {
   pollEvents(): Array<ControllerEvent>
   /** True once the controller was closed (by its owner, in any thread). */
   get closed(): boolean
+  /** Fails the controller: every later operation reports `reason`. */
+  fail(reason: string): void
   /** Why the controller failed, or null while it works. */
   get failure(): string | null
   /**

@@ -4,7 +4,16 @@
 
 import { isIllegalRequest, type RetryPolicy, runCommand, type RunOptions, throwForResult } from './command.js';
 import { ClosedError, DeviceError, DeviceRemovedError, NotSupportedError, TaskManagementError, VirtioResponse } from './errors.js';
-import { type CommandResult, countTransfer, type IoQueue, type ScsiCommand, type TransferCounters, type TransferOwner } from './queue.js';
+import {
+  badTimeout,
+  type CommandResult,
+  countTransfer,
+  type IoQueue,
+  type ScsiCommand,
+  type TransferCounters,
+  type TransferOwner,
+} from './queue.js';
+import { TMF_LOGICAL_UNIT_RESET } from './recovery.js';
 import { type Geometry, readGeometry, type ScannedLun } from './scan.js';
 import {
   type BlockLimits,
@@ -22,8 +31,6 @@ import {
   writeSame16,
 } from './scsi/index.js';
 
-/** Task management function LOGICAL UNIT RESET (virtio-scsi VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET). */
-export const TMF_LOGICAL_UNIT_RESET = 5;
 
 /** What a block device needs from its controller; a worker thread can supply its own. */
 export interface DeviceContext {
@@ -43,7 +50,13 @@ export interface DeviceContext {
 }
 
 export interface IoOptions {
+  /** Aborting gives the request up (the device is told with ABORT TASK). */
   signal?: AbortSignal;
+  /**
+   * Milliseconds the device may take for each command of the call (default: the controller's
+   * `timeoutMs`, 30 s; 0: no limit). Past it the call rejects with RequestTimeoutError.
+   */
+  timeoutMs?: number;
 }
 
 export interface ReadOptions extends IoOptions {
@@ -464,6 +477,7 @@ export class BlockDevice {
     }
     if (opts.taskAttribute !== undefined) cmd.taskAttribute = opts.taskAttribute;
     if (opts.signal) cmd.signal = opts.signal;
+    if (opts.timeoutMs !== undefined) cmd.timeoutMs = opts.timeoutMs;
     const r = await this.ctx.executor().execute(cmd);
     throwForResult(r, cmd, this.name);
     const out: PassthroughResult = { response: r.response, status: r.status, residual: r.residual, dataLength: 0 };
@@ -553,6 +567,7 @@ export class BlockDevice {
   private run(cmd: Omit<ScsiCommand, 'target' | 'lun'>, opts: IoOptions): Promise<CommandResult> {
     const full: ScsiCommand = { target: this.target, lun: this.lun, ...cmd };
     if (opts.signal) full.signal = opts.signal;
+    if (opts.timeoutMs !== undefined) full.timeoutMs = opts.timeoutMs;
     return runCommand(this.ctx.executor(), full, this.runOptions).catch(this.removedOr);
   }
 
@@ -575,13 +590,20 @@ export class BlockDevice {
     opts: IoOptions | undefined,
     value: unknown,
   ): Promise<unknown> {
+    if (opts?.timeoutMs !== undefined) {
+      const bad = badTimeout(opts.timeoutMs);
+      if (bad !== undefined) throw new TypeError(`${this.name}: ${bad}`);
+    }
     const max = this.maxTransferBlocks;
     if (typeof lba === 'number' && blocks <= max) {
-      return this.ctx.executor().transfer(write, this.target, this.lun, lba, blocks, buf, fua, opts?.signal, value, this.owner);
+      return this.ctx
+        .executor()
+        .transfer(write, this.target, this.lun, lba, blocks, buf, fua, opts?.signal, opts?.timeoutMs, value, this.owner);
     }
     const bs = this.blockSize;
     const start = BigInt(lba);
     const signal = opts?.signal;
+    const timeoutMs = opts?.timeoutMs;
     return windowed(Math.ceil(blocks / max), async (i) => {
       const first = i * max;
       const n = Math.min(max, blocks - first);
@@ -591,6 +613,7 @@ export class BlockDevice {
         ? { target: this.target, lun: this.lun, cdb: writeCdb(args), dataOut: part }
         : { target: this.target, lun: this.lun, cdb: readCdb(args), dataIn: part };
       if (signal) cmd.signal = signal;
+      if (timeoutMs !== undefined) cmd.timeoutMs = timeoutMs;
       const r = await runCommand(this.ctx.executor(), cmd, this.runOptions);
       this.checkTransferred(r, cmd);
       this.counted(cmd, r);

@@ -38,7 +38,7 @@ export function defaultTargetBinary(): string {
   return candidates.find((c) => existsSync(c)) ?? local;
 }
 
-export type TargetQuirk = 'tmf-zero-used-len';
+export type TargetQuirk = 'tmf-zero-used-len' | 'abort-task-ignored' | 'tmf-ignored';
 
 export interface TargetOptions {
   /** vhost-user socket path; must not exist yet. */
@@ -56,7 +56,8 @@ export interface TargetOptions {
   pollThreads?: number;
   /**
    * Deviations of other targets to reproduce (`--quirk`): `tmf-zero-used-len` answers task
-   * management with the response written but a used length of 0.
+   * management with the response written but a used length of 0; `abort-task-ignored` answers
+   * ABORT TASK with FUNCTION COMPLETE and leaves the task running, `tmf-ignored` every function.
    */
   quirks?: readonly TargetQuirk[];
   /**

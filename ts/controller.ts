@@ -15,7 +15,8 @@ import {
   type NativeOpenFailure,
 } from './native.js';
 import { log } from './log.js';
-import { RequestQueue, type RequestQueueStats } from './queue.js';
+import { badTimeout, DEFAULT_TIMEOUT_MS, RequestQueue, type RequestQueueStats } from './queue.js';
+import { Recovery, type RecoveryStep } from './recovery.js';
 import { PCI_ADDRESS } from './pci.js';
 import { type Geometry, lunName, type ScannedLun, scanTargets, type ScanResult } from './scan.js';
 import { type EventPlan, EventWatcher } from './watch.js';
@@ -52,6 +53,13 @@ export interface ControllerOptions {
    * eighth of the DMA pool at first, at least 2 MiB, so that several bounced transfers fit.
    */
   maxTransferBytes?: number;
+  /**
+   * Milliseconds the device may take for a request (default 30 s; 0: no limit; calls can say
+   * otherwise). A request past it rejects with RequestTimeoutError, and the device is made to
+   * give it back: ABORT TASK, then LOGICAL UNIT RESET, then I_T NEXUS RESET (`recovery` events);
+   * when none does, the controller fails.
+   */
+  timeoutMs?: number;
   /** Retry bounds for BUSY, TASK SET FULL and UNIT ATTENTION. */
   retry?: Partial<RetryPolicy>;
   /**
@@ -123,6 +131,7 @@ export interface ControllerHandle {
   readonly maxTransferBytes: number;
   readonly retry: RetryPolicy;
   readonly poll: boolean;
+  readonly timeoutMs: number;
   /** The LUNs of the last scan, so that the thread need not scan again. */
   readonly luns: readonly ScannedLun[];
 }
@@ -199,6 +208,11 @@ export interface ControllerEventMap {
   'device-added': [device: BlockDevice];
   /** The disk left the target; its pending and later calls fail with DeviceRemovedError. */
   'device-removed': [device: BlockDevice];
+  /**
+   * A step of getting the device to give back a request that timed out or was aborted (ABORT
+   * TASK, LOGICAL UNIT RESET, I_T NEXUS RESET), and whether the request came back.
+   */
+  recovery: [step: RecoveryStep];
   /** A refresh found a different size or block size (CAPACITY DATA HAS CHANGED). */
   'capacity-changed': [device: BlockDevice, before: Geometry];
   /** The device reported a media change (asynchronous notification). */
@@ -219,6 +233,8 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
   private readonly handle: NativeController;
   private readonly policy: Readonly<RetryPolicy>;
   private readonly poll: boolean;
+  private readonly timeoutMs: number;
+  private readonly recovery: Recovery;
   private readonly trace: boolean;
   private readonly context: DeviceContext;
   private queue: RequestQueue | undefined;
@@ -255,7 +271,18 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
     this.transport = Object.freeze({ ...transport });
     this.policy = policy;
     this.poll = options.poll !== false;
+    this.timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
     this.trace = options.trace === true;
+    this.recovery = new Recovery({
+      controllerName: name,
+      taskManagement: (target, lun, fn, tag) => this.taskManagement(target, lun, fn, tag),
+      report: (step) => {
+        if (step.returned) log('info', 'recovery', `${step.device}: ${step.action} brought back ${step.request}`);
+        else log('warn', 'recovery', `${step.device}: ${step.action} did not bring back ${step.request}`);
+        this.emit('recovery', step);
+      },
+      giveUp: (reason) => this.giveUp(reason),
+    });
     const info = handle.info;
     this.context = {
       controllerName: name,
@@ -286,6 +313,8 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
       throw new RangeError(`name ${JSON.stringify(name)} must be 1 to 64 letters, digits, '_', '.' or '-'`);
     }
     checkCount(options.maxTransferBytes, 'maxTransferBytes');
+    const badDeadline = options.timeoutMs === undefined ? undefined : badTimeout(options.timeoutMs);
+    if (badDeadline !== undefined) throw new RangeError(badDeadline);
     if (options.poll !== undefined && typeof options.poll !== 'boolean') {
       throw new TypeError(`poll must be true or false, got ${String(options.poll)}`);
     }
@@ -456,6 +485,7 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
       maxTransferBytes: this.context.maxTransferBytes,
       retry: { ...this.policy },
       poll: this.poll,
+      timeoutMs: this.timeoutMs,
       luns: this.scanned,
     };
   }
@@ -476,7 +506,7 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
       h,
       handle.name,
       handle.transport,
-      { maxTransferBytes: handle.maxTransferBytes, poll: handle.poll },
+      { maxTransferBytes: handle.maxTransferBytes, poll: handle.poll, timeoutMs: handle.timeoutMs },
       Object.freeze({ ...handle.retry }),
     );
     c.install(handle.luns);
@@ -541,6 +571,16 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
       if (this.handle.closed) throw new ClosedError(`controller ${this.name} is closed`);
       throw new Error(`${this.name}: cannot allocate ${bytes} bytes of DMA memory: ${errorText(e)}`, { cause: e });
     }
+  }
+
+  /** Recovery could not get a request back: the controller fails (the event loop's own notice). */
+  private giveUp(reason: string): void {
+    if (this.closedError || this.handle.failure !== null) return;
+    log('error', 'recovery', `${this.name}: ${reason}`);
+    this.handle.fail(reason);
+    // The watcher would report the failure as the device going away; it is not that.
+    this.watcher?.stop();
+    this.emit('failed', new ControllerFailedError(this.name, reason));
   }
 
   /**
@@ -653,6 +693,8 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
       addressOf: this.addressOf,
       closedError: () => (this.handle.closed ? new ClosedError(`controller ${this.name} is closed`) : undefined),
       interrupts: !this.poll,
+      timeoutMs: this.timeoutMs,
+      onAbandoned: (request) => this.recovery.recover(request),
       ...(this.trace ? { trace: (line: string) => log('trace', 'command', line) } : {}),
     });
     return this.queue;

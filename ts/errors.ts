@@ -48,7 +48,8 @@ export type InitiatorErrorCode =
   | 'ERR_VIRTIO_NOT_SUPPORTED'
   | 'ERR_VIRTIO_DEVICE'
   | 'ERR_VIRTIO_TASK_MANAGEMENT'
-  | 'ERR_VIRTIO_REQUEST_REFUSED';
+  | 'ERR_VIRTIO_REQUEST_REFUSED'
+  | 'ERR_VIRTIO_TIMEOUT';
 
 /** Base class of the initiator's own errors; `code` tells them apart without instanceof. */
 export class InitiatorError extends Error {
@@ -170,5 +171,24 @@ export class TaskManagementError extends InitiatorError {
     this.name = 'TaskManagementError';
     this.response = response;
     this.responseName = name;
+  }
+}
+
+/**
+ * The device did not finish a request within its deadline. The request is given up on at once;
+ * the controller then gets the device to give it back (ABORT TASK, then resets: its `recovery`
+ * events tell how that went).
+ */
+export class RequestTimeoutError extends InitiatorError {
+  readonly target: number;
+  readonly lun: number;
+  readonly timeoutMs: number;
+
+  constructor(label: string, target: number, lun: number, what: string, timeoutMs: number) {
+    super('ERR_VIRTIO_TIMEOUT', `${label}: ${what} on ${target}:${lun} timed out after ${timeoutMs} ms`);
+    this.name = 'RequestTimeoutError';
+    this.target = target;
+    this.lun = lun;
+    this.timeoutMs = timeoutMs;
   }
 }

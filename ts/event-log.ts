@@ -49,9 +49,13 @@ export class EventLog {
   follow(ctrl: Controller): void {
     if (this.unfollow.has(ctrl)) return;
     const name = ctrl.name;
-    const record = (event: keyof ControllerEventMap, device?: BlockDevice, detail?: Record<string, unknown>): void => {
+    const record = (
+      event: keyof ControllerEventMap,
+      device?: BlockDevice | string,
+      detail?: Record<string, unknown>,
+    ): void => {
       const e: LoggedEvent = { seq: ++this.last, time: Date.now(), controller: name, event };
-      if (device !== undefined) e.device = device.name;
+      if (device !== undefined) e.device = typeof device === 'string' ? device : device.name;
       if (detail !== undefined) e.detail = detail;
       this.entries.push(e);
       if (this.entries.length > this.capacity) this.entries.shift();
@@ -68,6 +72,10 @@ export class EventLog {
       disconnected: (reason) => record('disconnected', undefined, { reason }),
       failed: (error) => record('failed', undefined, { reason: error.message }),
       'event-error': (error) => record('event-error', undefined, { reason: error.message }),
+      recovery: (step) => {
+        const { device, ...detail } = step;
+        record('recovery', device, { ...detail });
+      },
     };
     const names = Object.keys(listeners) as Array<keyof ControllerEventMap>;
     for (const n of names) ctrl.on(n, listeners[n] as never);

@@ -13,7 +13,6 @@ export {
 } from './controller.js';
 export {
   BlockDevice,
-  TMF_LOGICAL_UNIT_RESET,
   type BlockDeviceInfo,
   type BlockDeviceIostat,
   type BlockDeviceLimits,
@@ -34,6 +33,7 @@ export {
   DeviceRemovedError,
   InitiatorError,
   NotSupportedError,
+  RequestTimeoutError,
   TaskManagementError,
   VirtioResponse,
   VirtioResponseError,
@@ -65,6 +65,13 @@ export {
   type RequestQueueStats,
   type ScsiCommand,
 } from './queue.js';
+export {
+  TMF_ABORT_TASK,
+  TMF_I_T_NEXUS_RESET,
+  TMF_LOGICAL_UNIT_RESET,
+  type RecoveryAction,
+  type RecoveryStep,
+} from './recovery.js';
 export { lunName, type Geometry, type ScannedLun, type ScanProblem, type ScanResult } from './scan.js';
 export { ScsiError, type DecodedSense, type Lba } from './scsi/index.js';
 export * as scsi from './scsi/index.js';

@@ -13,7 +13,7 @@
 
 import { closeSync, read, writeSync } from 'node:fs';
 
-import { ClosedError, ControllerFailedError, InitiatorError } from './errors.js';
+import { ClosedError, ControllerFailedError, InitiatorError, RequestTimeoutError } from './errors.js';
 import { CompletionReader, Direction, RecordWriter, RESPONSE_REFUSED, SubmitRecord } from './records.js';
 
 import { describeCdb, read as readCdb, write as writeCdb } from './scsi/cdb.js';
@@ -25,6 +25,8 @@ export interface ChannelLike {
   readonly queueIndex?: number;
   /** True while other threads use the same request queue. */
   readonly shared?: boolean;
+  /** Added to a slot number, the tag the device knows that request by (0 unless shared). */
+  readonly tagBase?: number;
   /** `capacity` submission records, shared with the channel. */
   submissionArea(): Buffer;
   /** `capacity` completion records and their sense slots, shared with the channel. */
@@ -53,6 +55,8 @@ export interface ScsiCommand {
   /** SAM task attribute: 0 simple (default), 1 ordered, 2 head of queue, 3 ACA. */
   taskAttribute?: number;
   signal?: AbortSignal;
+  /** Milliseconds the device may take (default: the queue's `timeoutMs`; 0: no limit). */
+  timeoutMs?: number;
 }
 
 export interface CommandResult {
@@ -163,7 +167,36 @@ export interface RequestQueueOptions {
    * latency), for debugging a target. Costs nothing when not given.
    */
   trace?: (line: string) => void;
+  /**
+   * Milliseconds the device may take for a request before it is given up on (rejected with
+   * RequestTimeoutError), unless the request says otherwise; 0 for no limit. Default 30 s.
+   */
+  timeoutMs?: number;
+  /**
+   * Called for each request given up on while the device still holds it (timed out, or its
+   * signal aborted): its slot is kept until the device gives it back, which the caller makes
+   * happen (ABORT TASK, then resets).
+   */
+  onAbandoned?: (request: AbandonedRequest) => void;
 }
+
+/** A request given up on while the device holds it. */
+export interface AbandonedRequest {
+  target: number;
+  lun: number;
+  /** The tag the device knows it by (for ABORT TASK). */
+  tag: number;
+  /** What it was, for messages ("READ of 8 blocks at LBA 0", "INQUIRY"). */
+  what: string;
+  why: 'timeout' | 'abort';
+  /** Resolves once the device has given it back (or the queue has shut down). */
+  returned: Promise<void>;
+}
+
+/** Default request deadline. */
+export const DEFAULT_TIMEOUT_MS = 30_000;
+/** Period of the coarse clock that deadlines are kept in: no clock is read per request. */
+const TICK_MS = 100;
 
 /** The native side refused a request before it reached the device (it names why). */
 export class RequestRefusedError extends InitiatorError {
@@ -178,7 +211,7 @@ const enum State {
   /** Written into the submission area, waiting for the next native call. */
   Staged,
   OnDevice,
-  /** Aborted by the caller while on the device: the completion is awaited and dropped. */
+  /** Given up on (aborted or timed out) while on the device: the completion is awaited and dropped. */
   Abandoned,
 }
 
@@ -201,6 +234,7 @@ interface Waiting {
   data: Buffer | null;
   fua: boolean;
   signal: AbortSignal | undefined;
+  timeoutMs: number;
   value: unknown;
   recover: TransferOwner | undefined;
   resolve: (v: unknown) => void;
@@ -224,6 +258,13 @@ function asBuffer(data: Uint8Array): Buffer {
   return Buffer.isBuffer(data) ? data : Buffer.from(data.buffer, data.byteOffset, data.byteLength);
 }
 
+/** Why `ms` is not a request deadline (milliseconds, 0 for none), or undefined when it is one. */
+export function badTimeout(ms: unknown): string | undefined {
+  return typeof ms === 'number' && ms >= 0 && ms <= 2 ** 31
+    ? undefined
+    : `timeoutMs ${String(ms)} is not a number of milliseconds from 0 to 2^31`;
+}
+
 function validate(cmd: ScsiCommand): string | undefined {
   if (typeof cmd !== 'object' || cmd === null) return 'command must be an object';
   if (!Number.isInteger(cmd.target) || cmd.target < 0 || cmd.target > MAX_TARGET) {
@@ -242,6 +283,10 @@ function validate(cmd: ScsiCommand): string | undefined {
   if (cmd.dataIn !== undefined && !(cmd.dataIn instanceof Uint8Array)) return 'dataIn must be a Buffer or Uint8Array';
   if (cmd.dataOut !== undefined && !(cmd.dataOut instanceof Uint8Array)) {
     return 'dataOut must be a Buffer or Uint8Array';
+  }
+  if (cmd.timeoutMs !== undefined) {
+    const bad = badTimeout(cmd.timeoutMs);
+    if (bad !== undefined) return bad;
   }
   const attr = cmd.taskAttribute ?? 0;
   if (!Number.isInteger(attr) || attr < 0 || attr > 0xff) return `taskAttribute ${String(attr)} out of range`;
@@ -274,6 +319,11 @@ export class RequestQueue implements CommandExecutor {
   private readonly recover: Array<TransferOwner | undefined>;
   private readonly resolveOf: Array<((v: unknown) => void) | undefined>;
   private readonly rejectOf: Array<((e: unknown) => void) | undefined>;
+  /** Deadline in ticks of the coarse clock (0: none), and the limit it came from. */
+  private readonly deadline: Float64Array;
+  private readonly limitMs: Float64Array;
+  /** Abandoned slots whose return someone waits for. */
+  private readonly returnedOf: Array<(() => void) | undefined>;
   private readonly freeSlots: Int32Array;
   private freeCount: number;
 
@@ -292,6 +342,13 @@ export class RequestQueue implements CommandExecutor {
   private immediate: NodeJS.Immediate | undefined;
   private slowTimer: NodeJS.Timeout | undefined;
   private readonly watched = new WeakSet<AbortSignal>();
+  private readonly timeoutMs: number;
+  private readonly onAbandoned: ((request: AbandonedRequest) => void) | undefined;
+  private readonly tagBase: number;
+  /** The coarse clock: advanced by a timer that runs while requests are on the device. */
+  private tick = 1;
+  private ticker: NodeJS.Timeout | undefined;
+  private readonly onTick = (): void => this.expireOverdue();
   /** Interrupt mode: our descriptor for the queue's signal, and whether a read waits on it. */
   private interruptFd = -1;
   private interruptWait = false;
@@ -367,6 +424,15 @@ export class RequestQueue implements CommandExecutor {
     this.recover = new Array<TransferOwner | undefined>(cap).fill(undefined);
     this.resolveOf = new Array<((v: unknown) => void) | undefined>(cap).fill(undefined);
     this.rejectOf = new Array<((e: unknown) => void) | undefined>(cap).fill(undefined);
+    this.deadline = new Float64Array(cap);
+    this.limitMs = new Float64Array(cap);
+    this.returnedOf = new Array<(() => void) | undefined>(cap).fill(undefined);
+    const timeout = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+    const bad = badTimeout(timeout);
+    if (bad !== undefined) throw new RangeError(bad);
+    this.timeoutMs = timeout;
+    this.onAbandoned = options.onAbandoned;
+    this.tagBase = channel.tagBase ?? 0;
     this.freeSlots = new Int32Array(cap);
     for (let i = 0; i < cap; i++) this.freeSlots[i] = cap - 1 - i;
     this.freeCount = cap;
@@ -400,15 +466,29 @@ export class RequestQueue implements CommandExecutor {
   execute(cmd: ScsiCommand): Promise<CommandResult> {
     const bad = validate(cmd);
     if (bad !== undefined) return Promise.reject(new TypeError(`${this.label}: ${bad}`));
-    return this.enqueue(Mode.Command, cmd, false, cmd.target, cmd.lun, 0, 0, null, false, cmd.signal, undefined, undefined) as Promise<CommandResult>;
+    return this.enqueue(
+      Mode.Command,
+      cmd,
+      false,
+      cmd.target,
+      cmd.lun,
+      0,
+      0,
+      null,
+      false,
+      cmd.signal,
+      cmd.timeoutMs ?? this.timeoutMs,
+      undefined,
+      undefined,
+    ) as Promise<CommandResult>;
   }
 
   /**
    * READ (`write` false) or WRITE of `blocks` blocks at `lba` (below 2^53) with `data`, built
    * natively. Resolves with `value` when the command completes with GOOD status and the whole
    * transfer (counted in `owner.counters`); otherwise settles with what `owner.recover` returns
-   * or throws. Arguments are trusted:
-   * the block device checks them.
+   * or throws. `timeoutMs` undefined takes the queue's. Arguments are trusted: the block
+   * device checks them.
    */
   transfer(
     write: boolean,
@@ -419,10 +499,11 @@ export class RequestQueue implements CommandExecutor {
     data: Buffer,
     fua: boolean,
     signal: AbortSignal | undefined,
+    timeoutMs: number | undefined,
     value: unknown,
     owner: TransferOwner,
   ): Promise<unknown> {
-    return this.enqueue(Mode.Transfer, undefined, write, target, lun, lba, blocks, data, fua, signal, value, owner);
+    return this.enqueue(Mode.Transfer, undefined, write, target, lun, lba, blocks, data, fua, signal, timeoutMs ?? this.timeoutMs, value, owner);
   }
 
   /** Rejects everything queued or in flight and releases the channel. */
@@ -442,6 +523,7 @@ export class RequestQueue implements CommandExecutor {
     data: Buffer | null,
     fua: boolean,
     signal: AbortSignal | undefined,
+    timeoutMs: number,
     value: unknown,
     recover: TransferOwner | undefined,
   ): Promise<unknown> {
@@ -454,10 +536,10 @@ export class RequestQueue implements CommandExecutor {
     const resolve = this.nextResolve!;
     const reject = this.nextReject!;
     if (this.freeCount === 0 || this.waiting.length > this.waitingHead) {
-      this.waiting.push({ mode, cmd, write, target, lun, lba, blocks, data, fua, signal, value, recover, resolve, reject });
+      this.waiting.push({ mode, cmd, write, target, lun, lba, blocks, data, fua, signal, timeoutMs, value, recover, resolve, reject });
     } else {
       const slot = this.freeSlots[--this.freeCount]!;
-      this.fill(slot, mode, cmd, write, target, lun, lba, blocks, data, fua, signal, value, recover, resolve, reject);
+      this.fill(slot, mode, cmd, write, target, lun, lba, blocks, data, fua, signal, timeoutMs, value, recover, resolve, reject);
       this.stage(slot);
       // A long burst (the continuations of many completions) starts down before it ends.
       if (this.stagedCount >= EARLY_SUBMIT) this.submitStaged();
@@ -478,12 +560,21 @@ export class RequestQueue implements CommandExecutor {
     data: Buffer | null,
     fua: boolean,
     signal: AbortSignal | undefined,
+    timeoutMs: number,
     value: unknown,
     recover: TransferOwner | undefined,
     resolve: (v: unknown) => void,
     reject: (e: unknown) => void,
   ): void {
     this.mode[slot] = mode;
+    this.limitMs[slot] = timeoutMs;
+    if (timeoutMs > 0) {
+      // One tick more than the limit: the clock may be about to advance.
+      this.deadline[slot] = this.tick + Math.ceil(timeoutMs / TICK_MS) + 1;
+      if (this.ticker === undefined) this.startTicker();
+    } else {
+      this.deadline[slot] = 0;
+    }
     this.cmd[slot] = cmd;
     this.isWrite[slot] = write ? 1 : 0;
     this.target[slot] = target;
@@ -679,7 +770,7 @@ export class RequestQueue implements CommandExecutor {
         continue;
       }
       const slot = this.freeSlots[--this.freeCount]!;
-      this.fill(slot, w.mode, w.cmd, w.write, w.target, w.lun, w.lba, w.blocks, w.data, w.fua, w.signal, w.value, w.recover, w.resolve, w.reject);
+      this.fill(slot, w.mode, w.cmd, w.write, w.target, w.lun, w.lba, w.blocks, w.data, w.fua, w.signal, w.timeoutMs, w.value, w.recover, w.resolve, w.reject);
       this.stage(slot);
     }
     if (this.waitingHead === this.waiting.length && this.waitingHead > 0) {
@@ -715,7 +806,10 @@ export class RequestQueue implements CommandExecutor {
     if (this.traceLine !== undefined) this.traceCompletion(slot, k);
     if (state === State.Abandoned) {
       this.abandoned--;
+      const returned = this.returnedOf[slot];
+      this.returnedOf[slot] = undefined;
       this.release(slot);
+      returned?.();
       return;
     }
     const resolve = this.resolveOf[slot]!;
@@ -751,7 +845,12 @@ export class RequestQueue implements CommandExecutor {
     // A fast READ/WRITE that needs attention: rebuild the command for retries and messages.
     const write = this.isWrite[slot] === 1;
     const args = { lba: this.lba[slot]!, blocks: this.blocks[slot]!, fua: this.fua[slot] === 1 };
-    const cmd: ScsiCommand = { target: this.target[slot]!, lun: this.lun[slot]!, cdb: write ? writeCdb(args) : readCdb(args) };
+    const cmd: ScsiCommand = {
+      target: this.target[slot]!,
+      lun: this.lun[slot]!,
+      cdb: write ? writeCdb(args) : readCdb(args),
+      timeoutMs: this.limitMs[slot]!,
+    };
     const data = this.data[slot]!;
     if (write) cmd.dataOut = data;
     else cmd.dataIn = data;
@@ -810,12 +909,7 @@ export class RequestQueue implements CommandExecutor {
         this.release(slot);
         unstaged = true;
       } else if (state === State.OnDevice) {
-        // The device may still write into the buffer: keep the slot (and with it the buffer)
-        // until the completion arrives, then drop it.
-        this.state[slot] = State.Abandoned;
-        this.abandoned++;
-        this.resolveOf[slot] = undefined;
-        this.rejectOf[slot] = undefined;
+        this.abandon(slot, 'abort');
       } else {
         continue;
       }
@@ -837,6 +931,60 @@ export class RequestQueue implements CommandExecutor {
     this.waiting = this.waiting.filter((w, i) => i < this.waitingHead || w.cmd !== CANCELLED);
   }
 
+  /**
+   * Gives up on a request the device holds. The device may still write into its buffer: the
+   * slot (and with it the buffer) is kept until the completion arrives, then dropped.
+   */
+  private abandon(slot: number, why: AbandonedRequest['why']): void {
+    this.state[slot] = State.Abandoned;
+    this.abandoned++;
+    this.resolveOf[slot] = undefined;
+    this.rejectOf[slot] = undefined;
+    this.deadline[slot] = 0;
+    if (this.onAbandoned === undefined) return;
+    const returned = new Promise<void>((r) => {
+      this.returnedOf[slot] = r;
+    });
+    const target = this.target[slot]!;
+    const lun = this.lun[slot]!;
+    this.onAbandoned({ target, lun, tag: this.tagBase + slot, what: this.describe(slot), why, returned });
+  }
+
+  /** What a slot's request is, for messages. */
+  private describe(slot: number): string {
+    if (this.mode[slot] === Mode.Transfer) {
+      const op = this.isWrite[slot] === 1 ? 'WRITE' : 'READ';
+      return `${op} of ${this.blocks[slot]} blocks at LBA ${this.lba[slot]}`;
+    }
+    return describeCdb(this.cmd[slot]!.cdb);
+  }
+
+  private startTicker(): void {
+    this.ticker = setInterval(this.onTick, TICK_MS);
+    // Deadlines never keep a process alive: pending requests do, by their own means.
+    this.ticker.unref();
+  }
+
+  /** Advances the coarse clock and gives up on requests past their deadline. */
+  private expireOverdue(): void {
+    this.tick++;
+    if (this.onDevice === 0 && this.stagedCount === 0 && this.waiting.length === this.waitingHead) {
+      clearInterval(this.ticker);
+      this.ticker = undefined;
+      return;
+    }
+    for (let slot = 0; slot < this.capacity; slot++) {
+      const d = this.deadline[slot]!;
+      if (d === 0 || d > this.tick || this.state[slot] !== State.OnDevice) continue;
+      const reject = this.rejectOf[slot];
+      const target = this.target[slot]!;
+      const lun = this.lun[slot]!;
+      const err = new RequestTimeoutError(this.label, target, lun, this.describe(slot), this.limitMs[slot]!);
+      this.abandon(slot, 'timeout');
+      reject?.(err);
+    }
+  }
+
   private fail(cause: unknown): void {
     if (this.closedError) return;
     let closed: Error | undefined;
@@ -855,6 +1003,8 @@ export class RequestQueue implements CommandExecutor {
 
   private shutDown(err: Error): void {
     this.closedError = err;
+    if (this.ticker !== undefined) clearInterval(this.ticker);
+    this.ticker = undefined;
     if (this.immediate !== undefined) clearImmediate(this.immediate);
     if (this.slowTimer !== undefined) clearTimeout(this.slowTimer);
     this.immediate = undefined;
@@ -875,8 +1025,11 @@ export class RequestQueue implements CommandExecutor {
       const state = this.state[slot];
       if (state === State.Free) continue;
       const reject = this.rejectOf[slot];
+      const returned = this.returnedOf[slot];
+      this.returnedOf[slot] = undefined;
       this.release(slot);
       if (state !== State.Abandoned) reject?.(err);
+      returned?.();
     }
     for (let i = this.waitingHead; i < this.waiting.length; i++) this.waiting[i]!.reject(err);
     this.waiting = [];

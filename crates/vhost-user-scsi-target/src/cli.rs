@@ -28,6 +28,9 @@ options:
   --quirk NAME         behave like other targets do, for tests of initiators (repeatable):
                          tmf-zero-used-len   task management answers with the response
                                              written but a used length of 0
+                         abort-task-ignored  ABORT TASK answers FUNCTION COMPLETE and
+                                             leaves the task running
+                         tmf-ignored         every task management function does so
   -v, --verbose        log each request (RUST_LOG=debug works too)
   -h, --help           this text
 ";
@@ -50,13 +53,19 @@ pub struct Args {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Quirk {
     TmfZeroUsedLen,
+    AbortTaskIgnored,
+    TmfIgnored,
 }
 
 impl Quirk {
     fn parse(name: &str) -> Result<Quirk, String> {
         match name {
             "tmf-zero-used-len" => Ok(Quirk::TmfZeroUsedLen),
-            other => Err(format!("--quirk: unknown quirk '{other}' (known: tmf-zero-used-len)")),
+            "abort-task-ignored" => Ok(Quirk::AbortTaskIgnored),
+            "tmf-ignored" => Ok(Quirk::TmfIgnored),
+            other => Err(format!(
+                "--quirk: unknown quirk '{other}' (known: tmf-zero-used-len, abort-task-ignored, tmf-ignored)"
+            )),
         }
     }
 }

@@ -223,8 +223,14 @@ mod tests {
 
     fn control() -> Control {
         let bus = Arc::new(ram_bus(&[(0, 0, 1 << 20, 512)]));
-        let opts =
-            DeviceOptions { request_queues: 1, queue_size: 16, poll_threads: None, tmf_zero_used_len: false };
+        let opts = DeviceOptions {
+            request_queues: 1,
+            queue_size: 16,
+            poll_threads: None,
+            tmf_zero_used_len: false,
+            abort_task_ignored: false,
+            tmf_ignored: false,
+        };
         Control {
             backend: ScsiBackend::new(bus, opts),
             socket: PathBuf::from("/nonexistent"),

@@ -48,6 +48,8 @@ fn run(args: cli::Args) -> Result<(), String> {
         queue_size: args.queue_size,
         poll_threads: args.poll_threads,
         tmf_zero_used_len: args.quirks.contains(&cli::Quirk::TmfZeroUsedLen),
+        abort_task_ignored: args.quirks.contains(&cli::Quirk::AbortTaskIgnored),
+        tmf_ignored: args.quirks.contains(&cli::Quirk::TmfIgnored),
     };
     let backend = ScsiBackend::new(bus.clone(), opts);
 

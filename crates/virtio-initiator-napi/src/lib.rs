@@ -389,6 +389,12 @@ impl Controller {
         self.inner.check_open().is_err()
     }
 
+    /// Fails the controller: every later operation reports `reason`.
+    #[napi]
+    pub fn fail(&self, reason: String) {
+        self.inner.fail(reason);
+    }
+
     /// Why the controller failed, or null while it works.
     #[napi(getter)]
     pub fn failure(&self) -> Option<String> {
@@ -494,6 +500,13 @@ impl Channel {
             submissions: SharedArea::new(n * scsi::SUBMIT_RECORD_SIZE),
             completions: SharedArea::new(n * scsi::COMPLETION_SLOT_SIZE),
         }
+    }
+
+    /// Added to a slot number, the tag the device knows that request by: the member id in the
+    /// upper 16 bits on a shared queue (member 0's requests carry their slot as it is).
+    #[napi(getter)]
+    pub fn tag_base(&self) -> u32 {
+        self.inner.tag_base()
     }
 
     #[napi(getter)]

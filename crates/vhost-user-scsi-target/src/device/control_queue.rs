@@ -59,6 +59,12 @@ impl Inner {
             return response::BAD_TARGET;
         }
         info!("task management {} on {addr:?} tag {}", req.subtype, req.tag);
+        let ignored =
+            self.opts.tmf_ignored || (self.opts.abort_task_ignored && req.subtype == tmf::ABORT_TASK);
+        if ignored && req.subtype != tmf::QUERY_TASK && req.subtype != tmf::QUERY_TASK_SET {
+            info!("task management {} ignored (quirk)", req.subtype);
+            return response::OK;
+        }
         match req.subtype {
             tmf::ABORT_TASK => {
                 self.cancel_held(|h| h.addr == addr && h.tag == req.tag, response::ABORTED);

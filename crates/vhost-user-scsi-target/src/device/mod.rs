@@ -56,6 +56,11 @@ pub struct DeviceOptions {
     /// Quirk of some vhost targets, reproduced for tests: task management completes with its
     /// response written but a used length of 0.
     pub tmf_zero_used_len: bool,
+    /// Quirks of targets that answer task management without doing it, reproduced for tests
+    /// of an initiator's escalation: ABORT TASK (or every function) answers FUNCTION COMPLETE
+    /// and leaves the tasks it names running.
+    pub abort_task_ignored: bool,
+    pub tmf_ignored: bool,
 }
 
 /// The vhost-user backend. Cheap to clone: every clone shares one device state, and each new

@@ -128,6 +128,11 @@ impl QueueShare {
         self.cell.active.load(Ordering::Acquire) > 1
     }
 
+    /// What this member's tokens become in the tags the device sees: its id above the token.
+    pub fn tag_base(&self) -> u32 {
+        u32::from(self.member) << MEMBER_SHIFT
+    }
+
     /// This member's requests not yet handed back.
     pub fn in_flight(&self) -> usize {
         self.cell.members.lock().unwrap()[self.member as usize].in_flight
