@@ -217,7 +217,7 @@ mod tests {
     use virtio_scsi_proto::scsi::opcode;
 
     use super::*;
-    use crate::device::DeviceOptions;
+    use crate::device::{DeviceOptions, Quirks};
     use crate::scsi::testutil::{clear_ua, ram_bus, run, rw10};
     use crate::scsi::{Action, CORRUPT_INTERVAL};
 
@@ -227,9 +227,7 @@ mod tests {
             request_queues: 1,
             queue_size: 16,
             poll_threads: None,
-            tmf_zero_used_len: false,
-            abort_task_ignored: false,
-            tmf_ignored: false,
+            quirks: Quirks::default(),
         };
         Control {
             backend: ScsiBackend::new(bus, opts),

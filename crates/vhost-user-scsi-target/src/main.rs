@@ -3,7 +3,7 @@ use std::sync::Arc;
 
 use vhost_user_scsi_target::cli::{self, Parsed};
 use vhost_user_scsi_target::control::Control;
-use vhost_user_scsi_target::device::{DeviceOptions, ScsiBackend};
+use vhost_user_scsi_target::device::{DeviceOptions, Quirks, ScsiBackend};
 use vhost_user_scsi_target::scsi::Bus;
 use vhost_user_scsi_target::server::Server;
 
@@ -47,9 +47,11 @@ fn run(args: cli::Args) -> Result<(), String> {
         request_queues: args.queues,
         queue_size: args.queue_size,
         poll_threads: args.poll_threads,
-        tmf_zero_used_len: args.quirks.contains(&cli::Quirk::TmfZeroUsedLen),
-        abort_task_ignored: args.quirks.contains(&cli::Quirk::AbortTaskIgnored),
-        tmf_ignored: args.quirks.contains(&cli::Quirk::TmfIgnored),
+        quirks: Quirks {
+            tmf_zero_used_len: args.quirks.contains(&cli::Quirk::TmfZeroUsedLen),
+            abort_task_ignored: args.quirks.contains(&cli::Quirk::AbortTaskIgnored),
+            tmf_ignored: args.quirks.contains(&cli::Quirk::TmfIgnored),
+        },
     };
     let backend = ScsiBackend::new(bus.clone(), opts);
 

@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use vhost_user_scsi_target::device::{DeviceOptions, ScsiBackend};
+use vhost_user_scsi_target::device::{DeviceOptions, Quirks, ScsiBackend};
 use vhost_user_scsi_target::scsi::{Action, Backing, Bus, DataError, DataIn, Fault, LunConfig};
 use virtio_scsi_proto::scsi::{opcode, status};
 use virtio_scsi_proto::{
@@ -425,7 +425,7 @@ impl ChainMode {
             request_queues: 1,
             queue_size: QUEUE_MAX,
             poll_threads: None,
-            tmf_zero_used_len: false,
+            quirks: Quirks::default(),
         };
         let backend = ScsiBackend::new(bus, opts);
         let mmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).expect("guest memory");

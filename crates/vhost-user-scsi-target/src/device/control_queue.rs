@@ -31,7 +31,7 @@ impl Inner {
             ctrl::TMF => match TmfRequest::decode(&raw[..n]) {
                 Some(req) => {
                     let used = reply(segs, mem, &[self.task_management(req)]);
-                    if self.opts.tmf_zero_used_len {
+                    if self.opts.quirks.tmf_zero_used_len {
                         0
                     } else {
                         used
@@ -59,8 +59,8 @@ impl Inner {
             return response::BAD_TARGET;
         }
         info!("task management {} on {addr:?} tag {}", req.subtype, req.tag);
-        let ignored =
-            self.opts.tmf_ignored || (self.opts.abort_task_ignored && req.subtype == tmf::ABORT_TASK);
+        let ignored = self.opts.quirks.tmf_ignored
+            || (self.opts.quirks.abort_task_ignored && req.subtype == tmf::ABORT_TASK);
         if ignored && req.subtype != tmf::QUERY_TASK && req.subtype != tmf::QUERY_TASK_SET {
             info!("task management {} ignored (quirk)", req.subtype);
             return response::OK;

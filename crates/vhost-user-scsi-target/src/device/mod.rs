@@ -53,12 +53,16 @@ pub struct DeviceOptions {
     pub queue_size: u16,
     /// Busy-poll the request queues with this many threads instead of waiting for kicks.
     pub poll_threads: Option<u16>,
-    /// Quirk of some vhost targets, reproduced for tests: task management completes with its
-    /// response written but a used length of 0.
+    pub quirks: Quirks,
+}
+
+/// Deviations of other vhost targets, reproduced for tests of initiators.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Quirks {
+    /// Task management completes with its response written but a used length of 0.
     pub tmf_zero_used_len: bool,
-    /// Quirks of targets that answer task management without doing it, reproduced for tests
-    /// of an initiator's escalation: ABORT TASK (or every function) answers FUNCTION COMPLETE
-    /// and leaves the tasks it names running.
+    /// ABORT TASK (or, with `tmf_ignored`, every function) answers FUNCTION COMPLETE and leaves
+    /// the tasks it names running.
     pub abort_task_ignored: bool,
     pub tmf_ignored: bool,
 }
