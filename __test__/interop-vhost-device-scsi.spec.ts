@@ -170,9 +170,19 @@ async function startBackend(t: ExecutionContext, init?: (images: string[]) => vo
 }
 
 async function connect(t: ExecutionContext, backend: Backend): Promise<Controller> {
-  const controller = await Controller.connect(backend.socket, { name: 'Vds0', queueSize: QUEUE_SIZE });
-  t.teardown(() => controller.close());
-  return controller;
+  // The socket file appears at bind(), a moment before the backend listens on it: a refused
+  // connection then means "not yet", for a little while.
+  const deadline = Date.now() + 5000;
+  for (;;) {
+    try {
+      const controller = await Controller.connect(backend.socket, { name: 'Vds0', queueSize: QUEUE_SIZE });
+      t.teardown(() => controller.close());
+      return controller;
+    } catch (e) {
+      if (!(e instanceof ConnectError && e.errno === 'ECONNREFUSED') || Date.now() > deadline) throw e;
+      await sleep(20);
+    }
+  }
 }
 
 /** Expects `p` to reject with ILLEGAL REQUEST and the given ASC, naming the command. */
