@@ -153,6 +153,30 @@ const SCRATCH_BYTES = 1024;
 /** DMA memory is taken for this many probers at a time. */
 const SCRATCH_SLAB_PROBERS = 64;
 
+/**
+ * The CDBs a scan sends, built once: every LUN gets the same bytes, and nothing writes to a
+ * CDB once built (the queue copies it into its submission record).
+ */
+const CDB = {
+  inquiry: inquiry({ allocationLength: INQUIRY_LENGTH }),
+  testUnitReady: testUnitReady(),
+  readCapacity16: readCapacity16(32),
+  readCapacity10: readCapacity10(),
+};
+const vpdCdbs = new Map<number, Uint8Array>();
+
+/** INQUIRY for a VPD page with an allocation length, from the cache when seen before. */
+function vpdCdb(page: number, alloc: number): Uint8Array {
+  const key = page * 0x10000 + alloc;
+  let cdb = vpdCdbs.get(key);
+  if (cdb === undefined) {
+    cdb = inquiry({ page, allocationLength: alloc });
+    // Allocation lengths the data asked for are rare; only the first ones are kept.
+    if (alloc === VPD_FIRST_LENGTH) vpdCdbs.set(key, cdb);
+  }
+  return cdb;
+}
+
 /** Hands out scratch buffers carved from DMA buffers taken a slab at a time. */
 class ScratchSlabs {
   private slab: Buffer | undefined;
@@ -211,10 +235,10 @@ class LunProber {
         ? this.scratch.subarray(0, length).fill(0)
         : // Small and short-lived: from Node's buffer pool rather than an ArrayBuffer each.
           Buffer.allocUnsafe(length).fill(0);
+    const cmd: ScsiCommand = { target: this.target, lun: this.lun, cdb, dataIn: buf, signal: this.opts.signal };
     // The residual is what SAM and Linux go by; bytes the device claims beyond it are ignored.
-    return this.run({ target: this.target, lun: this.lun, cdb, dataIn: buf, signal: this.opts.signal }).then((r) =>
-      buf.subarray(0, length - Math.min(r.residual, length)),
-    );
+    const data = (r: CommandResult): Uint8Array => buf.subarray(0, length - Math.min(r.residual, length));
+    return this.exec.execute(cmd).then((r) => (succeeded(r) ? data(r) : this.retry(cmd, r).then(data)));
   }
 
   noData(cdb: Uint8Array): Promise<CommandResult> {
@@ -223,9 +247,11 @@ class LunProber {
 
   /** One command; the retry machinery runs only for a completion that did not succeed. */
   private run(cmd: ScsiCommand): Promise<CommandResult> {
-    return this.exec
-      .execute(cmd)
-      .then((r) => (succeeded(r) ? r : runCommand(this.exec, cmd, { device: this.device, policy: this.policy }, r)));
+    return this.exec.execute(cmd).then((r) => (succeeded(r) ? r : this.retry(cmd, r)));
+  }
+
+  private retry(cmd: ScsiCommand, first: CommandResult): Promise<CommandResult> {
+    return runCommand(this.exec, cmd, { device: this.device, policy: this.policy }, first);
   }
 
   /**
@@ -253,14 +279,14 @@ class LunProber {
   }
 
   vpd<T>(page: number, parse: (d: Uint8Array) => T): Promise<T> {
-    return this.grown((alloc) => inquiry({ page, allocationLength: alloc }), VPD_FIRST_LENGTH, 0xffff, parse);
+    return this.grown((alloc) => vpdCdb(page, alloc), VPD_FIRST_LENGTH, 0xffff, parse);
   }
 
   /** INQUIRY; undefined when no logical unit answers at this address. */
   async standardInquiry(): Promise<StandardInquiry | undefined> {
     let data: Uint8Array;
     try {
-      data = await this.dataIn(inquiry({ allocationLength: INQUIRY_LENGTH }), INQUIRY_LENGTH);
+      data = await this.dataIn(CDB.inquiry, INQUIRY_LENGTH);
     } catch (e) {
       if (e instanceof VirtioResponseError && e.response === VirtioResponse.INCORRECT_LUN) return undefined;
       throw e;
@@ -297,7 +323,7 @@ class LunProber {
     let started = false;
     for (;;) {
       try {
-        await this.noData(testUnitReady());
+        await this.noData(CDB.testUnitReady);
         return undefined;
       } catch (e) {
         if (!(e instanceof ScsiError)) throw e;
@@ -317,7 +343,7 @@ class LunProber {
     let refused16: ScsiError | undefined;
     const try16 = async (): Promise<void> => {
       try {
-        rc16 = parseReadCapacity16(await this.dataIn(readCapacity16(32), 32));
+        rc16 = parseReadCapacity16(await this.dataIn(CDB.readCapacity16, 32));
       } catch (e) {
         if (!isIllegalRequest(e)) throw e;
         refused16 = e;
@@ -330,7 +356,7 @@ class LunProber {
     let rc10: ReturnType<typeof parseReadCapacity10> | undefined;
     if (rc16 === undefined) {
       try {
-        rc10 = parseReadCapacity10(await this.dataIn(readCapacity10(), 8));
+        rc10 = parseReadCapacity10(await this.dataIn(CDB.readCapacity10, 8));
       } catch (e) {
         // Some devices implement only READ CAPACITY (16).
         if (!isIllegalRequest(e)) throw e;

@@ -124,6 +124,7 @@ export class FakeScsiTarget implements IoQueue {
     data: Buffer,
     fua: boolean,
     signal: AbortSignal | undefined,
+    timeoutMs: number | undefined,
     value: unknown,
     owner: TransferOwner,
   ): Promise<unknown> {
@@ -132,6 +133,7 @@ export class FakeScsiTarget implements IoQueue {
       ? { target, lun, cdb: writeCdb(args), dataOut: data }
       : { target, lun, cdb: readCdb(args), dataIn: data };
     if (signal) cmd.signal = signal;
+    if (timeoutMs !== undefined) cmd.timeoutMs = timeoutMs;
     const r = await this.execute(cmd);
     if (r.response === 0 && r.status === 0 && (write || r.residual === 0)) {
       countTransfer(owner.counters, write, data.length, r.latencyNs);
