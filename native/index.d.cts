@@ -80,9 +80,9 @@ export declare class Controller {
   static connectVhostUser(path: string, options?: ControllerOptions | undefined | null): Promise<Controller | OpenFailure>
   /**
    * Opens a virtio-scsi PCI function bound to vfio-pci ("0000:00:03.0") and brings the
-   * device up.
+   * device up, in libuv's thread pool; resolves as `connectVhostUser` does.
    */
-  static openPci(address: string, options?: ControllerOptions | undefined | null): Controller
+  static openPci(address: string, options?: ControllerOptions | undefined | null): Promise<Controller | OpenFailure>
   get info(): ControllerInfo
   /**
    * A request queue for the calling thread: one of its own while there are free ones, else

@@ -336,7 +336,7 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
         throw new TypeError(`PCI address ${JSON.stringify(address)} is not of the form 0000:00:03.0`);
       }
       label = `PCI function ${address}`;
-      connect = async (native) => native.Controller.openPci(address, nativeOpts);
+      connect = (native) => native.Controller.openPci(address, nativeOpts);
     } else {
       throw new TypeError(`unsupported transport ${JSON.stringify(transport)} (use 'vhost-user' or 'pci')`);
     }

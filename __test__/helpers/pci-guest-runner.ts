@@ -88,14 +88,21 @@ function message(e: unknown): string {
 }
 
 /** `f` must throw an error whose message matches `re`. */
-function refuses(t: Check, what: string, f: () => unknown, re: RegExp): void {
+async function refuses(t: Check, what: string, f: () => unknown, re: RegExp): Promise<void> {
   try {
-    f();
+    await f();
     t.true(false, `${what}: no error`);
   } catch (e) {
     t.true(re.test(message(e)), `${what}: error "${message(e)}" does not match ${re}`);
     t.log(`${what}: ${message(e)}`);
   }
+}
+
+/** Opens a PCI function through the addon (off the event loop); its failure as an Error. */
+async function openPci(native: Native, address: string, options?: NativeControllerOptions): Promise<NativeController> {
+  const opened = await native.Controller.openPci(address, options);
+  if (!(opened instanceof native.Controller)) throw new Error(opened.message);
+  return opened;
 }
 
 /** Where the DMA pool's pages are in physical memory, from /proc/self/maps (its memfd
@@ -213,25 +220,29 @@ async function bindingChecks(native: Native, main: string, open: NativeControlle
   const otherVirtio = all.find((f) => f.id.startsWith('1af4:') && f.id !== '1af4:1004' && f.id !== '1af4:1048');
   const nonVirtio = all.find((f) => !f.id.startsWith('1af4:'));
 
-  await check('bad-addresses', (t) => {
-    refuses(t, 'malformed address', () => native.Controller.openPci('not-a-bdf'), /'not-a-bdf' is not a PCI address/);
-    refuses(t, 'nonexistent address', () => native.Controller.openPci('0000:3f:1f.7'), /no PCI device at 0000:3f:1f\.7/);
+  await check('bad-addresses', async (t) => {
+    await refuses(t, 'malformed address', () => openPci(native, 'not-a-bdf'), /'not-a-bdf' is not a PCI address/);
+    await refuses(t, 'nonexistent address', () => openPci(native, '0000:3f:1f.7'), /no PCI device at 0000:3f:1f\.7/);
     t.true(nonVirtio !== undefined, 'a non-virtio function exists');
     if (nonVirtio) {
-      refuses(t, `non-virtio ${nonVirtio.id}`, () => native.Controller.openPci(nonVirtio.address), /is not a virtio device/);
-      refuses(t, `binding non-virtio ${nonVirtio.id}`, () => native.bindVfioPci(nonVirtio.address), /is not a virtio device/);
+      await refuses(t, `non-virtio ${nonVirtio.id}`, () => openPci(native, nonVirtio.address), /is not a virtio device/);
+      await refuses(t, `binding non-virtio ${nonVirtio.id}`, () => native.bindVfioPci(nonVirtio.address), /is not a virtio device/);
     }
     t.true(otherVirtio !== undefined, 'a virtio function of another type exists');
     if (otherVirtio) {
-      refuses(t, `virtio ${otherVirtio.id}`, () => native.Controller.openPci(otherVirtio.address), /is a virtio device but not virtio-scsi/);
+      await refuses(t, `virtio ${otherVirtio.id}`, () => openPci(native, otherVirtio.address), /is a virtio device but not virtio-scsi/);
     }
-    refuses(t, 'the open function again', () => native.Controller.openPci(main), /is in use/);
+    await refuses(t, 'the open function again', () => openPci(native, main), /is in use/);
     // vfio-pci's unbind would wait for this very process to let the device go: refused.
-    refuses(t, 'unbinding the open function', () => native.unbindVfioPci(main), /is in use/);
+    await refuses(t, 'unbinding the open function', () => native.unbindVfioPci(main), /is in use/);
     // Without root the group node cannot be opened.
     const asNobody = spawnSync(
       process.execPath,
-      ['-e', `try { require(${JSON.stringify(nativePath)}).Controller.openPci(${JSON.stringify(main)}); console.log('opened'); } catch (e) { console.log(e.message); }`],
+      [
+        '-e',
+        `require(${JSON.stringify(nativePath)}).Controller.openPci(${JSON.stringify(main)})` +
+          `.then((r) => console.log(r.message ?? 'opened'), (e) => console.log(e.message))`,
+      ],
       { uid: 65534, gid: 65534, encoding: 'utf8', timeout: 30_000 },
     );
     const said = `${asNobody.stdout ?? ''}${asNobody.stderr ?? ''}`.trim();
@@ -250,19 +261,19 @@ async function bindingChecks(native: Native, main: string, open: NativeControlle
       [['virtio-pci', 'transitional'], ['virtio-pci', 'transitional']],
       'transitional functions listed with their driver',
     );
-    refuses(t, 'function on virtio-pci', () => native.Controller.openPci(a), /bound to virtio-pci, not to vfio-pci/);
+    await refuses(t, 'function on virtio-pci', () => openPci(native, a), /bound to virtio-pci, not to vfio-pci/);
     const bound = native.bindVfioPci(a);
     t.is(bound.driver, 'vfio-pci', `${a} moved to vfio-pci`);
     // Its bridge mate still belongs to virtio-pci: VFIO cannot use the group.
-    refuses(t, 'half-bound IOMMU group', () => native.Controller.openPci(a), new RegExp(`IOMMU group \\d+ of ${a.replace(/\./g, '\\.')} also holds ${b.replace(/\./g, '\\.')} \\(virtio-pci\\)`));
+    await refuses(t, 'half-bound IOMMU group', () => openPci(native, a), new RegExp(`IOMMU group \\d+ of ${a.replace(/\./g, '\\.')} also holds ${b.replace(/\./g, '\\.')} \\(virtio-pci\\)`));
     t.is(native.bindVfioPci(b).driver, 'vfio-pci', `${b} moved to vfio-pci`);
-    refuses(
+    await refuses(
       t,
       'physical addresses without hugepages',
-      () => native.Controller.openPci(a, { hugepages: 'never', memoryBytes: 4 << 20 }),
+      () => openPci(native, a, { hugepages: 'never', memoryBytes: 4 << 20 }),
       /takes physical addresses/,
     );
-    const c = native.Controller.openPci(a, { memoryBytes: 8 << 20, queueSize: 64 });
+    const c = await openPci(native, a, { memoryBytes: 8 << 20, queueSize: 64 });
     try {
       t.true(c.info.transport.includes('physical addresses'), `transitional device: ${c.info.transport}`);
       await smallIo(t, c, spec.transitionalLun, 4242);
@@ -315,7 +326,7 @@ async function main(): Promise<number> {
   const t0 = Date.now();
   let controller: NativeController;
   try {
-    controller = native.Controller.openPci(address, spec.options);
+    controller = await openPci(native, address, spec.options);
   } catch (e) {
     out(`@@OPEN ${address} status=fail`);
     out(`!! ${message(e)}`);

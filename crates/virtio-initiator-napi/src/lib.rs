@@ -11,6 +11,7 @@ use virtio_initiator_core::memory::HugePages;
 use virtio_initiator_core::scsi::{self, QueueShare, ScsiController};
 use virtio_initiator_core::transport::pci::{self as pci, PciTransport, Sysfs, VirtioInterface};
 use virtio_initiator_core::transport::vhost_user::VhostUserTransport;
+use virtio_initiator_core::transport::Transport;
 use virtio_scsi_proto::LunAddress;
 
 mod load;
@@ -54,9 +55,15 @@ pub struct OpenFailure {
     pub message: String,
 }
 
-/// Opening a vhost-user controller (connection, negotiation, memory, rings), off the event loop.
+/// What to open: a vhost-user socket or a PCI function.
+pub enum OpenTarget {
+    VhostUser(String),
+    Pci(String),
+}
+
+/// Opening a controller (connection, negotiation, memory, rings), off the event loop.
 pub struct Open {
-    path: String,
+    target: OpenTarget,
     opts: scsi::ControllerOptions,
 }
 
@@ -66,14 +73,20 @@ impl Task for Open {
 
     fn compute(&mut self) -> Result<Self::Output> {
         let generic = || Status::GenericFailure.as_ref().to_owned();
-        let transport = match VhostUserTransport::connect(&self.path) {
-            Ok(t) => t,
-            Err(e) => {
-                let code = e.errno_name().map(str::to_owned).unwrap_or_else(generic);
-                return Ok(Err(OpenFailure { code, message: e.to_string() }));
-            }
+        let transport: Box<dyn Transport> = match &self.target {
+            OpenTarget::VhostUser(path) => match VhostUserTransport::connect(path) {
+                Ok(t) => Box::new(t),
+                Err(e) => {
+                    let code = e.errno_name().map(str::to_owned).unwrap_or_else(generic);
+                    return Ok(Err(OpenFailure { code, message: e.to_string() }));
+                }
+            },
+            OpenTarget::Pci(address) => match PciTransport::open(address) {
+                Ok(t) => Box::new(t),
+                Err(e) => return Ok(Err(OpenFailure { code: generic(), message: e.to_string() })),
+            },
         };
-        Ok(ScsiController::open(Box::new(transport), &self.opts)
+        Ok(ScsiController::open(transport, &self.opts)
             .map_err(|e| OpenFailure { code: generic(), message: e.to_string() }))
     }
 
@@ -235,18 +248,16 @@ impl Controller {
     ) -> Result<AsyncTask<Open>, String> {
         logger::init();
         let opts = core_options(options).map_err(|e| coded(e.status.as_ref(), &e.reason))?;
-        Ok(AsyncTask::new(Open { path, opts }))
+        Ok(AsyncTask::new(Open { target: OpenTarget::VhostUser(path), opts }))
     }
 
     /// Opens a virtio-scsi PCI function bound to vfio-pci ("0000:00:03.0") and brings the
-    /// device up.
-    #[napi(factory)]
-    pub fn open_pci(address: String, options: Option<ControllerOptions>) -> Result<Self> {
+    /// device up, in libuv's thread pool; resolves as `connectVhostUser` does.
+    #[napi(ts_return_type = "Promise<Controller | OpenFailure>")]
+    pub fn open_pci(address: String, options: Option<ControllerOptions>) -> Result<AsyncTask<Open>> {
         logger::init();
         let opts = core_options(options)?;
-        let transport = PciTransport::open(&address).map_err(err)?;
-        let inner = ScsiController::open(Box::new(transport), &opts).map_err(err)?;
-        Ok(Controller { inner, owner: true, shared_id: None })
+        Ok(AsyncTask::new(Open { target: OpenTarget::Pci(address), opts }))
     }
 
     #[napi(getter)]
