@@ -1,5 +1,6 @@
 // Target and LUN enumeration (design D6): REPORT LUNS per target with a LUN 0 fallback, then
-// INQUIRY, TEST UNIT READY, the VPD pages and READ CAPACITY per logical unit. Targets that
+// INQUIRY, the VPD pages, the caching mode page and READ CAPACITY (which tells readiness too)
+// per logical unit. Targets that
 // implement less (no REPORT LUNS, no VPD pages, no READ CAPACITY (16)) are handled through the
 // ILLEGAL REQUEST they answer with; only transport-level failures end a scan.
 
@@ -40,7 +41,6 @@ import {
   SenseKey,
   type StandardInquiry,
   startStopUnit,
-  testUnitReady,
   TruncatedDataError,
   VpdPage,
 } from './scsi/index.js';
@@ -83,7 +83,7 @@ export interface ScannedLun {
   provisioning?: LogicalBlockProvisioning;
   /** Disks: the caching mode page (write cache enabled, read cache disabled), when offered. */
   caching?: CachingPage;
-  /** Disks only: whether TEST UNIT READY passed (after START STOP UNIT where needed). */
+  /** Disks only: whether the unit is ready (READ CAPACITY not refused with NOT READY, after START STOP UNIT where needed). */
   ready: boolean;
   /** Disks that are ready: READ CAPACITY data. */
   geometry?: Geometry;
@@ -159,7 +159,6 @@ const SCRATCH_SLAB_PROBERS = 64;
  */
 const CDB = {
   inquiry: inquiry({ allocationLength: INQUIRY_LENGTH }),
-  testUnitReady: testUnitReady(),
   readCapacity16: readCapacity16(32),
   readCapacity10: readCapacity10(),
 };
@@ -230,6 +229,14 @@ class LunProber {
 
   /** Runs a command and returns its data-in bytes. */
   dataIn(cdb: Uint8Array, length: number): Promise<Uint8Array> {
+    return this.dataInThen(cdb, length, (data) => data);
+  }
+
+  /**
+   * Runs a command and hands its data-in bytes to `then`, in the one promise reaction the
+   * command costs; the retry machinery runs only for a completion that did not succeed.
+   */
+  private dataInThen<T>(cdb: Uint8Array, length: number, then: (data: Uint8Array) => T | Promise<T>): Promise<T> {
     const buf =
       this.scratch !== undefined && length <= this.scratch.length
         ? this.scratch.subarray(0, length).fill(0)
@@ -237,7 +244,7 @@ class LunProber {
           Buffer.allocUnsafe(length).fill(0);
     const cmd: ScsiCommand = { target: this.target, lun: this.lun, cdb, dataIn: buf, signal: this.opts.signal };
     // The residual is what SAM and Linux go by; bytes the device claims beyond it are ignored.
-    const data = (r: CommandResult): Uint8Array => buf.subarray(0, length - Math.min(r.residual, length));
+    const data = (r: CommandResult): T | Promise<T> => then(buf.subarray(0, length - Math.min(r.residual, length)));
     return this.exec.execute(cmd).then((r) => (succeeded(r) ? data(r) : this.retry(cmd, r).then(data)));
   }
 
@@ -259,7 +266,7 @@ class LunProber {
    * the length the data says it needs when the first one was too short.
    */
   grown<T>(build: (alloc: number) => Uint8Array, alloc: number, max: number, parse: (d: Uint8Array) => T, attempt = 0): Promise<T> {
-    return this.dataIn(build(alloc), alloc).then((data) => {
+    return this.dataInThen(build(alloc), alloc, (data) => {
       try {
         return parse(data);
       } catch (e) {
@@ -318,22 +325,28 @@ class LunProber {
     return undefined;
   }
 
-  /** TEST UNIT READY, starting the unit when it asks for it. Returns why it is not ready. */
-  async makeReady(): Promise<string | undefined> {
+  /**
+   * READ CAPACITY, which also tells whether the unit is ready: a unit that is not answers it
+   * with NOT READY, as it would TEST UNIT READY (so that command is not sent as well). A unit
+   * that asks for an initializing command is started (START STOP UNIT, as SBC-3 says) and asked
+   * again.
+   */
+  async readiness(inq: StandardInquiry, vpdPages: readonly number[]): Promise<Pick<ScannedLun, 'ready' | 'geometry' | 'problem'>> {
     let started = false;
     for (;;) {
       try {
-        await this.noData(CDB.testUnitReady);
-        return undefined;
+        return { ready: true, geometry: await this.capacity(inq, vpdPages) };
       } catch (e) {
-        if (!(e instanceof ScsiError)) throw e;
-        if (e.key === SenseKey.NOT_READY && e.asc === 0x04 && e.ascq === 0x02 && !started) {
-          // "Initializing command required": SBC-3 says that command is START STOP UNIT.
-          started = true;
-          await this.noData(startStopUnit({ start: true }));
-          continue;
+        if (isFatal(e, this.opts.signal)) throw e;
+        if (e instanceof ScsiError && e.key === SenseKey.NOT_READY) {
+          if (e.asc === 0x04 && e.ascq === 0x02 && !started) {
+            started = true;
+            await this.noData(startStopUnit({ start: true }));
+            continue;
+          }
+          return { ready: false, problem: `not ready: ${e.message}` };
         }
-        return e.message;
+        return { ready: true, problem: e instanceof Error ? e.message : String(e) };
       }
     }
   }
@@ -423,18 +436,10 @@ class LunProber {
     const caching = await this.cachingPage();
     if (caching) lun.caching = caching;
 
-    const notReady = await this.makeReady();
-    if (notReady !== undefined) {
-      lun.problem = `not ready: ${notReady}`;
-      return lun;
-    }
-    lun.ready = true;
-    try {
-      lun.geometry = await this.capacity(inq, vpdPages);
-    } catch (e) {
-      if (isFatal(e, this.opts.signal)) throw e;
-      lun.problem = e instanceof Error ? e.message : String(e);
-    }
+    const state = await this.readiness(inq, vpdPages);
+    lun.ready = state.ready;
+    if (state.geometry !== undefined) lun.geometry = state.geometry;
+    if (state.problem !== undefined) lun.problem = state.problem;
     return lun;
   }
 }

@@ -94,6 +94,9 @@ class Unit {
   }
 }
 
+/** TEST UNIT READY, READ CAPACITY (10) and (16), READ and WRITE (10) and (16). */
+const MEDIUM_ACCESS = new Set([0x00, 0x25, 0x9e, 0x28, 0x88, 0x2a, 0x8a]);
+
 export class FakeScsiTarget implements IoQueue {
   readonly log: LoggedCommand[] = [];
   private readonly units = new Map<string, Unit>();
@@ -161,16 +164,19 @@ export class FakeScsiTarget implements IoQueue {
     if (op === 0x12) return this.inquiry(cmd, unit);
     if (!unit) return checkCondition(5, 0x25, 0);
     const spec = unit.spec;
+    // As a device does: a pending UNIT ATTENTION is reported on any command but INQUIRY and
+    // REPORT LUNS, and a unit that is not ready refuses commands that need the medium.
+    if (unit.ua > 0) {
+      unit.ua--;
+      return checkCondition(6, 0x29, 0);
+    }
+    if (MEDIUM_ACCESS.has(op)) {
+      if (spec.stuck) return checkCondition(2, spec.stuck[0], spec.stuck[1]);
+      if (spec.needsStart && !unit.started) return checkCondition(2, 0x04, 0x02);
+    }
     switch (op) {
-      case 0x00: {
-        if (unit.ua > 0) {
-          unit.ua--;
-          return checkCondition(6, 0x29, 0);
-        }
-        if (spec.stuck) return checkCondition(2, spec.stuck[0], spec.stuck[1]);
-        if (spec.needsStart && !unit.started) return checkCondition(2, 0x04, 0x02);
+      case 0x00:
         return GOOD;
-      }
       case 0x1b:
         unit.started = (cdb[4]! & 1) === 1;
         return GOOD;
