@@ -98,6 +98,11 @@ export declare class Controller {
   static attach(id: number): Controller
   /** A Buffer over DMA memory: I/O on it copies nothing. Freed when garbage-collected. */
   allocDmaBuffer(size: number): Buffer
+  /**
+   * Connects again to the vhost-user socket at `path` after the backend went away, and
+   * brings the device up on the same memory; resolves with null, or with why it failed.
+   */
+  reconnectVhostUser(path: string): Promise<OpenFailure | null>
   /** Whether free DMA memory is below the low-water mark (with room left to grow). */
   memoryLow(): boolean
   /**

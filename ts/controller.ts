@@ -2,6 +2,7 @@
 // function later), its request queue for the calling thread, the scan and the block devices.
 
 import { EventEmitter } from 'node:events';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { stat } from 'node:fs/promises';
 
 import { BlockDevice, type DeviceContext } from './block-device.js';
@@ -60,6 +61,13 @@ export interface ControllerOptions {
    * when none does, the controller fails.
    */
   timeoutMs?: number;
+  /**
+   * vhost-user: when the backend goes away, connect again (with `true`, the defaults below)
+   * instead of failing. The same DMA memory is announced again, the queues are set up afresh
+   * and the targets rescanned; devices keep their objects when the same logical units come
+   * back. Off by default.
+   */
+  reconnect?: boolean | ReconnectOptions;
   /** Retry bounds for BUSY, TASK SET FULL and UNIT ATTENTION. */
   retry?: Partial<RetryPolicy>;
   /**
@@ -73,6 +81,28 @@ export interface ControllerOptions {
    * (see `setLogLevel`), for debugging a target. Off by default: then it costs nothing.
    */
   trace?: boolean;
+}
+
+export interface ReconnectOptions {
+  /** Attempts before the controller fails (default 10; Infinity to keep trying). */
+  retries?: number;
+  /** Wait before the first attempt, doubled after each failed one (default 100 ms). */
+  delayMs?: number;
+  /** Longest wait between two attempts (default 5000 ms). */
+  maxDelayMs?: number;
+}
+
+const RECONNECT_DEFAULTS: Readonly<Required<ReconnectOptions>> = Object.freeze({ retries: 10, delayMs: 100, maxDelayMs: 5000 });
+
+function reconnectPolicy(r: ControllerOptions['reconnect']): Readonly<Required<ReconnectOptions>> | undefined {
+  if (r === undefined || r === false) return undefined;
+  const policy = { ...RECONNECT_DEFAULTS, ...(r === true ? {} : r) };
+  for (const [k, v] of Object.entries(policy)) {
+    if (typeof v !== 'number' || Number.isNaN(v) || v < 0 || (k !== 'retries' && !Number.isFinite(v))) {
+      throw new RangeError(`reconnect.${k} must be a non-negative number, got ${String(v)}`);
+    }
+  }
+  return Object.freeze(policy);
 }
 
 /** What the device and the negotiation gave (virtio-scsi config space and features). */
@@ -221,6 +251,11 @@ export interface ControllerEventMap {
   rescanned: [result: ScanResult, targets: 'all' | readonly number[]];
   /** The target went away (its socket closed, the PCI function stopped answering). */
   disconnected: [reason: string];
+  /**
+   * With `reconnect`: the target is back and the controller works again (after a rescan, whose
+   * `device-added` and `device-removed` came first); `attempts` it took.
+   */
+  reconnected: [attempts: number];
   /** The controller cannot be used any more; every request fails with this error. */
   failed: [error: ControllerFailedError];
   /** Acting on an event failed (a rescan that could not run); later events are still handled. */
@@ -235,6 +270,9 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
   private readonly poll: boolean;
   private readonly timeoutMs: number;
   private readonly recovery: Recovery;
+  private readonly reconnectPolicy: Readonly<Required<ReconnectOptions>> | undefined;
+  /** True from the loss of the target until the controller works again (or gives up). */
+  private reconnecting = false;
   private readonly trace: boolean;
   private readonly context: DeviceContext;
   private queue: RequestQueue | undefined;
@@ -272,6 +310,7 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
     this.policy = policy;
     this.poll = options.poll !== false;
     this.timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+    this.reconnectPolicy = reconnectPolicy(options.reconnect);
     this.trace = options.trace === true;
     this.recovery = new Recovery({
       controllerName: name,
@@ -319,6 +358,9 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
       throw new TypeError(`poll must be true or false, got ${String(options.poll)}`);
     }
     const policy = retryPolicy(options.retry);
+    if (reconnectPolicy(options.reconnect) !== undefined && transport?.type !== 'vhost-user') {
+      throw new TypeError('reconnect is for vhost-user controllers');
+    }
     const nativeOpts = nativeOptions(options);
     let label: string;
     let connect: (native: ReturnType<typeof loadNative>) => Promise<NativeController | NativeOpenFailure>;
@@ -370,6 +412,11 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
         if (this.closedError) return;
         log('warn', 'controller', `${this.name}: ${reason}`);
         this.emit('disconnected', reason);
+        if (this.reconnectPolicy !== undefined && this.transport.type === 'vhost-user') {
+          this.reconnecting = true;
+          void this.reconnect(this.transport.path, this.reconnectPolicy, reason);
+          return;
+        }
         this.emit('failed', new ControllerFailedError(this.name, reason));
       },
       failedToApply: (e) => {
@@ -379,6 +426,44 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
         this.emit('event-error', error);
       },
     });
+  }
+
+  /**
+   * Connects again until the backend is back or the attempts run out: the same memory, fresh
+   * queues, a rescan; then the watcher starts over.
+   */
+  private async reconnect(path: string, policy: Readonly<Required<ReconnectOptions>>, reason: string): Promise<void> {
+    let delay = policy.delayMs;
+    let last = reason;
+    for (let attempt = 1; attempt <= policy.retries; attempt++) {
+      await sleep(delay);
+      if (this.closedError) return;
+      const failure = await this.handle.reconnectVhostUser(path);
+      if (this.closedError) return;
+      if (failure === null) {
+        this.reconnecting = false;
+        // The queue of the lost connection gives its ring back, to be set up on the new one.
+        const old = this.queue;
+        this.queue = undefined;
+        old?.close();
+        this.watch();
+        try {
+          await this.rescan('all');
+        } catch (e) {
+          this.emit('event-error', e instanceof Error ? e : new Error(String(e)));
+        }
+        log('info', 'controller', `${this.name}: reconnected to ${path} (attempt ${attempt})`);
+        this.emit('reconnected', attempt);
+        return;
+      }
+      last = failure.message;
+      log('info', 'controller', `${this.name}: reconnect attempt ${attempt} failed: ${last}`);
+      delay = Math.min(delay * 2, policy.maxDelayMs);
+    }
+    this.reconnecting = false;
+    const why = `${reason}; ${policy.retries} reconnect attempt(s) failed, the last with: ${last}`;
+    log('warn', 'controller', `${this.name}: ${why}`);
+    this.emit('failed', new ControllerFailedError(this.name, why));
   }
 
   /** Rescans what the events name, then refreshes capacities and reports media changes. */
@@ -688,6 +773,11 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
   /** This thread's request queue, opened on first use. */
   private executor(): RequestQueue {
     this.checkOpen();
+    if (this.reconnecting) {
+      throw new ControllerFailedError(this.name, 'the target went away; reconnecting');
+    }
+    // A queue of a connection that was replaced (a reconnect, seen from any thread) is done.
+    if (this.queue?.closed && this.handle.failure === null) this.queue = undefined;
     this.queue ??= new RequestQueue(this.handle.openChannel(), {
       label: this.name,
       addressOf: this.addressOf,

@@ -70,6 +70,7 @@ export class EventLog {
       rescanned: (result, targets) =>
         record('rescanned', undefined, { targets, luns: result.luns.length, problems: result.problems.length }),
       disconnected: (reason) => record('disconnected', undefined, { reason }),
+      reconnected: (attempts) => record('reconnected', undefined, { attempts }),
       failed: (error) => record('failed', undefined, { reason: error.message }),
       'event-error': (error) => record('event-error', undefined, { reason: error.message }),
       recovery: (step) => {

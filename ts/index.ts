@@ -9,6 +9,7 @@ export {
   type ControllerHandle,
   type ControllerInfo,
   type ControllerOptions,
+  type ReconnectOptions,
   type Transport,
 } from './controller.js';
 export {

@@ -98,6 +98,38 @@ impl Task for Open {
     }
 }
 
+/// Bringing a controller whose vhost-user backend went away up again over a new connection,
+/// off the event loop.
+pub struct Reconnect {
+    inner: Arc<ScsiController>,
+    path: String,
+}
+
+impl Task for Reconnect {
+    type Output = Option<OpenFailure>;
+    type JsValue = Option<OpenFailure>;
+
+    fn compute(&mut self) -> Result<Self::Output> {
+        let generic = || Status::GenericFailure.as_ref().to_owned();
+        let transport = match VhostUserTransport::connect(&self.path) {
+            Ok(t) => t,
+            Err(e) => {
+                let code = e.errno_name().map(str::to_owned).unwrap_or_else(generic);
+                return Ok(Some(OpenFailure { code, message: e.to_string() }));
+            }
+        };
+        Ok(self
+            .inner
+            .reconnect(Box::new(transport))
+            .err()
+            .map(|e| OpenFailure { code: generic(), message: e.to_string() }))
+    }
+
+    fn resolve(&mut self, _env: Env, output: Self::Output) -> Result<Self::JsValue> {
+        Ok(output)
+    }
+}
+
 /// Growth of the DMA memory ahead of need, off the event loop.
 pub struct GrowMemory {
     inner: Arc<ScsiController>,
@@ -333,6 +365,13 @@ impl Controller {
         // alive; it moves into the finalizer, so the memory stays valid until the Buffer is
         // collected and is returned to the pool only then.
         unsafe { BufferSlice::from_external(env, ptr, size as usize, buf, |_, buf| drop(buf)) }
+    }
+
+    /// Connects again to the vhost-user socket at `path` after the backend went away, and
+    /// brings the device up on the same memory; resolves with null, or with why it failed.
+    #[napi(ts_return_type = "Promise<OpenFailure | null>")]
+    pub fn reconnect_vhost_user(&self, path: String) -> AsyncTask<Reconnect> {
+        AsyncTask::new(Reconnect { inner: self.inner.clone(), path })
     }
 
     /// Whether free DMA memory is below the low-water mark (with room left to grow).

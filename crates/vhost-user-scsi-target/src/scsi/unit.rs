@@ -37,6 +37,15 @@ const INTERNAL_FAILURE: Sense = Sense::new(sense_key::HARDWARE_ERROR, asc::INTER
 /// Distinguishes LUNs across add/remove cycles in serial numbers and identifiers.
 static GENERATION: AtomicU32 = AtomicU32::new(0);
 
+/// 32 bits that tell one file from another (its device and inode number), for identifiers
+/// that stay the same whenever the file is served.
+fn file_identity(path: &std::path::Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    let x = m.dev().wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ m.ino();
+    Some((x ^ (x >> 32)) as u32)
+}
+
 struct State {
     /// Pending unit attentions, oldest first (one initiator, so one queue).
     ua: VecDeque<Sense>,
@@ -80,12 +89,17 @@ impl LogicalUnit {
         block_size: u32,
         read_only: bool,
     ) -> LogicalUnit {
-        let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
-        let pid = std::process::id();
-        let serial = format!("{pid:08X}{:02X}{:04X}{:04X}", addr.target, addr.lun, generation & 0xffff);
-        // NAA 3 (locally assigned): 60 bits of process id, target, LUN and generation.
+        // A file's unit is the same unit whenever the file is served (a restarted target, the
+        // file added again): its identity comes from the file. Other units exist only in this
+        // process, as this instance: the process id and a generation.
+        let (origin, generation) = match path.as_deref().and_then(file_identity) {
+            Some(id) => (id, 0),
+            None => (std::process::id(), GENERATION.fetch_add(1, Ordering::Relaxed)),
+        };
+        let serial = format!("{origin:08X}{:02X}{:04X}{:04X}", addr.target, addr.lun, generation & 0xffff);
+        // NAA 3 (locally assigned): 60 bits of origin, target, LUN and generation.
         let naa = 3u64 << 60
-            | (u64::from(pid) & 0x3f_ffff) << 38
+            | (u64::from(origin) & 0x3f_ffff) << 38
             | u64::from(addr.target) << 30
             | (u64::from(addr.lun) & 0x3fff) << 16
             | u64::from(generation & 0xffff);

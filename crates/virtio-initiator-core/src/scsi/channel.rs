@@ -85,6 +85,8 @@ pub struct RequestChannel {
     epoch: Instant,
     /// When the requests queued since the last publish went down: one clock read per batch.
     batch_time: Option<u64>,
+    /// The controller's connection this channel's ring belongs to.
+    connection: u64,
 }
 
 // SAFETY: the raw caller pointers in `Slot` refer to memory the caller keeps alive until the
@@ -94,6 +96,7 @@ unsafe impl Send for RequestChannel {}
 impl RequestChannel {
     /// Takes a free request queue of `controller`.
     pub fn open(controller: &Arc<ScsiController>) -> Result<Self, ScsiError> {
+        let connection = controller.connection();
         let parts = controller.take_queue()?;
         let size = parts.queue.size() as usize;
         let bytes = (size * SLOT_BYTES).next_multiple_of(PAGE);
@@ -112,6 +115,7 @@ impl RequestChannel {
             leak: false,
             epoch: Instant::now(),
             batch_time: None,
+            connection,
         })
     }
 
@@ -148,6 +152,7 @@ impl RequestChannel {
         buffers: &[Option<HostBuffer>],
     ) -> Result<usize, ScsiError> {
         self.controller.check_usable()?;
+        self.controller.check_connection(self.connection)?;
         let count = count.min(batch.len() / SUBMIT_RECORD_SIZE);
         let mut taken = 0;
         for i in 0..count {
@@ -315,6 +320,7 @@ impl RequestChannel {
         mut each: impl FnMut(usize, &CompletionRecord, &[u8]),
     ) -> Result<usize, ScsiError> {
         self.controller.check_usable()?;
+        self.controller.check_connection(self.connection)?;
         let mut n = 0;
         while n < max && !self.refused.is_empty() {
             let (token, why) = self.refused.remove(0);
@@ -481,7 +487,7 @@ impl RequestChannel {
     /// queue cannot be stopped, their memory is leaked rather than reused.
     pub fn close(&mut self) {
         let Some(parts) = self.parts.take() else { return };
-        if !self.controller.return_queue(parts) {
+        if !self.controller.return_queue(parts, self.connection) {
             self.leak = true;
             return;
         }

@@ -1,7 +1,7 @@
 //! A virtio-scsi controller: negotiation, the DMA pool, the control and event queues, and the
 //! request queues waiting to be taken by channels.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -95,6 +95,7 @@ pub(super) struct QueueParts {
 
 struct ControlQueue {
     queue: SplitQueue,
+    rings: RingAddresses,
     notifier: Notifier,
     /// Buffers of requests the device still owns, by token.
     pending: Vec<(u64, DmaBuf)>,
@@ -103,6 +104,7 @@ struct ControlQueue {
 
 struct EventQueue {
     queue: SplitQueue,
+    rings: RingAddresses,
     notifier: Notifier,
     buffers: Vec<DmaBuf>,
 }
@@ -115,8 +117,18 @@ pub struct ScsiController {
     control: Mutex<ControlQueue>,
     events: Mutex<EventQueue>,
     request_queues: Mutex<Vec<QueueParts>>,
+    /// Request queues given up on (the device might still use their memory), to make anew on
+    /// a new connection.
+    lost_queues: Mutex<Vec<u16>>,
     /// Request queues taken by threads, for threads that find none free to share.
     cells: Mutex<Vec<Weak<QueueCell>>>,
+    /// The features acked, and the ring layout: a new connection gets the same.
+    features: u64,
+    queue_features: QueueFeatures,
+    /// Counts connections: a channel opened on an earlier one no longer works.
+    connection: AtomicU64,
+    /// Whether the device of the previous connection let go of our memory when it ended.
+    previous_released: AtomicBool,
     failure: Mutex<Option<String>>,
     failed: AtomicBool,
     closed: AtomicBool,
@@ -217,26 +229,7 @@ impl ScsiController {
             indirect: has(features, VIRTIO_RING_F_INDIRECT_DESC),
             max_segments: SEGMENTS_PER_REQUEST,
         };
-        let mut setup = |index: u16| -> Result<QueueParts, ScsiError> {
-            let mut queue = SplitQueue::from_pool(&pool, size, qf)?;
-            queue.disable_interrupts();
-            // QEMU's virtio-scsi counts data-out bytes into the used length; the scsi layer
-            // takes data lengths from the response instead of trusting it.
-            queue.clamp_used_len(true);
-            let a = queue.addrs();
-            let host = |iova: u64| pool.translate(iova, 1).map(|p| p as u64);
-            let rings = RingAddresses {
-                size,
-                desc_iova: a.desc,
-                avail_iova: a.avail,
-                used_iova: a.used,
-                desc_host: host(a.desc)?,
-                avail_host: host(a.avail)?,
-                used_host: host(a.used)?,
-            };
-            let handle = transport.setup_queue(index, &rings)?;
-            Ok(QueueParts { index, queue, handle, rings })
-        };
+        let mut setup = |index: u16| new_queue(&pool, size, qf, transport.as_mut(), index);
         let control = setup(virtio_scsi_proto::CONTROL_QUEUE)?;
         let mut eventq = setup(virtio_scsi_proto::EVENT_QUEUE)?;
         let mut requests = Vec::with_capacity(request_queues as usize);
@@ -278,17 +271,24 @@ impl ScsiController {
             info,
             control: Mutex::new(ControlQueue {
                 queue: control.queue,
+                rings: control.rings,
                 notifier: control.handle.notifier,
                 pending: Vec::new(),
                 next_token: 0,
             }),
             events: Mutex::new(EventQueue {
                 queue: eventq.queue,
+                rings: eventq.rings,
                 notifier: eventq.handle.notifier,
                 buffers: event_buffers,
             }),
             request_queues: Mutex::new(requests),
+            lost_queues: Mutex::new(Vec::new()),
             cells: Mutex::new(Vec::new()),
+            features,
+            queue_features: qf,
+            connection: AtomicU64::new(0),
+            previous_released: AtomicBool::new(true),
             failure: Mutex::new(None),
             failed: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -426,7 +426,10 @@ impl ScsiController {
     /// next channel from a clean state. Returns false when the queue could not be stopped: the
     /// device may still write into the memory of its requests, so the caller must leak that
     /// memory, and the queue's own rings are leaked here.
-    pub(super) fn return_queue(&self, mut parts: QueueParts) -> bool {
+    pub(super) fn return_queue(&self, mut parts: QueueParts, connection: u64) -> bool {
+        if connection != self.connection() {
+            return self.return_stale_queue(parts);
+        }
         if parts.queue.in_flight() == 0 && !parts.queue.is_broken() {
             self.park_queue(parts);
             return true;
@@ -439,14 +442,22 @@ impl ScsiController {
         let Some(t) = transport.as_mut() else { return true };
         match t.stop_queue(parts.index) {
             Ok(true) => {}
+            // A backend whose connection closed no longer touches our memory (vhost-user): the
+            // queue is clean, and a new connection sets it up again.
+            Err(_) if t.released() => {
+                parts.queue.reset();
+                drop(transport);
+                self.park_queue(parts);
+                return true;
+            }
             Ok(false) => {
                 warn!("request queue {} cannot be stopped on its own: its memory is leaked", parts.index);
-                std::mem::forget(parts);
+                self.lose_queue(parts);
                 return false;
             }
             Err(e) => {
                 warn!("stopping request queue {}: {e}; its memory is leaked", parts.index);
-                std::mem::forget(parts);
+                self.lose_queue(parts);
                 return false;
             }
         }
@@ -462,6 +473,128 @@ impl ScsiController {
             Err(e) => warn!("request queue {} cannot be set up again: {e}", parts.index),
         }
         true
+    }
+
+    /// A queue of an earlier connection comes back: the current connection never saw its ring,
+    /// so it is set up there afresh, unless the earlier device may still be using it.
+    fn return_stale_queue(&self, mut parts: QueueParts) -> bool {
+        if self.closed.load(Ordering::Acquire) {
+            return true;
+        }
+        if parts.queue.in_flight() > 0 && !self.previous_released.load(Ordering::Acquire) {
+            warn!(
+                "request queue {} of an earlier connection still had requests: its memory is leaked",
+                parts.index
+            );
+            self.lose_queue(parts);
+            return false;
+        }
+        parts.queue.reset();
+        let mut transport = self.transport.lock().unwrap();
+        let Some(t) = transport.as_mut() else { return true };
+        match t.setup_queue(parts.index, &parts.rings) {
+            Ok(handle) => {
+                parts.handle = handle;
+                drop(transport);
+                self.park_queue(parts);
+            }
+            Err(e) => warn!("request queue {} cannot be set up again: {e}", parts.index),
+        }
+        true
+    }
+
+    /// Gives up on a queue whose memory the device may still use: leaked, and made anew on a
+    /// new connection.
+    fn lose_queue(&self, parts: QueueParts) {
+        self.lost_queues.lock().unwrap().push(parts.index);
+        std::mem::forget(parts);
+    }
+
+    /// The connection channels were opened on; see [`Self::check_connection`].
+    pub(super) fn connection(&self) -> u64 {
+        self.connection.load(Ordering::Acquire)
+    }
+
+    /// Errors out for a channel opened on an earlier connection: its ring is not the one the
+    /// device now serves.
+    pub(super) fn check_connection(&self, opened_on: u64) -> Result<(), ScsiError> {
+        if self.connection() == opened_on {
+            Ok(())
+        } else {
+            Err(ScsiError::Failed("the device was reconnected since this request queue was opened".into()))
+        }
+    }
+
+    /// Brings the device up again over a new connection, after the old one was lost (a
+    /// restarted vhost-user backend): the features acked before, the same DMA memory (every
+    /// region, so buffers handed out stay valid and zero-copy), and every queue from a clean
+    /// state. Requests of the old connection failed when it went; channels opened on it fail
+    /// from now on, and new ones get the new rings.
+    pub fn reconnect(&self, mut transport: Box<dyn Transport>) -> Result<(), ScsiError> {
+        self.check_open()?;
+        if !self.failed.load(Ordering::Acquire) {
+            return Err(ScsiError::Config(
+                "the controller works: only one whose device went away reconnects".into(),
+            ));
+        }
+        let mut current = self.transport.lock().unwrap();
+        let offered = transport.device_features()?;
+        if offered & self.features != self.features {
+            return Err(ScsiError::Config(format!(
+                "the device no longer offers features {:#x} it had before",
+                self.features & !offered
+            )));
+        }
+        transport.set_features(self.features)?;
+        if let Some(n) = transport.queue_count()? {
+            if n < 2 + self.info.request_queues {
+                return Err(ScsiError::Config(format!(
+                    "the device now has {n} virtqueues; {} were in use",
+                    2 + self.info.request_queues
+                )));
+            }
+        }
+        transport.set_memory(&self.memory.regions())?;
+
+        let t = transport.as_mut();
+        {
+            let mut cq = self.control.lock().unwrap();
+            cq.queue.reset();
+            cq.pending.clear();
+            cq.notifier = t.setup_queue(virtio_scsi_proto::CONTROL_QUEUE, &cq.rings)?.notifier;
+        }
+        let mut eq = self.events.lock().unwrap();
+        eq.queue.reset();
+        for token in 0..eq.buffers.len() {
+            let seg = Segment::new(eq.buffers[token].iova(), Event::SIZE as u32);
+            eq.queue.add(&[], &[seg], token as u64)?;
+        }
+        eq.notifier = t.setup_queue(virtio_scsi_proto::EVENT_QUEUE, &eq.rings)?.notifier;
+        {
+            let mut free = self.request_queues.lock().unwrap();
+            for parts in free.iter_mut() {
+                parts.queue.reset();
+                parts.handle = t.setup_queue(parts.index, &parts.rings)?;
+            }
+            let pool = self.memory.first();
+            for index in std::mem::take(&mut *self.lost_queues.lock().unwrap()) {
+                free.push(new_queue(&pool, self.info.queue_size, self.queue_features, t, index)?);
+            }
+            free.sort_by_key(|p| p.index);
+        }
+        t.start()?;
+        if eq.queue.publish() {
+            eq.notifier.notify().map_err(crate::transport::TransportError::from)?;
+        }
+        drop(eq);
+        let released = current.as_mut().map_or(true, |old| old.released());
+        self.previous_released.store(released, Ordering::Release);
+        self.connection.fetch_add(1, Ordering::AcqRel);
+        *current = Some(transport);
+        *self.failure.lock().unwrap() = None;
+        self.failed.store(false, Ordering::Release);
+        debug!("controller up again: {}", self.info.transport);
+        Ok(())
     }
 
     fn park_queue(&self, parts: QueueParts) {
@@ -571,6 +704,34 @@ impl ScsiController {
             }
         }
     }
+}
+
+/// A queue of `size` entries in `pool`, set up on the device at `index`.
+fn new_queue(
+    pool: &DmaPool,
+    size: u16,
+    qf: QueueFeatures,
+    transport: &mut dyn Transport,
+    index: u16,
+) -> Result<QueueParts, ScsiError> {
+    let mut queue = SplitQueue::from_pool(pool, size, qf)?;
+    queue.disable_interrupts();
+    // QEMU's virtio-scsi counts data-out bytes into the used length; the scsi layer takes data
+    // lengths from the response instead of trusting it.
+    queue.clamp_used_len(true);
+    let a = queue.addrs();
+    let host = |iova: u64| pool.translate(iova, 1).map(|p| p as u64);
+    let rings = RingAddresses {
+        size,
+        desc_iova: a.desc,
+        avail_iova: a.avail,
+        used_iova: a.used,
+        desc_host: host(a.desc)?,
+        avail_host: host(a.avail)?,
+        used_host: host(a.used)?,
+    };
+    let handle = transport.setup_queue(index, &rings)?;
+    Ok(QueueParts { index, queue, handle, rings })
 }
 
 fn read_config(t: &mut dyn Transport) -> Result<Config, ScsiError> {

@@ -81,6 +81,11 @@ impl DmaMemory {
         (self.generation(), spans)
     }
 
+    /// Every region of every pool, for announcing the memory to a new connection.
+    pub fn regions(&self) -> Vec<crate::memory::Region> {
+        self.pools.read().unwrap().iter().flat_map(|p| p.regions().iter().cloned()).collect()
+    }
+
     pub fn total_bytes(&self) -> u64 {
         self.pools.read().unwrap().iter().map(|p| p.total_size()).sum()
     }

@@ -155,6 +155,11 @@ pub trait Transport: Send {
     fn reset(&mut self) -> Result<()>;
     /// Returns an error once the device can no longer be reached.
     fn check_alive(&mut self) -> Result<()>;
+    /// True once the device is known to have let go of our memory without being stopped (a
+    /// vhost-user backend that closed its connection): queues can then be reused as they are.
+    fn released(&mut self) -> bool {
+        false
+    }
     /// A short name for messages ("vhost-user /run/x.sock", "pci 0000:00:03.0").
     fn describe(&self) -> String;
 }

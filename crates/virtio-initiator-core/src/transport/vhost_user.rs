@@ -216,6 +216,11 @@ impl Watchdog {
         Ok(Watchdog { shared, thread: Some(thread), path: path.into() })
     }
 
+    /// Whether a deadline passed and the socket was shut down.
+    fn fired(&self) -> bool {
+        self.shared.0.lock().unwrap().fired
+    }
+
     /// Runs one request/reply exchange with the backend under the reply deadline.
     fn call<T, E: std::fmt::Display>(
         &self,
@@ -392,6 +397,12 @@ impl Transport for VhostUserTransport {
             )));
         }
         Ok(())
+    }
+
+    fn released(&mut self) -> bool {
+        // The peer closed the connection (not our watchdog, which leaves a silent backend
+        // running): a vhost-user backend unmaps our memory when its connection ends.
+        !self.watchdog.fired() && self.check_alive().is_err()
     }
 
     fn describe(&self) -> String {
