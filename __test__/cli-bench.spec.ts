@@ -129,6 +129,7 @@ test('merged results add up and list mismatches by LBA', (t) => {
       queue: firstLba === 0 ? 2 : 3,
       shared: false,
       interrupted: false,
+      lost: firstLba === 0 ? 2 : 5,
     };
   };
   const m = mergeWorkloadResults([part(2048, 1000.5, 3000, [4000, 2048]), part(0, 1000, 1000, [8, 16])], 1.5);
@@ -137,6 +138,7 @@ test('merged results add up and list mismatches by LBA', (t) => {
   t.is(m.iops, Math.round(4000 / 1.0005));
   t.is(m.cpuSeconds, 1.5);
   t.is(m.mismatches, 4);
+  t.is(m.lost, 7);
   t.deepEqual(
     m.mismatchList.map((x) => x.lba),
     [8, 16, 2048, 4000],
@@ -509,4 +511,31 @@ bench('bench prints what the controller reports while it runs (a LUN added, a ca
   t.is(r.code, 0, describe(r));
   t.regex(r.stderr, /virtio-initiator bench: event VirtioScsi0 device-added VirtioScsi0t0l1 /);
   t.regex(r.stderr, /virtio-initiator bench: event VirtioScsi0 capacity-changed VirtioScsi0t0 \{"before":/);
+});
+
+bench('bench --reconnect --verify rides out a target that drops the connection twice: no errors, no mismatches', async (t) => {
+  const s = await startTestTarget({ luns: [`0:0:ram:${LUN_BYTES}:512`] });
+  t.teardown(() => s.cleanup());
+  const control = await s.target.control();
+  const run = cli(['bench', '--socket', s.socket, '--json', '--reconnect', '--verify', '--rw', 'randrw', '--size', String(REGION), '--time', '4']);
+  const moved = async (): Promise<number> => {
+    const queues = (await control.stats()).queues as Array<{ bytes_in: number }>;
+    return queues.reduce((n, q) => n + q.bytes_in, 0);
+  };
+  for (let i = 0; i < 200 && (await moved()) < REGION; i++) await new Promise((r) => setTimeout(r, 25));
+  t.is((await control.disconnect()).connections, 1);
+  // The second cut waits for the bench to move data over its new connection.
+  const before = await moved();
+  for (let i = 0; i < 200 && (await moved()) <= before; i++) await new Promise((r) => setTimeout(r, 25));
+  t.is((await control.disconnect()).connections, 1);
+  const r = await run;
+  t.is(r.code, 0, describe(r));
+  const rep = JSON.parse(r.stdout.trim().split('\n').pop()!) as { reconnects: number; lost: number; errors: number; mismatches: number; ios: number; writes: number };
+  t.is(rep.reconnects, 2);
+  t.is(rep.errors, 0);
+  t.is(rep.mismatches, 0);
+  t.true(rep.ios > 0 && rep.writes > 0, `${rep.ios} requests, ${rep.writes} writes`);
+  t.log(`${rep.ios} requests, ${rep.lost} lost with the connection, ${rep.reconnects} reconnects`);
+  t.regex(r.stderr, /virtio-initiator bench: event VirtioScsi0 disconnected /);
+  t.regex(r.stderr, /virtio-initiator bench: event VirtioScsi0 reconnected \{"attempts":\d+\}/);
 });

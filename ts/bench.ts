@@ -384,6 +384,13 @@ export interface WorkloadOptions {
   onMeasure?: (edge: 'start' | 'end') => void;
   /** Stops issuing; requests in flight complete and the result covers what ran. */
   signal?: AbortSignal;
+  /**
+   * The controller reconnects when its target goes away (vhost-user `reconnect`; the promise
+   * path): a request that ends with the connection counts as lost, not as an error, and its
+   * slot waits until the controller works again. What such a write left on its blocks is
+   * unknown, so verification skips them until they are written again.
+   */
+  reconnect?: boolean;
 }
 
 export interface WorkloadResult {
@@ -425,10 +432,15 @@ export interface WorkloadResult {
   shared: boolean;
   /** Stopped early through `signal`. */
   interrupted: boolean;
+  /** Requests that ended because the target went away (with `reconnect`). */
+  lost: number;
 }
 
 /** A request that takes this long means the target is stuck or gone. */
 const STALL_MS = 10_000;
+/** With `reconnect`: the longest wait for a controller to work again, and how often to look. */
+const RECONNECT_WAIT_MS = 60_000;
+const RECONNECT_POLL_MS = 20;
 /** Loop turns of the batch path between two yields to the event loop. */
 const BATCH_YIELD_EVERY = 4096;
 /** Fill and read-back: bytes per request and requests in flight. */
@@ -580,7 +592,7 @@ export async function runWorkload(ctrl: Controller, dev: BlockDevice, o: Workloa
       const stopProgress = load.startProgress();
       try {
         if (path.raw !== undefined) await runBatch(path.raw, ctrl, dev, load);
-        else await runPromise(dev, load);
+        else await runPromise(ctrl, dev, load);
       } finally {
         stopProgress();
       }
@@ -621,6 +633,7 @@ export async function runWorkload(ctrl: Controller, dev: BlockDevice, o: Workloa
     queue: measured.queue ?? 0,
     shared,
     interrupted: o.signal?.aborted === true,
+    lost: load.lost,
   };
   rates(result);
   // A run without reads still checks what it wrote.
@@ -673,6 +686,7 @@ export function mergeWorkloadResults(parts: readonly WorkloadResult[], cpuSecond
     mismatchList: parts.flatMap((r) => r.mismatchList).sort((a, b) => a.lba - b.lba),
     shared: parts.some((r) => r.shared),
     interrupted: parts.some((r) => r.interrupted),
+    lost: sum((r) => r.lost),
   };
   rates(result);
   return result;
@@ -757,6 +771,7 @@ class Load {
   reads = 0;
   writes = 0;
   errors = 0;
+  lost = 0;
   bytes = 0;
   firstError: string | undefined;
   fatalError: unknown;
@@ -854,6 +869,17 @@ class Load {
     if (fatal(e)) this.fatalError ??= e;
   }
 
+  /** A request of the slot ended because the target went away (see `reconnect`). */
+  lose(slot: number): void {
+    this.lost++;
+    const v = this.verifier;
+    if (v !== undefined) {
+      const lba = this.lba[slot]!;
+      if (this.isWrite[slot] === 1) v.written(lba, this.unitBlocks, this.gen[slot]!, false);
+      this.busy![(lba - this.firstLba) / this.unitBlocks] = 0;
+    }
+  }
+
   /** Starts the progress timer of the run; returns its stop function. */
   startProgress(): () => void {
     const cb = this.o.onProgress;
@@ -874,12 +900,30 @@ class Load {
 }
 
 /** QD slots over the Promise API, each completion issuing the slot's next request. */
-function runPromise(dev: BlockDevice, load: Load): Promise<void> {
+/** Resolves true once `ctrl` works again after its target went away, false if it does not. */
+async function controllerBack(ctrl: Controller): Promise<boolean> {
+  const end = performance.now() + RECONNECT_WAIT_MS;
+  while (performance.now() < end) {
+    if (ctrl.failure === null) return true;
+    await new Promise((r) => setTimeout(r, RECONNECT_POLL_MS));
+  }
+  return false;
+}
+
+function runPromise(ctrl: Controller, dev: BlockDevice, load: Load): Promise<void> {
   return new Promise<void>((resolve, reject) => {
     let active = 0;
+    /** While the target is away (with `reconnect`): settles once the controller is back. */
+    let outage: Promise<boolean> | undefined;
+    const back = (): Promise<boolean> =>
+      (outage ??= controllerBack(ctrl).then((ok) => {
+        outage = undefined;
+        load.lastCompletion = performance.now();
+        return ok;
+      }));
     // Promises do not time out: a target that stops answering would otherwise hang the run.
     const watchdog = setInterval(() => {
-      if (performance.now() - load.lastCompletion > STALL_MS) {
+      if (outage === undefined && performance.now() - load.lastCompletion > STALL_MS) {
         clearInterval(watchdog);
         reject(new Error(`no completion for ${STALL_MS / 1000} s with ${active} requests in flight`));
       }
@@ -905,6 +949,15 @@ function runPromise(dev: BlockDevice, load: Load): Promise<void> {
     // One pair of callbacks per slot, made once: a request allocates nothing of ours.
     const onDone = Array.from({ length: load.depth }, (_, slot) => () => settle(slot, true));
     const onError = Array.from({ length: load.depth }, (_, slot) => (e: unknown) => {
+      if (load.o.reconnect === true && e instanceof ControllerFailedError) {
+        load.lose(slot);
+        void back().then((ok) => {
+          if (!ok) load.failed(e);
+          if (load.more(performance.now())) issue(slot);
+          else if (--active === 0) finished();
+        });
+        return;
+      }
       load.failed(e);
       settle(slot, false);
     });

@@ -71,6 +71,11 @@ const OPTIONS: readonly OptionSpec[] = [
     help: 'wait for completions on the queue interrupt instead of polling (promise API, vhost-user)',
   },
   { name: 'verify', kind: 'flag', help: 'stamp written blocks and check every read of them (promise, batch)' },
+  {
+    name: 'reconnect',
+    kind: 'flag',
+    help: 'when the target goes away, connect again (for at least 30 s) and go on (vhost-user, promise API, one worker)',
+  },
   { name: 'json', kind: 'flag', help: 'print the result as one JSON object on the last line of stdout' },
   {
     name: 'workers',
@@ -104,6 +109,8 @@ const MAX_BS = 16 * 2 ** 20;
 const MAX_IN_FLIGHT_BYTES = 2 ** 30;
 const DEFAULT_MEMORY = 64 * 2 ** 20;
 const HUGEPAGE = 2 * 2 ** 20;
+/** `--reconnect`: attempts at growing intervals up to 1 s, 37 s in all before giving up. */
+const BENCH_RECONNECT = Object.freeze({ retries: 40, delayMs: 100, maxDelayMs: 1000 });
 /** Lines of mismatches in the human summary, and LBAs in the JSON. */
 const HUMAN_MISMATCHES = 20;
 const JSON_MISMATCHES = 100;
@@ -128,6 +135,7 @@ interface BenchConfig {
   verify: boolean;
   /** Interrupt mode (Controller option `poll: false`). */
   interrupts: boolean;
+  reconnect: boolean;
   logLevel: LogLevel | undefined;
   json: boolean;
   workers: number;
@@ -176,6 +184,12 @@ export function parseBenchArgs(argv: readonly string[]): BenchConfig | 'help' {
     throw new UsageError(`--interrupts applies to --api promise only (the ${api} path polls by design)`);
   }
   if (interrupts && pci !== undefined) throw new UsageError('--interrupts is for vhost-user (PCI functions are polled)');
+  const reconnect = a.flag('reconnect');
+  if (reconnect) {
+    if (pci !== undefined || config !== undefined) throw new UsageError('--reconnect is for a vhost-user --socket or the bundled target');
+    if (api !== 'promise') throw new UsageError(`--reconnect applies to --api promise only (not ${api})`);
+    if (workers > 1) throw new UsageError('--reconnect runs the load in this thread (--workers 1)');
+  }
   return {
     socket,
     pci,
@@ -196,6 +210,7 @@ export function parseBenchArgs(argv: readonly string[]): BenchConfig | 'help' {
     seed,
     verify,
     interrupts,
+    reconnect,
     logLevel: logLevelOf(a),
     json: a.flag('json'),
     workers,
@@ -258,6 +273,10 @@ export interface BenchReport {
   interrupted: boolean;
   /** Completions were waited for on the queue interrupt (`--interrupts`), not polled. */
   interrupts: boolean;
+  /** With `--reconnect`: times the target went away and the controller connected again. */
+  reconnects: number;
+  /** Requests that ended because the target went away (not errors). */
+  lost: number;
 }
 
 const round3 = (x: number) => Math.round(x * 1000) / 1000;
@@ -275,6 +294,7 @@ export function report(
   targetCpu: number | null,
   workers: readonly WorkerSummary[] = [{ queue: r.queue, iops: r.iops, shared: r.shared }],
   interrupts = false,
+  reconnects = 0,
 ): BenchReport {
   return {
     api: r.api,
@@ -302,6 +322,8 @@ export function report(
     workers: workers.map((w) => ({ ...w })),
     interrupted: r.interrupted,
     interrupts,
+    reconnects,
+    lost: r.lost,
   };
 }
 
@@ -327,6 +349,9 @@ export function summary(rep: BenchReport, r: WorkloadResult): string {
         ['MB/s', rep.mbPerSecond.toFixed(2), ''],
         ['latency', '', `mean ${l.mean}  p50 ${l.p50}  p99 ${l.p99}  p99.9 ${l.p999}  max ${l.max} (us)`],
         ['errors', String(rep.errors), rep.firstError === null ? '' : `first: ${rep.firstError}`],
+        ...(rep.reconnects > 0 || rep.lost > 0
+          ? [['reconnects', String(rep.reconnects), `${rep.lost} requests lost with the connection (not errors)`]]
+          : []),
         ['mismatches', rep.verify ? String(rep.mismatches) : '-', rep.verify ? '' : 'not verified (--verify)'],
         [
           'CPU',
@@ -444,7 +469,12 @@ async function run(cfg: BenchConfig, stop: AbortController, leftovers: Leftovers
       ctrl =
         cfg.pci !== undefined
           ? await Controller.openPci(cfg.pci, memory)
-          : await Controller.connect(cfg.socket ?? targetProcess!.socket, { ...memory, ...queues, poll: !cfg.interrupts });
+          : await Controller.connect(cfg.socket ?? targetProcess!.socket, {
+              ...memory,
+              ...queues,
+              poll: !cfg.interrupts,
+              ...(cfg.reconnect ? { reconnect: BENCH_RECONNECT } : {}),
+            });
       attached = [ctrl];
       const scan = await ctrl.scan();
       devices = [...ctrl.devices];
@@ -469,6 +499,8 @@ async function run(cfg: BenchConfig, stop: AbortController, leftovers: Leftovers
     ctrl = attached.find((c) => c.devices.includes(dev))!;
     // Hot-plug, capacity changes and a target that goes away show up as they happen.
     printEvents('bench', attached);
+    let reconnects = 0;
+    ctrl.on('reconnected', () => reconnects++);
 
     const pid = targetProcess?.child.pid;
     let targetCpu0: number | undefined;
@@ -482,6 +514,7 @@ async function run(cfg: BenchConfig, stop: AbortController, leftovers: Leftovers
       queueDepth: cfg.qd,
       seed: cfg.seed,
       verify: cfg.verify,
+      reconnect: cfg.reconnect,
       signal: stop.signal,
       onMeasure: (edge) => {
         if (pid === undefined) return;
@@ -512,7 +545,7 @@ async function run(cfg: BenchConfig, stop: AbortController, leftovers: Leftovers
       ({ result, workers } = await runWorkers(ctrl, dev, options, cfg.workers));
     }
     progress.clear();
-    const rep = report(result, dev, ctrl.info.transport, targetCpu, workers, cfg.interrupts);
+    const rep = report(result, dev, ctrl.info.transport, targetCpu, workers, cfg.interrupts, reconnects);
     if (cfg.json) writeJsonLine(rep);
     else process.stdout.write(summary(rep, result));
     if (result.interrupted) return 128 + (stop.signal.reason === 'SIGTERM' ? 15 : 2);
