@@ -1,18 +1,18 @@
 // Request deadlines and recovery against the bundled target: a request the target holds (fault
 // `never`) times out with a typed error, and the controller gets it back with ABORT TASK, or
 // escalates to LOGICAL UNIT RESET and I_T NEXUS RESET when the target ignores the earlier steps
-// (quirks `abort-task-ignored`, `tmf-ignored`), failing the controller when nothing works. An
-// aborted request is recovered the same way.
+// (quirks `abort-task-ignored`, `tmf-ignored`) and finally to a device reset; the controller
+// fails when nothing works. An aborted request is recovered the same way.
 import test from 'ava';
 
 import {
   type Controller,
-  ControllerFailedError,
   Controller as ControllerClass,
   RequestTimeoutError,
   type RecoveryStep,
   VirtioResponse,
 } from '../ts/index.js';
+import { Recovery, RECOVERY_STEP_MS } from '../ts/recovery.js';
 import { testWhen } from './helpers/env.js';
 import { connectAndScan, initiatorRequirements, pattern, startTestTarget, type TargetSetup } from './helpers/initiator.js';
 import type { TargetQuirk } from './helpers/target.js';
@@ -87,26 +87,66 @@ testWhen(test, 'ABORT TASK ignored: LOGICAL UNIT RESET brings the request back',
   t.true(await verifiedIo(c, 'VirtioScsi0t0', 4), 'the other LUN was not disturbed');
 });
 
-testWhen(test, 'a target that ignores every step: the controller fails, naming the request', initiatorRequirements, async (t) => {
+testWhen(test, 'a target that ignores every task management function: a device reset brings the request back, and the controller goes on', initiatorRequirements, async (t) => {
   t.timeout(30_000);
   const { s, c, steps } = await setUp(t, ['tmf-ignored']);
   const ctl = await s.target.control();
-  await ctl.inject(0, 0, 'never', 1);
-  const failed = new Promise<ControllerFailedError>((resolve) => c.once('failed', resolve));
   const d = c.device('VirtioScsi0t0');
+  const d1 = c.device('VirtioScsi0t0l1');
+  const data = pattern(4096, 7);
+  await d1.write(32, data);
+  await ctl.inject(0, 0, 'never', 1);
+  const failed: unknown[] = [];
+  c.on('failed', (e) => failed.push(e));
   await t.throwsAsync(d.read(4, 1, { timeoutMs: 200 }), { instanceOf: RequestTimeoutError });
-  const e = await failed;
-  t.regex(e.message, /VirtioScsi0t0: the device did not give back READ of 1 blocks at LBA 4 after ABORT TASK, LOGICAL UNIT RESET and I_T NEXUS RESET/);
+  await until(() => steps.length === 4, 20_000, 'four recovery steps');
   t.deepEqual(
     steps.map((x) => [x.action, x.response, x.returned]),
     [
       ['abort-task', VirtioResponse.OK, false],
       ['lun-reset', VirtioResponse.OK, false],
       ['target-reset', VirtioResponse.OK, false],
+      ['device-reset', undefined, true],
     ],
   );
-  t.regex(c.failure ?? '', /did not give back/);
-  await t.throwsAsync(c.device('VirtioScsi0t0l1').read(0, 1), { instanceOf: ControllerFailedError });
+  t.deepEqual(failed, []);
+  t.is(c.failure, null);
+  t.is(c.queueStats!.inFlight, 0);
+  // The same devices, the data written before the reset, and new I/O.
+  t.is(c.device('VirtioScsi0t0l1'), d1);
+  t.true((await d1.read(32, 8)).equals(data));
+  t.true(await verifiedIo(c, 'VirtioScsi0t0', 8));
+});
+
+test('recovery gives up, naming the request, when even the device reset fails', async (t) => {
+  const reported: RecoveryStep[] = [];
+  let gaveUp: string | undefined;
+  const never = new Promise<void>(() => {});
+  const r = new Recovery({
+    controllerName: 'Fake0',
+    taskManagement: async () => VirtioResponse.OK,
+    report: (step) => reported.push(step),
+    resetDevice: async () => 'cannot connect again',
+    giveUp: (reason) => {
+      gaveUp = reason;
+    },
+  });
+  r.recover({ target: 1, lun: 2, tag: 7, what: 'READ of 1 blocks at LBA 9', why: 'timeout', returned: never });
+  // Each step waits its bound for the request: four of them.
+  await until(() => gaveUp !== undefined, 4 * RECOVERY_STEP_MS + 5000, 'the recovery to give up');
+  t.deepEqual(
+    reported.map((x) => [x.device, x.action, x.returned, x.error]),
+    [
+      ['Fake0t1l2', 'abort-task', false, undefined],
+      ['Fake0t1l2', 'lun-reset', false, undefined],
+      ['Fake0t1l2', 'target-reset', false, undefined],
+      ['Fake0t1l2', 'device-reset', false, 'cannot connect again'],
+    ],
+  );
+  t.is(
+    gaveUp,
+    'Fake0t1l2: the device did not give back READ of 1 blocks at LBA 9 after ABORT TASK, LOGICAL UNIT RESET and I_T NEXUS RESET, nor after a device reset (cannot connect again)',
+  );
 });
 
 testWhen(test, 'an aborted request is recovered with ABORT TASK too, and its slot comes back', initiatorRequirements, async (t) => {

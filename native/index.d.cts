@@ -103,6 +103,12 @@ export declare class Controller {
    * brings the device up on the same memory; resolves with null, or with why it failed.
    */
   reconnectVhostUser(path: string): Promise<OpenFailure | null>
+  /**
+   * Resets a vhost-user device the only sure way: fails the controller with `reason`, drops
+   * the connection (the backend stops and lets go of everything) and connects again as
+   * `reconnectVhostUser` does; resolves with null, or with why it could not connect again.
+   */
+  resetVhostUser(path: string, reason: string): Promise<OpenFailure | null>
   /** Whether free DMA memory is below the low-water mark (with room left to grow). */
   memoryLow(): boolean
   /**

@@ -273,6 +273,8 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
   private readonly reconnectPolicy: Readonly<Required<ReconnectOptions>> | undefined;
   /** True from the loss of the target until the controller works again (or gives up). */
   private reconnecting = false;
+  /** Recovery gave up and failed the controller. */
+  private gaveUp = false;
   private readonly trace: boolean;
   private readonly context: DeviceContext;
   private queue: RequestQueue | undefined;
@@ -320,6 +322,7 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
         else log('warn', 'recovery', `${step.device}: ${step.action} did not bring back ${step.request}`);
         this.emit('recovery', step);
       },
+      resetDevice: (reason) => this.resetDevice(reason),
       giveUp: (reason) => this.giveUp(reason),
     });
     const info = handle.info;
@@ -443,10 +446,7 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
       if (failure === null) {
         this.reconnecting = false;
         // The queue of the lost connection gives its ring back, to be set up on the new one.
-        const old = this.queue;
-        this.queue = undefined;
-        old?.close();
-        this.watch();
+        this.renewed();
         try {
           await this.rescan('all');
         } catch (e) {
@@ -658,9 +658,43 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
     }
   }
 
+  /**
+   * The last step of recovery: a vhost-user device is reset by dropping its connection (the
+   * backend then lets go of everything) and brought up again as on a reconnect; what is in
+   * flight fails. Resolves with why it could not, or undefined.
+   */
+  private async resetDevice(reason: string): Promise<string | undefined> {
+    if (this.closedError) return 'the controller is closed';
+    if (this.transport.type !== 'vhost-user') return 'a PCI function is not reset by recovery';
+    if (this.reconnecting) return 'the target is away, and being reconnected';
+    // The loss of the connection is ours: the watcher must not take it for the target going away.
+    this.watcher?.stop();
+    this.reconnecting = true;
+    const failure = await this.handle.resetVhostUser(this.transport.path, `device reset: ${reason}`);
+    this.reconnecting = false;
+    if (this.closedError) return 'the controller is closed';
+    if (failure !== null) return failure.message;
+    this.renewed();
+    try {
+      await this.rescan('all');
+    } catch (e) {
+      this.emit('event-error', e instanceof Error ? e : new Error(String(e)));
+    }
+    return undefined;
+  }
+
+  /** A new connection works: the queue of the old one goes, the watcher starts over. */
+  private renewed(): void {
+    const old = this.queue;
+    this.queue = undefined;
+    old?.fail('the device was reset or reconnected');
+    this.watch();
+  }
+
   /** Recovery could not get a request back: the controller fails (the event loop's own notice). */
   private giveUp(reason: string): void {
-    if (this.closedError || this.handle.failure !== null) return;
+    if (this.closedError || this.gaveUp) return;
+    this.gaveUp = true;
     log('error', 'recovery', `${this.name}: ${reason}`);
     this.handle.fail(reason);
     // The watcher would report the failure as the device going away; it is not that.

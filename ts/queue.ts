@@ -361,13 +361,13 @@ export class RequestQueue implements CommandExecutor {
       return;
     }
     if (err) {
-      this.fail(err);
+      this.shutDownWith(err);
       return;
     }
     try {
       this.channel.disarmInterrupts!();
     } catch (e) {
-      this.fail(e);
+      this.shutDownWith(e);
       return;
     }
     this.burst = 0;
@@ -505,6 +505,14 @@ export class RequestQueue implements CommandExecutor {
     owner: TransferOwner,
   ): Promise<unknown> {
     return this.enqueue(Mode.Transfer, undefined, write, target, lun, lba, blocks, data, fua, signal, timeoutMs ?? this.timeoutMs, value, owner);
+  }
+
+  /**
+   * Rejects everything queued or in flight with ControllerFailedError (`reason`) and releases
+   * the channel: the controller behind it failed, or its device was reset.
+   */
+  fail(reason: string): void {
+    this.shutDownWith(new Error(reason));
   }
 
   /** Rejects everything queued or in flight and releases the channel. */
@@ -666,13 +674,13 @@ export class RequestQueue implements CommandExecutor {
       this.counters.submitCalls++;
       result = this.channel.pump(count, this.passBuffers.length > 0 ? this.passBuffers : null);
     } catch (e) {
-      this.fail(e);
+      this.shutDownWith(e);
       return;
     }
     const taken = result >>> 16;
     const done = result & 0xffff;
     if (taken > count || done > this.capacity) {
-      this.fail(new Error(`pump took ${taken} of ${count} requests and returned ${done} completions`));
+      this.shutDownWith(new Error(`pump took ${taken} of ${count} requests and returned ${done} completions`));
       return;
     }
     this.took(taken, count);
@@ -705,11 +713,11 @@ export class RequestQueue implements CommandExecutor {
       this.counters.submitCalls++;
       taken = this.channel.submit(count, this.passBuffers.length > 0 ? this.passBuffers : null);
     } catch (e) {
-      this.fail(e);
+      this.shutDownWith(e);
       return;
     }
     if (!(taken >= 0 && taken <= count)) {
-      this.fail(new Error(`submit took ${taken} of ${count} requests`));
+      this.shutDownWith(new Error(`submit took ${taken} of ${count} requests`));
       return;
     }
     this.took(taken, count);
@@ -748,7 +756,7 @@ export class RequestQueue implements CommandExecutor {
       ready = this.channel.armInterrupts!();
       if (ready) this.channel.disarmInterrupts!();
     } catch (e) {
-      this.fail(e);
+      this.shutDownWith(e);
       return;
     }
     if (ready) {
@@ -801,7 +809,7 @@ export class RequestQueue implements CommandExecutor {
     if (state !== State.OnDevice && state !== State.Abandoned) {
       // The native layer validates used-ring entries; an unknown token here means the two
       // sides disagree, and nothing can be trusted any more.
-      this.fail(new Error(`completion for unknown request token ${slot}`));
+      this.shutDownWith(new Error(`completion for unknown request token ${slot}`));
       return;
     }
     this.onDevice--;
@@ -988,7 +996,7 @@ export class RequestQueue implements CommandExecutor {
     }
   }
 
-  private fail(cause: unknown): void {
+  private shutDownWith(cause: unknown): void {
     if (this.closedError) return;
     let closed: Error | undefined;
     try {

@@ -1,9 +1,9 @@
 // Getting a device to give back requests the initiator gave up on (timed out, or aborted by the
 // caller), escalating as Linux's SCSI error handler does: ABORT TASK for the request, then
-// LOGICAL UNIT RESET, then I_T NEXUS RESET for its target. A task management answer alone is not
-// trusted: a step succeeds when the request has come back, which each step waits for, bounded.
-// When none brings it back, the controller is failed (its memory can then be let go safely only
-// by stopping the device).
+// LOGICAL UNIT RESET, then I_T NEXUS RESET for its target, then a reset of the device and its
+// bring-up from a clean state. A task management answer alone is not trusted: a step succeeds
+// when the request has come back, which each step waits for, bounded. When none brings it back,
+// the controller is failed.
 
 import type { AbandonedRequest } from './queue.js';
 import { lunName } from './scan.js';
@@ -16,7 +16,7 @@ export const TMF_LOGICAL_UNIT_RESET = 5;
 /** How long each step waits for the request to come back. */
 export const RECOVERY_STEP_MS = 2000;
 
-export type RecoveryAction = 'abort-task' | 'lun-reset' | 'target-reset';
+export type RecoveryAction = 'abort-task' | 'lun-reset' | 'target-reset' | 'device-reset';
 
 /** One step of the recovery of a request, as the controller's `recovery` event reports it. */
 export interface RecoveryStep {
@@ -26,7 +26,7 @@ export interface RecoveryStep {
   request: string;
   why: AbandonedRequest['why'];
   action: RecoveryAction;
-  /** The virtio-scsi response to the task management function, when there was one. */
+  /** The virtio-scsi response to the task management function, when there was one (not for a device reset). */
   response?: number;
   /** Why the function could not be carried out, when it could not. */
   error?: string;
@@ -38,6 +38,11 @@ export interface RecoveryContext {
   controllerName: string;
   taskManagement(target: number, lun: number, fn: number, tag?: number): Promise<number>;
   report(step: RecoveryStep): void;
+  /**
+   * Resets the device and brings it up again, failing whatever is in flight (the request among
+   * them); resolves with why it could not, or undefined.
+   */
+  resetDevice(reason: string): Promise<string | undefined>;
   /** No step brought the request back. */
   giveUp(reason: string): void;
 }
@@ -103,8 +108,14 @@ export class Recovery {
       this.ctx.report(step);
       if (step.returned) return;
     }
-    this.ctx.giveUp(
-      `${device}: the device did not give back ${req.what} after ABORT TASK, LOGICAL UNIT RESET and I_T NEXUS RESET`,
-    );
+    if (back) return;
+    const why = `${device}: the device did not give back ${req.what} after ABORT TASK, LOGICAL UNIT RESET and I_T NEXUS RESET`;
+    const reset: RecoveryStep = { device, request: req.what, why: req.why, action: 'device-reset', returned: false };
+    const error = await this.ctx.resetDevice(why);
+    if (error !== undefined) reset.error = error;
+    reset.returned = back || (await within(req.returned, RECOVERY_STEP_MS));
+    this.ctx.report(reset);
+    if (reset.returned && error === undefined) return;
+    this.ctx.giveUp(`${why}, nor after a device reset${error === undefined ? '' : ` (${error})`}`);
   }
 }

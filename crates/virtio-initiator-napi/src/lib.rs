@@ -103,6 +103,9 @@ impl Task for Open {
 pub struct Reconnect {
     inner: Arc<ScsiController>,
     path: String,
+    /// Drop the current connection first, failing the controller with this reason (a device
+    /// reset); None when the connection is already gone.
+    drop_reason: Option<String>,
 }
 
 impl Task for Reconnect {
@@ -111,6 +114,9 @@ impl Task for Reconnect {
 
     fn compute(&mut self) -> Result<Self::Output> {
         let generic = || Status::GenericFailure.as_ref().to_owned();
+        if let Some(reason) = self.drop_reason.take() {
+            self.inner.drop_connection(reason);
+        }
         let transport = match VhostUserTransport::connect(&self.path) {
             Ok(t) => t,
             Err(e) => {
@@ -371,7 +377,15 @@ impl Controller {
     /// brings the device up on the same memory; resolves with null, or with why it failed.
     #[napi(ts_return_type = "Promise<OpenFailure | null>")]
     pub fn reconnect_vhost_user(&self, path: String) -> AsyncTask<Reconnect> {
-        AsyncTask::new(Reconnect { inner: self.inner.clone(), path })
+        AsyncTask::new(Reconnect { inner: self.inner.clone(), path, drop_reason: None })
+    }
+
+    /// Resets a vhost-user device the only sure way: fails the controller with `reason`, drops
+    /// the connection (the backend stops and lets go of everything) and connects again as
+    /// `reconnectVhostUser` does; resolves with null, or with why it could not connect again.
+    #[napi(ts_return_type = "Promise<OpenFailure | null>")]
+    pub fn reset_vhost_user(&self, path: String, reason: String) -> AsyncTask<Reconnect> {
+        AsyncTask::new(Reconnect { inner: self.inner.clone(), path, drop_reason: Some(reason) })
     }
 
     /// Whether free DMA memory is below the low-water mark (with room left to grow).

@@ -117,9 +117,9 @@ pub struct ScsiController {
     control: Mutex<ControlQueue>,
     events: Mutex<EventQueue>,
     request_queues: Mutex<Vec<QueueParts>>,
-    /// Request queues given up on (the device might still use their memory), to make anew on
-    /// a new connection.
-    lost_queues: Mutex<Vec<u16>>,
+    /// Request queues taken by channels and not given back: a new connection makes anew every
+    /// queue that is neither parked nor here (those given up on, or dropped with the device).
+    taken_queues: Mutex<Vec<u16>>,
     /// Request queues taken by threads, for threads that find none free to share.
     cells: Mutex<Vec<Weak<QueueCell>>>,
     /// The features acked, and the ring layout: a new connection gets the same.
@@ -283,7 +283,7 @@ impl ScsiController {
                 buffers: event_buffers,
             }),
             request_queues: Mutex::new(requests),
-            lost_queues: Mutex::new(Vec::new()),
+            taken_queues: Mutex::new(Vec::new()),
             cells: Mutex::new(Vec::new()),
             features,
             queue_features: qf,
@@ -418,7 +418,9 @@ impl ScsiController {
         if free.is_empty() {
             return Err(ScsiError::NoFreeQueue(self.info.request_queues));
         }
-        Ok(free.remove(0))
+        let parts = free.remove(0);
+        self.taken_queues.lock().unwrap().push(parts.index);
+        Ok(parts)
     }
 
     /// A channel gives its queue back. A queue with requests on it (or a broken one) is stopped
@@ -427,6 +429,7 @@ impl ScsiController {
     /// device may still write into the memory of its requests, so the caller must leak that
     /// memory, and the queue's own rings are leaked here.
     pub(super) fn return_queue(&self, mut parts: QueueParts, connection: u64) -> bool {
+        self.taken_queues.lock().unwrap().retain(|&i| i != parts.index);
         if connection != self.connection() {
             return self.return_stale_queue(parts);
         }
@@ -506,7 +509,6 @@ impl ScsiController {
     /// Gives up on a queue whose memory the device may still use: leaked, and made anew on a
     /// new connection.
     fn lose_queue(&self, parts: QueueParts) {
-        self.lost_queues.lock().unwrap().push(parts.index);
         std::mem::forget(parts);
     }
 
@@ -523,6 +525,14 @@ impl ScsiController {
         } else {
             Err(ScsiError::Failed("the device was reconnected since this request queue was opened".into()))
         }
+    }
+
+    /// Fails the controller and drops its connection: a vhost-user backend then stops and lets
+    /// go of every request and of our memory, which no task management could make it do.
+    /// [`Self::reconnect`] brings the device up again, from a clean state.
+    pub fn drop_connection(&self, reason: String) {
+        self.fail(reason);
+        drop(self.transport.lock().unwrap().take());
     }
 
     /// Brings the device up again over a new connection, after the old one was lost (a
@@ -577,8 +587,12 @@ impl ScsiController {
                 parts.handle = t.setup_queue(parts.index, &parts.rings)?;
             }
             let pool = self.memory.first();
-            for index in std::mem::take(&mut *self.lost_queues.lock().unwrap()) {
-                free.push(new_queue(&pool, self.info.queue_size, self.queue_features, t, index)?);
+            let taken = self.taken_queues.lock().unwrap().clone();
+            let first = virtio_scsi_proto::FIRST_REQUEST_QUEUE;
+            for index in first..first + self.info.request_queues {
+                if !free.iter().any(|p| p.index == index) && !taken.contains(&index) {
+                    free.push(new_queue(&pool, self.info.queue_size, self.queue_features, t, index)?);
+                }
             }
             free.sort_by_key(|p| p.index);
         }
