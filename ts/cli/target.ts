@@ -2,7 +2,7 @@
 // given (its own --help describes them). Output goes straight to the terminal, SIGINT and
 // SIGTERM are passed on, and its exit status becomes ours.
 
-import { spawn } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { constants } from 'node:os';
 
 import { defaultTargetBinary } from '../bundled-target.js';
@@ -14,13 +14,17 @@ export const target: Subcommand = {
   run(argv: string[]): Promise<number> {
     const binary = defaultTargetBinary();
     return new Promise<number>((resolve, reject) => {
-      const child = spawn(binary, argv, { stdio: 'inherit' });
       // A Ctrl-C reaches the target on its own (same process group); a signal sent to this
       // process alone must be passed on. A duplicate of a pending signal is merged by the kernel.
+      // The handlers go in before the target starts: a signal sent as soon as the target
+      // listens must not find this process without them (it would die and orphan the target).
+      // Signals are handled on a later turn of the event loop, when `child` is set.
+      let child: ChildProcess | undefined;
       const forward = (signal: NodeJS.Signals): void => {
-        child.kill(signal);
+        child?.kill(signal);
       };
       for (const s of FORWARDED) process.on(s, forward);
+      child = spawn(binary, argv, { stdio: 'inherit' });
       const done = (): void => {
         for (const s of FORWARDED) process.off(s, forward);
       };
