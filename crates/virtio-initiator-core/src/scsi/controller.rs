@@ -2,7 +2,7 @@
 //! request queues waiting to be taken by channels.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
@@ -466,6 +466,17 @@ impl ScsiController {
         }
         let dropped = parts.queue.reset();
         debug!("request queue {} stopped with {} requests abandoned", parts.index, dropped.len());
+        self.set_up_and_park(parts, transport);
+        true
+    }
+
+    /// Sets a clean queue up again on the current connection, for the next channel.
+    fn set_up_and_park(
+        &self,
+        mut parts: QueueParts,
+        mut transport: MutexGuard<'_, Option<Box<dyn Transport>>>,
+    ) {
+        let Some(t) = transport.as_mut() else { return };
         match t.setup_queue(parts.index, &parts.rings) {
             Ok(handle) => {
                 parts.handle = handle;
@@ -475,7 +486,6 @@ impl ScsiController {
             // Stopped but not restartable: the memory is safe to free, the queue is lost.
             Err(e) => warn!("request queue {} cannot be set up again: {e}", parts.index),
         }
-        true
     }
 
     /// A queue of an earlier connection comes back: the current connection never saw its ring,
@@ -493,16 +503,7 @@ impl ScsiController {
             return false;
         }
         parts.queue.reset();
-        let mut transport = self.transport.lock().unwrap();
-        let Some(t) = transport.as_mut() else { return true };
-        match t.setup_queue(parts.index, &parts.rings) {
-            Ok(handle) => {
-                parts.handle = handle;
-                drop(transport);
-                self.park_queue(parts);
-            }
-            Err(e) => warn!("request queue {} cannot be set up again: {e}", parts.index),
-        }
+        self.set_up_and_park(parts, self.transport.lock().unwrap());
         true
     }
 
