@@ -808,7 +808,7 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
   private executor(): RequestQueue {
     this.checkOpen();
     if (this.reconnecting) {
-      throw new ControllerFailedError(this.name, 'the target went away; reconnecting');
+      throw new ControllerFailedError(this.name, 'reconnecting to the target (it went away, or is being reset)');
     }
     // A queue of a connection that was replaced (a reconnect, seen from any thread) is done.
     if (this.queue?.closed && this.handle.failure === null) this.queue = undefined;
