@@ -900,13 +900,18 @@ class Load {
 }
 
 /** QD slots over the Promise API, each completion issuing the slot's next request. */
-/** Resolves true once `ctrl` works again after its target went away, false if it does not. */
-async function controllerBack(ctrl: Controller): Promise<boolean> {
+/**
+ * Resolves true once `ctrl` works again after its target went away, false if it does not.
+ * @internal exported for tests
+ */
+export async function controllerBack(ctrl: Pick<Controller, 'failure' | 'reconnecting'>): Promise<boolean> {
   const end = performance.now() + RECONNECT_WAIT_MS;
-  while (performance.now() < end) {
-    if (ctrl.failure === null) return true;
+  // A timer before each look, never a bare check: the event loop must turn for the
+  // reconnection to finish, and slots that fail again at once must not spin on microtasks.
+  do {
     await new Promise((r) => setTimeout(r, RECONNECT_POLL_MS));
-  }
+    if (ctrl.failure === null && !ctrl.reconnecting) return true;
+  } while (performance.now() < end);
   return false;
 }
 

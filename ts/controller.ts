@@ -272,7 +272,7 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
   private readonly recovery: Recovery;
   private readonly reconnectPolicy: Readonly<Required<ReconnectOptions>> | undefined;
   /** True from the loss of the target until the controller works again (or gives up). */
-  private reconnecting = false;
+  private reconnectingNow = false;
   /** Recovery gave up and failed the controller. */
   private gaveUp = false;
   private readonly trace: boolean;
@@ -416,7 +416,7 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
         log('warn', 'controller', `${this.name}: ${reason}`);
         this.emit('disconnected', reason);
         if (this.reconnectPolicy !== undefined && this.transport.type === 'vhost-user') {
-          this.reconnecting = true;
+          this.reconnectingNow = true;
           void this.reconnect(this.transport.path, this.reconnectPolicy, reason);
           return;
         }
@@ -444,7 +444,7 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
       const failure = await this.handle.reconnectVhostUser(path);
       if (this.closedError) return;
       if (failure === null) {
-        this.reconnecting = false;
+        this.reconnectingNow = false;
         // The queue of the lost connection gives its ring back, to be set up on the new one.
         this.renewed();
         try {
@@ -460,7 +460,7 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
       log('info', 'controller', `${this.name}: reconnect attempt ${attempt} failed: ${last}`);
       delay = Math.min(delay * 2, policy.maxDelayMs);
     }
-    this.reconnecting = false;
+    this.reconnectingNow = false;
     const why = `${reason}; ${policy.retries} reconnect attempt(s) failed, the last with: ${last}`;
     log('warn', 'controller', `${this.name}: ${why}`);
     this.emit('failed', new ControllerFailedError(this.name, why));
@@ -489,6 +489,14 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
   get info(): ControllerInfo {
     this.checkOpen();
     return { ...this.handle.info };
+  }
+
+  /**
+   * True from the loss of the target until the controller works again (with `reconnect`), and
+   * while recovery resets the device: calls meanwhile reject with ControllerFailedError.
+   */
+  get reconnecting(): boolean {
+    return this.reconnectingNow;
   }
 
   /** Why the controller stopped working (target gone, protocol violation), or null. */
@@ -666,12 +674,12 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
   private async resetDevice(reason: string): Promise<string | undefined> {
     if (this.closedError) return 'the controller is closed';
     if (this.transport.type !== 'vhost-user') return 'a PCI function is not reset by recovery';
-    if (this.reconnecting) return 'the target is away, and being reconnected';
+    if (this.reconnectingNow) return 'the target is away, and being reconnected';
     // The loss of the connection is ours: the watcher must not take it for the target going away.
     this.watcher?.stop();
-    this.reconnecting = true;
+    this.reconnectingNow = true;
     const failure = await this.handle.resetVhostUser(this.transport.path, `device reset: ${reason}`);
-    this.reconnecting = false;
+    this.reconnectingNow = false;
     if (this.closedError) return 'the controller is closed';
     if (failure !== null) return failure.message;
     this.renewed();
@@ -807,7 +815,7 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
   /** This thread's request queue, opened on first use. */
   private executor(): RequestQueue {
     this.checkOpen();
-    if (this.reconnecting) {
+    if (this.reconnectingNow) {
       throw new ControllerFailedError(this.name, 'reconnecting to the target (it went away, or is being reset)');
     }
     // A queue of a connection that was replaced (a reconnect, seen from any thread) is done.
