@@ -526,11 +526,12 @@ bench('bench prints what the controller reports while it runs (a LUN added, a ca
   t.regex(r.stderr, /virtio-initiator bench: event VirtioScsi0 capacity-changed VirtioScsi0t0 \{"before":/);
 });
 
-bench('bench --reconnect --verify rides out a target that drops the connection again and again: no errors, no mismatches', async (t) => {
-  const s = await startTestTarget({ luns: [`0:0:ram:${LUN_BYTES}:512`] });
+for (const workers of [1, 2]) {
+bench(`bench --workers ${workers} --reconnect --verify rides out a target that drops the connection again and again: no errors, no mismatches`, async (t) => {
+  const s = await startTestTarget({ luns: [`0:0:ram:${LUN_BYTES}:512`], queues: workers });
   t.teardown(() => s.cleanup());
   const control = await s.target.control();
-  const run = cli(['bench', '--socket', s.socket, '--json', '--reconnect', '--verify', '--rw', 'randrw', '--size', String(REGION), '--time', '4']);
+  const run = cli(['bench', '--socket', s.socket, '--json', '--reconnect', '--verify', '--rw', 'randrw', '--size', String(REGION), '--time', '4', '--workers', String(workers)]);
   const moved = async (): Promise<number> => {
     const queues = (await control.stats()).queues as Array<{ bytes_in: number }>;
     return queues.reduce((n, q) => n + q.bytes_in, 0);
@@ -555,3 +556,4 @@ bench('bench --reconnect --verify rides out a target that drops the connection a
   t.regex(r.stderr, /virtio-initiator bench: event VirtioScsi0 disconnected /);
   t.regex(r.stderr, /virtio-initiator bench: event VirtioScsi0 reconnected \{"attempts":\d+\}/);
 });
+}

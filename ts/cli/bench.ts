@@ -74,7 +74,7 @@ const OPTIONS: readonly OptionSpec[] = [
   {
     name: 'reconnect',
     kind: 'flag',
-    help: 'when the target goes away, connect again (for at least 30 s) and go on (vhost-user, promise API, one worker)',
+    help: 'when the target goes away, connect again (for at least 30 s) and go on (vhost-user, promise API)',
   },
   { name: 'json', kind: 'flag', help: 'print the result as one JSON object on the last line of stdout' },
   {
@@ -188,7 +188,6 @@ export function parseBenchArgs(argv: readonly string[]): BenchConfig | 'help' {
   if (reconnect) {
     if (pci !== undefined || config !== undefined) throw new UsageError('--reconnect is for a vhost-user --socket or the bundled target');
     if (api !== 'promise') throw new UsageError(`--reconnect applies to --api promise only (not ${api})`);
-    if (workers > 1) throw new UsageError('--reconnect runs the load in this thread (--workers 1)');
   }
   return {
     socket,
