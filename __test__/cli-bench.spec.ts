@@ -526,12 +526,12 @@ bench('bench prints what the controller reports while it runs (a LUN added, a ca
   t.regex(r.stderr, /virtio-initiator bench: event VirtioScsi0 capacity-changed VirtioScsi0t0 \{"before":/);
 });
 
-for (const workers of [1, 2]) {
-bench(`bench --workers ${workers} --reconnect --verify rides out a target that drops the connection again and again: no errors, no mismatches`, async (t) => {
+for (const [api, workers] of [['promise', 1], ['promise', 2], ['batch', 1]] as const) {
+bench(`bench --api ${api} --workers ${workers} --reconnect --verify rides out a target that drops the connection again and again: no errors, no mismatches`, async (t) => {
   const s = await startTestTarget({ luns: [`0:0:ram:${LUN_BYTES}:512`], queues: workers });
   t.teardown(() => s.cleanup());
   const control = await s.target.control();
-  const run = cli(['bench', '--socket', s.socket, '--json', '--reconnect', '--verify', '--rw', 'randrw', '--size', String(REGION), '--time', '4', '--workers', String(workers)]);
+  const run = cli(['bench', '--socket', s.socket, '--json', '--reconnect', '--verify', '--rw', 'randrw', '--size', String(REGION), '--time', '4', '--workers', String(workers), '--api', api]);
   const moved = async (): Promise<number> => {
     const queues = (await control.stats()).queues as Array<{ bytes_in: number }>;
     return queues.reduce((n, q) => n + q.bytes_in, 0);
@@ -543,7 +543,13 @@ bench(`bench --workers ${workers} --reconnect --verify rides out a target that d
   for (let cut = 0; cut < CUTS; cut++) {
     const before = await moved();
     for (let i = 0; i < 400 && (await moved()) < before + (1 << 20); i++) await new Promise((r) => setTimeout(r, 25));
-    t.is((await control.disconnect()).connections, 1, `cut ${cut + 1}`);
+    // A cut that finds no connection (the bench between two) is tried again shortly.
+    let cutOne = false;
+    for (let i = 0; i < 40 && !cutOne; i++) {
+      cutOne = (await control.disconnect()).connections === 1;
+      if (!cutOne) await new Promise((r) => setTimeout(r, 50));
+    }
+    t.true(cutOne, `cut ${cut + 1}`);
   }
   const r = await run;
   t.is(r.code, 0, describe(r));

@@ -23,6 +23,7 @@ import type { BlockDevice } from './block-device.js';
 import type { Controller } from './controller.js';
 import { ClosedError, ControllerFailedError } from './errors.js';
 import { CompletionReader, RecordWriter } from './records.js';
+import { decodeSense, SenseKey } from './scsi/index.js';
 
 export const APIS = ['promise', 'batch', 'native'] as const;
 export type Api = (typeof APIS)[number];
@@ -385,9 +386,9 @@ export interface WorkloadOptions {
   /** Stops issuing; requests in flight complete and the result covers what ran. */
   signal?: AbortSignal;
   /**
-   * The controller reconnects when its target goes away (vhost-user `reconnect`; the promise
-   * path): a request that ends with the connection counts as lost, not as an error, and its
-   * slot waits until the controller works again. What such a write left on its blocks is
+   * The controller reconnects when its target goes away (vhost-user `reconnect`; the promise and
+   * batch paths): a request that ends with the connection counts as lost, not as an error, and
+   * its slot waits until the controller works again. What such a write left on its blocks is
    * unknown, so verification skips them until they are written again.
    */
   reconnect?: boolean;
@@ -900,6 +901,18 @@ class Load {
 }
 
 /** QD slots over the Promise API, each completion issuing the slot's next request. */
+const CHECK_CONDITION = 0x02;
+/** UNIT ATTENTIONs the batch path retries per request (the promise path's scan bound). */
+const MAX_ATTENTIONS = 8;
+
+function isUnitAttention(sense: Uint8Array): boolean {
+  try {
+    return sense.length > 0 && decodeSense(sense).key === SenseKey.UNIT_ATTENTION;
+  } catch {
+    return false;
+  }
+}
+
 /**
  * Resolves true once `ctrl` works again after its target went away, false if it does not.
  * @internal exported for tests
@@ -981,12 +994,14 @@ function runPromise(ctrl: Controller, dev: BlockDevice, load: Load): Promise<voi
  * every few thousand turns so that timers (progress, signals) run.
  */
 async function runBatch(raw: RawChannel, ctrl: Controller, dev: BlockDevice, load: Load): Promise<void> {
-  const { channel, addressOf } = raw;
+  const { addressOf } = raw;
+  let channel = raw.channel;
   if (channel.capacity < load.depth) {
     throw new RangeError(`the channel holds ${channel.capacity} requests, fewer than the queue depth ${load.depth}`);
   }
-  const writer = new RecordWriter(channel.submissionArea());
-  const reader = new CompletionReader(channel.completionArea(), channel.capacity);
+  let writer = new RecordWriter(channel.submissionArea());
+  let reader = new CompletionReader(channel.completionArea(), channel.capacity);
+  // The same DMA memory after a reconnect: the buffers keep their addresses.
   const addresses = load.buffers.map((b) => addressOf(b));
   if (addresses.some((a) => a < 0)) throw new Error('a benchmark buffer is not in the DMA memory of the controller');
   const target = dev.target;
@@ -995,18 +1010,53 @@ async function runBatch(raw: RawChannel, ctrl: Controller, dev: BlockDevice, loa
   const ioBytes = load.o.ioBytes;
   let staged = 0;
   let onDevice = 0;
-  const stage = (slot: number, now: number): void => {
-    load.prepare(slot);
+  /** The slot's request as prepared (again, for one the device did not execute). */
+  const send = (slot: number, now: number): void => {
     load.started[slot] = now;
     const write = load.isWrite[slot] === 1;
     writer.readWrite(staged++, slot, target, lun, write, load.lba[slot]!, blocks, false, addresses[slot]!, ioBytes, 0);
   };
+  const stage = (slot: number, now: number): void => {
+    load.prepare(slot);
+    send(slot, now);
+  };
+  /** UNIT ATTENTIONs answered per slot in a row: the command was not executed, and goes again. */
+  const attentions = new Uint8Array(load.depth);
   load.begin();
   for (let s = 0; s < load.depth; s++) stage(s, load.t0);
   let turns = 0;
   let idle = 0;
+  /** Slots with a request staged or on the device. */
+  const busy = new Uint8Array(load.depth).fill(1);
   while (staged > 0 || onDevice > 0) {
-    const r = channel.pump(staged, null);
+    let r: number;
+    try {
+      r = channel.pump(staged, null);
+    } catch (e) {
+      // With `reconnect`, a channel that fails because the target went away (or was replaced
+      // by a reconnect) is reopened once the controller works again; its requests are lost.
+      const gone = ctrl.failure !== null || ctrl.reconnecting || /reconnected/.test(message(e));
+      if (load.o.reconnect !== true || !gone) throw e;
+      for (let s = 0; s < load.depth; s++) if (busy[s] === 1) load.lose(s);
+      try {
+        channel.close();
+      } catch {
+        // Already failed on the native side.
+      }
+      if (!(await controllerBack(ctrl))) throw e;
+      channel = raw.channel = ctrl.rawChannel().channel;
+      writer = new RecordWriter(channel.submissionArea());
+      reader = new CompletionReader(channel.completionArea(), channel.capacity);
+      staged = 0;
+      onDevice = 0;
+      const now = performance.now();
+      load.lastCompletion = now;
+      for (let s = 0; s < load.depth; s++) {
+        if (busy[s] === 1 && load.more(now)) stage(s, now);
+        else busy[s] = 0;
+      }
+      continue;
+    }
     const taken = r >>> 16;
     const done = r & 0xffff;
     if (taken > 0) {
@@ -1024,6 +1074,13 @@ async function runBatch(raw: RawChannel, ctrl: Controller, dev: BlockDevice, loa
         // A short READ is an error too, as on the promise path.
         const ok = response === 0 && status === 0 && (load.isWrite[slot] === 1 || reader.residual(k) === 0);
         onDevice--;
+        if (!ok && status === CHECK_CONDITION && attentions[slot]! < MAX_ATTENTIONS && isUnitAttention(reader.sense(k))) {
+          // Retried, as the promise path's retry rules do (a reset or a new connection leaves one).
+          attentions[slot]!++;
+          send(slot, now);
+          continue;
+        }
+        attentions[slot] = 0;
         if (!ok) {
           const what =
             response === 0 && status === 0
@@ -1033,6 +1090,7 @@ async function runBatch(raw: RawChannel, ctrl: Controller, dev: BlockDevice, loa
         }
         load.finish(slot, ok, now);
         if (load.more(now)) stage(slot, now);
+        else busy[slot] = 0;
       }
     } else if (++idle % 1024 === 0 && performance.now() - load.lastCompletion > STALL_MS) {
       const why = ctrl.failure;

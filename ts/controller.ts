@@ -450,8 +450,9 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
         try {
           await this.rescan('all');
         } catch (e) {
-          this.emit('event-error', e instanceof Error ? e : new Error(String(e)));
+          if (!this.closedError) this.emit('event-error', e instanceof Error ? e : new Error(String(e)));
         }
+        if (this.closedError) return;
         log('info', 'controller', `${this.name}: reconnected to ${path} (attempt ${attempt})`);
         this.emit('reconnected', attempt);
         return;
@@ -686,7 +687,7 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
     try {
       await this.rescan('all');
     } catch (e) {
-      this.emit('event-error', e instanceof Error ? e : new Error(String(e)));
+      if (!this.closedError) this.emit('event-error', e instanceof Error ? e : new Error(String(e)));
     }
     return undefined;
   }

@@ -74,7 +74,7 @@ const OPTIONS: readonly OptionSpec[] = [
   {
     name: 'reconnect',
     kind: 'flag',
-    help: 'when the target goes away, connect again (for at least 30 s) and go on (vhost-user, promise API)',
+    help: 'when the target goes away, connect again (for at least 30 s) and go on (vhost-user; promise, batch)',
   },
   { name: 'json', kind: 'flag', help: 'print the result as one JSON object on the last line of stdout' },
   {
@@ -187,7 +187,7 @@ export function parseBenchArgs(argv: readonly string[]): BenchConfig | 'help' {
   const reconnect = a.flag('reconnect');
   if (reconnect) {
     if (pci !== undefined || config !== undefined) throw new UsageError('--reconnect is for a vhost-user --socket or the bundled target');
-    if (api !== 'promise') throw new UsageError(`--reconnect applies to --api promise only (not ${api})`);
+    if (api === 'native') throw new UsageError('--reconnect applies to --api promise and batch (not native)');
   }
   return {
     socket,
