@@ -82,11 +82,6 @@ export class Recovery {
     });
   }
 
-  /** Settles once every recovery started so far has finished. */
-  async settled(): Promise<void> {
-    while (this.running.size > 0) await Promise.all(this.running.values());
-  }
-
   private async escalate(req: AbandonedRequest): Promise<void> {
     let back = false;
     void req.returned.then(() => {
