@@ -70,3 +70,29 @@ test('text and hex fields decode alike on both sides of the short-field limit', 
   t.is(asciiField(Buffer.from('  VIRTINIT\0junk')), 'VIRTINIT');
   t.is(hexBytes(Uint8Array.of(0, 0xab, 0x10)), '00ab10');
 });
+
+// The key is read in place on every completion that is not GOOD; it must agree with the decoder.
+test('senseKeyOf agrees with decodeSense on any bytes', async (t) => {
+  const { decodeSense, senseKeyOf } = await import('../ts/scsi/sense.js');
+  const fc = (await import('fast-check')).default;
+  const sense = fc.oneof(
+    fc.uint8Array({ minLength: 0, maxLength: 40 }),
+    fc.tuple(fc.constantFrom(0x70, 0x71, 0x72, 0x73, 0xf0, 0xf2), fc.uint8Array({ minLength: 0, maxLength: 30 })).map(([code, rest]) =>
+      Uint8Array.of(code, ...rest),
+    ),
+  );
+  fc.assert(
+    fc.property(sense, (bytes) => {
+      let key: number | undefined;
+      try {
+        key = decodeSense(bytes).key;
+      } catch {
+        key = undefined;
+      }
+      return senseKeyOf(bytes) === key;
+    }),
+    seed === undefined ? { numRuns: NUM_RUNS } : { numRuns: NUM_RUNS, seed },
+  );
+  t.is(senseKeyOf(Uint8Array.of(0x70, 0, 0x06)), 6);
+  t.is(senseKeyOf(Uint8Array.of(0x72, 0x05, 0x24, 0)), 5);
+});

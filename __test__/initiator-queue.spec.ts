@@ -5,7 +5,7 @@ import test from 'ava';
 import { setImmediate as tick, setTimeout as sleep } from 'node:timers/promises';
 
 import { ClosedError, ControllerFailedError } from '../ts/errors.js';
-import { RequestQueue, RequestRefusedError, type ScsiCommand } from '../ts/queue.js';
+import { type CommandResult, Rejected, RequestQueue, RequestRefusedError, type ScsiCommand } from '../ts/queue.js';
 import { RESPONSE_REFUSED } from '../ts/records.js';
 import { readCapacity10, testUnitReady } from '../ts/scsi/index.js';
 import { FakeChannel } from './helpers/fake-channel.js';
@@ -251,4 +251,78 @@ test('a request the native side refuses fails alone while the controller works',
   ch.failure = new Error('device gone');
   await t.throwsAsync(q.execute(tur()), { instanceOf: ControllerFailedError, message: /device gone/ });
   t.true(q.closed);
+});
+
+test('sense data of a completion stays its own when later completions reuse the sense slot', async (t) => {
+  const ch = new FakeChannel(4);
+  const q = new RequestQueue(ch);
+  const first = q.execute(tur({ lun: 1 }));
+  await until(() => ch.onDevice.size === 1);
+  const ua = Buffer.from('700006000000000a00000000290000000000', 'hex');
+  ch.complete([...ch.onDevice.keys()][0]!, { status: 2, sense: ua });
+  const r1 = await first;
+  // The next completion lands in the same record and sense slot.
+  const second = q.execute(tur({ lun: 2 }));
+  await until(() => ch.onDevice.size === 1);
+  const illegal = Buffer.from('700005000000000a00000000240000000000', 'hex');
+  ch.complete([...ch.onDevice.keys()][0]!, { status: 2, sense: illegal });
+  const r2 = await second;
+  t.deepEqual(Buffer.from(r1.sense!), ua);
+  t.deepEqual(Buffer.from(r2.sense!), illegal);
+});
+
+test('executeAll: beyond the ring, in order, each command with its own completion or refusal', async (t) => {
+  const ch = new FakeChannel(4);
+  const q = new RequestQueue(ch, { label: 'B' });
+  // Sense differs per LUN, so every result can be told from the others.
+  ch.auto = (r) => (r.lun % 3 === 0 ? { status: 2, sense: Uint8Array.from([0x70, 0, 6, 0, 0, 0, 0, 10, 0, 0, 0, 0, r.lun, 0]) } : { dataLength: r.lun });
+  const cmds: ScsiCommand[] = Array.from({ length: 30 }, (_, i) => tur({ lun: i }));
+  cmds[7] = { target: 0, lun: 7, cdb: new Uint8Array(5) };
+  const out = await q.executeAll(cmds);
+  t.is(out.length, 30);
+  for (let i = 0; i < 30; i++) {
+    const r = out[i]!;
+    if (i === 7) {
+      t.true(r instanceof Rejected);
+      t.regex(((r as Rejected).reason as Error).message, /B: cdb length 5/);
+    } else if (i % 3 === 0) {
+      t.is((r as CommandResult).status, 2);
+      t.is((r as CommandResult).sense![12], i, `sense of LUN ${i}`);
+    } else {
+      t.is((r as CommandResult).dataLength, i);
+    }
+  }
+  t.deepEqual(
+    ch.submitCalls.flat().map((r) => r.lun),
+    [...Array(30).keys()].filter((i) => i !== 7),
+    'submitted in order, the refused one never',
+  );
+  t.true(ch.submitCalls.every((c) => c.length <= 4));
+  t.like(q.stats, { queued: 0, inFlight: 0, completed: 29 });
+  t.deepEqual(await q.executeAll([]), []);
+});
+
+test('executeAll: an abort settles commands not yet admitted at once; close settles the rest', async (t) => {
+  const ch = new FakeChannel(2);
+  const q = new RequestQueue(ch);
+  const ac = new AbortController();
+  const cmds = Array.from({ length: 6 }, (_, i) => tur({ lun: i, signal: i % 2 === 1 ? ac.signal : undefined }));
+  const batch = q.executeAll(cmds);
+  await until(() => ch.onDevice.size === 2);
+  t.is(q.stats.queued, 4);
+  ac.abort(new Error('enough'));
+  // LUN 1 is on the device (abandoned until it comes back), 3 and 5 were waiting.
+  ch.complete([...ch.onDevice.values()].find((r) => r.lun === 0)!.token);
+  ch.complete([...ch.onDevice.values()].find((r) => r.lun === 1)!.token);
+  await until(() => [...ch.onDevice.values()].some((r) => r.lun === 2));
+  q.close();
+  const out = await batch;
+  t.is((out[0] as CommandResult).status, 0);
+  for (const i of [1, 3, 5]) t.is(((out[i] as Rejected).reason as Error).message, 'enough', `LUN ${i}`);
+  for (const i of [2, 4]) t.true((out[i] as Rejected).reason instanceof ClosedError, `LUN ${i}`);
+  t.false(
+    ch.submitCalls.flat().some((r) => r.lun === 3 || r.lun === 5),
+    'aborted commands that waited never reached the device',
+  );
+  t.true((await q.executeAll([tur()]))[0] instanceof Rejected);
 });

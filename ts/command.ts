@@ -4,8 +4,8 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { VirtioResponse, VirtioResponseError } from './errors.js';
-import type { CommandExecutor, CommandResult, ScsiCommand } from './queue.js';
-import { decodeSense, describeCdb, type DecodedSense, ScsiError, ScsiStatus, SenseKey } from './scsi/index.js';
+import { type CommandExecutor, type CommandResult, Rejected, type ScsiCommand } from './queue.js';
+import { decodeSense, describeCdb, type DecodedSense, ScsiError, ScsiStatus, SenseKey, senseKeyOf } from './scsi/index.js';
 
 export interface RetryPolicy {
   /** BUSY / TASK SET FULL status (and virtio BUSY / RESET responses) retried this many times. */
@@ -51,7 +51,8 @@ function decoded(sense: Uint8Array | undefined): DecodedSense | undefined {
 export function succeeded(r: CommandResult): boolean {
   if (r.response !== VirtioResponse.OK) return false;
   if (r.status === ScsiStatus.GOOD || r.status === ScsiStatus.CONDITION_MET) return true;
-  return r.status === ScsiStatus.CHECK_CONDITION && decoded(r.sense)?.key === SenseKey.RECOVERED_ERROR;
+  // The key is read in place: every UNIT ATTENTION and refusal passes through here.
+  return r.status === ScsiStatus.CHECK_CONDITION && r.sense !== undefined && senseKeyOf(r.sense) === SenseKey.RECOVERED_ERROR;
 }
 
 /** Throws the typed error for a completion that did not succeed. */
@@ -132,4 +133,10 @@ export async function runCommand(
 /** True for a ScsiError whose sense key is ILLEGAL REQUEST: "not implemented here". */
 export function isIllegalRequest(e: unknown): e is ScsiError {
   return e instanceof ScsiError && e.key === SenseKey.ILLEGAL_REQUEST;
+}
+
+/** Runs commands together (`executeAll` where the executor has it, else one `execute` each). */
+export function executeAll(exec: CommandExecutor, cmds: readonly ScsiCommand[]): Promise<Array<CommandResult | Rejected>> {
+  if (exec.executeAll !== undefined) return exec.executeAll(cmds);
+  return Promise.all(cmds.map((c) => exec.execute(c).then(undefined, (e: unknown) => new Rejected(e))));
 }

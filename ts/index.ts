@@ -59,6 +59,7 @@ export { startRpcServer, type RpcServer, type StartRpcServerOptions } from './rp
 export { LOG_LEVELS, logLevel, setLogLevel, type LogLevel } from './log.js';
 export { bindVfioPci, listPciDevices, unbindVfioPci, type PciDeviceInfo } from './pci.js';
 export {
+  Rejected,
   RequestQueue,
   RequestRefusedError,
   type CommandExecutor,

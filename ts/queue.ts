@@ -74,9 +74,19 @@ export interface CommandResult {
   latencyNs: number;
 }
 
+/** Why a command of `executeAll` has no completion: what `execute` would have rejected with. */
+export class Rejected {
+  constructor(readonly reason: unknown) {}
+}
+
 /** Anything that runs SCSI commands: a RequestQueue, or a wrapper that shares one. */
 export interface CommandExecutor {
   execute(cmd: ScsiCommand): Promise<CommandResult>;
+  /**
+   * Runs commands together, resolving once all are done with each one's completion (or
+   * `Rejected`), in order: one promise for the lot instead of one per command.
+   */
+  executeAll?(cmds: readonly ScsiCommand[]): Promise<Array<CommandResult | Rejected>>;
 }
 
 /**
@@ -222,6 +232,19 @@ const enum Mode {
   Transfer,
 }
 
+/** The commands of one `executeAll`, admitted in order as slots free up. */
+interface Batch {
+  cmds: readonly ScsiCommand[];
+  out: Array<CommandResult | Rejected>;
+  /** The next command to admit. */
+  next: number;
+  /** Commands not settled yet. */
+  pending: number;
+  /** Commands settled before admission (their signal fired), by index. */
+  skip: Uint8Array | undefined;
+  resolve: (out: Array<CommandResult | Rejected>) => void;
+}
+
 /** A request that found no free slot, waiting in order for one. */
 interface Waiting {
   mode: Mode;
@@ -314,7 +337,8 @@ export class RequestQueue implements CommandExecutor {
   private readonly lba: Float64Array;
   private readonly blocks: Uint32Array;
   private readonly cmd: Array<ScsiCommand | undefined>;
-  private readonly data: Array<Buffer | null>;
+  /** The request's data: a Buffer for READ/WRITE, any Uint8Array for a command. */
+  private readonly data: Array<Uint8Array | null>;
   private readonly signal: Array<AbortSignal | undefined>;
   private readonly value: unknown[];
   private readonly recover: Array<TransferOwner | undefined>;
@@ -335,6 +359,13 @@ export class RequestQueue implements CommandExecutor {
   private passBuffers: Array<Buffer | null> = [];
   private waiting: Waiting[] = [];
   private waitingHead = 0;
+  /** `executeAll` batches with commands not admitted yet, in order (after the waiting line). */
+  private batches: Batch[] = [];
+  /** Per slot: the batch and index of the command in it, and settlers made once per slot. */
+  private readonly batchOf: Array<Batch | undefined>;
+  private readonly batchIndex: Uint32Array;
+  private readonly batchDone: Array<(v: unknown) => void>;
+  private readonly batchFail: Array<(e: unknown) => void>;
 
   private onDevice = 0;
   private abandoned = 0;
@@ -419,7 +450,7 @@ export class RequestQueue implements CommandExecutor {
     this.lba = new Float64Array(cap);
     this.blocks = new Uint32Array(cap);
     this.cmd = new Array<ScsiCommand | undefined>(cap).fill(undefined);
-    this.data = new Array<Buffer | null>(cap).fill(null);
+    this.data = new Array<Uint8Array | null>(cap).fill(null);
     this.signal = new Array<AbortSignal | undefined>(cap).fill(undefined);
     this.value = new Array<unknown>(cap).fill(undefined);
     this.recover = new Array<TransferOwner | undefined>(cap).fill(undefined);
@@ -428,6 +459,10 @@ export class RequestQueue implements CommandExecutor {
     this.deadline = new Float64Array(cap);
     this.limitMs = new Float64Array(cap);
     this.returnedOf = new Array<(() => void) | undefined>(cap).fill(undefined);
+    this.batchOf = new Array<Batch | undefined>(cap).fill(undefined);
+    this.batchIndex = new Uint32Array(cap);
+    this.batchDone = Array.from({ length: cap }, (_, slot) => (v: unknown) => this.settleSlotMember(slot, v as CommandResult));
+    this.batchFail = Array.from({ length: cap }, (_, slot) => (e: unknown) => this.settleSlotMember(slot, new Rejected(e)));
     const timeout = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
     const bad = badTimeout(timeout);
     if (bad !== undefined) throw new RangeError(bad);
@@ -455,7 +490,7 @@ export class RequestQueue implements CommandExecutor {
     return {
       queueIndex: this.channel.queueIndex ?? 0,
       shared: this.channel.shared ?? false,
-      queued: this.stagedCount + this.waiting.length - this.waitingHead,
+      queued: this.stagedCount + this.waiting.length - this.waitingHead + this.batches.reduce((n, b) => n + b.cmds.length - b.next, 0),
       inFlight: this.onDevice,
       submitCalls: this.counters.submitCalls,
       submitted: this.counters.submitted,
@@ -482,6 +517,24 @@ export class RequestQueue implements CommandExecutor {
       undefined,
       undefined,
     ) as Promise<CommandResult>;
+  }
+
+  /**
+   * Queues commands together: resolves, once every one is done, with each one's completion or
+   * (for bad arguments, abort, close, failure) `Rejected`, in order. Commands are checked
+   * as `execute` checks them.
+   */
+  executeAll(cmds: readonly ScsiCommand[]): Promise<Array<CommandResult | Rejected>> {
+    const n = cmds.length;
+    const out = new Array<CommandResult | Rejected>(n);
+    if (n === 0) return Promise.resolve(out);
+    if (this.closedError) return Promise.resolve(out.fill(new Rejected(this.closedError)));
+    return new Promise((resolve) => {
+      // The commands wait in the caller's array, not one record each, until slots free up.
+      this.batches.push({ cmds, out, next: 0, pending: n, skip: undefined, resolve });
+      this.admitWaiting();
+      this.ensurePass();
+    });
   }
 
   /**
@@ -537,14 +590,32 @@ export class RequestQueue implements CommandExecutor {
     recover: TransferOwner | undefined,
   ): Promise<unknown> {
     if (this.closedError) return Promise.reject(this.closedError);
-    if (signal !== undefined) {
-      if (signal.aborted) return Promise.reject(signal.reason);
-      this.watch(signal);
-    }
+    if (signal?.aborted) return Promise.reject(signal.reason);
     const promise = new Promise<unknown>(this.capture);
-    const resolve = this.nextResolve!;
-    const reject = this.nextReject!;
-    if (this.freeCount === 0 || this.waiting.length > this.waitingHead) {
+    this.place(mode, cmd, write, target, lun, lba, blocks, data, fua, signal, timeoutMs, value, recover, this.nextResolve!, this.nextReject!);
+    return promise;
+  }
+
+  /** Takes a request (the queue open, its signal not fired) into a free slot, or the waiting line. */
+  private place(
+    mode: Mode,
+    cmd: ScsiCommand | undefined,
+    write: boolean,
+    target: number,
+    lun: number,
+    lba: number,
+    blocks: number,
+    data: Buffer | null,
+    fua: boolean,
+    signal: AbortSignal | undefined,
+    timeoutMs: number,
+    value: unknown,
+    recover: TransferOwner | undefined,
+    resolve: (v: unknown) => void,
+    reject: (e: unknown) => void,
+  ): void {
+    if (signal !== undefined) this.watch(signal);
+    if (this.freeCount === 0 || this.waiting.length > this.waitingHead || this.batches.length > 0) {
       this.waiting.push({ mode, cmd, write, target, lun, lba, blocks, data, fua, signal, timeoutMs, value, recover, resolve, reject });
     } else {
       const slot = this.freeSlots[--this.freeCount]!;
@@ -554,7 +625,6 @@ export class RequestQueue implements CommandExecutor {
       if (this.stagedCount >= EARLY_SUBMIT) this.submitStaged();
     }
     this.ensurePass();
-    return promise;
   }
 
   private fill(
@@ -598,7 +668,7 @@ export class RequestQueue implements CommandExecutor {
     this.rejectOf[slot] = reject;
     if (mode === Mode.Command) {
       const buf = cmd!.dataIn ?? cmd!.dataOut;
-      this.data[slot] = buf !== undefined && buf.length > 0 ? asBuffer(buf) : null;
+      this.data[slot] = buf !== undefined && buf.length > 0 ? buf : null;
     } else {
       this.data[slot] = data;
     }
@@ -618,7 +688,7 @@ export class RequestQueue implements CommandExecutor {
       addr = this.addressOf(data);
       if (addr < 0) {
         index = this.passBuffers.length;
-        this.passBuffers.push(data);
+        this.passBuffers.push(asBuffer(data));
       }
     }
     if (this.mode[slot] === Mode.Transfer) {
@@ -725,7 +795,7 @@ export class RequestQueue implements CommandExecutor {
 
   private plan(didWork: boolean): void {
     if (this.closedError) return;
-    if (this.stagedCount > 0 || this.waiting.length > this.waitingHead) {
+    if (this.stagedCount > 0 || this.waiting.length > this.waitingHead || this.batches.length > 0) {
       // Staged requests the ring could not take yet wait for completions: poll, yielding.
       if (this.freeCount === 0 || this.stagedCount > 0) this.idle();
       else this.ensurePass();
@@ -788,6 +858,50 @@ export class RequestQueue implements CommandExecutor {
       this.waiting = [];
       this.waitingHead = 0;
     }
+    while (this.freeCount > 0 && this.waitingHead === this.waiting.length && this.batches.length > 0) {
+      const b = this.batches[0]!;
+      this.admitMember(b);
+      if (b.next === b.cmds.length) this.batches.shift();
+    }
+  }
+
+  /** Takes the next command of a batch into a free slot (or settles it, when it cannot go). */
+  private admitMember(b: Batch): void {
+    const i = b.next++;
+    if (b.skip !== undefined && b.skip[i] === 1) return;
+    const cmd = b.cmds[i]!;
+    const bad = validate(cmd);
+    if (bad !== undefined) {
+      this.settleMember(b, i, new Rejected(new TypeError(`${this.label}: ${bad}`)));
+      return;
+    }
+    const signal = cmd.signal;
+    if (signal !== undefined) {
+      if (signal.aborted) {
+        this.settleMember(b, i, new Rejected(signal.reason));
+        return;
+      }
+      this.watch(signal);
+    }
+    const slot = this.freeSlots[--this.freeCount]!;
+    this.batchOf[slot] = b;
+    this.batchIndex[slot] = i;
+    const timeoutMs = cmd.timeoutMs ?? this.timeoutMs;
+    this.fill(slot, Mode.Command, cmd, false, cmd.target, cmd.lun, 0, 0, null, false, signal, timeoutMs, undefined, undefined, this.batchDone[slot]!, this.batchFail[slot]!);
+    this.stage(slot);
+    if (this.stagedCount >= EARLY_SUBMIT) this.submitStaged();
+  }
+
+  /** Settles the batch command a slot held (called once per admission, right after its release). */
+  private settleSlotMember(slot: number, v: CommandResult | Rejected): void {
+    const b = this.batchOf[slot]!;
+    this.batchOf[slot] = undefined;
+    this.settleMember(b, this.batchIndex[slot]!, v);
+  }
+
+  private settleMember(b: Batch, i: number, v: CommandResult | Rejected): void {
+    b.out[i] = v;
+    if (--b.pending === 0) b.resolve(b.out);
   }
 
   private release(slot: number): void {
@@ -940,6 +1054,13 @@ export class RequestQueue implements CommandExecutor {
       }
     }
     this.waiting = this.waiting.filter((w, i) => i < this.waitingHead || w.cmd !== CANCELLED);
+    for (const b of this.batches) {
+      for (let i = b.next; i < b.cmds.length; i++) {
+        if (b.cmds[i]!.signal !== signal || (b.skip !== undefined && b.skip[i] === 1)) continue;
+        (b.skip ??= new Uint8Array(b.cmds.length))[i] = 1;
+        this.settleMember(b, i, new Rejected(reason));
+      }
+    }
   }
 
   /**
@@ -979,7 +1100,7 @@ export class RequestQueue implements CommandExecutor {
   /** Advances the coarse clock and gives up on requests past their deadline. */
   private expireOverdue(): void {
     this.tick++;
-    if (this.onDevice === 0 && this.stagedCount === 0 && this.waiting.length === this.waitingHead) {
+    if (this.onDevice === 0 && this.stagedCount === 0 && this.waiting.length === this.waitingHead && this.batches.length === 0) {
       clearInterval(this.ticker);
       this.ticker = undefined;
       return;
@@ -1045,6 +1166,13 @@ export class RequestQueue implements CommandExecutor {
     for (let i = this.waitingHead; i < this.waiting.length; i++) this.waiting[i]!.reject(err);
     this.waiting = [];
     this.waitingHead = 0;
+    const batches = this.batches;
+    this.batches = [];
+    for (const b of batches) {
+      for (let i = b.next; i < b.cmds.length; i++) {
+        if (b.skip === undefined || b.skip[i] !== 1) this.settleMember(b, i, new Rejected(err));
+      }
+    }
     this.stagedCount = 0;
     this.passBuffers = [];
     this.onDevice = 0;

@@ -73,7 +73,8 @@ export class RecordWriter {
 
   constructor(area: Uint8Array) {
     if (area.byteOffset % 8 !== 0) throw new RangeError('a record area must be 8-byte aligned');
-    this.bytes = area;
+    // A plain view even of a Buffer: the built-in typed-array methods, not Buffer's.
+    this.bytes = new Uint8Array(area.buffer, area.byteOffset, area.byteLength);
     this.words = new Uint32Array(area.buffer, area.byteOffset, area.byteLength >>> 2);
     this.halves = new Uint16Array(area.buffer, area.byteOffset, area.byteLength >>> 1);
   }
@@ -183,7 +184,9 @@ export class CompletionReader {
     if (area.byteLength < capacity * CompletionRecord.SLOT_SIZE) {
       throw new RangeError(`a completion area for ${capacity} records needs ${capacity * CompletionRecord.SLOT_SIZE} bytes`);
     }
-    this.bytes = area;
+    // A plain view even of a Buffer: `slice` then copies (Buffer's would share the area, which
+    // the next completions overwrite).
+    this.bytes = new Uint8Array(area.buffer, area.byteOffset, area.byteLength);
     this.words = new Uint32Array(area.buffer, area.byteOffset, (capacity * CompletionRecord.SIZE) >>> 2);
     this.senseBase = capacity * CompletionRecord.SIZE;
   }
@@ -218,6 +221,7 @@ export class CompletionReader {
   }
 
   /** A copy of the sense bytes of record `k` (the area is reused by the next call). */
+  /** A copy of record `k`'s sense data. */
   sense(k: number): Uint8Array {
     const start = this.senseBase + k * CompletionRecord.SENSE_MAX;
     return this.bytes.slice(start, start + this.senseLength(k));

@@ -1,12 +1,17 @@
 // Target and LUN enumeration (design D6): REPORT LUNS per target with a LUN 0 fallback, then
 // INQUIRY, the VPD pages, the caching mode page and READ CAPACITY (which tells readiness too)
-// per logical unit. Targets that
-// implement less (no REPORT LUNS, no VPD pages, no READ CAPACITY (16)) are handled through the
-// ILLEGAL REQUEST they answer with; only transport-level failures end a scan.
+// per logical unit. Targets that implement less (no REPORT LUNS, no VPD pages, no READ
+// CAPACITY (16)) are handled through the ILLEGAL REQUEST they answer with; only transport-level
+// failures end a scan.
+//
+// The scan goes in four steps, each sending its command for every target or LUN at once:
+// REPORT LUNS; INQUIRY; the VPD page list; then the identification and limits pages, MODE
+// SENSE and READ CAPACITY together. A command that simply succeeds is parsed where its step
+// completes; anything else (retries, longer reads, older commands) continues on its own.
 
-import { DEFAULT_RETRY_POLICY, isIllegalRequest, type RetryPolicy, runCommand, succeeded } from './command.js';
+import { DEFAULT_RETRY_POLICY, executeAll, isIllegalRequest, type RetryPolicy, runCommand, succeeded } from './command.js';
 import { DeviceError, InitiatorError, VirtioResponse, VirtioResponseError } from './errors.js';
-import type { CommandExecutor, CommandResult, ScsiCommand } from './queue.js';
+import { type CommandExecutor, type CommandResult, Rejected, type ScsiCommand } from './queue.js';
 import {
   type BlockCharacteristics,
   type BlockLimits,
@@ -148,8 +153,13 @@ const MAX_REGROW = 2;
 /** UNIT ATTENTIONs are queued per condition (power on, nexus loss, LUN changes, ...). */
 const SCAN_UNIT_ATTENTION_RETRIES = 8;
 
-/** Data-in bytes each LUN's prober keeps for its commands: enough for every first attempt. */
-const SCRATCH_BYTES = 1024;
+/**
+ * Data-in bytes each LUN's prober keeps for the commands it sends together (five VPD pages,
+ * MODE SENSE, READ CAPACITY), each at its own offset.
+ */
+const SCRATCH_BYTES = 2048;
+/** Offset step between the commands of one wave in a prober's scratch. */
+const SCRATCH_STEP = 256;
 /** DMA memory is taken for this many probers at a time. */
 const SCRATCH_SLAB_PROBERS = 64;
 
@@ -159,9 +169,12 @@ const SCRATCH_SLAB_PROBERS = 64;
  */
 const CDB = {
   inquiry: inquiry({ allocationLength: INQUIRY_LENGTH }),
+  reportLuns: reportLuns(REPORT_LUNS_FIRST_LENGTH),
+  modeSense6: modeSense6({ page: ModePage.CACHING, dbd: true, allocationLength: 0xff }),
   readCapacity16: readCapacity16(32),
   readCapacity10: readCapacity10(),
 };
+const MODE_SENSE_LENGTH = 0xff;
 const vpdCdbs = new Map<number, Uint8Array>();
 
 /** INQUIRY for a VPD page with an allocation length, from the cache when seen before. */
@@ -184,7 +197,7 @@ class ScratchSlabs {
   constructor(private readonly alloc: (bytes: number) => Buffer) {}
 
   /** A scratch buffer, or undefined when DMA memory is short (plain buffers then). */
-  take(): Buffer | undefined {
+  take(): Uint8Array | undefined {
     if (this.slab === undefined || this.used === this.slab.length) {
       try {
         this.slab = this.alloc(SCRATCH_BYTES * SCRATCH_SLAB_PROBERS);
@@ -194,23 +207,90 @@ class ScratchSlabs {
       this.used = 0;
     }
     this.used += SCRATCH_BYTES;
-    return this.slab.subarray(this.used - SCRATCH_BYTES, this.used);
+    return new Uint8Array(this.slab.buffer, this.slab.byteOffset + this.used - SCRATCH_BYTES, SCRATCH_BYTES);
   }
 }
 
+/** What a command sent in a wave came back with: its completion, or why it has none. */
+type First = CommandResult | Rejected;
+
+/** A command sent in a wave, and its first completion. */
+interface Sent {
+  cmd: ScsiCommand;
+  first: First;
+}
+
+function ok(first: First): first is CommandResult {
+  return !(first instanceof Rejected) && succeeded(first);
+}
+
+/** The bytes the device wrote: the residual is what SAM and Linux go by; claims beyond it are ignored. */
+function received(cmd: ScsiCommand, r: CommandResult): Uint8Array {
+  const buf = cmd.dataIn!;
+  return buf.subarray(0, buf.length - Math.min(r.residual, buf.length));
+}
+
+/** `f` of a value that may still be coming. */
+function then<T, U>(v: T | Promise<T>, f: (v: T) => U | Promise<U>): U | Promise<U> {
+  return v instanceof Promise ? v.then(f) : f(v);
+}
+
+/**
+ * Commands sent together (one step of every LUN at once), each with what its first completion
+ * leads to: the scan costs one promise per step of all LUNs, not one per command.
+ */
+class Wave {
+  private readonly cmds: ScsiCommand[] = [];
+  private readonly takers: Array<(first: First) => void> = [];
+
+  add(cmd: ScsiCommand, take: (first: First) => void): void {
+    this.cmds.push(cmd);
+    this.takers.push(take);
+  }
+
+  async run(exec: CommandExecutor): Promise<void> {
+    if (this.cmds.length === 0) return;
+    const firsts = await executeAll(exec, this.cmds);
+    for (let i = 0; i < firsts.length; i++) this.takers[i]!(firsts[i]!);
+  }
+}
+
+/** INQUIRY data, or undefined when no logical unit is at this address. */
+function present(inq: StandardInquiry): StandardInquiry | undefined {
+  // Qualifier 1 (capable, not connected) and 3 (not capable) both mean nothing is here now.
+  return inq.peripheralQualifier !== 0 || inq.deviceType === DEVICE_TYPE_NONE ? undefined : inq;
+}
+
+function cachingOf(sense: { pages: Map<number, Uint8Array> }): CachingPage | undefined {
+  const page = sense.pages.get(modePageKey(ModePage.CACHING));
+  return page ? parseCachingPage(page) : undefined;
+}
+
+/**
+ * One logical unit (or, for REPORT LUNS, one target) being examined. Every step has a fast
+ * path, taken when the command simply succeeded and its data parses, and a slow one that
+ * starts from the same completion and knows every exception: retries, longer reads, older
+ * commands, refusals.
+ */
 class LunProber {
-  private readonly device: string;
+  readonly device: string;
   private readonly policy: Readonly<RetryPolicy>;
-  /**
-   * Where the data of this prober's commands land when they fit: a LUN is probed one command
-   * at a time, and every parser copies what it keeps out of the bytes it is given.
-   */
-  private readonly scratch: Buffer | undefined;
+  /** Where the commands of this prober's waves land (their own offsets); parsers copy what they keep. */
+  private readonly scratch: Uint8Array | undefined;
+  /** The first error that concerns this LUN: its examination stops there. */
+  failed = false;
+  error: unknown;
+  /** Slow paths the last wave started. */
+  private pending: Array<Promise<void>> = [];
+
+  inquiry: StandardInquiry | undefined;
+  result: ScannedLun | undefined;
+  luns: number[] | undefined;
 
   constructor(
     private readonly exec: CommandExecutor,
-    private readonly target: number,
-    private readonly lun: number,
+    readonly target: number,
+    readonly lun: number,
     private readonly opts: ScanOptions,
     slabs?: ScratchSlabs,
   ) {
@@ -223,124 +303,275 @@ class LunProber {
     };
   }
 
-  // The command helpers below return the queue's promise chained with plain callbacks rather
-  // than being async functions: a scan runs thousands of commands through them, and each async
-  // layer costs a promise, a suspended frame and a microtask per command.
+  /** Runs what a completion leads to; what it throws, now or later, is this LUN's failure. */
+  private step(work: () => unknown): void {
+    try {
+      const p = work();
+      if (p instanceof Promise) this.pending.push(p.then(undefined, (e: unknown) => this.fail(e)));
+    } catch (e) {
+      this.fail(e);
+    }
+  }
 
-  /** Runs a command and returns its data-in bytes. */
-  dataIn(cdb: Uint8Array, length: number): Promise<Uint8Array> {
-    return this.dataInThen(cdb, length, (data) => data);
+  private fail(e: unknown): void {
+    if (this.failed) return;
+    this.failed = true;
+    this.error = e;
+  }
+
+  /** The slow paths the last wave started, once all have ended (they never reject). */
+  settled(): Promise<unknown> | undefined {
+    if (this.pending.length === 0) return undefined;
+    const all = Promise.all(this.pending);
+    this.pending = [];
+    return all;
+  }
+
+  /** A data-in command of a wave, on the scratch at `offset` when there is one. */
+  private waveCmd(cdb: Uint8Array, length: number, offset: number): ScsiCommand {
+    // Plain Uint8Array views: Buffer's own subarray and fill cost more, and run for every command.
+    const s = this.scratch;
+    const dataIn =
+      s !== undefined && offset + length <= s.length ? new Uint8Array(s.buffer, s.byteOffset + offset, length).fill(0) : new Uint8Array(length);
+    return { target: this.target, lun: this.lun, cdb, dataIn, signal: this.opts.signal };
   }
 
   /**
-   * Runs a command and hands its data-in bytes to `then`, in the one promise reaction the
-   * command costs; the retry machinery runs only for a completion that did not succeed.
+   * Sends a data-in command in `w`; its data goes to `fast`, and when the command did not
+   * simply succeed or `fast` throws, the completion goes to `slow`. `done` gets the value.
    */
-  private dataInThen<T>(cdb: Uint8Array, length: number, then: (data: Uint8Array) => T | Promise<T>): Promise<T> {
-    const buf =
-      this.scratch !== undefined && length <= this.scratch.length
-        ? this.scratch.subarray(0, length).fill(0)
-        : // Small and short-lived: from Node's buffer pool rather than an ArrayBuffer each.
-          Buffer.allocUnsafe(length).fill(0);
-    const cmd: ScsiCommand = { target: this.target, lun: this.lun, cdb, dataIn: buf, signal: this.opts.signal };
-    // The residual is what SAM and Linux go by; bytes the device claims beyond it are ignored.
-    const data = (r: CommandResult): T | Promise<T> => then(buf.subarray(0, length - Math.min(r.residual, length)));
-    return this.exec.execute(cmd).then((r) => (succeeded(r) ? data(r) : this.retry(cmd, r).then(data)));
-  }
-
-  noData(cdb: Uint8Array): Promise<CommandResult> {
-    return this.run({ target: this.target, lun: this.lun, cdb, signal: this.opts.signal });
-  }
-
-  /** One command; the retry machinery runs only for a completion that did not succeed. */
-  private run(cmd: ScsiCommand): Promise<CommandResult> {
-    return this.exec.execute(cmd).then((r) => (succeeded(r) ? r : this.retry(cmd, r)));
-  }
-
-  private retry(cmd: ScsiCommand, first: CommandResult): Promise<CommandResult> {
-    return runCommand(this.exec, cmd, { device: this.device, policy: this.policy }, first);
-  }
-
-  /**
-   * Issues a command built for an allocation length, parses the answer, and reissues it with
-   * the length the data says it needs when the first one was too short.
-   */
-  grown<T>(build: (alloc: number) => Uint8Array, alloc: number, max: number, parse: (d: Uint8Array) => T, attempt = 0): Promise<T> {
-    return this.dataInThen(build(alloc), alloc, (data) => {
-      try {
-        return parse(data);
-      } catch (e) {
-        // Only a truncation the allocation length caused is worth another round.
-        if (
-          e instanceof TruncatedDataError &&
-          data.length === alloc &&
-          e.needed > alloc &&
-          e.needed <= max &&
-          attempt < MAX_REGROW
-        ) {
-          return this.grown(build, e.needed, max, parse, attempt + 1);
+  private send<T>(
+    w: Wave,
+    cdb: Uint8Array,
+    length: number,
+    offset: number,
+    fast: (data: Uint8Array) => T,
+    slow: (sent: Sent) => Promise<T>,
+    done: (value: T) => void,
+  ): void {
+    const cmd = this.waveCmd(cdb, length, offset);
+    w.add(cmd, (first) =>
+      this.step(() => {
+        if (ok(first)) {
+          let value: T;
+          try {
+            value = fast(received(cmd, first));
+          } catch {
+            // The slow path meets the same data and knows what to do about it.
+            return slow({ cmd, first }).then(done);
+          }
+          done(value);
+          return undefined;
         }
-        throw e;
+        return slow({ cmd, first }).then(done);
+      }),
+    );
+  }
+
+  /** A follow-up command (a retry's data is the first's): data-in bytes, after retries. */
+  private dataIn(cdb: Uint8Array, length: number, sent?: Sent): Promise<Uint8Array> {
+    if (sent !== undefined) return this.dataFrom(sent);
+    const cmd: ScsiCommand = { target: this.target, lun: this.lun, cdb, dataIn: new Uint8Array(length), signal: this.opts.signal };
+    return this.exec.execute(cmd).then((r) => this.dataFrom({ cmd, first: r }));
+  }
+
+  /** Data of a sent command from its first completion, through the retries when it failed. */
+  private dataFrom({ cmd, first }: Sent): Promise<Uint8Array> {
+    if (first instanceof Rejected) return Promise.reject(first.reason);
+    const r = succeeded(first) ? Promise.resolve(first) : runCommand(this.exec, cmd, { device: this.device, policy: this.policy }, first);
+    return r.then((res) => received(cmd, res));
+  }
+
+  private noData(cdb: Uint8Array): Promise<CommandResult> {
+    const cmd: ScsiCommand = { target: this.target, lun: this.lun, cdb, signal: this.opts.signal };
+    return this.exec.execute(cmd).then((r) => (succeeded(r) ? r : runCommand(this.exec, cmd, { device: this.device, policy: this.policy }, r)));
+  }
+
+  /**
+   * Parses data read with allocation length `alloc`, and reissues the command with the length
+   * the data says it needs when the first was too short.
+   */
+  private parseOrGrow<T>(build: (alloc: number) => Uint8Array, alloc: number, max: number, parse: (d: Uint8Array) => T, data: Uint8Array, attempt: number): T | Promise<T> {
+    try {
+      return parse(data);
+    } catch (e) {
+      // Only a truncation the allocation length caused is worth another round.
+      if (e instanceof TruncatedDataError && data.length === alloc && e.needed > alloc && e.needed <= max && attempt < MAX_REGROW) {
+        return this.dataIn(build(e.needed), e.needed).then((d) => this.parseOrGrow(build, e.needed, max, parse, d, attempt + 1));
       }
+      throw e;
+    }
+  }
+
+  /** A VPD page (from a sent INQUIRY, or asked for now); undefined when the unit refuses it. */
+  private optionalVpd<T>(page: number, parse: (d: Uint8Array) => T, sent?: Sent): Promise<T | undefined> {
+    const build = (alloc: number): Uint8Array => vpdCdb(page, alloc);
+    return this.dataIn(build(VPD_FIRST_LENGTH), VPD_FIRST_LENGTH, sent)
+      .then((d) => this.parseOrGrow(build, VPD_FIRST_LENGTH, 0xffff, parse, d, 0))
+      .catch((e: unknown) => {
+        if (isIllegalRequest(e)) return undefined;
+        throw e;
+      });
+  }
+
+  // Step 0, on LUN 0 of each target: REPORT LUNS.
+
+  sendReportLuns(w: Wave): void {
+    const limit = Math.min(this.opts.maxLun, MAX_VIRTIO_LUN);
+    const fast = (d: Uint8Array): number[] => {
+      const luns = parseReportLuns(d);
+      // The usual answer (distinct, ascending, in range) is taken as it is.
+      for (let i = 0; i < luns.length; i++) {
+        if (luns[i]! > limit || (i > 0 && luns[i]! <= luns[i - 1]!)) throw new RangeError('not in order');
+      }
+      return luns;
+    };
+    this.send(w, CDB.reportLuns, REPORT_LUNS_FIRST_LENGTH, 0, fast, (s) => this.reportLuns(s, limit), (luns) => {
+      this.luns = luns;
     });
   }
 
-  vpd<T>(page: number, parse: (d: Uint8Array) => T): Promise<T> {
-    return this.grown((alloc) => vpdCdb(page, alloc), VPD_FIRST_LENGTH, 0xffff, parse);
+  /** The LUNs a target reports, in order; [] when the target is absent (virtio BAD_TARGET). */
+  private async reportLuns(sent: Sent, limit: number): Promise<number[]> {
+    let luns: number[];
+    try {
+      const data = await this.dataFrom(sent);
+      luns = await this.parseOrGrow((alloc) => reportLuns(alloc), REPORT_LUNS_FIRST_LENGTH, 0xffffffff, parseReportLuns, data, 0);
+    } catch (e) {
+      if (e instanceof VirtioResponseError && e.response === VirtioResponse.BAD_TARGET) return [];
+      // A target without REPORT LUNS (or one whose answer makes no sense): probe LUN 0 alone.
+      if (e instanceof ScsiError || e instanceof ScsiDataError) return [0];
+      throw e;
+    }
+    return [...new Set(luns)].filter((l) => l <= limit).sort((a, b) => a - b);
+  }
+
+  // Step 1: INQUIRY.
+
+  sendInquiry(w: Wave): void {
+    this.send(w, CDB.inquiry, INQUIRY_LENGTH, 0, (d) => present(parseInquiry(d)), (s) => this.standardInquiry(s), (inq) => {
+      this.inquiry = inq;
+    });
   }
 
   /** INQUIRY; undefined when no logical unit answers at this address. */
-  async standardInquiry(): Promise<StandardInquiry | undefined> {
+  private async standardInquiry(sent: Sent): Promise<StandardInquiry | undefined> {
     let data: Uint8Array;
     try {
-      data = await this.dataIn(CDB.inquiry, INQUIRY_LENGTH);
+      data = await this.dataFrom(sent);
     } catch (e) {
       if (e instanceof VirtioResponseError && e.response === VirtioResponse.INCORRECT_LUN) return undefined;
       throw e;
     }
-    const inq = parseInquiry(data);
-    // Qualifier 1 (capable, not connected) and 3 (not capable) both mean nothing is here now.
-    if (inq.peripheralQualifier !== 0 || inq.deviceType === DEVICE_TYPE_NONE) return undefined;
-    return inq;
+    return present(parseInquiry(data));
+  }
+
+  // Step 2: the VPD pages the unit has.
+
+  sendVpdList(w: Wave): void {
+    const inq = this.inquiry!;
+    this.send(w, vpdCdb(VpdPage.SUPPORTED_PAGES, VPD_FIRST_LENGTH), VPD_FIRST_LENGTH, 0, parseVpdSupportedPages, (s) => this.optionalVpd(VpdPage.SUPPORTED_PAGES, parseVpdSupportedPages, s), (pages) => {
+      this.result = {
+        name: this.device,
+        target: this.target,
+        lun: this.lun,
+        inquiry: inq,
+        deviceType: inq.deviceType,
+        deviceTypeName: inq.deviceTypeName,
+        vendor: inq.vendor,
+        product: inq.product,
+        revision: inq.revision,
+        identifiers: [],
+        // No VPD support at all (an SPC-2 style target) leaves the list empty.
+        vpdPages: pages ?? [],
+        ready: false,
+      };
+    });
+  }
+
+  // Step 3: identification, limits, caching and capacity, all at once.
+
+  sendDetails(w: Wave): void {
+    const lun = this.result!;
+    const pages = lun.vpdPages;
+    let offset = 0;
+    const vpd = <T>(page: number, parse: (d: Uint8Array) => T, done: (v: T) => void): void => {
+      if (!pages.includes(page)) return;
+      this.send(w, vpdCdb(page, VPD_FIRST_LENGTH), VPD_FIRST_LENGTH, offset, parse, (s) => this.optionalVpd(page, parse, s), (v) => {
+        if (v !== undefined) done(v);
+      });
+      offset += SCRATCH_STEP;
+    };
+    vpd(VpdPage.UNIT_SERIAL_NUMBER, parseVpdSerial, (v) => (lun.serial = v));
+    vpd(VpdPage.DEVICE_IDENTIFICATION, parseVpdDeviceId, (v) => (lun.identifiers = v));
+    if (lun.deviceType !== DEVICE_TYPE_DISK) return;
+    vpd(VpdPage.BLOCK_LIMITS, parseVpdBlockLimits, (v) => (lun.blockLimits = v));
+    vpd(VpdPage.BLOCK_DEVICE_CHARACTERISTICS, parseVpdBlockCharacteristics, (v) => (lun.characteristics = v));
+    vpd(VpdPage.LOGICAL_BLOCK_PROVISIONING, parseVpdLogicalBlockProvisioning, (v) => (lun.provisioning = v));
+    this.send(w, CDB.modeSense6, MODE_SENSE_LENGTH, offset, (d) => cachingOf(parseModeSense6(d)), (s) => this.cachingPage(s), (page) => {
+      if (page) lun.caching = page;
+    });
+    offset += SCRATCH_STEP;
+    // SPC-3 and later devices are asked READ CAPACITY (16) first, as Linux's sd does: one
+    // command reports everything (sizes past 2 TiB, protection, thin provisioning).
+    const first16 = lun.inquiry.version >= SPC3_VERSION;
+    const state = (s: Pick<ScannedLun, 'ready' | 'geometry' | 'problem'>): void => {
+      lun.ready = s.ready;
+      if (s.geometry !== undefined) lun.geometry = s.geometry;
+      if (s.problem !== undefined) lun.problem = s.problem;
+    };
+    this.send(
+      w,
+      first16 ? CDB.readCapacity16 : CDB.readCapacity10,
+      first16 ? 32 : 8,
+      offset,
+      // The old-device path (READ CAPACITY (10) first, maybe (16) after) is always the slow one.
+      (d) => {
+        if (!first16) throw new RangeError('READ CAPACITY (10) first');
+        return { ready: true, geometry: this.geometry(parseReadCapacity16(d), undefined) };
+      },
+      (s) => this.readiness(lun.inquiry, pages, s),
+      state,
+    );
   }
 
   /**
    * The caching mode page (MODE SENSE(6), else (10)); undefined when the unit has neither or
    * does not report the page, which is common and not a problem.
    */
-  async cachingPage(): Promise<CachingPage | undefined> {
-    const args = { page: ModePage.CACHING, dbd: true, allocationLength: 0xff };
-    for (const [build, parse] of [
-      [() => modeSense6(args), parseModeSense6],
-      [() => modeSense10(args), parseModeSense10],
-    ] as const) {
-      try {
-        const page = parse(await this.dataIn(build(), args.allocationLength)).pages.get(modePageKey(ModePage.CACHING));
-        return page ? parseCachingPage(page) : undefined;
-      } catch (e) {
-        if (isFatal(e, this.opts.signal)) throw e;
-        if (!isIllegalRequest(e)) return undefined;
-      }
+  private async cachingPage(sent: Sent): Promise<CachingPage | undefined> {
+    try {
+      return cachingOf(parseModeSense6(await this.dataFrom(sent)));
+    } catch (e) {
+      if (isFatal(e, this.opts.signal)) throw e;
+      if (!isIllegalRequest(e)) return undefined;
     }
-    return undefined;
+    try {
+      const args = { page: ModePage.CACHING, dbd: true, allocationLength: MODE_SENSE_LENGTH };
+      return cachingOf(parseModeSense10(await this.dataIn(modeSense10(args), MODE_SENSE_LENGTH)));
+    } catch (e) {
+      if (isFatal(e, this.opts.signal)) throw e;
+      return undefined;
+    }
   }
 
   /**
    * READ CAPACITY, which also tells whether the unit is ready: a unit that is not answers it
    * with NOT READY, as it would TEST UNIT READY (so that command is not sent as well). A unit
    * that asks for an initializing command is started (START STOP UNIT, as SBC-3 says) and asked
-   * again.
+   * again. `sent` is the first READ CAPACITY, when it was sent already.
    */
-  async readiness(inq: StandardInquiry, vpdPages: readonly number[]): Promise<Pick<ScannedLun, 'ready' | 'geometry' | 'problem'>> {
+  async readiness(inq: StandardInquiry, vpdPages: readonly number[], sent?: Sent): Promise<Pick<ScannedLun, 'ready' | 'geometry' | 'problem'>> {
     let started = false;
     for (;;) {
       try {
-        return { ready: true, geometry: await this.capacity(inq, vpdPages) };
+        return { ready: true, geometry: await this.capacity(inq, vpdPages, sent) };
       } catch (e) {
         if (isFatal(e, this.opts.signal)) throw e;
         if (e instanceof ScsiError && e.key === SenseKey.NOT_READY) {
           if (e.asc === 0x04 && e.ascq === 0x02 && !started) {
             started = true;
+            sent = undefined;
             await this.noData(startStopUnit({ start: true }));
             continue;
           }
@@ -351,25 +582,31 @@ class LunProber {
     }
   }
 
-  async capacity(inq: StandardInquiry, vpdPages: readonly number[]): Promise<Geometry> {
+  /** READ CAPACITY (16) and/or (10), as the device supports them. */
+  async capacity(inq: StandardInquiry, vpdPages: readonly number[], sent?: Sent): Promise<Geometry> {
+    // The first command asked is the one `sent` is the answer to.
+    let first = sent;
+    const read = (cdb: Uint8Array, length: number): Promise<Uint8Array> => {
+      const s = first;
+      first = undefined;
+      return this.dataIn(cdb, length, s);
+    };
     let rc16: Capacity16 | undefined;
     let refused16: ScsiError | undefined;
     const try16 = async (): Promise<void> => {
       try {
-        rc16 = parseReadCapacity16(await this.dataIn(CDB.readCapacity16, 32));
+        rc16 = parseReadCapacity16(await read(CDB.readCapacity16, 32));
       } catch (e) {
         if (!isIllegalRequest(e)) throw e;
         refused16 = e;
       }
     };
-    // SPC-3 and later devices are asked READ CAPACITY (16) first, as Linux's sd does: one
-    // command reports everything (sizes past 2 TiB, protection, thin provisioning).
     const first16 = inq.version >= SPC3_VERSION;
     if (first16) await try16();
     let rc10: ReturnType<typeof parseReadCapacity10> | undefined;
     if (rc16 === undefined) {
       try {
-        rc10 = parseReadCapacity10(await this.dataIn(CDB.readCapacity10, 8));
+        rc10 = parseReadCapacity10(await read(CDB.readCapacity10, 8));
       } catch (e) {
         // Some devices implement only READ CAPACITY (16).
         if (!isIllegalRequest(e)) throw e;
@@ -381,6 +618,10 @@ class LunProber {
       if (want16 && !first16) await try16();
       if (rc16 === undefined && (rc10 === undefined || rc10.needs16)) throw refused16;
     }
+    return this.geometry(rc16, rc10);
+  }
+
+  private geometry(rc16: Capacity16 | undefined, rc10: ReturnType<typeof parseReadCapacity10> | undefined): Geometry {
     const blockSize = rc16?.blockSize ?? rc10?.blockSize ?? 0;
     const blockCount = rc16 !== undefined ? rc16.lastLba + 1n : BigInt((rc10?.lastLba ?? -1) + 1);
     if (blockSize === 0) throw new DeviceError(`${this.device}: READ CAPACITY reports a block size of 0`);
@@ -388,89 +629,23 @@ class LunProber {
     if (rc16) geometry.capacity16 = rc16;
     return geometry;
   }
-
-  /** Reads a VPD page the unit listed; undefined when it then refuses it. */
-  optionalVpd<T>(pages: readonly number[], page: number, parse: (d: Uint8Array) => T): Promise<T | undefined> | undefined {
-    if (!pages.includes(page)) return undefined;
-    return this.vpd(page, parse).catch((e: unknown) => {
-      if (isIllegalRequest(e)) return undefined;
-      throw e;
-    });
-  }
-
-  async probe(): Promise<ScannedLun | undefined> {
-    const inq = await this.standardInquiry();
-    if (inq === undefined) return undefined;
-    let vpdPages: number[] = [];
-    try {
-      vpdPages = await this.vpd(VpdPage.SUPPORTED_PAGES, parseVpdSupportedPages);
-    } catch (e) {
-      // No VPD support at all (an SPC-2 style target).
-      if (!isIllegalRequest(e)) throw e;
-    }
-    const lun: ScannedLun = {
-      name: this.device,
-      target: this.target,
-      lun: this.lun,
-      inquiry: inq,
-      deviceType: inq.deviceType,
-      deviceTypeName: inq.deviceTypeName,
-      vendor: inq.vendor,
-      product: inq.product,
-      revision: inq.revision,
-      identifiers: [],
-      vpdPages,
-      ready: false,
-    };
-    const serial = await this.optionalVpd(vpdPages, VpdPage.UNIT_SERIAL_NUMBER, parseVpdSerial);
-    if (serial !== undefined) lun.serial = serial;
-    lun.identifiers = (await this.optionalVpd(vpdPages, VpdPage.DEVICE_IDENTIFICATION, parseVpdDeviceId)) ?? [];
-    if (inq.deviceType !== DEVICE_TYPE_DISK) return lun;
-
-    const limits = await this.optionalVpd(vpdPages, VpdPage.BLOCK_LIMITS, parseVpdBlockLimits);
-    if (limits) lun.blockLimits = limits;
-    const chars = await this.optionalVpd(vpdPages, VpdPage.BLOCK_DEVICE_CHARACTERISTICS, parseVpdBlockCharacteristics);
-    if (chars) lun.characteristics = chars;
-    const prov = await this.optionalVpd(vpdPages, VpdPage.LOGICAL_BLOCK_PROVISIONING, parseVpdLogicalBlockProvisioning);
-    if (prov) lun.provisioning = prov;
-    const caching = await this.cachingPage();
-    if (caching) lun.caching = caching;
-
-    const state = await this.readiness(inq, vpdPages);
-    lun.ready = state.ready;
-    if (state.geometry !== undefined) lun.geometry = state.geometry;
-    if (state.problem !== undefined) lun.problem = state.problem;
-    return lun;
-  }
 }
 
-/** REPORT LUNS on LUN 0; undefined when the target is absent (virtio BAD_TARGET). */
-async function targetLuns(
-  exec: CommandExecutor,
-  target: number,
-  opts: ScanOptions,
-  slabs: ScratchSlabs | undefined,
-): Promise<number[] | undefined> {
-  const prober = new LunProber(exec, target, 0, opts, slabs);
-  let luns: number[];
-  try {
-    luns = await prober.grown((alloc) => reportLuns(alloc), REPORT_LUNS_FIRST_LENGTH, 0xffffffff, parseReportLuns);
-  } catch (e) {
-    if (e instanceof VirtioResponseError && e.response === VirtioResponse.BAD_TARGET) return undefined;
-    // A target without REPORT LUNS (or one whose answer makes no sense): probe LUN 0 alone.
-    if (e instanceof ScsiError || e instanceof ScsiDataError) return [0];
-    throw e;
+/**
+ * Sends one step of every prober still going, at once, and waits for all that it leads to.
+ * False when the scan must stop (aborted, or the controller is gone).
+ */
+async function step(exec: CommandExecutor, probers: readonly LunProber[], send: (p: LunProber, w: Wave) => void, signal: AbortSignal | undefined): Promise<boolean> {
+  const w = new Wave();
+  for (let i = 0; i < probers.length; i++) if (!probers[i]!.failed) send(probers[i]!, w);
+  await w.run(exec);
+  const slow: Array<Promise<unknown>> = [];
+  for (let i = 0; i < probers.length; i++) {
+    const s = probers[i]!.settled();
+    if (s !== undefined) slow.push(s);
   }
-  const limit = Math.min(opts.maxLun, MAX_VIRTIO_LUN);
-  return [...new Set(luns)].filter((l) => l <= limit).sort((a, b) => a - b);
-}
-
-async function settleAll<T>(work: Promise<T>[]): Promise<T[]> {
-  // Waits for every probe before reporting, so no command of this scan is left running.
-  const results = await Promise.allSettled(work);
-  const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-  if (failed) throw failed.reason;
-  return results.map((r) => (r as PromiseFulfilledResult<T>).value);
+  if (slow.length > 0) await Promise.all(slow);
+  return !signal?.aborted && !probers.some((p) => p.failed && isFatal(p.error, signal));
 }
 
 /** Scans every target of a controller; LUNs come back ordered by target, then LUN. */
@@ -480,38 +655,31 @@ export async function scanTargets(exec: CommandExecutor, opts: ScanOptions): Pro
   }
   const targets = opts.targets ?? Array.from({ length: opts.maxTarget + 1 }, (_, i) => i);
   const problems: ScanProblem[] = [];
-  const note = (target: number, lun: number | undefined, e: unknown): void => {
-    if (isFatal(e, opts.signal)) throw e;
-    const error = e instanceof Error ? e : new Error(String(e));
-    problems.push(lun === undefined ? { target, error } : { target, lun, error });
+  // Each step waits for all commands it started, so no command of this scan is left running.
+  const note = (p: LunProber, lun: number | undefined): void => {
+    if (!p.failed) return;
+    if (isFatal(p.error, opts.signal)) throw p.error;
+    const error = p.error instanceof Error ? p.error : new Error(String(p.error));
+    problems.push(lun === undefined ? { target: p.target, error } : { target: p.target, lun, error });
   };
-
   const slabs = opts.allocBuffer ? new ScratchSlabs(opts.allocBuffer) : undefined;
-  const perTarget = await settleAll(
-    targets.map(async (target): Promise<ScannedLun[]> => {
-      let luns: number[] | undefined;
-      try {
-        luns = await targetLuns(exec, target, opts, slabs);
-      } catch (e) {
-        note(target, undefined, e);
-        return [];
-      }
-      if (luns === undefined) return [];
-      const found = await settleAll(
-        luns.map(async (lun) => {
-          try {
-            return await new LunProber(exec, target, lun, opts, slabs).probe();
-          } catch (e) {
-            note(target, lun, e);
-            return undefined;
-          }
-        }),
-      );
-      return found.filter((l): l is ScannedLun => l !== undefined);
-    }),
-  );
-  opts.signal?.throwIfAborted();
-  return { luns: perTarget.flat(), problems };
+  const signal = opts.signal;
+
+  const reporters = targets.map((t) => new LunProber(exec, t, 0, opts, slabs));
+  let going = await step(exec, reporters, (p, w) => p.sendReportLuns(w), signal);
+  const probers: LunProber[] = [];
+  for (const r of reporters) {
+    for (const lun of r.failed ? [] : r.luns!) probers.push(new LunProber(exec, r.target, lun, opts, slabs));
+  }
+  if (going) going = await step(exec, probers, (p, w) => p.sendInquiry(w), signal);
+  const found = probers.filter((p) => p.failed || p.inquiry !== undefined);
+  if (going) going = await step(exec, found, (p, w) => p.sendVpdList(w), signal);
+  if (going) await step(exec, found, (p, w) => p.sendDetails(w), signal);
+  signal?.throwIfAborted();
+
+  for (const r of reporters) note(r, undefined);
+  for (const p of found) note(p, p.lun);
+  return { luns: found.filter((p) => !p.failed).map((p) => p.result!), problems };
 }
 
 /** Re-reads the geometry of one disk (after CAPACITY DATA HAS CHANGED). */

@@ -125,7 +125,11 @@ function vpdPage(buf: Uint8Array, page: number, minPayload = 0): Uint8Array {
 
 /** VPD 0x00: the page codes the logical unit supports. */
 export function parseVpdSupportedPages(buf: Uint8Array): number[] {
-  return Array.from(vpdPage(buf, VpdPage.SUPPORTED_PAGES).subarray(4));
+  const page = vpdPage(buf, VpdPage.SUPPORTED_PAGES);
+  // An indexed copy: Array.from would walk an iterator, one result object per byte.
+  const out = new Array<number>(page.length - 4);
+  for (let i = 4; i < page.length; i++) out[i - 4] = page[i]!;
+  return out;
 }
 
 /** VPD 0x80: the product serial number, trimmed. */

@@ -146,6 +146,17 @@ export function decodeSense(buf: Uint8Array): DecodedSense {
   throw new ScsiDataError(`sense data has unknown RESPONSE CODE ${hex(code)}`);
 }
 
+/**
+ * The sense key alone, read in place (no decoding): undefined when the data is too short or
+ * of an unknown format, as `decodeSense` would refuse it.
+ */
+export function senseKeyOf(buf: Uint8Array): number | undefined {
+  const code = (buf[0] ?? 0) & 0x7f;
+  if ((code === 0x70 || code === 0x71) && buf.length >= 3) return buf[2]! & 0x0f;
+  if ((code === 0x72 || code === 0x73) && buf.length >= 4) return buf[1]! & 0x0f;
+  return undefined;
+}
+
 function senseEnd(buf: Uint8Array): number {
   return buf.length < 8 ? buf.length : Math.min(buf.length, 8 + (buf[7] ?? 0));
 }
