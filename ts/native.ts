@@ -4,7 +4,9 @@
 // types of this package stay usable (and a missing binary is reported with a clear error at the
 // point where a controller is opened).
 
+import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
 
 import type * as NativeModule from '../native/index.cjs';
 import { platformNames } from './platform.js';
@@ -30,21 +32,39 @@ export class NativeLoadError extends Error {
 
 /**
  * The addon of this machine's platform, from this checkout's build or the installed platform
- * package, loaded directly: napi-rs's generated loader, the fallback, probes for the C library
- * and other platforms first, which costs a few milliseconds of every process start.
+ * package, opened directly: napi-rs's generated loader, the fallback, probes for the C library
+ * and other platforms first, and even a plain `require` of the file costs a millisecond more
+ * than opening it.
  */
-function loadDirect(require: NodeJS.Require): Native | undefined {
+function loadDirect(): Native | undefined {
   if (process.platform !== 'linux' || process.env.NAPI_RS_NATIVE_LIBRARY_PATH) return undefined;
   for (const platform of platformNames()) {
-    for (const id of [`../native/virtio-initiator.${platform}.node`, `virtio-initiator-${platform}`]) {
-      try {
-        return require(id) as Native;
-      } catch {
-        // Not here (or not for this C library): the next candidate, then the generated loader.
-      }
-    }
+    const local = fileURLToPath(new URL(`../native/virtio-initiator.${platform}.node`, import.meta.url));
+    const mod = open(local) ?? open(packaged(platform));
+    if (mod !== undefined) return mod;
   }
   return undefined;
+}
+
+/** The addon in `file`; undefined when there is none, or it is not for this C library. */
+function open(file: string | undefined): Native | undefined {
+  if (file === undefined || !existsSync(file)) return undefined;
+  const mod = { exports: {} as Native };
+  try {
+    process.dlopen(mod, file);
+    return mod.exports;
+  } catch {
+    return undefined;
+  }
+}
+
+/** The addon file of the installed platform package, if there is one. */
+function packaged(platform: string): string | undefined {
+  try {
+    return fileURLToPath(import.meta.resolve(`virtio-initiator-${platform}`));
+  } catch {
+    return undefined;
+  }
 }
 
 let loaded: Native | undefined;
@@ -55,8 +75,7 @@ export function loadNative(): Native {
   if (loaded) return loaded;
   if (loadError) throw loadError;
   try {
-    const require = createRequire(import.meta.url);
-    const mod = loadDirect(require) ?? (require('../native/index.cjs') as Native);
+    const mod = loadDirect() ?? (createRequire(import.meta.url)('../native/index.cjs') as Native);
     // The record layouts are compiled into both sides; a mismatch means a stale binary.
     if (
       mod.SUBMIT_RECORD_SIZE !== SubmitRecord.SIZE ||

@@ -888,8 +888,9 @@ export class RequestQueue implements CommandExecutor {
     this.batchIndex[slot] = i;
     const timeoutMs = cmd.timeoutMs ?? this.timeoutMs;
     this.fill(slot, Mode.Command, cmd, false, cmd.target, cmd.lun, 0, 0, null, false, signal, timeoutMs, undefined, undefined, this.batchDone[slot]!, this.batchFail[slot]!);
+    // No early submit: a batch is staged in one go, and goes down with the pass, in one call
+    // (and at most one notification of the device) instead of one per 16 records.
     this.stage(slot);
-    if (this.stagedCount >= EARLY_SUBMIT) this.submitStaged();
   }
 
   /** Settles the batch command a slot held (called once per admission, right after its release). */
