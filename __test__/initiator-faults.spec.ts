@@ -5,7 +5,7 @@ import { readdirSync, readFileSync } from 'node:fs';
 
 import test, { type ImplementationFn } from 'ava';
 
-import { ControllerFailedError, type Controller, ScsiError, scsi, TMF_LOGICAL_UNIT_RESET, VirtioResponse } from '../ts/index.js';
+import { ClosedError, ControllerFailedError, type Controller, ScsiError, scsi, TMF_LOGICAL_UNIT_RESET, VirtioResponse } from '../ts/index.js';
 import { testWhen, unmet } from './helpers/env.js';
 import { connectAndScan, initiatorRequirements, pattern, startTestTarget, type TargetSetup } from './helpers/initiator.js';
 import type { ControlClient } from './helpers/target.js';
@@ -200,4 +200,39 @@ testWhen(test, 'task management waits off the event loop: timers fire while a st
   t.true(ticks >= 10, `${ticks} timer ticks during the wait`);
   await d.reset();
   t.true((await d.read(0, 1)).length === 512);
+});
+
+// Closing resets the device off the event loop too: with the target stopped, close() returns at
+// once, timers keep firing while the reset waits out its bound, and a request the device holds
+// is let go only when that is over (its buffer may still be written until then).
+testWhen(test, 'close waits off the event loop: a stopped target holds up the promise, not the process', initiatorRequirements, async (t) => {
+  const s = await startTestTarget({ luns: ['0:0:ram:4M:512'] });
+  t.teardown(() => s.cleanup());
+  const c = await connectAndScan(s);
+  const d = c.device('VirtioScsi0t0');
+  const pid = s.target.child.pid!;
+  await stopProcess(pid);
+  let ticks = 0;
+  const timer = setInterval(() => ticks++, 20);
+  try {
+    let settled = false;
+    const inFlight = reason(d.read(0, 8)).finally(() => {
+      settled = true;
+    });
+    await new Promise((r) => setTimeout(r, 50));
+    const started = performance.now();
+    const closing = c.close();
+    t.true(performance.now() - started < 100, 'close() returns at once');
+    t.is(c.close(), closing, 'a second close() returns the same promise');
+    await t.throwsAsync(d.read(0, 1), { instanceOf: ClosedError });
+    await new Promise((r) => setTimeout(r, 500));
+    t.false(settled, 'the request the device holds is not let go before the reset ends');
+    await closing;
+    t.true(performance.now() - started >= 1000, 'the reset waited for the stopped target');
+    t.true((await inFlight) instanceof ClosedError);
+  } finally {
+    process.kill(pid, 'SIGCONT');
+    clearInterval(timer);
+  }
+  t.true(ticks >= 25, `${ticks} timer ticks while closing`);
 });

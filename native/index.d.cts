@@ -140,8 +140,13 @@ export declare class Controller {
    * enough to call from a timer while idle.
    */
   checkAlive(): string | null
-  /** Stops the device and lets it go (the owner), or releases this thread's hold on it. */
-  close(): void
+  /**
+   * Stops the device and lets it go (the owner), or releases this thread's hold on it. The
+   * controller is closed when this returns; the device reset (which a silent backend makes
+   * wait up to its reply deadline) runs in libuv's thread pool, and the promise resolves once
+   * the device can no longer touch our memory.
+   */
+  close(): Promise<void>
 }
 
 /**

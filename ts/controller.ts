@@ -180,6 +180,8 @@ const EVENT_TYPES: Record<number, ControllerEvent['type']> = {
   3: 'param-change',
 };
 
+function noop(): void {}
+
 function errorText(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }
@@ -279,6 +281,7 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
   private readonly context: DeviceContext;
   private queue: RequestQueue | undefined;
   private closedError: ClosedError | undefined;
+  private closing: Promise<void> | undefined;
   private scanned: readonly ScannedLun[] = [];
   private blockDevices = new Map<string, BlockDevice>();
   private watcher: EventWatcher | undefined;
@@ -793,24 +796,35 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
     return this.queue?.stats;
   }
 
-  /** Rejects everything in flight, detaches the devices and disconnects. */
-  close(): void {
-    if (this.closedError) return;
+  /**
+   * Closes the controller: later calls fail at once and the devices are detached; the device
+   * is reset and let go off the event loop (a backend that does not answer holds that up to
+   * its reply deadline, never the event loop); then what is still in flight is rejected.
+   * Resolves once the device can no longer touch our memory; later calls return the same
+   * promise. A process may simply end instead of waiting for it.
+   */
+  close(): Promise<void> {
+    if (this.closing !== undefined) return this.closing;
     this.closedError = new ClosedError(`controller ${this.name} is closed`);
     this.watcher?.stop();
     for (const dev of this.blockDevices.values()) dev.detach(`controller ${this.name} closed`);
-    // The device is reset and let go before the queue releases anything it might still write.
+    let reset: Promise<void>;
     try {
-      this.handle.close();
+      reset = this.handle.close();
     } catch {
       // A failed controller may refuse a clean shutdown; its resources go either way.
+      reset = Promise.resolve();
     }
-    this.queue?.close();
-    this.queue = undefined;
+    // The device is reset and let go before the queue releases anything it might still write.
+    this.closing = reset.then(noop, noop).then(() => {
+      this.queue?.close();
+      this.queue = undefined;
+    });
+    return this.closing;
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
-    this.close();
+    await this.close();
   }
 
   /** This thread's request queue, opened on first use. */

@@ -551,7 +551,7 @@ async function run(cfg: BenchConfig, stop: AbortController, leftovers: Leftovers
     return result.errors > 0 || result.mismatches > 0 ? 1 : 0;
   } finally {
     progress.clear();
-    for (const c of attached) c.close();
+    await Promise.all(attached.map((c) => c.close()));
     if (targetProcess) {
       // A target that ended on its own during the run is worth knowing about.
       const early = targetProcess.status;

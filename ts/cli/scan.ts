@@ -176,7 +176,7 @@ export const scan: Subcommand = {
       else process.stdout.write(human(report));
       return scans.some((c) => c.problems.length > 0) ? 1 : 0;
     } finally {
-      for (const ctrl of controllers) ctrl.close();
+      await Promise.all(controllers.map((c) => c.close()));
     }
   },
 };

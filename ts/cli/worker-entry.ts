@@ -71,7 +71,7 @@ try {
   outcome = { type: 'error', name: e instanceof Error ? e.name : 'Error', message: e instanceof Error ? e.message : String(e) };
 } finally {
   // This thread's hold on the controller only; the main thread's owner keeps the device up.
-  ctrl?.close();
+  await ctrl?.close();
 }
 post(outcome);
 // Nothing more to hear: the thread ends once the report is out.

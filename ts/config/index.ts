@@ -189,7 +189,7 @@ export async function attachAll(config: Pick<InitiatorConfig, 'controllers'>, op
       attached.push(await attachOne(c, options));
     }
   } catch (e) {
-    for (const ctrl of attached.reverse()) ctrl.close();
+    await Promise.all(attached.map((ctrl) => ctrl.close()));
     throw e;
   }
   return attached;
@@ -211,7 +211,7 @@ async function attachOne(c: ControllerConfig, options: AttachAllOptions): Promis
   try {
     await ctrl.scan(options.signal ? { signal: options.signal } : {});
   } catch (e) {
-    ctrl.close();
+    await ctrl.close();
     throw new AttachError(c.name, `scan failed: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
   }
   return ctrl;

@@ -64,7 +64,7 @@ export async function startRpcServer(options: StartRpcServerOptions): Promise<Rp
     closing ??= (async () => {
       // Stop taking requests first, so that nothing attaches behind closeAll's back.
       await server.close();
-      methods.closeAll();
+      await methods.closeAll();
     })();
     return closing;
   };

@@ -271,21 +271,22 @@ export class VirtioRpcMethods {
       return ctrl.devices.map((d) => d.name);
     } catch (e) {
       if (ctrl) this.events.forget(ctrl);
-      ctrl?.close();
+      await ctrl?.close();
       throw attachError(e, trtype, traddr);
     } finally {
       this.attaching.delete(name);
     }
   }
 
-  detach(p: RpcParams): boolean {
+  /** Resolves once the device is let go, so the same target can be attached again at once. */
+  async detach(p: RpcParams): Promise<boolean> {
     checkKnown(p, ['name']);
     const name = requiredString(p, 'name');
     const a = this.controllers.get(name);
     if (!a) throw this.noController(name);
     this.controllers.delete(name);
     this.events.forget(a.controller);
-    a.controller.close();
+    await a.controller.close();
     return true;
   }
 
@@ -414,10 +415,11 @@ export class VirtioRpcMethods {
   }
 
   /** Detaches every controller; attaches still running are closed when they finish. */
-  closeAll(): void {
+  async closeAll(): Promise<void> {
     this.closed = true;
-    for (const a of this.controllers.values()) a.controller.close();
+    const all = [...this.controllers.values()].map((a) => a.controller.close());
     this.controllers.clear();
+    await Promise.all(all);
   }
 
   private bdevs(): Array<[BlockDevice, AttachedController]> {

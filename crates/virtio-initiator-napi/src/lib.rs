@@ -2,7 +2,7 @@
 //! Requests and completions cross in packed batches (see `virtio_initiator_core::scsi::records`),
 //! so one native call carries many of them, and no native thread ever calls into JavaScript.
 
-use std::cell::UnsafeCell;
+use std::cell::{Cell, UnsafeCell};
 use std::sync::{Arc, Mutex, Weak};
 
 use napi::bindgen_prelude::*;
@@ -92,7 +92,7 @@ impl Task for Open {
 
     fn resolve(&mut self, _env: Env, output: Self::Output) -> Result<Self::JsValue> {
         Ok(match output {
-            Ok(inner) => Either::A(Controller { inner, owner: true, shared_id: None }),
+            Ok(inner) => Either::A(Controller { inner, owner: true, shared_id: Cell::new(None) }),
             Err(failure) => Either::B(failure),
         })
     }
@@ -133,6 +133,28 @@ impl Task for Reconnect {
 
     fn resolve(&mut self, _env: Env, output: Self::Output) -> Result<Self::JsValue> {
         Ok(output)
+    }
+}
+
+/// The device reset of a controller being closed, off the event loop.
+pub struct Close {
+    inner: Arc<ScsiController>,
+    closing: Option<scsi::Closing>,
+}
+
+impl Task for Close {
+    type Output = ();
+    type JsValue = ();
+
+    fn compute(&mut self) -> Result<()> {
+        if let Some(c) = self.closing.take() {
+            self.inner.finish_close(c);
+        }
+        Ok(())
+    }
+
+    fn resolve(&mut self, _env: Env, _: ()) -> Result<()> {
+        Ok(())
     }
 }
 
@@ -265,8 +287,9 @@ pub struct Controller {
     inner: Arc<ScsiController>,
     /// The thread that opened the device owns it; threads that attached only let go of it.
     owner: bool,
-    /// This object's entry in the shared-controller registry, once shared.
-    shared_id: Option<u32>,
+    /// This object's entry in the shared-controller registry, once shared. A Cell: `close`
+    /// takes `&self`, since a `&mut self` borrow would last as long as its promise.
+    shared_id: Cell<Option<u32>>,
 }
 
 /// Controllers handed to other threads, by id. A worker thread attaches by id and gets its own
@@ -329,9 +352,9 @@ impl Controller {
 
     /// An id under which other threads (worker_threads) can attach to this controller.
     #[napi]
-    pub fn share(&mut self) -> Result<u32> {
+    pub fn share(&self) -> Result<u32> {
         self.inner.check_open().map_err(err)?;
-        if let Some(id) = self.shared_id {
+        if let Some(id) = self.shared_id.get() {
             return Ok(id);
         }
         let mut shared = SHARED.lock().unwrap();
@@ -339,7 +362,7 @@ impl Controller {
         shared.0 = shared.0.wrapping_add(1).max(1);
         let id = shared.0;
         shared.1.push((id, Arc::downgrade(&self.inner)));
-        self.shared_id = Some(id);
+        self.shared_id.set(Some(id));
         Ok(id)
     }
 
@@ -356,7 +379,7 @@ impl Controller {
             .ok_or_else(|| err(format!("no shared controller {id} (closed, or never shared)")))?;
         drop(shared);
         inner.check_open().map_err(err)?;
-        Ok(Controller { inner, owner: false, shared_id: Some(id) })
+        Ok(Controller { inner, owner: false, shared_id: Cell::new(Some(id)) })
     }
 
     /// A Buffer over DMA memory: I/O on it copies nothing. Freed when garbage-collected.
@@ -476,15 +499,20 @@ impl Controller {
         }
     }
 
-    /// Stops the device and lets it go (the owner), or releases this thread's hold on it.
-    #[napi]
-    pub fn close(&mut self) {
+    /// Stops the device and lets it go (the owner), or releases this thread's hold on it. The
+    /// controller is closed when this returns; the device reset (which a silent backend makes
+    /// wait up to its reply deadline) runs in libuv's thread pool, and the promise resolves once
+    /// the device can no longer touch our memory.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn close(&self) -> AsyncTask<Close> {
+        let mut closing = None;
         if self.owner {
             if let Some(id) = self.shared_id.take() {
                 SHARED.lock().unwrap().1.retain(|(i, _)| *i != id);
             }
-            self.inner.close();
+            closing = self.inner.begin_close();
         }
+        AsyncTask::new(Close { inner: self.inner.clone(), closing })
     }
 }
 

@@ -131,7 +131,15 @@ pub struct ScsiController {
     previous_released: AtomicBool,
     failure: Mutex<Option<String>>,
     failed: AtomicBool,
+    /// Set when closing begins: no new channels, memory or growth.
+    closing: AtomicBool,
+    /// Set once the device was reset and let go: queues fail, and their memory is safe.
     closed: AtomicBool,
+}
+
+/// A close under way: the transport taken from the controller, to be reset and dropped.
+pub struct Closing {
+    transport: Option<Box<dyn Transport>>,
 }
 
 fn has(features: u64, bit: u32) -> bool {
@@ -291,6 +299,7 @@ impl ScsiController {
             previous_released: AtomicBool::new(true),
             failure: Mutex::new(None),
             failed: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         }))
     }
@@ -309,7 +318,7 @@ impl ScsiController {
     pub fn alloc_dma(&self, len: usize, align: usize) -> Result<DmaBuf, ScsiError> {
         // Memory given back after close may still be written by a device that was let go
         // without being quiesced: none of it is handed out again.
-        if self.closed.load(Ordering::Acquire) {
+        if self.closing.load(Ordering::Acquire) {
             return Err(ScsiError::Closed);
         }
         self.memory.alloc_or_grow(len, align, &self.transport)
@@ -317,13 +326,13 @@ impl ScsiController {
 
     /// Whether free DMA memory is below the low-water mark with room left to grow.
     pub fn memory_low(&self) -> bool {
-        !self.closed.load(Ordering::Acquire) && self.memory.low()
+        !self.closing.load(Ordering::Acquire) && self.memory.low()
     }
 
     /// Grows the DMA memory ahead of need when it is low; false when it was not. Blocks for as
     /// long as making and announcing a pool takes: call it from a thread that does no I/O.
     pub fn grow_memory_ahead(&self) -> Result<bool, ScsiError> {
-        if self.closed.load(Ordering::Acquire) {
+        if self.closing.load(Ordering::Acquire) {
             return Err(ScsiError::Closed);
         }
         self.memory.grow_ahead(&self.transport)
@@ -379,6 +388,8 @@ impl ScsiController {
         self.check_usable()?;
         let result = match self.transport.lock().unwrap().as_mut() {
             Some(t) => t.check_alive(),
+            // Closing: the device is being reset, and its queues fail once that is done.
+            None if !self.closed.load(Ordering::Acquire) && self.closing.load(Ordering::Acquire) => Ok(()),
             None => return Err(ScsiError::Closed),
         };
         if let Err(e) = result {
@@ -388,10 +399,10 @@ impl ScsiController {
         Ok(())
     }
 
-    /// Closed is an error; a failed controller still counts as open (its failure is reported
-    /// by the calls that need the device).
+    /// Closed (or closing) is an error; a failed controller still counts as open (its failure
+    /// is reported by the calls that need the device).
     pub fn check_open(&self) -> Result<(), ScsiError> {
-        if self.closed.load(Ordering::Acquire) {
+        if self.closing.load(Ordering::Acquire) {
             return Err(ScsiError::Closed);
         }
         Ok(())
@@ -442,7 +453,11 @@ impl ScsiController {
             return true;
         }
         let mut transport = self.transport.lock().unwrap();
-        let Some(t) = transport.as_mut() else { return true };
+        let Some(t) = transport.as_mut() else {
+            // No connection (dropped: the backend let go of everything), unless a close is
+            // resetting the device right now: then it may still write, and the memory is kept.
+            return !self.closing.load(Ordering::Acquire);
+        };
         match t.stop_queue(parts.index) {
             Ok(true) => {}
             // A backend whose connection closed no longer touches our memory (vhost-user): the
@@ -708,16 +723,33 @@ impl ScsiController {
     }
 
     /// Stops the device and lets it go: a vhost-user connection is closed, so the backend can
-    /// serve another frontend at once. Queues still held by channels fail from now on.
+    /// serve another frontend at once. Queues still held by channels fail from then on.
     pub fn close(&self) {
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return;
+        if let Some(c) = self.begin_close() {
+            self.finish_close(c);
         }
-        if let Some(mut t) = self.transport.lock().unwrap().take() {
+    }
+
+    /// The quick half of `close`: no new channels or memory from now on, and the transport is
+    /// taken for `finish_close`. Channels keep working (the device may still complete what it
+    /// holds) until the device is reset. None when closing began before.
+    pub fn begin_close(&self) -> Option<Closing> {
+        if self.closing.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        Some(Closing { transport: self.transport.lock().unwrap().take() })
+    }
+
+    /// The slow half of `close`: resets the device (a silent one is waited for up to the
+    /// transport's reply deadline) and drops the transport; then queues fail, and what they
+    /// held is theirs to release.
+    pub fn finish_close(&self, c: Closing) {
+        if let Some(mut t) = c.transport {
             if let Err(e) = t.reset() {
                 debug!("reset on close: {e}");
             }
         }
+        self.closed.store(true, Ordering::Release);
     }
 }
 

@@ -11,7 +11,7 @@ mod records;
 mod shared;
 
 pub use channel::{HostBuffer, RequestChannel, RESPONSE_REFUSED};
-pub use controller::{ControllerInfo, ControllerOptions, ScsiController, ScsiEvent};
+pub use controller::{Closing, ControllerInfo, ControllerOptions, ScsiController, ScsiEvent};
 pub use dma::Span;
 pub use records::{
     read_write_cdb, CompletionArea, CompletionRecord, DataRef, Direction, SubmitRecord,
