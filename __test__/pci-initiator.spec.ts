@@ -271,8 +271,8 @@ function registerRun(label: string, run: () => Promise<Run>, extraChecks: string
   });
 }
 
-registerRun('pci/iommu (QEMU virtio-scsi-pci, scattered pool)', once(iommuRun), ['bad-addresses', 'binding', 'facade'], { scattered: true });
-registerRun('pci/physical (vhost-user-scsi-pci, bundled target)', once(physicalRun), ['facade']);
+registerRun('pci/iommu (QEMU virtio-scsi-pci, scattered pool)', once(iommuRun), ['device-reset', 'bad-addresses', 'binding', 'facade'], { scattered: true });
+registerRun('pci/physical (vhost-user-scsi-pci, bundled target)', once(physicalRun), ['device-reset', 'facade']);
 
 // The same bodies on the host over vhost-user: the transport is the only difference, and this
 // keeps the bodies themselves honest without a guest.

@@ -109,6 +109,13 @@ export declare class Controller {
    * `reconnectVhostUser` does; resolves with null, or with why it could not connect again.
    */
   resetVhostUser(path: string, reason: string): Promise<OpenFailure | null>
+  /**
+   * Resets the device and sets it up again on the same PCI function (the same memory,
+   * queues afresh), failing the controller with `reason` first: the last step of recovery,
+   * and what a device that reports DEVICE_NEEDS_RESET gets. Resolves with null once the
+   * controller works again, else with why not.
+   */
+  resetPci(reason: string): Promise<OpenFailure | null>
   /** Whether free DMA memory is below the low-water mark (with room left to grow). */
   memoryLow(): boolean
   /**

@@ -418,6 +418,12 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
         if (this.closedError) return;
         log('warn', 'controller', `${this.name}: ${reason}`);
         this.emit('disconnected', reason);
+        if (this.transport.type === 'pci') {
+          // A function that asks for a reset (DEVICE_NEEDS_RESET) gets one; one that no longer
+          // responds fails its reset, and the controller with it.
+          void this.resetAfterLoss(reason);
+          return;
+        }
         if (this.reconnectPolicy !== undefined && this.transport.type === 'vhost-user') {
           this.reconnectingNow = true;
           void this.reconnect(this.transport.path, this.reconnectPolicy, reason);
@@ -466,6 +472,20 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
     }
     this.reconnectingNow = false;
     const why = `${reason}; ${policy.retries} reconnect attempt(s) failed, the last with: ${last}`;
+    log('warn', 'controller', `${this.name}: ${why}`);
+    this.emit('failed', new ControllerFailedError(this.name, why));
+  }
+
+  /** A PCI function that went wrong is reset and set up again, once. */
+  private async resetAfterLoss(reason: string): Promise<void> {
+    const failure = await this.resetDevice(reason);
+    if (this.closedError) return;
+    if (failure === undefined) {
+      log('info', 'controller', `${this.name}: the device works again after a reset`);
+      this.emit('reconnected', 1);
+      return;
+    }
+    const why = `${reason}; a reset did not bring it back: ${failure}`;
     log('warn', 'controller', `${this.name}: ${why}`);
     this.emit('failed', new ControllerFailedError(this.name, why));
   }
@@ -677,12 +697,14 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
    */
   private async resetDevice(reason: string): Promise<string | undefined> {
     if (this.closedError) return 'the controller is closed';
-    if (this.transport.type !== 'vhost-user') return 'a PCI function is not reset by recovery';
     if (this.reconnectingNow) return 'the target is away, and being reconnected';
     // The loss of the connection is ours: the watcher must not take it for the target going away.
     this.watcher?.stop();
     this.reconnectingNow = true;
-    const failure = await this.handle.resetVhostUser(this.transport.path, `device reset: ${reason}`);
+    const why = `device reset: ${reason}`;
+    // vhost-user: the connection dropped and made again; PCI: reset and set up in place.
+    const failure =
+      this.transport.type === 'vhost-user' ? await this.handle.resetVhostUser(this.transport.path, why) : await this.handle.resetPci(why);
     this.reconnectingNow = false;
     if (this.closedError) return 'the controller is closed';
     if (failure !== null) return failure.message;

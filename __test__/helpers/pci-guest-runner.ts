@@ -278,11 +278,50 @@ async function bindingChecks(native: Native, main: string, open: NativeControlle
       t.true(c.info.transport.includes('physical addresses'), `transitional device: ${c.info.transport}`);
       await smallIo(t, c, spec.transitionalLun, 4242);
     } finally {
-      c.close();
+      await c.close();
     }
     for (const x of [a, b]) t.is(native.unbindVfioPci(x).driver, 'virtio-pci', `${x} given back to virtio-pci`);
   });
   return ok;
+}
+
+/**
+ * Recovery's last step, and what a function reporting DEVICE_NEEDS_RESET gets: the device is
+ * reset and set up again in place. A channel of before fails; a new one reads the preset data.
+ */
+async function resetCheck(t: Check, controller: NativeController, spec: RunnerSpec): Promise<void> {
+  const l = spec.luns.find((x) => x.preset !== undefined);
+  if (!l?.preset) throw new Error('no LUN with preset data');
+  const { offset, bytes, seed } = l.preset;
+  const read = () => read10({ lba: offset / l.blockSize, blocks: Math.min(bytes, 16 * 1024) / l.blockSize });
+  const into = () => Buffer.alloc(Math.min(bytes, 16 * 1024));
+  const expected = pattern(seed, bytes).subarray(0, Math.min(bytes, 16 * 1024));
+  const before = new RawChannel(controller);
+  const first = into();
+  const r0 = await before.exec({ target: l.target, lun: l.lun, cdb: read(), dir: Direction.IN, buffer: first });
+  t.deepEqual([r0.response, r0.status, first.equals(expected)], [0, 0, true], `preset data of ${lunId(l)} before the reset`);
+
+  const failure = await controller.resetPci('reset check');
+  t.is(failure?.message ?? null, null, 'reset and set up again');
+  t.is(controller.failure, null, 'the controller works after the reset');
+  let stale = '';
+  try {
+    await before.exec({ target: l.target, lun: l.lun, cdb: read(), dir: Direction.IN, buffer: into() });
+  } catch (e) {
+    stale = message(e);
+  }
+  t.true(/reconnected/.test(stale), `a channel of before fails: ${stale}`);
+  before.close();
+
+  const after = new RawChannel(controller);
+  try {
+    const back = into();
+    const r = await after.exec({ target: l.target, lun: l.lun, cdb: read(), dir: Direction.IN, buffer: back });
+    t.deepEqual([r.response, r.status], [0, 0], `READ from ${lunId(l)} after the reset`);
+    t.true(back.equals(expected), `preset data of ${lunId(l)} after the reset`);
+  } finally {
+    after.close();
+  }
 }
 
 /** The TypeScript facade over the same function: scan, then block I/O on each disk. */
@@ -310,7 +349,7 @@ async function facadeCheck(t: Check, address: string, spec: RunnerSpec): Promise
       t.true(Buffer.from(back).equals(data), `${d.info.name}: facade write and read back`);
     }
   } finally {
-    c.close();
+    await c.close();
   }
 }
 
@@ -357,13 +396,21 @@ async function main(): Promise<number> {
     ok = report('BODY', name, r, Date.now() - start) && ok;
   }
   ok = reportPool('after-bodies', spec) && ok;
+  const rr = new Recorder();
+  const tr = Date.now();
+  try {
+    await resetCheck(rr, controller, spec);
+  } catch (e) {
+    rr.failures.push(`threw: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`);
+  }
+  ok = report('CHECK', 'device-reset', rr, Date.now() - tr) && ok;
   if (spec.badInput) ok = (await bindingChecks(native, address, controller, spec)) && ok;
   const failure = controller.failure;
   if (failure !== null) {
     out(`!! controller failed: ${failure}`);
     ok = false;
   }
-  controller.close();
+  await controller.close();
   // Closing let the device go: the facade can open it again at once.
   const r = new Recorder();
   const t1 = Date.now();

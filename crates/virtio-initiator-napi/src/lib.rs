@@ -158,6 +158,30 @@ impl Task for Close {
     }
 }
 
+/// A reset of the device and its set-up again on the same PCI function, off the event loop.
+pub struct ResetInPlace {
+    inner: Arc<ScsiController>,
+    reason: String,
+}
+
+impl Task for ResetInPlace {
+    type Output = Option<OpenFailure>;
+    type JsValue = Option<OpenFailure>;
+
+    fn compute(&mut self) -> Result<Self::Output> {
+        let generic = || Status::GenericFailure.as_ref().to_owned();
+        Ok(self
+            .inner
+            .reset_in_place(std::mem::take(&mut self.reason))
+            .err()
+            .map(|e| OpenFailure { code: generic(), message: e.to_string() }))
+    }
+
+    fn resolve(&mut self, _env: Env, output: Self::Output) -> Result<Self::JsValue> {
+        Ok(output)
+    }
+}
+
 /// Growth of the DMA memory ahead of need, off the event loop.
 pub struct GrowMemory {
     inner: Arc<ScsiController>,
@@ -409,6 +433,15 @@ impl Controller {
     #[napi(ts_return_type = "Promise<OpenFailure | null>")]
     pub fn reset_vhost_user(&self, path: String, reason: String) -> AsyncTask<Reconnect> {
         AsyncTask::new(Reconnect { inner: self.inner.clone(), path, drop_reason: Some(reason) })
+    }
+
+    /// Resets the device and sets it up again on the same PCI function (the same memory,
+    /// queues afresh), failing the controller with `reason` first: the last step of recovery,
+    /// and what a device that reports DEVICE_NEEDS_RESET gets. Resolves with null once the
+    /// controller works again, else with why not.
+    #[napi(ts_return_type = "Promise<OpenFailure | null>")]
+    pub fn reset_pci(&self, reason: String) -> AsyncTask<ResetInPlace> {
+        AsyncTask::new(ResetInPlace { inner: self.inner.clone(), reason })
     }
 
     /// Whether free DMA memory is below the low-water mark (with room left to grow).

@@ -96,8 +96,7 @@ unsafe impl Send for RequestChannel {}
 impl RequestChannel {
     /// Takes a free request queue of `controller`.
     pub fn open(controller: &Arc<ScsiController>) -> Result<Self, ScsiError> {
-        let connection = controller.connection();
-        let parts = controller.take_queue()?;
+        let (parts, connection) = controller.take_queue()?;
         let size = parts.queue.size() as usize;
         let bytes = (size * SLOT_BYTES).next_multiple_of(PAGE);
         let mut arena = controller.pool().carve(bytes as u64)?;

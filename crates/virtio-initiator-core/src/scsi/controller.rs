@@ -423,7 +423,9 @@ impl ScsiController {
         QueueShare::open(self, &self.cells)
     }
 
-    pub(super) fn take_queue(&self) -> Result<QueueParts, ScsiError> {
+    /// A free request queue, and the connection it is set up on (read under the same lock a
+    /// reconnect bumps it under, so the two always match).
+    pub(super) fn take_queue(&self) -> Result<(QueueParts, u64), ScsiError> {
         self.check_usable()?;
         let mut free = self.request_queues.lock().unwrap();
         if free.is_empty() {
@@ -431,7 +433,7 @@ impl ScsiController {
         }
         let parts = free.remove(0);
         self.taken_queues.lock().unwrap().push(parts.index);
-        Ok(parts)
+        Ok((parts, self.connection()))
     }
 
     /// A channel gives its queue back. A queue with requests on it (or a broken one) is stopped
@@ -440,9 +442,13 @@ impl ScsiController {
     /// device may still write into the memory of its requests, so the caller must leak that
     /// memory, and the queue's own rings are leaked here.
     pub(super) fn return_queue(&self, mut parts: QueueParts, connection: u64) -> bool {
+        // Under the transport lock throughout: a reconnect (which holds it while it sets queues
+        // up) then comes wholly before or after this, and never sets up a second queue at this
+        // index for one it took to be still taken, or that was returned to it meanwhile.
+        let mut transport = self.transport.lock().unwrap();
         self.taken_queues.lock().unwrap().retain(|&i| i != parts.index);
         if connection != self.connection() {
-            return self.return_stale_queue(parts);
+            return self.return_stale_queue(parts, transport);
         }
         if parts.queue.in_flight() == 0 && !parts.queue.is_broken() {
             self.park_queue(parts);
@@ -452,7 +458,6 @@ impl ScsiController {
             // The device was reset and let go on close: nothing of it runs any more.
             return true;
         }
-        let mut transport = self.transport.lock().unwrap();
         let Some(t) = transport.as_mut() else {
             // No connection (dropped: the backend let go of everything), unless a close is
             // resetting the device right now: then it may still write, and the memory is kept.
@@ -464,7 +469,6 @@ impl ScsiController {
             // queue is clean, and a new connection sets it up again.
             Err(_) if t.released() => {
                 parts.queue.reset();
-                drop(transport);
                 self.park_queue(parts);
                 return true;
             }
@@ -481,21 +485,16 @@ impl ScsiController {
         }
         let dropped = parts.queue.reset();
         debug!("request queue {} stopped with {} requests abandoned", parts.index, dropped.len());
-        self.set_up_and_park(parts, transport);
+        self.set_up_and_park(parts, &mut transport);
         true
     }
 
     /// Sets a clean queue up again on the current connection, for the next channel.
-    fn set_up_and_park(
-        &self,
-        mut parts: QueueParts,
-        mut transport: MutexGuard<'_, Option<Box<dyn Transport>>>,
-    ) {
+    fn set_up_and_park(&self, mut parts: QueueParts, transport: &mut Option<Box<dyn Transport>>) {
         let Some(t) = transport.as_mut() else { return };
         match t.setup_queue(parts.index, &parts.rings) {
             Ok(handle) => {
                 parts.handle = handle;
-                drop(transport);
                 self.park_queue(parts);
             }
             // Stopped but not restartable: the memory is safe to free, the queue is lost.
@@ -505,7 +504,11 @@ impl ScsiController {
 
     /// A queue of an earlier connection comes back: the current connection never saw its ring,
     /// so it is set up there afresh, unless the earlier device may still be using it.
-    fn return_stale_queue(&self, mut parts: QueueParts) -> bool {
+    fn return_stale_queue(
+        &self,
+        mut parts: QueueParts,
+        mut transport: MutexGuard<'_, Option<Box<dyn Transport>>>,
+    ) -> bool {
         if self.closed.load(Ordering::Acquire) {
             return true;
         }
@@ -518,7 +521,7 @@ impl ScsiController {
             return false;
         }
         parts.queue.reset();
-        self.set_up_and_park(parts, self.transport.lock().unwrap());
+        self.set_up_and_park(parts, &mut transport);
         true
     }
 
@@ -528,8 +531,9 @@ impl ScsiController {
         std::mem::forget(parts);
     }
 
-    /// The connection channels were opened on; see [`Self::check_connection`].
-    pub(super) fn connection(&self) -> u64 {
+    /// Which connection (or re-initialisation) of the device this is: it changes each time
+    /// the device comes back, and channels of an earlier one fail.
+    pub fn connection(&self) -> u64 {
         self.connection.load(Ordering::Acquire)
     }
 
@@ -541,6 +545,21 @@ impl ScsiController {
         } else {
             Err(ScsiError::Failed("the device was reconnected since this request queue was opened".into()))
         }
+    }
+
+    /// Resets the device and sets it up again on the same transport (a PCI function), as
+    /// [`Self::reconnect`] does over a new connection: the controller fails with `reason` first,
+    /// so channels opened before fail and give their rings back, and the reset stops the device
+    /// from touching any of our memory before the transport is let go of.
+    pub fn reset_in_place(&self, reason: String) -> Result<(), ScsiError> {
+        self.check_open()?;
+        self.fail(reason);
+        let transport = {
+            let mut current = self.transport.lock().unwrap();
+            current.as_mut().ok_or(ScsiError::Closed)?.reinit()?;
+            current.take()
+        };
+        self.reconnect(transport.ok_or(ScsiError::Closed)?)
     }
 
     /// Fails the controller and drops its connection: a vhost-user backend then stops and lets
@@ -611,6 +630,8 @@ impl ScsiController {
                 }
             }
             free.sort_by_key(|p| p.index);
+            // The free queues are of the new connection from here on.
+            self.connection.fetch_add(1, Ordering::AcqRel);
         }
         t.start()?;
         if eq.queue.publish() {
@@ -619,7 +640,6 @@ impl ScsiController {
         drop(eq);
         let released = current.as_mut().map_or(true, |old| old.released());
         self.previous_released.store(released, Ordering::Release);
-        self.connection.fetch_add(1, Ordering::AcqRel);
         *current = Some(transport);
         *self.failure.lock().unwrap() = None;
         self.failed.store(false, Ordering::Release);

@@ -153,6 +153,12 @@ pub trait Transport: Send {
     }
     /// Stops the device and forgets every queue.
     fn reset(&mut self) -> Result<()>;
+    /// Resets the device and brings it back to where opening left it (acknowledged, a driver
+    /// found), for features and queues to be set up again on the same memory: a PCI function.
+    /// A vhost-user device comes back over a new connection instead.
+    fn reinit(&mut self) -> Result<()> {
+        Err(TransportError::Unsupported("a reset and re-initialisation in place"))
+    }
     /// Returns an error once the device can no longer be reached.
     fn check_alive(&mut self) -> Result<()>;
     /// True once the device is known to have let go of our memory without being stopped (a

@@ -417,6 +417,8 @@ struct FakeState {
     unmaps: Vec<(u64, u64)>,
     ranges: Vec<IovaRange>,
     notify_file: Option<Arc<File>>,
+    /// Fell off the bus: the status reads 0xff and writes go nowhere.
+    dead: bool,
 }
 
 #[derive(Clone)]
@@ -466,6 +468,7 @@ impl FakeDevice {
             driver_features: 0,
             status: 0x0f, // left running by a previous driver
             status_log: Vec::new(),
+            dead: false,
             events: Vec::new(),
             config_msix: 0,
             queue_select: 0,
@@ -521,7 +524,7 @@ impl FakeState {
             (COMMON_GFSELECT, 4) => u64::from(self.gfselect),
             (COMMON_MSIX, 2) => u64::from(self.config_msix),
             (COMMON_NUMQ, 2) => self.queues.len() as u64,
-            (COMMON_STATUS, 1) => u64::from(self.status),
+            (COMMON_STATUS, 1) => u64::from(if self.dead { 0xff } else { self.status }),
             (COMMON_CFGGENERATION, 1) => u64::from(self.generation),
             (COMMON_Q_SELECT, 2) => u64::from(self.queue_select),
             (COMMON_Q_SIZE, 2) => q(self, |q| u64::from(q.size)),
@@ -549,6 +552,7 @@ impl FakeState {
                 _ => {}
             },
             (COMMON_MSIX, 2) => self.config_msix = v as u16,
+            (COMMON_STATUS, 1) if self.dead => {}
             (COMMON_STATUS, 1) => {
                 let mut v = v as u8;
                 self.status_log.push(v);
@@ -868,6 +872,48 @@ fn controller_opens_over_the_transport_with_the_devices_queue_limit() {
     }
     c.close();
     assert_eq!(dev.s().status, 0);
+}
+
+#[test]
+fn a_device_that_needs_a_reset_is_reset_and_set_up_again_in_place() {
+    let dev = FakeDevice::new(&[64, 64, 64], VERSION_1 | ACCESS_PLATFORM | EVENT_IDX);
+    dev.s().ranges = vec![IovaRange { start: 0, end: 0xfedf_ffff }];
+    let mut fake = dev.clone();
+    fake.ranges = vec![IovaRange { start: 0, end: 0xfedf_ffff }];
+    let t = VirtioPciTransport::new(fake).unwrap();
+    let opts = ControllerOptions { memory_bytes: 4 * MIB, hugepages: HugePages::Never, ..Default::default() };
+    let c = ScsiController::open(Box::new(t), &opts).unwrap();
+    let before: Vec<(u64, u64, u64)> = dev.s().queues.iter().map(|q| (q.desc, q.driver, q.device)).collect();
+    let generation = c.connection();
+
+    // The device asks for a reset: noticed, and the controller fails.
+    dev.s().status |= STATUS_DEVICE_NEEDS_RESET;
+    assert!(c.check_alive().unwrap_err().to_string().contains("DEVICE_NEEDS_RESET"));
+    assert!(c.failure().is_some());
+
+    dev.s().status_log.clear();
+    dev.s().events.clear();
+    c.reset_in_place("the device needs a reset".into()).unwrap();
+    {
+        let s = dev.s();
+        // Reset first (stopping all DMA), then the whole handshake again, up to DRIVER_OK.
+        assert_eq!(s.status_log, [0, 1, 3, 0x0b, 0x0f], "{:?}", s.status_log);
+        assert_eq!(s.driver_features, VERSION_1 | ACCESS_PLATFORM | EVENT_IDX);
+        let after: Vec<(u64, u64, u64)> = s.queues.iter().map(|q| (q.desc, q.driver, q.device)).collect();
+        assert_eq!(after, before, "the same rings, on the same memory");
+        assert!(s.queues.iter().all(|q| q.enable == 1));
+    }
+    assert!(c.failure().is_none(), "working again");
+    assert_ne!(c.connection(), generation, "channels opened before fail");
+    assert!(c.check_alive().is_ok());
+
+    // A device that no longer responds cannot be brought back: the controller stays failed.
+    dev.s().dead = true;
+    let e = c.reset_in_place("gone".into()).unwrap_err().to_string();
+    assert!(e.contains("did not complete its reset"), "{e}");
+    assert!(c.failure().is_some());
+    dev.s().dead = false;
+    c.close();
 }
 
 // ---------------------------------------------------------------- physical addresses

@@ -278,13 +278,20 @@ impl<D: PciAccess> VirtioPciTransport<D> {
             resolver: pagemap::resolve,
             mapped: Vec::new(),
         };
-        t.reset_device()?;
-        t.set_status(STATUS_ACKNOWLEDGE)?;
-        t.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER)?;
-        t.write16(COMMON_MSIX, VIRTIO_MSI_NO_VECTOR)?;
-        t.num_queues = t.read16(COMMON_NUMQ)?;
+        t.restart()?;
         debug!("{address}: virtio-pci {caps:?}, {} virtqueues", t.num_queues);
         Ok(t)
+    }
+
+    /// Resets the device and takes it to the point where features are negotiated.
+    fn restart(&mut self) -> Result<(), PciError> {
+        self.reset_device()?;
+        self.acked = None;
+        self.set_status(STATUS_ACKNOWLEDGE)?;
+        self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER)?;
+        self.write16(COMMON_MSIX, VIRTIO_MSI_NO_VECTOR)?;
+        self.num_queues = self.read16(COMMON_NUMQ)?;
+        Ok(())
     }
 
     /// Finds physical addresses with `resolver` instead of `/proc/self/pagemap` (tests).
@@ -637,6 +644,10 @@ impl<D: PciAccess> Transport for VirtioPciTransport<D> {
 
     fn reset(&mut self) -> TransportResult<()> {
         Ok(self.reset_device()?)
+    }
+
+    fn reinit(&mut self) -> TransportResult<()> {
+        Ok(self.restart()?)
     }
 
     fn check_alive(&mut self) -> TransportResult<()> {
