@@ -117,9 +117,10 @@ pub struct ScsiController {
     control: Mutex<ControlQueue>,
     events: Mutex<EventQueue>,
     request_queues: Mutex<Vec<QueueParts>>,
-    /// Request queues taken by channels and not given back: a new connection makes anew every
-    /// queue that is neither parked nor here (those given up on, or dropped with the device).
-    taken_queues: Mutex<Vec<u16>>,
+    /// Request queues taken by channels and not given back, with the connection they were
+    /// taken on: a new connection makes anew every queue that is neither parked nor here (those
+    /// given up on, or dropped with the device).
+    taken_queues: Mutex<Vec<(u16, u64)>>,
     /// Request queues taken by threads, for threads that find none free to share.
     cells: Mutex<Vec<Weak<QueueCell>>>,
     /// The features acked, and the ring layout: a new connection gets the same.
@@ -432,8 +433,9 @@ impl ScsiController {
             return Err(ScsiError::NoFreeQueue(self.info.request_queues));
         }
         let parts = free.remove(0);
-        self.taken_queues.lock().unwrap().push(parts.index);
-        Ok((parts, self.connection()))
+        let connection = self.connection();
+        self.taken_queues.lock().unwrap().push((parts.index, connection));
+        Ok((parts, connection))
     }
 
     /// A channel gives its queue back. A queue with requests on it (or a broken one) is stopped
@@ -446,7 +448,7 @@ impl ScsiController {
         // up) then comes wholly before or after this, and never sets up a second queue at this
         // index for one it took to be still taken, or that was returned to it meanwhile.
         let mut transport = self.transport.lock().unwrap();
-        self.taken_queues.lock().unwrap().retain(|&i| i != parts.index);
+        self.taken_queues.lock().unwrap().retain(|&q| q != (parts.index, connection));
         if connection != self.connection() {
             return self.return_stale_queue(parts, transport);
         }
@@ -520,6 +522,13 @@ impl ScsiController {
             self.lose_queue(parts);
             return false;
         }
+        // Made anew already (the device was reset in place): this one goes.
+        let current = self.connection();
+        let remade = self.request_queues.lock().unwrap().iter().any(|p| p.index == parts.index)
+            || self.taken_queues.lock().unwrap().contains(&(parts.index, current));
+        if remade {
+            return true;
+        }
         parts.queue.reset();
         self.set_up_and_park(parts, &mut transport);
         true
@@ -559,7 +568,7 @@ impl ScsiController {
             current.as_mut().ok_or(ScsiError::Closed)?.reinit()?;
             current.take()
         };
-        self.reconnect(transport.ok_or(ScsiError::Closed)?)
+        self.bring_up(transport.ok_or(ScsiError::Closed)?, false)
     }
 
     /// Fails the controller and drops its connection: a vhost-user backend then stops and lets
@@ -575,7 +584,13 @@ impl ScsiController {
     /// region, so buffers handed out stay valid and zero-copy), and every queue from a clean
     /// state. Requests of the old connection failed when it went; channels opened on it fail
     /// from now on, and new ones get the new rings.
-    pub fn reconnect(&self, mut transport: Box<dyn Transport>) -> Result<(), ScsiError> {
+    pub fn reconnect(&self, transport: Box<dyn Transport>) -> Result<(), ScsiError> {
+        self.bring_up(transport, true)
+    }
+
+    /// Sets the device up again on `transport`; `late_queues`: the device accepts request
+    /// queues after it started, so those still taken by channels wait to be given back.
+    fn bring_up(&self, mut transport: Box<dyn Transport>, late_queues: bool) -> Result<(), ScsiError> {
         self.check_open()?;
         if !self.failed.load(Ordering::Acquire) {
             return Err(ScsiError::Config(
@@ -622,7 +637,14 @@ impl ScsiController {
                 parts.handle = t.setup_queue(parts.index, &parts.rings)?;
             }
             let pool = self.memory.first();
-            let taken = self.taken_queues.lock().unwrap().clone();
+            // A queue still taken gets its ring set up again when it is given back, where the
+            // device takes queues at any time (vhost-user). A reset device takes them before it
+            // starts only (PCI): every one is made anew now, and those given back later go.
+            let taken: Vec<u16> = if late_queues {
+                self.taken_queues.lock().unwrap().iter().map(|&(i, _)| i).collect()
+            } else {
+                Vec::new()
+            };
             let first = virtio_scsi_proto::FIRST_REQUEST_QUEUE;
             for index in first..first + self.info.request_queues {
                 if !free.iter().any(|p| p.index == index) && !taken.contains(&index) {

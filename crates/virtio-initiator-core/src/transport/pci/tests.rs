@@ -15,7 +15,7 @@ use super::vfio::{parse_iommu_info, IovaRange};
 use super::virtio_pci::*;
 use super::*;
 use crate::memory::{free_hugepages, DmaPool, HugePages, IovaPlacement, PoolConfig, HUGE_PAGE_SIZE};
-use crate::scsi::{ControllerOptions, ScsiController};
+use crate::scsi::{ControllerOptions, RequestChannel, ScsiController, ScsiError};
 use crate::transport::{Notifier, RingAddresses, Transport, TransportError};
 
 const MIB: u64 = 1 << 20;
@@ -883,8 +883,11 @@ fn a_device_that_needs_a_reset_is_reset_and_set_up_again_in_place() {
     let t = VirtioPciTransport::new(fake).unwrap();
     let opts = ControllerOptions { memory_bytes: 4 * MIB, hugepages: HugePages::Never, ..Default::default() };
     let c = ScsiController::open(Box::new(t), &opts).unwrap();
-    let before: Vec<(u64, u64, u64)> = dev.s().queues.iter().map(|q| (q.desc, q.driver, q.device)).collect();
     let generation = c.connection();
+    // A channel holds the one request queue through the reset.
+    let old = RequestChannel::open(&c).unwrap();
+    let control_and_events: Vec<(u64, u64, u64)> =
+        dev.s().queues[..2].iter().map(|q| (q.desc, q.driver, q.device)).collect();
 
     // The device asks for a reset: noticed, and the controller fails.
     dev.s().status |= STATUS_DEVICE_NEEDS_RESET;
@@ -899,10 +902,23 @@ fn a_device_that_needs_a_reset_is_reset_and_set_up_again_in_place() {
         // Reset first (stopping all DMA), then the whole handshake again, up to DRIVER_OK.
         assert_eq!(s.status_log, [0, 1, 3, 0x0b, 0x0f], "{:?}", s.status_log);
         assert_eq!(s.driver_features, VERSION_1 | ACCESS_PLATFORM | EVENT_IDX);
-        let after: Vec<(u64, u64, u64)> = s.queues.iter().map(|q| (q.desc, q.driver, q.device)).collect();
-        assert_eq!(after, before, "the same rings, on the same memory");
-        assert!(s.queues.iter().all(|q| q.enable == 1));
+        let after: Vec<(u64, u64, u64)> =
+            s.queues[..2].iter().map(|q| (q.desc, q.driver, q.device)).collect();
+        assert_eq!(after, control_and_events, "the same control and event rings, on the same memory");
+        assert!(s.queues.iter().all(|q| q.enable == 1), "every queue, the taken one too");
+        // A reset device takes queues before DRIVER_OK only.
+        let driver_ok = s.events.iter().rposition(|e| *e == ("status", 0x0f)).unwrap();
+        let last_enable = s.events.iter().rposition(|e| e.0 == "enable").unwrap();
+        assert!(last_enable < driver_ok, "{:?}", s.events);
     }
+    // The request queue was made anew: a channel gets it while the old one still holds its own.
+    let new = RequestChannel::open(&c).unwrap();
+    drop(old);
+    drop(new);
+    // One queue, not two: the old one went when it was given back.
+    let a = RequestChannel::open(&c).unwrap();
+    assert!(matches!(RequestChannel::open(&c), Err(ScsiError::NoFreeQueue(1))));
+    drop(a);
     assert!(c.failure().is_none(), "working again");
     assert_ne!(c.connection(), generation, "channels opened before fail");
     assert!(c.check_alive().is_ok());
