@@ -1,17 +1,18 @@
 // A long verified load against the bundled target while the target misbehaves: every few
-// seconds it cuts the connection, or answers with BUSY, TASK SET FULL or late completions.
+// seconds, in turn, it is killed (SIGKILL) and started again on the same socket and image file,
+// answers with BUSY, cuts the connection, or answers with TASK SET FULL or late completions.
 //   npm run build && node --import tsx scripts/soak.ts [--minutes M] [--every S] [--seed N]
 // The load is `virtio-initiator bench --reconnect --verify --rw randrw`; the run passes when it
-// ends with no errors, no mismatches and one reconnect per cut connection. Prints one line per
+// ends with no errors, no mismatches and one reconnect per kill or cut connection. Prints one line per
 // disturbance and the bench's JSON result; exits 1 when the run did not pass.
 
 import { spawn } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, rmSync, ftruncateSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 
-import { startTarget } from '../ts/bundled-target.js';
+import { startTarget, type TargetProcess } from '../ts/bundled-target.js';
 
 const { values } = parseArgs({
   options: {
@@ -31,8 +32,15 @@ if (!(minutes > 0) || !(every > 0)) {
 const root = new URL('..', import.meta.url).pathname;
 const dir = mkdtempSync(join(tmpdir(), 'vi-soak-'));
 const socket = join(dir, 'vhost.sock');
-const target = await startTarget({ socket, control: join(dir, 'control.sock'), luns: ['0:0:ram:256M:512'] });
-const control = await target.control();
+const controlPath = join(dir, 'control.sock');
+// A file LUN: what was written survives the target's death, as it would on a real target.
+const image = join(dir, 'soak.img');
+const fd = openSync(image, 'w');
+ftruncateSync(fd, 256 << 20);
+closeSync(fd);
+const start = (): Promise<TargetProcess> => startTarget({ socket, control: controlPath, luns: [`0:0:file:${image}:512`] });
+let target = await start();
+let control = await target.control();
 
 const seconds = Math.round(minutes * 60);
 const bench = spawn(
@@ -45,41 +53,70 @@ let out = '';
 bench.stdout.setEncoding('utf8').on('data', (d: string) => (out += d));
 const exited = new Promise<number>((resolve) => bench.once('exit', (code) => resolve(code ?? 1)));
 
-// Disturbances in turn; a cut connection every other time.
-const faults = [
-  () => control.inject(0, 0, 'busy', 3),
-  () => control.inject(0, 0, 'task_set_full', 3),
-  () => control.inject(0, 0, 'delay', 20, { ms: 30 }),
-];
-let cuts = 0;
+/** Kills the target outright and starts a new one on the same socket and image. */
+async function killAndRestart(): Promise<void> {
+  const old = target;
+  old.child.kill('SIGKILL');
+  await new Promise<void>((resolve) => (old.status ? resolve() : old.child.once('exit', () => resolve())));
+  // A killed target leaves its sockets behind; the new one refuses to replace them.
+  rmSync(socket, { force: true });
+  rmSync(controlPath, { force: true });
+  target = await start();
+  control = await target.control();
+}
+
+// Disturbances in turn: a kill, BUSY, a cut connection, then TASK SET FULL or late completions.
+let lost = 0;
 let turn = 0;
 const t0 = Date.now();
+const disturb = async (): Promise<string> => {
+  const kind = turn % 4;
+  const odd = (turn >> 2) % 2 === 1;
+  turn++;
+  if (kind === 0) {
+    await killAndRestart();
+    lost++;
+    return 'target killed and started again';
+  }
+  if (kind === 1) {
+    await control.inject(0, 0, 'busy', 3);
+    return 'BUSY x3';
+  }
+  if (kind === 2) {
+    const r = await control.disconnect();
+    if (r.connections === 1) lost++;
+    return 'connection cut';
+  }
+  if (odd) {
+    await control.inject(0, 0, 'delay', 20, { ms: 30 });
+    return '20 completions 30 ms late';
+  }
+  await control.inject(0, 0, 'task_set_full', 3);
+  return 'TASK SET FULL x3';
+};
+let busy = Promise.resolve();
 const timer = setInterval(() => {
   const at = ((Date.now() - t0) / 1000).toFixed(1);
-  const cut = turn % 2 === 0;
-  const act = cut ? control.disconnect() : faults[(turn >> 1) % faults.length]!();
-  const what = cut ? 'connection cut' : ['BUSY x3', 'TASK SET FULL x3', '20 completions 30 ms late'][(turn >> 1) % faults.length];
-  turn++;
-  void act.then(
-    (r) => {
-      if (cut && (r as { connections?: number }).connections === 1) cuts++;
-      process.stderr.write(`soak: ${at} s: ${what}\n`);
-    },
-    (e: unknown) => process.stderr.write(`soak: ${at} s: ${what} failed: ${String(e)}\n`),
+  busy = busy.then(() =>
+    disturb().then(
+      (what) => void process.stderr.write(`soak: ${at} s: ${what}\n`),
+      (e: unknown) => void process.stderr.write(`soak: ${at} s: disturbance failed: ${String(e)}\n`),
+    ),
   );
 }, every * 1000);
 
 const code = await exited;
 clearInterval(timer);
+await busy;
 await target.stop();
 rmSync(dir, { recursive: true, force: true });
 
 const line = out.trim().split('\n').pop() ?? '';
 process.stdout.write(`${line}\n`);
 const r = JSON.parse(line) as { ios: number; errors: number; mismatches: number; reconnects: number; lost: number };
-const passed = code === 0 && r.errors === 0 && r.mismatches === 0 && r.reconnects === cuts;
+const passed = code === 0 && r.errors === 0 && r.mismatches === 0 && r.reconnects === lost;
 process.stderr.write(
-  `soak: ${seconds} s, ${r.ios} requests, ${cuts} connections cut, ${r.reconnects} reconnects, ${r.lost} requests lost ` +
+  `soak: ${seconds} s, ${r.ios} requests, ${lost} connections lost (kills and cuts), ${r.reconnects} reconnects, ${r.lost} requests lost ` +
     `with them, ${r.errors} errors, ${r.mismatches} mismatches: ${passed ? 'passed' : 'FAILED'}\n`,
 );
 process.exit(passed ? 0 : 1);
