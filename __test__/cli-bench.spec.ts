@@ -3,7 +3,7 @@
 // worker threads with queues of their own (or shared ones), verification that catches data the
 // target corrupts, and the `target` wrapper passing on arguments, exit status and signals.
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -14,6 +14,7 @@ import { controllerBack, LatencyHistogram, mergeWorkloadResults, Verifier, type 
 import { cli, type Run } from './helpers/cli.js';
 import { repoRoot, requireTargetBinary, testWhen } from './helpers/env.js';
 import { initiatorRequirements, startTestTarget } from './helpers/initiator.js';
+import { startTarget } from './helpers/target.js';
 
 
 interface BenchJson {
@@ -563,3 +564,42 @@ bench(`bench --api ${api} --workers ${workers} --reconnect --verify rides out a 
   t.regex(r.stderr, /virtio-initiator bench: event VirtioScsi0 reconnected \{"attempts":\d+\}/);
 });
 }
+
+// What a crashed target looks like: killed outright and started again on the same socket and
+// image file. The load rides it out with every block it reads back right.
+bench('bench --reconnect --verify rides out a target killed (SIGKILL) and started again on its file: no errors, no mismatches', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'vi-bench-kill-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const image = join(dir, 'disk.img');
+  writeFileSync(image, '');
+  truncateSync(image, LUN_BYTES);
+  const socket = join(dir, 'vhost.sock');
+  const control = join(dir, 'control.sock');
+  const luns = [`0:0:file:${image}:512`];
+  let target = await startTarget({ socket, control, luns });
+  t.teardown(() => target.stop());
+  const run = cli(['bench', '--socket', socket, '--json', '--reconnect', '--verify', '--rw', 'randrw', '--size', String(REGION), '--time', '4']);
+  const moved = async (): Promise<number> => {
+    const queues = (await (await target.control()).stats()).queues as Array<{ bytes_in: number }>;
+    return queues.reduce((n, q) => n + q.bytes_in, 0);
+  };
+  for (let i = 0; i < 200 && (await moved()) < REGION; i++) await sleep(25);
+  const KILLS = 2;
+  for (let k = 0; k < KILLS; k++) {
+    await sleep(500);
+    const old = target;
+    old.child.kill('SIGKILL');
+    await new Promise((r) => old.child.once('exit', r));
+    rmSync(socket, { force: true });
+    rmSync(control, { force: true });
+    target = await startTarget({ socket, control, luns });
+  }
+  const r = await run;
+  t.is(r.code, 0, describe(r));
+  const rep = lastJson(r) as BenchJson & { reconnects: number; lost: number; mismatches: number; errors: number; writes: number };
+  t.is(rep.reconnects, KILLS);
+  t.is(rep.errors, 0);
+  t.is(rep.mismatches, 0);
+  t.true(rep.ios > 0 && rep.writes > 0, `${rep.ios} requests, ${rep.writes} writes`);
+  t.log(`${rep.ios} requests, ${rep.lost} lost with the target, ${rep.reconnects} reconnects`);
+});
