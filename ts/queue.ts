@@ -590,31 +590,13 @@ export class RequestQueue implements CommandExecutor {
     recover: TransferOwner | undefined,
   ): Promise<unknown> {
     if (this.closedError) return Promise.reject(this.closedError);
-    if (signal?.aborted) return Promise.reject(signal.reason);
+    if (signal !== undefined) {
+      if (signal.aborted) return Promise.reject(signal.reason);
+      this.watch(signal);
+    }
     const promise = new Promise<unknown>(this.capture);
-    this.place(mode, cmd, write, target, lun, lba, blocks, data, fua, signal, timeoutMs, value, recover, this.nextResolve!, this.nextReject!);
-    return promise;
-  }
-
-  /** Takes a request (the queue open, its signal not fired) into a free slot, or the waiting line. */
-  private place(
-    mode: Mode,
-    cmd: ScsiCommand | undefined,
-    write: boolean,
-    target: number,
-    lun: number,
-    lba: number,
-    blocks: number,
-    data: Buffer | null,
-    fua: boolean,
-    signal: AbortSignal | undefined,
-    timeoutMs: number,
-    value: unknown,
-    recover: TransferOwner | undefined,
-    resolve: (v: unknown) => void,
-    reject: (e: unknown) => void,
-  ): void {
-    if (signal !== undefined) this.watch(signal);
+    const resolve = this.nextResolve!;
+    const reject = this.nextReject!;
     if (this.freeCount === 0 || this.waiting.length > this.waitingHead || this.batches.length > 0) {
       this.waiting.push({ mode, cmd, write, target, lun, lba, blocks, data, fua, signal, timeoutMs, value, recover, resolve, reject });
     } else {
@@ -625,6 +607,7 @@ export class RequestQueue implements CommandExecutor {
       if (this.stagedCount >= EARLY_SUBMIT) this.submitStaged();
     }
     this.ensurePass();
+    return promise;
   }
 
   private fill(

@@ -83,6 +83,18 @@ function report(kind: 'BODY' | 'CHECK', name: string, r: Recorder, ms: number): 
   return ok;
 }
 
+/** Runs one check of the guest and reports it as a CHECK marker; true when it passed. */
+async function runCheck(name: string, check: (t: Recorder) => Promise<void>): Promise<boolean> {
+  const r = new Recorder();
+  const start = Date.now();
+  try {
+    await check(r);
+  } catch (e) {
+    r.failures.push(`threw: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`);
+  }
+  return report('CHECK', name, r, Date.now() - start);
+}
+
 function message(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }
@@ -396,14 +408,7 @@ async function main(): Promise<number> {
     ok = report('BODY', name, r, Date.now() - start) && ok;
   }
   ok = reportPool('after-bodies', spec) && ok;
-  const rr = new Recorder();
-  const tr = Date.now();
-  try {
-    await resetCheck(rr, controller, spec);
-  } catch (e) {
-    rr.failures.push(`threw: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`);
-  }
-  ok = report('CHECK', 'device-reset', rr, Date.now() - tr) && ok;
+  ok = (await runCheck('device-reset', (r) => resetCheck(r, controller, spec))) && ok;
   if (spec.badInput) ok = (await bindingChecks(native, address, controller, spec)) && ok;
   const failure = controller.failure;
   if (failure !== null) {
@@ -412,14 +417,7 @@ async function main(): Promise<number> {
   }
   await controller.close();
   // Closing let the device go: the facade can open it again at once.
-  const r = new Recorder();
-  const t1 = Date.now();
-  try {
-    await facadeCheck(r, address, spec);
-  } catch (e) {
-    r.failures.push(`threw: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`);
-  }
-  ok = report('CHECK', 'facade', r, Date.now() - t1) && ok;
+  ok = (await runCheck('facade', (r) => facadeCheck(r, address, spec))) && ok;
   out(`@@RESULT ${ok ? 'PASS' : 'FAIL'}`);
   return ok ? 0 : 1;
 }
