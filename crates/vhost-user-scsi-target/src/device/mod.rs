@@ -10,6 +10,7 @@ mod deferred;
 mod events;
 mod poll;
 mod request;
+pub mod ring;
 pub mod segments;
 mod stats;
 mod vring;
@@ -26,7 +27,7 @@ use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_
 use virtio_bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_AVAIL_F_NO_INTERRUPT,
 };
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueT;
 use virtio_scsi_proto::{feature, Config, Event, LunAddress, CDB_SIZE, FIRST_REQUEST_QUEUE, SENSE_SIZE};
 use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
@@ -41,7 +42,7 @@ pub use stats::{QueueStats, QueueStatsSnapshot};
 pub use vring::ScsiVring;
 
 pub type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
-type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
+pub(crate) type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
 
 /// Largest queue size the target accepts.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
@@ -350,77 +351,30 @@ impl Inner {
         }
     }
 
-    /// Serves every chain the driver has made available, with EVENT_IDX notification
-    /// suppression while doing so. `serve` returns the used length, or `None` when it kept the
-    /// chain for later completion.
+    /// Serves every chain the driver has made available (see [`ring::drain`]).
     fn drain(
         &self,
         vring: &VringRwLock,
-        mut serve: impl FnMut(&MemGuard, u16, segments::Segments) -> Option<u32>,
+        serve: impl FnMut(&MemGuard, u16, segments::Segments) -> Option<u32>,
     ) -> io::Result<()> {
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
-        loop {
-            if event_idx {
-                vring.disable_notification().map_err(io::Error::other)?;
-            }
-            if self.serve_available(vring, &mut serve)?.is_some() {
-                Inner::notify(vring);
-            }
-            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
-                return Ok(());
-            }
-        }
+        ring::drain(vring, self.event_idx.load(Ordering::Relaxed), || self.memory(), serve)
     }
 
-    /// Serves the chains available now. Returns the memory they were served with when any
-    /// went on the used ring.
+    /// Serves the chains available now (see [`ring::serve_available`]).
     fn serve_available(
         &self,
         vring: &VringRwLock,
-        mut serve: impl FnMut(&MemGuard, u16, segments::Segments) -> Option<u32>,
+        serve: impl FnMut(&MemGuard, u16, segments::Segments) -> Option<u32>,
     ) -> io::Result<Option<MemGuard>> {
-        let no_memory = || io::Error::other("a ring is in use before SET_MEM_TABLE");
-        {
-            let mem = self.memory().ok_or_else(no_memory)?;
-            let state = vring.get_ref();
-            let queue = state.get_queue();
-            if queue.avail_idx(&*mem, Ordering::Acquire).map_err(io::Error::other)?.0 == queue.next_avail() {
-                return Ok(None);
-            }
-        }
-        // Loaded only once a request is seen: a driver publishes after the memory update (ADD_MEM_REG,
-        // SET_MEM_TABLE) that its buffers need has been acknowledged, so this load has it.
-        let mem = self.memory().ok_or_else(no_memory)?;
-        let chains: Vec<_> = {
-            let mut state = vring.get_mut();
-            state.get_queue_mut().iter(mem.clone()).map_err(io::Error::other)?.collect()
-        };
-        let mut completed = false;
-        for chain in chains {
-            let head = chain.head_index();
-            let segs =
-                segments::Segments::from_descriptors(chain.map(|d| (d.addr(), d.len(), d.is_write_only())));
-            if let Some(len) = serve(&mem, head, segs) {
-                vring.add_used(head, len).map_err(io::Error::other)?;
-                completed = true;
-            }
-        }
-        Ok(completed.then_some(mem))
+        ring::serve_available(vring, || self.memory(), serve)
     }
 
-    /// Signals the driver if the ring's notification rules ask for it.
     fn notify(vring: &VringRwLock) {
-        match vring.needs_notification() {
-            Ok(true) => Inner::signal(vring),
-            Ok(false) => {}
-            Err(e) => warn!("cannot read notification state: {e}"),
-        }
+        ring::notify(vring)
     }
 
     fn signal(vring: &VringRwLock) {
-        if let Err(e) = vring.signal_used_queue() {
-            warn!("cannot signal used queue: {e}");
-        }
+        ring::signal(vring)
     }
 
     /// Signals the driver after request completions. Without EVENT_IDX virtio-queue signals
