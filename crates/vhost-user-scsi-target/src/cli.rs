@@ -8,10 +8,12 @@ use crate::scsi::LunSpec;
 pub const USAGE: &str = "\
 usage: vhost-user-scsi-target --socket PATH [options]
 
-Serves virtio-scsi over vhost-user on a unix socket.
+Serves virtio-scsi (or, with --type blk, virtio-blk) over vhost-user on a unix socket.
 
 options:
   --socket PATH        vhost-user socket to create (must not exist)
+  --type TYPE          scsi (default) or blk: one disk, from exactly one --lun 0:0:...; the
+                       SCSI-only options (--control, --max-target, --poll, --quirk) do not apply
   --control PATH       control socket (line-delimited JSON) to create
   --lun SPEC           a LUN, repeatable:
                          T:L:ram:SIZE[:BS][:ro]    RAM, thin (unmapped blocks use no memory)
@@ -37,6 +39,7 @@ options:
 
 #[derive(Debug)]
 pub struct Args {
+    pub device_type: DeviceType,
     pub socket: PathBuf,
     pub control: Option<PathBuf>,
     pub luns: Vec<LunSpec>,
@@ -47,6 +50,13 @@ pub struct Args {
     pub poll_threads: Option<u16>,
     pub quirks: Vec<Quirk>,
     pub verbose: bool,
+}
+
+/// The virtio device the target serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceType {
+    Scsi,
+    Blk,
 }
 
 /// Deviations from the virtio specification that other targets have.
@@ -89,6 +99,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<(Parsed, Option<A
     let mut poll_threads = None;
     let mut quirks = Vec::new();
     let mut verbose = false;
+    let mut device_type = DeviceType::Scsi;
     while let Some(arg) = it.next() {
         let (name, inline) = match arg.split_once('=') {
             Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
@@ -101,6 +112,13 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<(Parsed, Option<A
             "-h" | "--help" => return Ok((Parsed::Help, None)),
             "-v" | "--verbose" => verbose = true,
             "--socket" => socket = Some(PathBuf::from(value("a path")?)),
+            "--type" => {
+                device_type = match value("scsi or blk")?.as_str() {
+                    "scsi" => DeviceType::Scsi,
+                    "blk" => DeviceType::Blk,
+                    v => return Err(format!("--type: '{v}' is not scsi or blk")),
+                }
+            }
             "--control" => control = Some(PathBuf::from(value("a path")?)),
             "--lun" => {
                 let v = value("a LUN spec")?;
@@ -152,6 +170,20 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<(Parsed, Option<A
         }
     }
     let socket = socket.ok_or("--socket is required")?;
+    if device_type == DeviceType::Blk {
+        if luns.len() != 1 || luns[0].addr.target != 0 || luns[0].addr.lun != 0 {
+            return Err("--type blk serves one disk: give exactly one --lun 0:0:KIND:...".into());
+        }
+        let scsi_only = [
+            (control.is_some(), "--control"),
+            (max_target.is_some(), "--max-target"),
+            (poll, "--poll"),
+            (!quirks.is_empty(), "--quirk"),
+        ];
+        if let Some((_, name)) = scsi_only.iter().find(|(given, _)| *given) {
+            return Err(format!("{name} is for --type scsi only"));
+        }
+    }
     let mut seen = std::collections::HashSet::new();
     for l in &luns {
         if !seen.insert(l.addr) {
@@ -178,7 +210,18 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<(Parsed, Option<A
     };
     Ok((
         Parsed::Run,
-        Some(Args { socket, control, luns, queues, queue_size, max_target, poll_threads, quirks, verbose }),
+        Some(Args {
+            device_type,
+            socket,
+            control,
+            luns,
+            queues,
+            queue_size,
+            max_target,
+            poll_threads,
+            quirks,
+            verbose,
+        }),
     ))
 }
 

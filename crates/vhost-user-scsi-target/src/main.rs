@@ -1,10 +1,11 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use vhost_user_scsi_target::blk::{BlkBackend, BlkOptions};
 use vhost_user_scsi_target::cli::{self, Parsed};
 use vhost_user_scsi_target::control::Control;
 use vhost_user_scsi_target::device::{DeviceOptions, Quirks, ScsiBackend};
-use vhost_user_scsi_target::scsi::Bus;
+use vhost_user_scsi_target::scsi::{open_storage, Bus};
 use vhost_user_scsi_target::server::Server;
 
 fn main() -> ExitCode {
@@ -37,6 +38,9 @@ fn run(args: cli::Args) -> Result<(), String> {
     sockets.extend(args.control.clone());
     vhost_user_scsi_target::signals::remove_on_exit(sockets).map_err(|e| format!("signal handling: {e}"))?;
 
+    if args.device_type == cli::DeviceType::Blk {
+        return run_blk(args);
+    }
     let highest = args.luns.iter().map(|l| l.addr.target).max().unwrap_or(0);
     let bus = Arc::new(Bus::new(args.max_target.unwrap_or(highest)));
     for spec in args.luns {
@@ -79,6 +83,49 @@ fn run(args: cli::Args) -> Result<(), String> {
             "queue_size": args.queue_size,
             "poll_threads": args.poll_threads,
             "luns": luns,
+        })
+    );
+    server.run(&backend).map_err(|e| e.to_string())
+}
+
+/// `--type blk`: one disk over vhost-user-blk.
+fn run_blk(args: cli::Args) -> Result<(), String> {
+    let spec = &args.luns[0];
+    let (storage, path) = open_storage(spec.addr, &spec.cfg).map_err(|e| format!("--lun: {e}"))?;
+    let kind = storage.kind();
+    let bytes = storage.len();
+    // A stable identity, as the SCSI LUNs have: the same disk reports the same ID after a restart.
+    let id = match &path {
+        Some(p) => format!(
+            "VIRTINIT-{}",
+            std::fs::metadata(p)
+                .map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    format!("{:x}", m.ino())
+                })
+                .unwrap_or_default()
+        ),
+        None => format!("VIRTINIT-{kind}"),
+    };
+    let opts = BlkOptions {
+        request_queues: args.queues,
+        queue_size: args.queue_size,
+        block_size: spec.cfg.block_size,
+        read_only: spec.cfg.read_only,
+        id,
+    };
+    let backend = BlkBackend::new(storage, opts);
+    let server = Server::bind(&args.socket).map_err(|e| e.to_string())?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "event": "listening",
+            "type": "blk",
+            "socket": args.socket,
+            "queues": args.queues,
+            "queue_size": args.queue_size,
+            "disk": { "kind": kind, "bytes": bytes, "block_size": spec.cfg.block_size,
+                      "read_only": spec.cfg.read_only, "path": path },
         })
     );
     server.run(&backend).map_err(|e| e.to_string())

@@ -9,7 +9,36 @@ use std::path::{Path, PathBuf};
 use log::{info, warn};
 use vhost::vhost_user::Listener;
 
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
+
+use crate::blk::BlkBackend;
 use crate::device::ScsiBackend;
+
+/// What the socket loop needs of a device: a daemon for each connection, and word when one ends.
+pub trait Device: VhostUserBackend<Bitmap = (), Vring: Clone + Send + Sync> + Clone + 'static {
+    fn new_daemon(&self) -> Result<VhostUserDaemon<Self>, vhost_user_backend::Error>;
+    fn end_connection(&self);
+}
+
+impl Device for ScsiBackend {
+    fn new_daemon(&self) -> Result<VhostUserDaemon<Self>, vhost_user_backend::Error> {
+        ScsiBackend::new_daemon(self)
+    }
+
+    fn end_connection(&self) {
+        ScsiBackend::end_connection(self)
+    }
+}
+
+impl Device for BlkBackend {
+    fn new_daemon(&self) -> Result<VhostUserDaemon<Self>, vhost_user_backend::Error> {
+        BlkBackend::new_daemon(self)
+    }
+
+    fn end_connection(&self) {
+        BlkBackend::end_connection(self)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -43,7 +72,7 @@ impl Server {
     }
 
     /// Serves frontends until the process ends.
-    pub fn run(&self, backend: &ScsiBackend) -> Result<(), ServerError> {
+    pub fn run<D: Device>(&self, backend: &D) -> Result<(), ServerError> {
         loop {
             let clone = self.listener.try_clone().map_err(|e| ServerError::Daemon(e.to_string()))?;
             let mut listener = Listener::from(clone);

@@ -122,26 +122,10 @@ impl Bus {
             return Err(BusError::LunOutOfRange(addr));
         }
         let block_size = cfg.block_size;
-        if !valid_block_size(block_size) {
-            return Err(BusError::BadBlockSize { addr, block_size });
-        }
         if self.read().contains_key(&addr) {
             return Err(BusError::Exists(addr));
         }
-        let bs = u64::from(block_size);
-        let (storage, path) = match cfg.backing {
-            Backing::Ram { bytes } => (Storage::ram(whole_blocks(addr, bytes, block_size)?), None),
-            Backing::Null { bytes } => (Storage::null(whole_blocks(addr, bytes, block_size)?), None),
-            Backing::File { path } => {
-                let storage = Storage::open_file(&path, cfg.read_only)
-                    .map_err(|source| BusError::Storage { addr, source })?;
-                let len = storage.len();
-                if len == 0 || len % bs != 0 {
-                    return Err(BusError::FileSize { addr, path, len, block_size });
-                }
-                (storage, Some(path))
-            }
-        };
+        let (storage, path) = open_storage(addr, &cfg)?;
         let unit = Arc::new(LogicalUnit::new(addr, storage, path, block_size, cfg.read_only));
         let mut map = self.write();
         if map.contains_key(&addr) {
@@ -272,6 +256,28 @@ impl Bus {
             unit.push_ua(Sense::unit_attention(asc::I_T_NEXUS_LOSS));
         }
     }
+}
+
+/// The store a LUN's configuration asks for (and the file's path, for a file): whole blocks of a
+/// valid block size.
+pub fn open_storage(addr: LunAddress, cfg: &LunConfig) -> Result<(Storage, Option<PathBuf>), BusError> {
+    let block_size = cfg.block_size;
+    if !valid_block_size(block_size) {
+        return Err(BusError::BadBlockSize { addr, block_size });
+    }
+    Ok(match &cfg.backing {
+        Backing::Ram { bytes } => (Storage::ram(whole_blocks(addr, *bytes, block_size)?), None),
+        Backing::Null { bytes } => (Storage::null(whole_blocks(addr, *bytes, block_size)?), None),
+        Backing::File { path } => {
+            let storage = Storage::open_file(path, cfg.read_only)
+                .map_err(|source| BusError::Storage { addr, source })?;
+            let len = storage.len();
+            if len == 0 || len % u64::from(block_size) != 0 {
+                return Err(BusError::FileSize { addr, path: path.clone(), len, block_size });
+            }
+            (storage, Some(path.clone()))
+        }
+    })
 }
 
 fn whole_blocks(addr: LunAddress, bytes: u64, block_size: u32) -> Result<u64, BusError> {

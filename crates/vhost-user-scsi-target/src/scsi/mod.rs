@@ -15,7 +15,7 @@ mod unit;
 
 use std::time::Duration;
 
-pub use bus::{Bus, BusError, LunInfo};
+pub use bus::{open_storage, Bus, BusError, LunInfo};
 pub use config::{Backing, LunConfig, LunSpec, LunSpecError, DEFAULT_BLOCK_SIZE};
 pub use fault::{Fault, CORRUPT_INTERVAL};
 pub use sense::Sense;

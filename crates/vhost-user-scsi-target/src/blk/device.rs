@@ -1,0 +1,245 @@
+//! The virtio-blk device behind the vhost-user socket: one disk on the storage backends, its
+//! configuration space and feature set, and a worker thread per request queue. Every request
+//! completes as it is served, so stopping a ring (GET_VRING_BASE) or resetting the device finds
+//! nothing held.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_blk_proto::{feature, request, status, Config, ID_BYTES, SECTOR_SIZE};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+use super::request::{execute, Disk};
+use crate::device::{ring, Memory, QueueStats, QueueStatsSnapshot};
+use crate::storage::Storage;
+
+/// Ranges one DISCARD or WRITE_ZEROES request may carry.
+const MAX_RANGES: u32 = 16;
+
+/// Sizing and identity of the device, fixed for the life of the process.
+#[derive(Clone, Debug)]
+pub struct BlkOptions {
+    pub request_queues: u16,
+    pub queue_size: u16,
+    pub block_size: u32,
+    pub read_only: bool,
+    /// GET_ID's answer (at most 20 bytes; shorter is NUL-padded).
+    pub id: String,
+}
+
+/// The vhost-user backend; clones share one device, and each frontend connection gets a clone
+/// inside a fresh `VhostUserDaemon`.
+#[derive(Clone)]
+pub struct BlkBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    storage: Storage,
+    opts: BlkOptions,
+    id: [u8; ID_BYTES],
+    mem: RwLock<Option<Memory>>,
+    event_idx: AtomicBool,
+    /// Notifiers that stop this connection's worker threads.
+    exits: Mutex<Vec<EventNotifier>>,
+    stats: Vec<QueueStats>,
+}
+
+impl BlkBackend {
+    pub fn new(storage: Storage, opts: BlkOptions) -> Self {
+        let mut id = [0u8; ID_BYTES];
+        let n = opts.id.len().min(ID_BYTES);
+        id[..n].copy_from_slice(&opts.id.as_bytes()[..n]);
+        let stats = (0..opts.request_queues).map(|_| QueueStats::default()).collect();
+        BlkBackend {
+            inner: Arc::new(Inner {
+                storage,
+                opts,
+                id,
+                mem: RwLock::new(None),
+                event_idx: AtomicBool::new(false),
+                exits: Mutex::new(Vec::new()),
+                stats,
+            }),
+        }
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.inner.storage
+    }
+
+    pub fn config(&self) -> Config {
+        let o = &self.inner.opts;
+        let blocks = self.inner.storage.len() / u64::from(o.block_size);
+        Config {
+            capacity: blocks * u64::from(o.block_size) / SECTOR_SIZE,
+            seg_max: u32::from(o.queue_size) - 2,
+            blk_size: o.block_size,
+            num_queues: o.request_queues,
+            max_discard_sectors: u32::MAX,
+            max_discard_seg: MAX_RANGES,
+            discard_sector_alignment: o.block_size / SECTOR_SIZE as u32,
+            max_write_zeroes_sectors: u32::MAX,
+            max_write_zeroes_seg: MAX_RANGES,
+            write_zeroes_may_unmap: 1,
+            ..Config::default()
+        }
+    }
+
+    /// The daemon for the next frontend connection.
+    pub fn new_daemon(&self) -> Result<VhostUserDaemon<BlkBackend>, vhost_user_backend::Error> {
+        *self.inner.mem.write().unwrap() = None;
+        VhostUserDaemon::new(
+            "vhost-user-blk".into(),
+            self.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+    }
+
+    /// Ends the connection that just went away: stops its worker threads.
+    pub fn end_connection(&self) {
+        for n in self.inner.exits.lock().unwrap().drain(..) {
+            let _ = n.notify();
+        }
+    }
+
+    pub fn stats(&self) -> Vec<QueueStatsSnapshot> {
+        self.inner.stats.iter().map(QueueStats::snapshot).collect()
+    }
+
+    fn serve(&self, queue: u16, vring: &VringRwLock) -> io::Result<()> {
+        let inner = &self.inner;
+        let disk = Disk {
+            storage: &inner.storage,
+            block_size: inner.opts.block_size,
+            read_only: inner.opts.read_only,
+            id: inner.id,
+            max_ranges: MAX_RANGES,
+            write_zeroes_may_unmap: true,
+        };
+        let stats = &inner.stats[queue as usize];
+        let memory = || inner.mem.read().unwrap().as_ref().map(|m| m.memory());
+        ring::drain(vring, inner.event_idx.load(Ordering::Relaxed), memory, |mem, _, segs| {
+            let done = execute(&**mem, &segs, &disk);
+            stats.requests.fetch_add(1, Ordering::Relaxed);
+            match done.status {
+                None => stats.malformed.fetch_add(1, Ordering::Relaxed),
+                Some(status::OK) if done.request_type == request::IN => {
+                    stats.bytes_in.fetch_add(done.bytes, Ordering::Relaxed)
+                }
+                Some(status::OK) => stats.bytes_out.fetch_add(done.bytes, Ordering::Relaxed),
+                Some(_) => stats.errors.fetch_add(1, Ordering::Relaxed),
+            };
+            Some(done.used_len)
+        })
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.inner.opts.request_queues as usize
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.inner.opts.queue_size as usize
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_F_NOTIFY_ON_EMPTY)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << feature::SEG_MAX)
+            | (1 << feature::BLK_SIZE)
+            | (1 << feature::FLUSH)
+            | (1 << feature::DISCARD)
+            | (1 << feature::WRITE_ZEROES)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.inner.opts.request_queues > 1 {
+            f |= 1 << feature::MQ;
+        }
+        if self.inner.opts.read_only {
+            f |= 1 << feature::RO;
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.inner.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let cfg = self.config().encode();
+        let start = (offset as usize).min(cfg.len());
+        let end = start.saturating_add(size as usize).min(cfg.len());
+        cfg[start..end].to_vec()
+    }
+
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
+        // CONFIG_WCE is not offered: nothing in the configuration space is writable.
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: Memory) -> io::Result<()> {
+        *self.inner.mem.write().unwrap() = Some(mem);
+        Ok(())
+    }
+
+    /// A thread per request queue.
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.inner.opts.request_queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
+        self.inner.exits.lock().unwrap().push(notifier.try_clone().ok()?);
+        Some((consumer, notifier))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("unexpected event set {evset:?}"),
+            ));
+        }
+        // Thread k serves request queue k alone.
+        let queue = if (device_event as usize) < vrings.len() { device_event } else { thread_id as u16 };
+        let vring = vrings
+            .get(queue as usize)
+            .ok_or_else(|| io::Error::other(format!("queue {queue} has no vring")))?;
+        let live = {
+            let state = vring.get_ref();
+            virtio_queue::QueueT::ready(state.get_queue()) && state.is_enabled()
+        };
+        if !live {
+            // A kick that was pending when the ring was stopped or disabled.
+            return Ok(());
+        }
+        self.serve(queue, vring)
+    }
+}

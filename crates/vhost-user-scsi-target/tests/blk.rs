@@ -1,0 +1,129 @@
+//! The target's virtio-blk device (`--type blk`), reached over its socket by a frontend of our
+//! own: configuration space and features, data written and read back, flush, the device ID,
+//! discard and write-zeroes, and requests the disk refuses.
+
+mod common;
+
+use common::{bytes_of, seg, Rig, Target};
+use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::VhostUserFrontend;
+use vhost::VhostBackend;
+use virtio_blk_proto::{feature, request, status, Config, RangeSegment, RequestHeader};
+
+fn header(rig: &Rig, request_type: u32, sector: u64) -> virtio_initiator_core::memory::DmaBuf {
+    let mut b = rig.buf(RequestHeader::SIZE);
+    b.write_at(0, &RequestHeader { request_type, ioprio: 0, sector }.encode()).unwrap();
+    b
+}
+
+fn status_of(b: &virtio_initiator_core::memory::DmaBuf) -> u8 {
+    bytes_of(b)[0]
+}
+
+#[test]
+fn config_features_and_verified_io() {
+    let t = Target::start_blk("blk-io", "0:0:ram:8M:4096", &["--queues", "2"]);
+    let mut rig = Rig::connect(&t, true);
+    let offered = rig.frontend.get_features().unwrap();
+    for bit in [
+        feature::BLK_SIZE,
+        feature::SEG_MAX,
+        feature::FLUSH,
+        feature::DISCARD,
+        feature::WRITE_ZEROES,
+        feature::MQ,
+    ] {
+        assert_ne!(offered & (1 << bit), 0, "feature bit {bit} offered");
+    }
+    assert_eq!(offered & (1 << feature::RO), 0);
+    assert_eq!(rig.frontend.get_queue_num().unwrap(), 2);
+    let zeros = [0u8; Config::SIZE];
+    let (_, raw) =
+        rig.frontend.get_config(0, Config::SIZE as u32, VhostUserConfigFlags::empty(), &zeros).unwrap();
+    let cfg = Config::decode(&raw).unwrap();
+    assert_eq!((cfg.capacity, cfg.blk_size, cfg.num_queues), ((8 << 20) / 512, 4096, 2));
+    assert_eq!((cfg.discard_sector_alignment, cfg.write_zeroes_may_unmap), (8, 1));
+
+    let mut ring = rig.ring(1, 64);
+    // Write 8 KiB at block 3 (sector 24), read it back.
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 13 + 1) as u8).collect();
+    let mut out = rig.buf(8192);
+    out.write_at(0, &data).unwrap();
+    let h = header(&rig, request::OUT, 24);
+    let st = rig.buf(1);
+    let done = ring.run(&[seg(&h, 16), seg(&out, 8192)], &[seg(&st, 1)]);
+    assert_eq!((status_of(&st), done.len), (status::OK, 1));
+    let h = header(&rig, request::IN, 24);
+    let back = rig.buf(8192);
+    let st = rig.buf(1);
+    let done = ring.run(&[seg(&h, 16)], &[seg(&back, 8192), seg(&st, 1)]);
+    assert_eq!((status_of(&st), done.len), (status::OK, 8193));
+    assert_eq!(bytes_of(&back), data);
+
+    // FLUSH and GET_ID.
+    let h = header(&rig, request::FLUSH, 0);
+    let st = rig.buf(1);
+    ring.run(&[seg(&h, 16)], &[seg(&st, 1)]);
+    assert_eq!(status_of(&st), status::OK);
+    let h = header(&rig, request::GET_ID, 0);
+    let id = rig.buf(20);
+    let st = rig.buf(1);
+    let done = ring.run(&[seg(&h, 16)], &[seg(&id, 20), seg(&st, 1)]);
+    assert_eq!((status_of(&st), done.len), (status::OK, 21));
+    assert!(bytes_of(&id).starts_with(b"VIRTINIT-ram"));
+
+    // WRITE ZEROES over the written blocks: they read back as zeros.
+    let h = header(&rig, request::WRITE_ZEROES, 0);
+    let mut range = rig.buf(RangeSegment::SIZE);
+    range.write_at(0, &RangeSegment { sector: 24, num_sectors: 16, unmap: true }.encode()).unwrap();
+    let st = rig.buf(1);
+    ring.run(&[seg(&h, 16), seg(&range, 16)], &[seg(&st, 1)]);
+    assert_eq!(status_of(&st), status::OK);
+    let h = header(&rig, request::IN, 24);
+    let back = rig.buf(8192);
+    let st = rig.buf(1);
+    ring.run(&[seg(&h, 16)], &[seg(&back, 8192), seg(&st, 1)]);
+    assert!(bytes_of(&back).iter().all(|&b| b == 0));
+
+    // Past the end, not whole blocks, an unknown request: refused, and the device goes on.
+    for (t, sector, len, want) in [
+        (request::IN, (8 << 20) / 512, 4096, status::IOERR),
+        (request::IN, 1, 4096, status::IOERR),
+        (request::IN, 0, 512, status::IOERR),
+        (77, 0, 0, status::UNSUPP),
+    ] {
+        let h = header(&rig, t, sector);
+        let st = rig.buf(1);
+        let buf = rig.buf(4096);
+        let writable = if len > 0 { vec![seg(&buf, len), seg(&st, 1)] } else { vec![seg(&st, 1)] };
+        let done = ring.run(&[seg(&h, 16)], &writable);
+        assert_eq!((status_of(&st), done.len), (want, 1), "type {t} sector {sector} len {len}");
+    }
+}
+
+#[test]
+fn a_read_only_disk_says_so_and_refuses_writes() {
+    let t = Target::start_blk("blk-ro", "0:0:null:1M:512:ro", &[]);
+    let mut rig = Rig::connect(&t, false);
+    assert_ne!(rig.frontend.get_features().unwrap() & (1 << feature::RO), 0);
+    let mut ring = rig.ring(0, 16);
+    let h = header(&rig, request::OUT, 0);
+    let out = rig.buf(512);
+    let st = rig.buf(1);
+    ring.run(&[seg(&h, 16), seg(&out, 512)], &[seg(&st, 1)]);
+    assert_eq!(status_of(&st), status::IOERR);
+}
+
+#[test]
+fn blk_command_lines_are_checked() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vhost-user-scsi-target")).args(args).output().unwrap()
+    };
+    let o = run(&["--type", "blk", "--socket", "/tmp/x.sock", "--lun", "0:1:ram:1M"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("exactly one --lun 0:0"));
+    let o = run(&["--type", "blk", "--socket", "/tmp/x.sock", "--lun", "0:0:ram:1M", "--poll"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--poll is for --type scsi only"));
+    let o = run(&["--type", "tape", "--socket", "/tmp/x.sock"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("'tape' is not scsi or blk"));
+}
