@@ -43,6 +43,8 @@ export type TargetQuirk = 'tmf-zero-used-len' | 'abort-task-ignored' | 'tmf-igno
 export interface TargetOptions {
   /** vhost-user socket path; must not exist yet. */
   socket: string;
+  /** The device served: virtio-scsi (default), or virtio-blk with exactly one LUN 0:0. */
+  type?: 'scsi' | 'blk';
   /** control socket path (line-delimited JSON); omitted = no control socket. */
   control?: string;
   /** LUN specs, e.g. "0:0:ram:64M:512" or "1:0:file:/tmp/x.img:512". */
@@ -164,6 +166,7 @@ async function isSocket(path: string): Promise<boolean> {
 
 export function targetArgs(opts: TargetOptions): string[] {
   const args = ['--socket', opts.socket];
+  if (opts.type !== undefined) args.push('--type', opts.type);
   if (opts.control !== undefined) args.push('--control', opts.control);
   for (const lun of opts.luns) args.push('--lun', lun);
   if (opts.queues !== undefined) args.push('--queues', String(opts.queues));
