@@ -228,9 +228,10 @@ export interface LunInfo {
 
 /**
  * Injectable faults. `delay` and `late` take `ms` in the extra fields; `corrupt` returns READ
- * data with the first byte of every 512 flipped and GOOD status.
+ * data with the first byte of every 512 flipped and GOOD status. A virtio-blk target (`type:
+ * 'blk'`, its disk at 0:0) takes `io_error` (answered IOERR), `delay` and `never`.
  */
-export type Fault = 'check_condition' | 'busy' | 'task_set_full' | 'delay' | 'late' | 'never' | 'corrupt';
+export type Fault = 'check_condition' | 'busy' | 'task_set_full' | 'delay' | 'late' | 'never' | 'corrupt' | 'io_error';
 
 export type ControlResponse = { ok: true } & Record<string, unknown>;
 

@@ -13,7 +13,7 @@ Serves virtio-scsi (or, with --type blk, virtio-blk) over vhost-user on a unix s
 options:
   --socket PATH        vhost-user socket to create (must not exist)
   --type TYPE          scsi (default) or blk: one disk, from exactly one --lun 0:0:...; the
-                       SCSI-only options (--control, --max-target, --poll, --quirk) do not apply
+                       SCSI-only options (--max-target, --poll, --quirk) do not apply
   --control PATH       control socket (line-delimited JSON) to create
   --lun SPEC           a LUN, repeatable:
                          T:L:ram:SIZE[:BS][:ro]    RAM, thin (unmapped blocks use no memory)
@@ -174,12 +174,8 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<(Parsed, Option<A
         if luns.len() != 1 || luns[0].addr.target != 0 || luns[0].addr.lun != 0 {
             return Err("--type blk serves one disk: give exactly one --lun 0:0:KIND:...".into());
         }
-        let scsi_only = [
-            (control.is_some(), "--control"),
-            (max_target.is_some(), "--max-target"),
-            (poll, "--poll"),
-            (!quirks.is_empty(), "--quirk"),
-        ];
+        let scsi_only =
+            [(max_target.is_some(), "--max-target"), (poll, "--poll"), (!quirks.is_empty(), "--quirk")];
         if let Some((_, name)) = scsi_only.iter().find(|(given, _)| *given) {
             return Err(format!("{name} is for --type scsi only"));
         }

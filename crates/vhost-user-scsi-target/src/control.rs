@@ -1,6 +1,7 @@
 //! The control interface: a unix socket speaking line-delimited JSON, one request per line and
 //! one reply line each. Tests and the CLI use it to change LUNs, inject faults, drop the
-//! frontend and read statistics while the target runs.
+//! frontend and read statistics while the target runs. A virtio-blk target (one disk) takes
+//! the requests that make sense for it: list, stats, disconnect, and its own faults.
 //!
 //! Replies are `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
 
@@ -15,6 +16,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use virtio_scsi_proto::{scsi::asc, LunAddress};
 
+use crate::blk::{BlkBackend, BlkFault};
 use crate::device::ScsiBackend;
 use crate::scsi::{Fault, LunSpec};
 use crate::server::Server;
@@ -80,12 +82,21 @@ enum FaultKind {
     Late,
     Never,
     Corrupt,
+    /// virtio-blk: the request is answered IOERR.
+    IoError,
+}
+
+/// The device the target serves.
+#[derive(Clone)]
+pub enum Served {
+    Scsi(ScsiBackend),
+    Blk(BlkBackend),
 }
 
 /// Everything a control request may touch.
 #[derive(Clone)]
 pub struct Control {
-    pub backend: ScsiBackend,
+    pub device: Served,
     pub socket: PathBuf,
     pub listener_fd: RawFd,
 }
@@ -141,18 +152,32 @@ impl Control {
     /// Executes one request line.
     pub fn handle_line(&self, line: &str) -> Result<Value, String> {
         let req: Request = serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))?;
-        let bus = self.backend.bus();
+        if let Request::Disconnect = req {
+            let cut = Server::disconnect(&self.socket, self.listener_fd).map_err(|e| e.to_string())?;
+            return Ok(json!({ "connections": cut }));
+        }
+        match &self.device {
+            Served::Scsi(backend) => scsi(backend, req),
+            Served::Blk(backend) => blk(backend, req),
+        }
+    }
+}
+
+/// A request to a virtio-scsi target.
+fn scsi(backend: &ScsiBackend, req: Request) -> Result<Value, String> {
+    {
+        let bus = backend.bus();
         match req {
             Request::AddLun { spec } => {
                 let spec: LunSpec = spec.parse().map_err(|e| format!("{e}"))?;
                 bus.add(spec.addr, spec.cfg).map_err(|e| e.to_string())?;
-                self.backend.post_hotplug(spec.addr, true);
+                backend.post_hotplug(spec.addr, true);
                 Ok(json!({}))
             }
             Request::RemoveLun { target, lun } => {
                 let addr = LunAddress::new(target, lun);
                 bus.remove(addr).map_err(|e| e.to_string())?;
-                self.backend.post_hotplug(addr, false);
+                backend.post_hotplug(addr, false);
                 Ok(json!({}))
             }
             Request::ResizeLun { target, lun, size } => {
@@ -163,7 +188,7 @@ impl Control {
                 let addr = LunAddress::new(target, lun);
                 bus.resize(addr, bytes).map_err(|e| e.to_string())?;
                 let (a, q) = asc::CAPACITY_DATA_CHANGED;
-                self.backend.post_param_change(addr, a, q);
+                backend.post_param_change(addr, a, q);
                 Ok(json!({}))
             }
             Request::Inject { target, lun, fault, count, key, asc, ascq, ms } => {
@@ -180,6 +205,9 @@ impl Control {
                     FaultKind::Late => Fault::Late(Duration::from_millis(ms)),
                     FaultKind::Never => Fault::Never,
                     FaultKind::Corrupt => Fault::Corrupt,
+                    FaultKind::IoError => {
+                        return Err("io_error is for --type blk (use check_condition)".into())
+                    }
                 };
                 bus.inject(LunAddress::new(target, lun), fault, count).map_err(|e| e.to_string())?;
                 Ok(json!({}))
@@ -188,13 +216,53 @@ impl Control {
                 bus.clear_faults(LunAddress::new(target, lun)).map_err(|e| e.to_string())?;
                 Ok(json!({}))
             }
-            Request::List => Ok(json!({ "luns": bus.list(), "config": config_json(&self.backend) })),
-            Request::Stats => Ok(json!({ "queues": self.backend.stats() })),
-            Request::Disconnect => {
-                let cut = Server::disconnect(&self.socket, self.listener_fd).map_err(|e| e.to_string())?;
-                Ok(json!({ "connections": cut }))
-            }
+            Request::List => Ok(json!({ "luns": bus.list(), "config": config_json(backend) })),
+            Request::Stats => Ok(json!({ "queues": backend.stats() })),
+            Request::Disconnect => unreachable!("answered for every device"),
         }
+    }
+}
+
+/// A request to a virtio-blk target: its one disk is LUN 0:0 in requests that name one.
+fn blk(backend: &BlkBackend, req: Request) -> Result<Value, String> {
+    let disk_only = |target: u8, lun: u16| {
+        if (target, lun) == (0, 0) {
+            Ok(())
+        } else {
+            Err(format!("a virtio-blk target has one disk, 0:0, not {target}:{lun}"))
+        }
+    };
+    match req {
+        Request::Inject { target, lun, fault, count, ms, .. } => {
+            disk_only(target, lun)?;
+            let fault = match fault {
+                FaultKind::IoError => BlkFault::IoError,
+                FaultKind::Delay => BlkFault::Delay(Duration::from_millis(ms)),
+                FaultKind::Never => BlkFault::Never,
+                _ => return Err("a virtio-blk disk takes the faults io_error, delay and never".into()),
+            };
+            backend.inject(fault, count);
+            Ok(json!({}))
+        }
+        Request::ClearFaults { target, lun } => {
+            disk_only(target, lun)?;
+            backend.clear_faults();
+            Ok(json!({}))
+        }
+        Request::List => {
+            let c = backend.config();
+            let s = backend.storage();
+            Ok(json!({
+                "disk": { "kind": s.kind(), "bytes": s.len(), "block_size": c.blk_size },
+                "config": { "capacity": c.capacity, "blk_size": c.blk_size, "num_queues": c.num_queues, "seg_max": c.seg_max },
+            }))
+        }
+        Request::Stats => Ok(json!({ "queues": backend.stats() })),
+        Request::AddLun { .. } | Request::RemoveLun { .. } | Request::ResizeLun { .. } => {
+            Err("a virtio-blk target has one disk: LUNs are added, removed and resized with --type scsi"
+                .into())
+        }
+        Request::Disconnect => unreachable!("answered for every device"),
     }
 }
 
@@ -230,7 +298,7 @@ mod tests {
             quirks: Quirks::default(),
         };
         Control {
-            backend: ScsiBackend::new(bus, opts),
+            device: Served::Scsi(ScsiBackend::new(bus, opts)),
             socket: PathBuf::from("/nonexistent"),
             listener_fd: -1,
         }
@@ -241,7 +309,8 @@ mod tests {
     #[test]
     fn inject_late_and_corrupt() {
         let ctl = control();
-        let bus = ctl.backend.bus().clone();
+        let Served::Scsi(backend) = &ctl.device else { unreachable!() };
+        let bus = backend.bus().clone();
         clear_ua(&bus, A);
         let data: Vec<u8> = (0..1024).map(|i| (i % 251) as u8).collect();
         assert_eq!(run(&bus, A, &rw10(opcode::WRITE_10, 0, 2), &data, 0).0.status, 0);

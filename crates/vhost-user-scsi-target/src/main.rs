@@ -3,7 +3,7 @@ use std::sync::Arc;
 
 use vhost_user_scsi_target::blk::{BlkBackend, BlkOptions};
 use vhost_user_scsi_target::cli::{self, Parsed};
-use vhost_user_scsi_target::control::Control;
+use vhost_user_scsi_target::control::{Control, Served};
 use vhost_user_scsi_target::device::{DeviceOptions, Quirks, ScsiBackend};
 use vhost_user_scsi_target::scsi::{open_storage, Bus};
 use vhost_user_scsi_target::server::Server;
@@ -62,7 +62,7 @@ fn run(args: cli::Args) -> Result<(), String> {
     let server = Server::bind(&args.socket).map_err(|e| e.to_string())?;
     if let Some(path) = &args.control {
         let ctl = Control {
-            backend: backend.clone(),
+            device: Served::Scsi(backend.clone()),
             socket: args.socket.clone(),
             listener_fd: server.listener_fd(),
         };
@@ -116,12 +116,24 @@ fn run_blk(args: cli::Args) -> Result<(), String> {
     };
     let backend = BlkBackend::new(storage, opts);
     let server = Server::bind(&args.socket).map_err(|e| e.to_string())?;
+    if let Some(path) = &args.control {
+        let ctl = Control {
+            device: Served::Blk(backend.clone()),
+            socket: args.socket.clone(),
+            listener_fd: server.listener_fd(),
+        };
+        if let Err(e) = ctl.spawn(path) {
+            let _ = std::fs::remove_file(&args.socket);
+            return Err(e.to_string());
+        }
+    }
     println!(
         "{}",
         serde_json::json!({
             "event": "listening",
             "type": "blk",
             "socket": args.socket,
+            "control": args.control,
             "queues": args.queues,
             "queue_size": args.queue_size,
             "disk": { "kind": kind, "bytes": bytes, "block_size": spec.cfg.block_size,

@@ -127,3 +127,62 @@ fn blk_command_lines_are_checked() {
     let o = run(&["--type", "tape", "--socket", "/tmp/x.sock"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("'tape' is not scsi or blk"));
 }
+
+#[test]
+fn faults_stats_and_disconnect_through_the_control_socket() {
+    let t = Target::start_blk("blk-ctl", "0:0:ram:1M:512", &[]);
+    let mut rig = Rig::connect(&t, false);
+    let mut ring = rig.ring(0, 16);
+    let read = |rig: &Rig, ring: &mut common::Ring| {
+        let h = header(rig, request::IN, 0);
+        let buf = rig.buf(512);
+        let st = rig.buf(1);
+        let done = ring.run(&[seg(&h, 16)], &[seg(&buf, 512), seg(&st, 1)]);
+        (status_of(&st), done.len)
+    };
+    assert_eq!(read(&rig, &mut ring), (status::OK, 513));
+
+    t.control(r#"{"op":"inject","target":0,"lun":0,"fault":"io_error","count":2}"#);
+    assert_eq!(read(&rig, &mut ring), (status::IOERR, 1));
+    assert_eq!(read(&rig, &mut ring), (status::IOERR, 1));
+    assert_eq!(read(&rig, &mut ring), (status::OK, 513), "the fault is used up");
+
+    t.control(r#"{"op":"inject","target":0,"lun":0,"fault":"delay","ms":150}"#);
+    let start = std::time::Instant::now();
+    assert_eq!(read(&rig, &mut ring), (status::OK, 513));
+    assert!(start.elapsed() >= std::time::Duration::from_millis(150));
+
+    let stats = t.control(r#"{"op":"stats"}"#);
+    assert_eq!(stats["queues"][0]["requests"], 5);
+    assert_eq!(stats["queues"][0]["errors"], 2);
+    assert_eq!(stats["queues"][0]["bytes_in"], 3 * 512);
+    let list = t.control(r#"{"op":"list"}"#);
+    assert_eq!(
+        (list["disk"]["kind"].as_str(), list["config"]["capacity"].as_u64()),
+        (Some("ram"), Some(2048))
+    );
+
+    // A request held for ever: no answer, until the connection is cut.
+    t.control(r#"{"op":"inject","target":0,"lun":0,"fault":"never"}"#);
+    let h = header(&rig, request::IN, 0);
+    let buf = rig.buf(512);
+    let st = rig.buf(1);
+    ring.submit(&[seg(&h, 16)], &[seg(&buf, 512), seg(&st, 1)], 9, true);
+    t.wait_requests(0, 6);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(ring.queue.pop_used().unwrap().is_none(), "the held request is not answered");
+    assert_eq!(t.control(r#"{"op":"disconnect"}"#)["connections"], 1);
+
+    // What a virtio-blk target does not do is refused by name.
+    let bad = |req: &str| {
+        use std::io::{BufRead, BufReader, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&t.control).unwrap();
+        writeln!(s, "{req}").unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        serde_json::from_str::<serde_json::Value>(&line).unwrap()["error"].as_str().unwrap().to_string()
+    };
+    assert!(bad(r#"{"op":"add_lun","spec":"0:1:ram:1M"}"#).contains("one disk"));
+    assert!(bad(r#"{"op":"inject","target":0,"lun":0,"fault":"busy"}"#).contains("io_error, delay and never"));
+    assert!(bad(r#"{"op":"inject","target":0,"lun":1,"fault":"never"}"#).contains("not 0:1"));
+}

@@ -16,12 +16,23 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
-use super::request::{execute, Disk};
+use super::request::{answer, execute, Disk};
 use crate::device::{ring, Memory, QueueStats, QueueStatsSnapshot};
 use crate::storage::Storage;
 
 /// Ranges one DISCARD or WRITE_ZEROES request may carry.
 const MAX_RANGES: u32 = 16;
+
+/// A fault injected through the control socket, for the next requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlkFault {
+    /// Answered IOERR without being run.
+    IoError,
+    /// Run after a pause (the queue's thread waits).
+    Delay(std::time::Duration),
+    /// Never answered: the request stays with the device until its ring is stopped or reset.
+    Never,
+}
 
 /// Sizing and identity of the device, fixed for the life of the process.
 #[derive(Clone, Debug)]
@@ -50,6 +61,8 @@ struct Inner {
     /// Notifiers that stop this connection's worker threads.
     exits: Mutex<Vec<EventNotifier>>,
     stats: Vec<QueueStats>,
+    /// The injected fault and how many more requests get it.
+    fault: Mutex<Option<(BlkFault, u32)>>,
 }
 
 impl BlkBackend {
@@ -67,6 +80,7 @@ impl BlkBackend {
                 event_idx: AtomicBool::new(false),
                 exits: Mutex::new(Vec::new()),
                 stats,
+                fault: Mutex::new(None),
             }),
         }
     }
@@ -110,6 +124,22 @@ impl BlkBackend {
         }
     }
 
+    /// The next `count` requests get `fault` (replacing a fault not used up yet).
+    pub fn inject(&self, fault: BlkFault, count: u32) {
+        *self.inner.fault.lock().unwrap() = (count > 0).then_some((fault, count));
+    }
+
+    pub fn clear_faults(&self) {
+        *self.inner.fault.lock().unwrap() = None;
+    }
+
+    fn take_fault(&self) -> Option<BlkFault> {
+        let mut f = self.inner.fault.lock().unwrap();
+        let (fault, left) = (*f)?;
+        *f = (left > 1).then_some((fault, left - 1));
+        Some(fault)
+    }
+
     pub fn stats(&self) -> Vec<QueueStatsSnapshot> {
         self.inner.stats.iter().map(QueueStats::snapshot).collect()
     }
@@ -127,8 +157,16 @@ impl BlkBackend {
         let stats = &inner.stats[queue as usize];
         let memory = || inner.mem.read().unwrap().as_ref().map(|m| m.memory());
         ring::drain(vring, inner.event_idx.load(Ordering::Relaxed), memory, |mem, _, segs| {
-            let done = execute(&**mem, &segs, &disk);
             stats.requests.fetch_add(1, Ordering::Relaxed);
+            let done = match self.take_fault() {
+                None => execute(&**mem, &segs, &disk),
+                Some(BlkFault::IoError) => answer(&**mem, &segs, status::IOERR),
+                Some(BlkFault::Delay(d)) => {
+                    std::thread::sleep(d);
+                    execute(&**mem, &segs, &disk)
+                }
+                Some(BlkFault::Never) => return None,
+            };
             match done.status {
                 None => stats.malformed.fetch_add(1, Ordering::Relaxed),
                 Some(status::OK) if done.request_type == request::IN => {

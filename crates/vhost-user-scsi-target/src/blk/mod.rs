@@ -4,5 +4,5 @@
 pub mod device;
 pub mod request;
 
-pub use device::{BlkBackend, BlkOptions};
-pub use request::{execute, Disk, Done};
+pub use device::{BlkBackend, BlkFault, BlkOptions};
+pub use request::{answer, execute, Disk, Done};

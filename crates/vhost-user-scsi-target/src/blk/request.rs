@@ -97,6 +97,21 @@ pub fn execute<M: GuestMemory>(mem: &M, seg: &Segments, disk: &Disk<'_>) -> Done
     done
 }
 
+/// Answers a request with `code` without running it (an injected fault).
+pub fn answer<M: GuestMemory>(mem: &M, seg: &Segments, code: u8) -> Done {
+    let mut done = Done { used_len: 0, status: None, request_type: u32::MAX, bytes: 0 };
+    let mut raw = [0u8; RequestHeader::SIZE];
+    if seg.readable.read(mem, 0, &mut raw).is_ok() {
+        done.request_type = RequestHeader::decode(&raw).map_or(u32::MAX, |h| h.request_type);
+    }
+    let len = seg.writable.len();
+    if len > 0 && !seg.misordered && seg.writable.write(mem, len - 1, &[code]).is_ok() {
+        done.status = Some(code);
+        done.used_len = 1;
+    }
+    done
+}
+
 /// The request's work; returns the data-in bytes written (the used length before the status).
 fn run<M: GuestMemory>(
     mem: &M,

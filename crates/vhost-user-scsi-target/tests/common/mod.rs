@@ -37,6 +37,19 @@ pub struct Target {
 
 impl Target {
     pub fn start(name: &str, extra: &[&str]) -> Target {
+        let mut args = vec!["--lun", "0:0:ram:4M:512"];
+        args.extend_from_slice(extra);
+        Target::spawn(name, &args)
+    }
+
+    /// The target with `--type blk` and one disk (`lun`, a 0:0 spec), with a control socket.
+    pub fn start_blk(name: &str, lun: &str, extra: &[&str]) -> Target {
+        let mut args = vec!["--type", "blk", "--lun", lun];
+        args.extend_from_slice(extra);
+        Target::spawn(name, &args)
+    }
+
+    fn spawn(name: &str, args: &[&str]) -> Target {
         let base = std::env::temp_dir().join(format!("vust-{name}-{}", std::process::id()));
         let socket = base.with_extension("sock");
         let control = base.with_extension("ctl");
@@ -44,8 +57,7 @@ impl Target {
         let _ = std::fs::remove_file(&control);
         let child = Command::new(env!("CARGO_BIN_EXE_vhost-user-scsi-target"))
             .args(["--socket", socket.to_str().unwrap(), "--control", control.to_str().unwrap()])
-            .args(["--lun", "0:0:ram:4M:512"])
-            .args(extra)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -56,26 +68,6 @@ impl Target {
             std::thread::sleep(Duration::from_millis(10));
         }
         Target { child, socket, control }
-    }
-
-    /// The target with `--type blk` and one disk (`lun`, a 0:0 spec), without a control socket.
-    pub fn start_blk(name: &str, lun: &str, extra: &[&str]) -> Target {
-        let base = std::env::temp_dir().join(format!("vust-{name}-{}", std::process::id()));
-        let socket = base.with_extension("sock");
-        let _ = std::fs::remove_file(&socket);
-        let child = Command::new(env!("CARGO_BIN_EXE_vhost-user-scsi-target"))
-            .args(["--type", "blk", "--socket", socket.to_str().unwrap(), "--lun", lun])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the target");
-        let start = Instant::now();
-        while !socket.exists() {
-            assert!(start.elapsed() < Duration::from_secs(10), "target did not create its socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Target { child, socket, control: base.with_extension("no-control") }
     }
 
     pub fn pid(&self) -> u32 {
