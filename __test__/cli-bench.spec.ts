@@ -532,7 +532,9 @@ bench(`bench --api ${api} --workers ${workers} --reconnect --verify rides out a 
   const s = await startTestTarget({ luns: [`0:0:ram:${LUN_BYTES}:512`], queues: workers });
   t.teardown(() => s.cleanup());
   const control = await s.target.control();
-  const run = cli(['bench', '--socket', s.socket, '--json', '--reconnect', '--verify', '--rw', 'randrw', '--size', String(REGION), '--time', '4', '--workers', String(workers), '--api', api]);
+  // Time enough for every cut and its reconnection on a loaded machine: a cut the run's end
+  // overtakes has no reconnection to count.
+  const run = cli(['bench', '--socket', s.socket, '--json', '--reconnect', '--verify', '--rw', 'randrw', '--size', String(REGION), '--time', '8', '--workers', String(workers), '--api', api]);
   const moved = async (): Promise<number> => {
     const queues = (await control.stats()).queues as Array<{ bytes_in: number }>;
     return queues.reduce((n, q) => n + q.bytes_in, 0);
@@ -578,7 +580,7 @@ bench('bench --reconnect --verify rides out a target killed (SIGKILL) and starte
   const luns = [`0:0:file:${image}:512`];
   let target = await startTarget({ socket, control, luns });
   t.teardown(() => target.stop());
-  const run = cli(['bench', '--socket', socket, '--json', '--reconnect', '--verify', '--rw', 'randrw', '--size', String(REGION), '--time', '4']);
+  const run = cli(['bench', '--socket', socket, '--json', '--reconnect', '--verify', '--rw', 'randrw', '--size', String(REGION), '--time', '6']);
   const moved = async (): Promise<number> => {
     const queues = (await (await target.control()).stats()).queues as Array<{ bytes_in: number }>;
     return queues.reduce((n, q) => n + q.bytes_in, 0);

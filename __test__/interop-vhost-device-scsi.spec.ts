@@ -175,7 +175,10 @@ async function connect(t: ExecutionContext, backend: Backend): Promise<Controlle
   const deadline = Date.now() + 5000;
   for (;;) {
     try {
-      const controller = await Controller.connect(backend.socket, { name: 'Vds0', queueSize: QUEUE_SIZE });
+      // Memory enough for the whole test, so that it never grows while the backend serves:
+      // vhost-device-scsi 0.1.0 loads its memory map before it reads the available ring, so a
+      // request in a region added during that window fails there (INTERNAL TARGET FAILURE).
+      const controller = await Controller.connect(backend.socket, { name: 'Vds0', queueSize: QUEUE_SIZE, memoryBytes: 64 << 20 });
       t.teardown(() => controller.close());
       return controller;
     } catch (e) {
