@@ -60,17 +60,7 @@ fn run(args: cli::Args) -> Result<(), String> {
     let backend = ScsiBackend::new(bus.clone(), opts);
 
     let server = Server::bind(&args.socket).map_err(|e| e.to_string())?;
-    if let Some(path) = &args.control {
-        let ctl = Control {
-            device: Served::Scsi(backend.clone()),
-            socket: args.socket.clone(),
-            listener_fd: server.listener_fd(),
-        };
-        if let Err(e) = ctl.spawn(path) {
-            let _ = std::fs::remove_file(&args.socket);
-            return Err(e.to_string());
-        }
-    }
+    serve_control(&args.socket, args.control.as_deref(), &server, Served::Scsi(backend.clone()))?;
 
     let luns = bus.list();
     println!(
@@ -116,17 +106,7 @@ fn run_blk(args: cli::Args) -> Result<(), String> {
     };
     let backend = BlkBackend::new(storage, opts);
     let server = Server::bind(&args.socket).map_err(|e| e.to_string())?;
-    if let Some(path) = &args.control {
-        let ctl = Control {
-            device: Served::Blk(backend.clone()),
-            socket: args.socket.clone(),
-            listener_fd: server.listener_fd(),
-        };
-        if let Err(e) = ctl.spawn(path) {
-            let _ = std::fs::remove_file(&args.socket);
-            return Err(e.to_string());
-        }
-    }
+    serve_control(&args.socket, args.control.as_deref(), &server, Served::Blk(backend.clone()))?;
     println!(
         "{}",
         serde_json::json!({
@@ -141,4 +121,19 @@ fn run_blk(args: cli::Args) -> Result<(), String> {
         })
     );
     server.run(&backend).map_err(|e| e.to_string())
+}
+
+/// Starts the control socket when one was asked for; without it, the vhost-user socket goes too.
+fn serve_control(
+    socket: &std::path::Path,
+    control: Option<&std::path::Path>,
+    server: &Server,
+    device: Served,
+) -> Result<(), String> {
+    let Some(path) = control else { return Ok(()) };
+    let ctl = Control { device, socket: socket.to_owned(), listener_fd: server.listener_fd() };
+    ctl.spawn(path).map_err(|e| {
+        let _ = std::fs::remove_file(socket);
+        e.to_string()
+    })
 }

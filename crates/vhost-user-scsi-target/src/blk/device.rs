@@ -14,10 +14,13 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_blk_proto::{feature, request, status, Config, ID_BYTES, SECTOR_SIZE};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use super::request::{answer, execute, Disk};
-use crate::device::{ring, Memory, QueueStats, QueueStatsSnapshot};
+use crate::device::{
+    check_event_set, config_bytes, exit_event, ring, Memory, QueueStats, QueueStatsSnapshot,
+    PROTOCOL_FEATURES,
+};
 use crate::storage::Storage;
 
 /// Ranges one DISCARD or WRITE_ZEROES request may carry.
@@ -213,11 +216,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::RESET_DEVICE
+        PROTOCOL_FEATURES
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -225,10 +224,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let cfg = self.config().encode();
-        let start = (offset as usize).min(cfg.len());
-        let end = start.saturating_add(size as usize).min(cfg.len());
-        cfg[start..end].to_vec()
+        config_bytes(&self.config().encode(), offset, size)
     }
 
     fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
@@ -247,9 +243,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
-        self.inner.exits.lock().unwrap().push(notifier.try_clone().ok()?);
-        Some((consumer, notifier))
+        exit_event(&self.inner.exits)
     }
 
     fn handle_event(
@@ -259,12 +253,7 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<()> {
-        if evset != EventSet::IN {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("unexpected event set {evset:?}"),
-            ));
-        }
+        check_event_set(evset)?;
         // Thread k serves request queue k alone.
         let queue = if (device_event as usize) < vrings.len() { device_event } else { thread_id as u16 };
         let vring = vrings

@@ -44,6 +44,36 @@ pub use vring::ScsiVring;
 pub type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 pub(crate) type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
 
+/// The vhost-user protocol features both devices offer.
+pub const PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
+    .union(VhostUserProtocolFeatures::CONFIG)
+    .union(VhostUserProtocolFeatures::REPLY_ACK)
+    .union(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+    .union(VhostUserProtocolFeatures::RESET_DEVICE);
+
+/// GET_CONFIG's answer: the part of an encoded configuration space asked for (clipped to it).
+pub fn config_bytes(cfg: &[u8], offset: u32, size: u32) -> Vec<u8> {
+    let start = (offset as usize).min(cfg.len());
+    let end = start.saturating_add(size as usize).min(cfg.len());
+    cfg[start..end].to_vec()
+}
+
+/// A worker thread's exit notifier, kept in `exits` so that the connection's end stops it.
+pub fn exit_event(exits: &Mutex<Vec<EventNotifier>>) -> Option<(EventConsumer, EventNotifier)> {
+    let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
+    exits.lock().unwrap().push(notifier.try_clone().ok()?);
+    Some((consumer, notifier))
+}
+
+/// A queue notification is a readable eventfd; anything else is a fault of the event loop.
+pub fn check_event_set(evset: EventSet) -> io::Result<()> {
+    if evset == EventSet::IN {
+        Ok(())
+    } else {
+        Err(io::Error::new(io::ErrorKind::InvalidInput, format!("unexpected event set {evset:?}")))
+    }
+}
+
 /// Largest queue size the target accepts.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 
@@ -423,11 +453,7 @@ impl VhostUserBackend for ScsiBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::RESET_DEVICE
+        PROTOCOL_FEATURES
     }
 
     /// RESET_DEVICE: the crate has disabled every ring; what the device holds is finished now,
@@ -445,10 +471,7 @@ impl VhostUserBackend for ScsiBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let cfg = self.config().encode();
-        let start = (offset as usize).min(cfg.len());
-        let end = start.saturating_add(size as usize).min(cfg.len());
-        cfg[start..end].to_vec()
+        config_bytes(&self.config().encode(), offset, size)
     }
 
     fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
@@ -474,9 +497,7 @@ impl VhostUserBackend for ScsiBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
-        self.inner.exits.lock().unwrap().push(notifier.try_clone().ok()?);
-        Some((consumer, notifier))
+        exit_event(&self.inner.exits)
     }
 
     fn handle_event(
@@ -486,12 +507,7 @@ impl VhostUserBackend for ScsiBackend {
         _vrings: &[ScsiVring],
         thread_id: usize,
     ) -> io::Result<()> {
-        if evset != EventSet::IN {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("unexpected event set {evset:?}"),
-            ));
-        }
+        check_event_set(evset)?;
         // Thread 0 serves queues 0 and 1; thread k serves request queue k - 1 (queue index k + 1).
         let queue = if thread_id == 0 { device_event } else { thread_id as u16 + 1 };
         let Some(mem) = self.inner.memory() else {
