@@ -66,7 +66,7 @@ async function killAndRestart(): Promise<void> {
 }
 
 // Disturbances in turn: a kill, BUSY, a cut connection, then TASK SET FULL or late completions.
-let lost = 0;
+let connectionsLost = 0;
 let turn = 0;
 const t0 = Date.now();
 const disturb = async (): Promise<string> => {
@@ -75,7 +75,7 @@ const disturb = async (): Promise<string> => {
   turn++;
   if (kind === 0) {
     await killAndRestart();
-    lost++;
+    connectionsLost++;
     return 'target killed and started again';
   }
   if (kind === 1) {
@@ -84,7 +84,7 @@ const disturb = async (): Promise<string> => {
   }
   if (kind === 2) {
     const r = await control.disconnect();
-    if (r.connections === 1) lost++;
+    if (r.connections === 1) connectionsLost++;
     return 'connection cut';
   }
   if (odd) {
@@ -114,9 +114,9 @@ rmSync(dir, { recursive: true, force: true });
 const line = out.trim().split('\n').pop() ?? '';
 process.stdout.write(`${line}\n`);
 const r = JSON.parse(line) as { ios: number; errors: number; mismatches: number; reconnects: number; lost: number };
-const passed = code === 0 && r.errors === 0 && r.mismatches === 0 && r.reconnects === lost;
+const passed = code === 0 && r.errors === 0 && r.mismatches === 0 && r.reconnects === connectionsLost;
 process.stderr.write(
-  `soak: ${seconds} s, ${r.ios} requests, ${lost} connections lost (kills and cuts), ${r.reconnects} reconnects, ${r.lost} requests lost ` +
+  `soak: ${seconds} s, ${r.ios} requests, ${connectionsLost} connections lost (kills and cuts), ${r.reconnects} reconnects, ${r.lost} requests lost ` +
     `with them, ${r.errors} errors, ${r.mismatches} mismatches: ${passed ? 'passed' : 'FAILED'}\n`,
 );
 process.exit(passed ? 0 : 1);

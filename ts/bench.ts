@@ -23,7 +23,7 @@ import type { BlockDevice } from './block-device.js';
 import type { Controller } from './controller.js';
 import { ClosedError, ControllerFailedError } from './errors.js';
 import { CompletionReader, RecordWriter } from './records.js';
-import { decodeSense, SenseKey } from './scsi/index.js';
+import { ScsiStatus, SenseKey, senseKeyOf } from './scsi/index.js';
 
 export const APIS = ['promise', 'batch', 'native'] as const;
 export type Api = (typeof APIS)[number];
@@ -900,18 +900,8 @@ class Load {
   }
 }
 
-/** QD slots over the Promise API, each completion issuing the slot's next request. */
-const CHECK_CONDITION = 0x02;
 /** UNIT ATTENTIONs the batch path retries per request (the promise path's scan bound). */
 const MAX_ATTENTIONS = 8;
-
-function isUnitAttention(sense: Uint8Array): boolean {
-  try {
-    return sense.length > 0 && decodeSense(sense).key === SenseKey.UNIT_ATTENTION;
-  } catch {
-    return false;
-  }
-}
 
 /**
  * Resolves true once `ctrl` works again after its target went away, false if it does not.
@@ -928,6 +918,7 @@ export async function controllerBack(ctrl: Pick<Controller, 'failure' | 'reconne
   return false;
 }
 
+/** QD slots over the Promise API, each completion issuing the slot's next request. */
 function runPromise(ctrl: Controller, dev: BlockDevice, load: Load): Promise<void> {
   return new Promise<void>((resolve, reject) => {
     let active = 0;
@@ -1074,7 +1065,12 @@ async function runBatch(raw: RawChannel, ctrl: Controller, dev: BlockDevice, loa
         // A short READ is an error too, as on the promise path.
         const ok = response === 0 && status === 0 && (load.isWrite[slot] === 1 || reader.residual(k) === 0);
         onDevice--;
-        if (!ok && status === CHECK_CONDITION && attentions[slot]! < MAX_ATTENTIONS && isUnitAttention(reader.sense(k))) {
+        if (
+          !ok &&
+          status === ScsiStatus.CHECK_CONDITION &&
+          attentions[slot]! < MAX_ATTENTIONS &&
+          senseKeyOf(reader.sense(k)) === SenseKey.UNIT_ATTENTION
+        ) {
           // Retried, as the promise path's retry rules do (a reset or a new connection leaves one).
           attentions[slot]!++;
           send(slot, now);

@@ -37,7 +37,6 @@ import {
   parseVpdLogicalBlockProvisioning,
   parseVpdSerial,
   parseVpdSupportedPages,
-  PQ_NOT_CONNECTED,
   readCapacity10,
   readCapacity16,
   reportLuns,
@@ -228,11 +227,6 @@ function ok(first: First): first is CommandResult {
 function received(cmd: ScsiCommand, r: CommandResult): Uint8Array {
   const buf = cmd.dataIn!;
   return buf.subarray(0, buf.length - Math.min(r.residual, buf.length));
-}
-
-/** `f` of a value that may still be coming. */
-function then<T, U>(v: T | Promise<T>, f: (v: T) => U | Promise<U>): U | Promise<U> {
-  return v instanceof Promise ? v.then(f) : f(v);
 }
 
 /**
@@ -635,7 +629,7 @@ class LunProber {
  * Sends one step of every prober still going, at once, and waits for all that it leads to.
  * False when the scan must stop (aborted, or the controller is gone).
  */
-async function step(exec: CommandExecutor, probers: readonly LunProber[], send: (p: LunProber, w: Wave) => void, signal: AbortSignal | undefined): Promise<boolean> {
+async function runStep(exec: CommandExecutor, probers: readonly LunProber[], send: (p: LunProber, w: Wave) => void, signal: AbortSignal | undefined): Promise<boolean> {
   const w = new Wave();
   for (let i = 0; i < probers.length; i++) if (!probers[i]!.failed) send(probers[i]!, w);
   await w.run(exec);
@@ -666,15 +660,15 @@ export async function scanTargets(exec: CommandExecutor, opts: ScanOptions): Pro
   const signal = opts.signal;
 
   const reporters = targets.map((t) => new LunProber(exec, t, 0, opts, slabs));
-  let going = await step(exec, reporters, (p, w) => p.sendReportLuns(w), signal);
+  let going = await runStep(exec, reporters, (p, w) => p.sendReportLuns(w), signal);
   const probers: LunProber[] = [];
   for (const r of reporters) {
     for (const lun of r.failed ? [] : r.luns!) probers.push(new LunProber(exec, r.target, lun, opts, slabs));
   }
-  if (going) going = await step(exec, probers, (p, w) => p.sendInquiry(w), signal);
+  if (going) going = await runStep(exec, probers, (p, w) => p.sendInquiry(w), signal);
   const found = probers.filter((p) => p.failed || p.inquiry !== undefined);
-  if (going) going = await step(exec, found, (p, w) => p.sendVpdList(w), signal);
-  if (going) await step(exec, found, (p, w) => p.sendDetails(w), signal);
+  if (going) going = await runStep(exec, found, (p, w) => p.sendVpdList(w), signal);
+  if (going) await runStep(exec, found, (p, w) => p.sendDetails(w), signal);
   signal?.throwIfAborted();
 
   for (const r of reporters) note(r, undefined);

@@ -86,15 +86,10 @@ fn run_blk(args: cli::Args) -> Result<(), String> {
     let bytes = storage.len();
     // A stable identity, as the SCSI LUNs have: the same disk reports the same ID after a restart.
     let id = match &path {
-        Some(p) => format!(
-            "VIRTINIT-{}",
-            std::fs::metadata(p)
-                .map(|m| {
-                    use std::os::unix::fs::MetadataExt;
-                    format!("{:x}", m.ino())
-                })
-                .unwrap_or_default()
-        ),
+        Some(p) => {
+            use std::os::unix::fs::MetadataExt;
+            format!("VIRTINIT-{:x}", std::fs::metadata(p).map_or(0, |m| m.ino()))
+        }
         None => format!("VIRTINIT-{kind}"),
     };
     let opts = BlkOptions {

@@ -251,11 +251,11 @@ impl VhostUserBackend for BlkBackend {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        thread_id: usize,
+        _thread_id: usize,
     ) -> io::Result<()> {
         check_event_set(evset)?;
-        // Thread k serves request queue k alone.
-        let queue = if (device_event as usize) < vrings.len() { device_event } else { thread_id as u16 };
+        // Thread k serves request queue k alone, and is told its index.
+        let queue = device_event;
         let vring = vrings
             .get(queue as usize)
             .ok_or_else(|| io::Error::other(format!("queue {queue} has no vring")))?;

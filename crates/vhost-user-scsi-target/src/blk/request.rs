@@ -160,26 +160,13 @@ fn run<M: GuestMemory>(
     }
 }
 
-/// The byte offset of a transfer of `len` bytes at `sector`, checked against the disk.
+/// The byte offset of a transfer of `len` bytes at `sector`: no more than one request may move,
+/// and inside the disk.
 fn range(disk: &Disk<'_>, sector: u64, len: usize) -> Result<u64, Failure> {
-    let bs = u64::from(disk.block_size);
     if len > MAX_TRANSFER {
         return Err(Failure::Io(format!("{len} bytes is more than one request may move ({MAX_TRANSFER})")));
     }
-    let offset = sector
-        .checked_mul(SECTOR_SIZE)
-        .ok_or_else(|| Failure::Io(format!("sector {sector} is past any disk")))?;
-    if offset % bs != 0 || len as u64 % bs != 0 {
-        return Err(Failure::Io(format!("{len} bytes at sector {sector} are not whole {bs}-byte blocks")));
-    }
-    let end = offset.checked_add(len as u64).filter(|&e| e <= disk.storage.len());
-    if end.is_none() {
-        return Err(Failure::Io(format!(
-            "{len} bytes at sector {sector} run past the end of the disk ({} bytes)",
-            disk.storage.len()
-        )));
-    }
-    Ok(offset)
+    range_bytes(disk, sector, len as u64)
 }
 
 /// DISCARD or WRITE_ZEROES: every range is checked before any is carried out.
@@ -228,7 +215,8 @@ fn ranges<M: GuestMemory>(
     Ok(())
 }
 
-/// As `range`, for a range of a DISCARD or WRITE_ZEROES (no transfer limit: nothing is staged).
+/// The byte offset of `len` bytes at `sector`, checked against the disk: whole blocks, inside it.
+/// (A DISCARD or WRITE_ZEROES range has no transfer limit: nothing is staged.)
 fn range_bytes(disk: &Disk<'_>, sector: u64, len: u64) -> Result<u64, Failure> {
     let bs = u64::from(disk.block_size);
     let offset = sector
