@@ -9,9 +9,9 @@
 //! - [`queue`]: driver-side split virtqueues living in that pool, with notification
 //!   suppression and validation of everything the device writes back.
 
+pub mod driver;
 pub mod memory;
 pub mod queue;
-pub mod scsi;
 pub mod transport;
 
 pub use memory::{Arena, DmaBuf, DmaPool, HugePages, MemoryError, PoolConfig, Region};

@@ -1,5 +1,5 @@
 //! Node.js binding of the initiator core, kept thin: argument conversion and error mapping only.
-//! Requests and completions cross in packed batches (see `virtio_initiator_core::scsi::records`),
+//! Requests and completions cross in packed batches (see `virtio_initiator_core::driver::records`),
 //! so one native call carries many of them, and no native thread ever calls into JavaScript.
 
 use std::cell::{Cell, UnsafeCell};
@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, Weak};
 
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
+use virtio_initiator_core::driver::{self, Controller as CoreController, QueueShare};
 use virtio_initiator_core::memory::HugePages;
-use virtio_initiator_core::scsi::{self, QueueShare, ScsiController};
 use virtio_initiator_core::transport::pci::{self as pci, PciTransport, Sysfs, VirtioInterface};
 use virtio_initiator_core::transport::vhost_user::VhostUserTransport;
 use virtio_initiator_core::transport::Transport;
@@ -28,7 +28,7 @@ fn coded(code: &str, e: impl std::fmt::Display) -> Error<String> {
 
 /// A task management function waiting for the device, off the event loop.
 pub struct TaskManagement {
-    inner: Arc<ScsiController>,
+    inner: Arc<CoreController>,
     addr: LunAddress,
     tmf: u32,
     tag: u64,
@@ -64,11 +64,11 @@ pub enum OpenTarget {
 /// Opening a controller (connection, negotiation, memory, rings), off the event loop.
 pub struct Open {
     target: OpenTarget,
-    opts: scsi::ControllerOptions,
+    opts: driver::ControllerOptions,
 }
 
 impl Task for Open {
-    type Output = std::result::Result<Arc<ScsiController>, OpenFailure>;
+    type Output = std::result::Result<Arc<CoreController>, OpenFailure>;
     type JsValue = Either<Controller, OpenFailure>;
 
     fn compute(&mut self) -> Result<Self::Output> {
@@ -86,7 +86,7 @@ impl Task for Open {
                 Err(e) => return Ok(Err(OpenFailure { code: generic(), message: e.to_string() })),
             },
         };
-        Ok(ScsiController::open(transport, &self.opts)
+        Ok(CoreController::open(transport, &self.opts)
             .map_err(|e| OpenFailure { code: generic(), message: e.to_string() }))
     }
 
@@ -101,7 +101,7 @@ impl Task for Open {
 /// Bringing a controller whose vhost-user backend went away up again over a new connection,
 /// off the event loop.
 pub struct Reconnect {
-    inner: Arc<ScsiController>,
+    inner: Arc<CoreController>,
     path: String,
     /// Drop the current connection first, failing the controller with this reason (a device
     /// reset); None when the connection is already gone.
@@ -138,8 +138,8 @@ impl Task for Reconnect {
 
 /// The device reset of a controller being closed, off the event loop.
 pub struct Close {
-    inner: Arc<ScsiController>,
-    closing: Option<scsi::Closing>,
+    inner: Arc<CoreController>,
+    closing: Option<driver::Closing>,
 }
 
 impl Task for Close {
@@ -160,7 +160,7 @@ impl Task for Close {
 
 /// A reset of the device and its set-up again on the same PCI function, off the event loop.
 pub struct ResetInPlace {
-    inner: Arc<ScsiController>,
+    inner: Arc<CoreController>,
     reason: String,
 }
 
@@ -182,9 +182,27 @@ impl Task for ResetInPlace {
     }
 }
 
+/// A read of a virtio-blk device's capacity, off the event loop.
+pub struct ReadCapacity {
+    inner: Arc<CoreController>,
+}
+
+impl Task for ReadCapacity {
+    type Output = u64;
+    type JsValue = f64;
+
+    fn compute(&mut self) -> Result<u64> {
+        self.inner.blk_capacity().map_err(err)
+    }
+
+    fn resolve(&mut self, _env: Env, sectors: u64) -> Result<f64> {
+        Ok(sectors as f64)
+    }
+}
+
 /// Growth of the DMA memory ahead of need, off the event loop.
 pub struct GrowMemory {
-    inner: Arc<ScsiController>,
+    inner: Arc<CoreController>,
 }
 
 impl Task for GrowMemory {
@@ -202,16 +220,16 @@ impl Task for GrowMemory {
 
 /// Size of one packed request record.
 #[napi]
-pub const SUBMIT_RECORD_SIZE: u32 = scsi::SUBMIT_RECORD_SIZE as u32;
+pub const SUBMIT_RECORD_SIZE: u32 = driver::SUBMIT_RECORD_SIZE as u32;
 /// Size of one packed completion record.
 #[napi]
-pub const COMPLETION_RECORD_SIZE: u32 = scsi::COMPLETION_RECORD_SIZE as u32;
+pub const COMPLETION_RECORD_SIZE: u32 = driver::COMPLETION_RECORD_SIZE as u32;
 /// Bytes per completion in a completion area: the record and its sense slot.
 #[napi]
-pub const COMPLETION_SLOT_SIZE: u32 = scsi::COMPLETION_SLOT_SIZE as u32;
+pub const COMPLETION_SLOT_SIZE: u32 = driver::COMPLETION_SLOT_SIZE as u32;
 /// Response code of a completion for a request refused before it reached the device.
 #[napi]
-pub const RESPONSE_REFUSED: u32 = scsi::RESPONSE_REFUSED as u32;
+pub const RESPONSE_REFUSED: u32 = driver::RESPONSE_REFUSED as u32;
 
 /// Sets the level of the native log records on stderr ("off", "error", "warn", "info",
 /// "debug", "trace"); the default comes from the VIRTIO_INITIATOR_LOG environment variable.
@@ -242,11 +260,41 @@ pub struct ControllerOptions {
     pub max_memory_bytes: Option<f64>,
     /// "auto" (default), "require" or "never".
     pub hugepages: Option<String>,
+    /// "scsi" or "blk". vhost-user cannot tell the device type (default "scsi"); a PCI function's
+    /// id does, and one given must match it.
+    pub device_type: Option<String>,
+}
+
+/// What a virtio-blk device offers (configuration space under the features agreed).
+#[napi(object)]
+pub struct BlkInfo {
+    /// In 512-byte sectors.
+    pub capacity_sectors: f64,
+    pub block_size: u32,
+    pub physical_block_exp: u32,
+    pub opt_io_blocks: u32,
+    /// Largest data segment in bytes (0: not stated).
+    pub size_max: u32,
+    /// Most data segments per request (0: not stated).
+    pub seg_max: u32,
+    pub read_only: bool,
+    pub flush: bool,
+    pub writeback: bool,
+    pub discard: bool,
+    pub max_discard_sectors: u32,
+    pub max_discard_seg: u32,
+    pub discard_alignment: u32,
+    pub write_zeroes: bool,
+    pub max_write_zeroes_sectors: u32,
+    pub max_write_zeroes_seg: u32,
+    pub write_zeroes_may_unmap: bool,
 }
 
 #[napi(object)]
 pub struct ControllerInfo {
     pub transport: String,
+    /// "scsi" or "blk".
+    pub device_type: String,
     pub request_queues: u32,
     pub queue_size: u32,
     pub seg_max: u32,
@@ -262,6 +310,38 @@ pub struct ControllerInfo {
     /// DMA memory now; it grows up to `maxMemoryBytes` when allocations run dry.
     pub memory_bytes: f64,
     pub max_memory_bytes: f64,
+    /// virtio-blk devices only.
+    pub blk: Option<BlkInfo>,
+}
+
+fn blk_info(c: &driver::BlkConfig) -> BlkInfo {
+    BlkInfo {
+        capacity_sectors: c.capacity as f64,
+        block_size: c.block_size,
+        physical_block_exp: u32::from(c.physical_block_exp),
+        opt_io_blocks: c.opt_io_blocks,
+        size_max: c.size_max,
+        seg_max: c.seg_max,
+        read_only: c.read_only,
+        flush: c.flush,
+        writeback: c.writeback,
+        discard: c.discard,
+        max_discard_sectors: c.max_discard_sectors,
+        max_discard_seg: c.max_discard_seg,
+        discard_alignment: c.discard_alignment,
+        write_zeroes: c.write_zeroes,
+        max_write_zeroes_sectors: c.max_write_zeroes_sectors,
+        max_write_zeroes_seg: c.max_write_zeroes_seg,
+        write_zeroes_may_unmap: c.write_zeroes_may_unmap,
+    }
+}
+
+fn device_type_name(t: driver::DeviceType) -> String {
+    match t {
+        driver::DeviceType::Scsi => "scsi",
+        driver::DeviceType::Blk => "blk",
+    }
+    .to_string()
 }
 
 #[napi(object)]
@@ -272,8 +352,8 @@ pub struct ControllerEvent {
     pub reason: u32,
 }
 
-fn core_options(o: Option<ControllerOptions>) -> Result<scsi::ControllerOptions> {
-    let mut opts = scsi::ControllerOptions::default();
+fn core_options(o: Option<ControllerOptions>) -> Result<driver::ControllerOptions> {
+    let mut opts = driver::ControllerOptions::default();
     let Some(o) = o else { return Ok(opts) };
     if let Some(n) = o.request_queues {
         opts.request_queues =
@@ -302,13 +382,20 @@ fn core_options(o: Option<ControllerOptions>) -> Result<scsi::ControllerOptions>
             other => return Err(err(format!("hugepages '{other}' is not 'auto', 'require' or 'never'"))),
         };
     }
+    if let Some(t) = o.device_type {
+        opts.device = Some(match t.as_str() {
+            "scsi" => driver::DeviceType::Scsi,
+            "blk" => driver::DeviceType::Blk,
+            other => return Err(err(format!("deviceType '{other}' is not 'scsi' or 'blk'"))),
+        });
+    }
     Ok(opts)
 }
 
-/// A virtio-scsi controller.
+/// A controller of one virtio-scsi or virtio-blk device.
 #[napi]
 pub struct Controller {
-    inner: Arc<ScsiController>,
+    inner: Arc<CoreController>,
     /// The thread that opened the device owns it; threads that attached only let go of it.
     owner: bool,
     /// This object's entry in the shared-controller registry, once shared. A Cell: `close`
@@ -319,11 +406,12 @@ pub struct Controller {
 /// Controllers handed to other threads, by id. A worker thread attaches by id and gets its own
 /// object over the same controller; the entry goes when the owner closes the controller.
 static SHARED: Mutex<(u32, Vec<SharedEntry>)> = Mutex::new((0, Vec::new()));
-type SharedEntry = (u32, Weak<ScsiController>);
+type SharedEntry = (u32, Weak<CoreController>);
 
 #[napi]
 impl Controller {
-    /// Connects to a vhost-user-scsi socket and brings the device up, in libuv's thread pool.
+    /// Connects to a vhost-user socket (virtio-scsi, or virtio-blk with `deviceType: "blk"`)
+    /// and brings the device up, in libuv's thread pool.
     /// Resolves with the controller, or with why it failed: the message and, for a failed
     /// connection, its errno name (ECONNREFUSED, ETIMEDOUT, ...) as `code`.
     #[napi(ts_return_type = "Promise<Controller | OpenFailure>")]
@@ -336,7 +424,7 @@ impl Controller {
         Ok(AsyncTask::new(Open { target: OpenTarget::VhostUser(path), opts }))
     }
 
-    /// Opens a virtio-scsi PCI function bound to vfio-pci ("0000:00:03.0") and brings the
+    /// Opens a virtio-scsi or virtio-blk PCI function bound to vfio-pci ("0000:00:03.0") and brings the
     /// device up, in libuv's thread pool; resolves as `connectVhostUser` does.
     #[napi(ts_return_type = "Promise<Controller | OpenFailure>")]
     pub fn open_pci(address: String, options: Option<ControllerOptions>) -> Result<AsyncTask<Open>> {
@@ -348,15 +436,21 @@ impl Controller {
     #[napi(getter)]
     pub fn info(&self) -> ControllerInfo {
         let i = self.inner.info();
+        // A virtio-blk device is one disk at 0:0; its limits are in `blk`.
+        let (seg_max, max_sectors, cmd_per_lun, max_target, max_lun) = match (i.scsi(), i.blk()) {
+            (Some(c), _) => (c.seg_max, c.max_sectors, c.cmd_per_lun, u32::from(c.max_target), c.max_lun),
+            (None, b) => (b.map_or(0, |b| b.seg_max), 0, u32::from(i.queue_size), 0, 0),
+        };
         ControllerInfo {
             transport: i.transport.clone(),
+            device_type: device_type_name(i.device_type()),
             request_queues: u32::from(i.request_queues),
             queue_size: u32::from(i.queue_size),
-            seg_max: i.config.seg_max,
-            max_sectors: i.config.max_sectors,
-            cmd_per_lun: i.config.cmd_per_lun,
-            max_target: u32::from(i.config.max_target),
-            max_lun: i.config.max_lun,
+            seg_max,
+            max_sectors,
+            cmd_per_lun,
+            max_target,
+            max_lun,
             event_idx: i.event_idx,
             indirect: i.indirect,
             hotplug: i.hotplug,
@@ -364,7 +458,15 @@ impl Controller {
             hugepages: i.hugepages,
             memory_bytes: self.inner.memory_bytes().0 as f64,
             max_memory_bytes: self.inner.memory_bytes().1 as f64,
+            blk: i.blk().map(blk_info),
         }
+    }
+
+    /// The capacity of a virtio-blk device now, in 512-byte sectors, read from its configuration
+    /// space in libuv's thread pool (a device may change it at any time).
+    #[napi(ts_return_type = "Promise<number>")]
+    pub fn read_capacity(&self) -> AsyncTask<ReadCapacity> {
+        AsyncTask::new(ReadCapacity { inner: self.inner.clone() })
     }
 
     /// A request queue for the calling thread: one of its own while there are free ones, else
@@ -599,7 +701,7 @@ impl SharedArea {
 }
 
 /// One request queue, used from one thread. Requests go down as packed records (see
-/// `virtio_initiator_core::scsi::records`) in the submission area and come back in the
+/// `virtio_initiator_core::driver::records`) in the submission area and come back in the
 /// completion area, both shared with JavaScript, so that one `pump` call moves both ways.
 #[napi]
 pub struct Channel {
@@ -608,11 +710,11 @@ pub struct Channel {
     completions: Arc<SharedArea>,
 }
 
-fn host_buffers(buffers: Option<Vec<Option<BufferSlice>>>) -> Vec<Option<scsi::HostBuffer>> {
+fn host_buffers(buffers: Option<Vec<Option<BufferSlice>>>) -> Vec<Option<driver::HostBuffer>> {
     buffers
         .unwrap_or_default()
         .into_iter()
-        .map(|b| b.map(|mut b| scsi::HostBuffer { ptr: b.as_mut_ptr(), len: b.len() }))
+        .map(|b| b.map(|mut b| driver::HostBuffer { ptr: b.as_mut_ptr(), len: b.len() }))
         .collect()
 }
 
@@ -622,8 +724,8 @@ impl Channel {
         let n = inner.capacity();
         Channel {
             inner,
-            submissions: SharedArea::new(n * scsi::SUBMIT_RECORD_SIZE),
-            completions: SharedArea::new(n * scsi::COMPLETION_SLOT_SIZE),
+            submissions: SharedArea::new(n * driver::SUBMIT_RECORD_SIZE),
+            completions: SharedArea::new(n * driver::COMPLETION_SLOT_SIZE),
         }
     }
 
@@ -741,14 +843,16 @@ impl Channel {
     }
 }
 
-/// A virtio-scsi PCI function as sysfs describes it.
+/// A virtio-scsi or virtio-blk PCI function as sysfs describes it.
 #[napi(object)]
 pub struct PciDeviceInfo {
     /// "0000:00:03.0".
     pub address: String,
     pub vendor_id: u32,
     pub device_id: u32,
-    /// "modern" (1af4:1048) or "transitional" (1af4:1004).
+    /// "scsi" (1af4:1004, 1af4:1048) or "blk" (1af4:1001, 1af4:1042).
+    pub device_type: String,
+    /// "modern" (1af4:104x) or "transitional" (1af4:100x).
     pub interface: String,
     /// Bound driver ("virtio-pci", "vfio-pci"), or null.
     pub driver: Option<String>,
@@ -762,6 +866,7 @@ fn pci_info(f: pci::PciFunction) -> PciDeviceInfo {
         address: f.address.to_string(),
         vendor_id: u32::from(f.vendor),
         device_id: u32::from(f.device),
+        device_type: if f.is_virtio_scsi() { "scsi" } else { "blk" }.to_string(),
         interface: match f.interface() {
             Some(VirtioInterface::Modern) => "modern",
             Some(VirtioInterface::Transitional) => "transitional",
@@ -778,14 +883,14 @@ fn pci_address(address: &str) -> Result<pci::PciAddress> {
     address.parse().map_err(err)
 }
 
-/// Every virtio-scsi PCI function of the system, with its driver and IOMMU group.
+/// Every virtio-scsi and virtio-blk PCI function of the system, with its driver and IOMMU group.
 #[napi]
 pub fn list_pci_devices() -> Result<Vec<PciDeviceInfo>> {
-    let functions = Sysfs::new().virtio_scsi_functions().map_err(err)?;
+    let functions = Sysfs::new().virtio_storage_functions().map_err(err)?;
     Ok(functions.into_iter().map(pci_info).collect())
 }
 
-/// Hands a virtio-scsi PCI function to vfio-pci (through driver_override); returns its new
+/// Hands a virtio-scsi or virtio-blk PCI function to vfio-pci (through driver_override); returns its new
 /// state. Needs root.
 #[napi]
 pub fn bind_vfio_pci(address: String) -> Result<PciDeviceInfo> {

@@ -5,8 +5,9 @@
 use std::time::{Duration, Instant};
 
 use napi_derive::napi;
-use virtio_initiator_core::scsi::{
-    read_write_cdb, DataRef, Direction, HostBuffer, RequestChannel, ScsiController, ScsiError, SubmitRecord,
+use virtio_initiator_core::driver::{
+    Controller as CoreController, DataRef, Direction, DriverError, HostBuffer, Request, RequestChannel,
+    SubmitRecord,
 };
 use virtio_scsi_proto::LunAddress;
 
@@ -105,15 +106,15 @@ fn thread_cpu_seconds() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
-fn bad(detail: String) -> ScsiError {
-    ScsiError::BadRequest { index: 0, detail }
+fn bad(detail: String) -> DriverError {
+    DriverError::BadRequest { index: 0, detail }
 }
 
 pub fn run(
     channel: &mut RequestChannel,
-    controller: &ScsiController,
+    controller: &CoreController,
     spec: &LoadSpec,
-) -> Result<LoadResult, ScsiError> {
+) -> Result<LoadResult, DriverError> {
     let bs = u64::from(spec.block_size);
     if bs == 0 || spec.io_bytes == 0 || u64::from(spec.io_bytes) % bs != 0 {
         return Err(bad(format!("ioBytes {} is not a positive multiple of blockSize {bs}", spec.io_bytes)));
@@ -155,20 +156,23 @@ pub fn run(
     let t0 = Instant::now();
     let cpu0 = thread_cpu_seconds();
     let mut stop = false;
-    let mut push = |channel: &mut RequestChannel, token: usize| -> Result<bool, ScsiError> {
+    let mut push = |channel: &mut RequestChannel, token: usize| -> Result<bool, DriverError> {
         let slot = if spec.random { rng.next() % slots } else { (next_seq, next_seq += 1).0 % slots };
         let read = spec.read_percent == 100
             || (spec.read_percent > 0 && rng.next() % 100 < u64::from(spec.read_percent));
-        let (cdb, cdb_len) = read_write_cdb(!read, first + slot * per_io, per_io as u32, false);
+        let (lba, blocks) = (first + slot * per_io, per_io as u32);
         let b = &buffers[token];
         let rec = SubmitRecord {
             token: token as u32,
             addr,
             direction: if read { Direction::FromDevice } else { Direction::ToDevice },
             data: DataRef::None,
-            cdb_len,
             task_attr: 0,
-            cdb,
+            request: if read {
+                Request::Read { lba, blocks, fua: false }
+            } else {
+                Request::Write { lba, blocks, fua: false }
+            },
         };
         if read {
             reads += 1;

@@ -1,12 +1,12 @@
 //! `config-space`: the virtio-scsi configuration space and everything a device reports at
-//! negotiation. `Config::decode` gets arbitrary bytes; then `ScsiController::open` runs against
+//! negotiation. `Config::decode` gets arbitrary bytes; then `Controller::open` runs against
 //! an in-process device whose offered features, configuration space (num_queues, seg_max,
 //! max_sectors, cmd_per_lun, sense_size, cdb_size, max_target, max_lun), queue count, queue
 //! sizes and failing calls come from the input, with arbitrary options. It must return a
 //! typed error or a controller whose reported setup stays within what the device allows.
 
+use virtio_initiator_core::driver::{Controller, ControllerOptions, DriverError, RequestChannel};
 use virtio_initiator_core::memory::HugePages;
-use virtio_initiator_core::scsi::{ControllerOptions, RequestChannel, ScsiController, ScsiError};
 use virtio_scsi_proto::{Config, CDB_SIZE, SENSE_SIZE};
 
 use super::fake::{FakeTransport, Script};
@@ -134,25 +134,26 @@ impl Target for ConfigSpace {
             memory_bytes,
             max_memory_bytes: Some(memory_bytes),
             hugepages: HugePages::Never,
+            device: None,
         };
         let (t, state) = FakeTransport::new(script.clone());
-        match ScsiController::open(Box::new(t), &opts) {
+        match Controller::open(Box::new(t), &opts) {
             Err(e) => {
                 hit(match e {
-                    ScsiError::Config(_) => "open: config error",
-                    ScsiError::Memory(_) => "open: memory error",
-                    ScsiError::Queue(_) => "open: queue error",
-                    ScsiError::Transport(_) => "open: transport error",
+                    DriverError::Config(_) => "open: config error",
+                    DriverError::Memory(_) => "open: memory error",
+                    DriverError::Queue(_) => "open: queue error",
+                    DriverError::Transport(_) => "open: transport error",
                     _ => "open: other error",
                 });
                 if !asked_size.is_power_of_two() || !(4..=1024).contains(&asked_size) {
-                    assert!(matches!(e, ScsiError::Config(_)), "bad queue size {asked_size}: {e}");
+                    assert!(matches!(e, DriverError::Config(_)), "bad queue size {asked_size}: {e}");
                 }
                 if request_queues == Some(0)
                     && asked_size.is_power_of_two()
                     && (4..=1024).contains(&asked_size)
                 {
-                    assert!(!matches!(e, ScsiError::Queue(_)), "no request queues: {e}");
+                    assert!(!matches!(e, DriverError::Queue(_)), "no request queues: {e}");
                 }
             }
             Ok(c) => {
@@ -168,7 +169,7 @@ impl Target for ConfigSpace {
                         assert!(n >= 3, "opened with {n} virtqueues");
                         n - 2
                     }
-                    None => info.config.num_queues.clamp(1, 256) as u16,
+                    None => info.scsi().unwrap().num_queues.clamp(1, 256) as u16,
                 };
                 assert!(info.request_queues >= 1 && info.request_queues <= device_queues, "{info:?}");
                 match request_queues {
@@ -185,10 +186,14 @@ impl Target for ConfigSpace {
                 let config_read = state.lock().unwrap().config_read;
                 match script.config.as_deref().and_then(Config::decode) {
                     Some(want) if config_read => {
-                        assert_eq!(info.config, want, "configuration as the device reported it")
+                        assert_eq!(info.scsi(), Some(&want), "configuration as the device reported it")
                     }
                     _ => {
-                        assert_eq!(info.config.cdb_size, CDB_SIZE as u32, "defaults without a configuration")
+                        assert_eq!(
+                            info.scsi().unwrap().cdb_size,
+                            CDB_SIZE as u32,
+                            "defaults without a configuration"
+                        )
                     }
                 }
                 let acked = state.lock().unwrap().acked.expect("features were set");

@@ -10,11 +10,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use virtio_initiator_core::memory::{DmaBuf, HugePages};
-use virtio_initiator_core::scsi::{
-    CompletionRecord, ControllerOptions, HostBuffer, RequestChannel, ScsiController, RESPONSE_REFUSED,
+use virtio_initiator_core::driver::{
+    CompletionRecord, Controller, ControllerOptions, HostBuffer, RequestChannel, RESPONSE_REFUSED,
     SUBMIT_RECORD_SIZE,
 };
+use virtio_initiator_core::memory::{DmaBuf, HugePages};
 use virtio_scsi_proto::{
     response, CmdRequest, CmdResponse, Config, Event, LunAddress, CONTROL_QUEUE, EVENT_QUEUE,
     FIRST_REQUEST_QUEUE, SENSE_SIZE,
@@ -42,7 +42,7 @@ const MAX_DATA: usize = 16 << 10;
 
 /// One controller with its request channel, and the device side of its queues.
 struct Rig {
-    controller: Arc<ScsiController>,
+    controller: Arc<Controller>,
     channel: RequestChannel,
     _state: Arc<Mutex<State>>,
     rq: DevQueue,
@@ -72,8 +72,9 @@ impl Rig {
             memory_bytes: MEMORY,
             max_memory_bytes: Some(MEMORY),
             hugepages: HugePages::Never,
+            device: None,
         };
-        let controller = ScsiController::open(Box::new(t), &opts).expect("controller over the fake device");
+        let controller = Controller::open(Box::new(t), &opts).expect("controller over the fake device");
         let channel = RequestChannel::open(&controller).expect("request channel");
         let (rq, eq) = {
             let st = state.lock().unwrap();

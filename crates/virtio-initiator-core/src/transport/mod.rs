@@ -166,6 +166,11 @@ pub trait Transport: Send {
     fn released(&mut self) -> bool {
         false
     }
+    /// The virtio device type (2 block, 8 SCSI) when the transport can tell (a PCI function's
+    /// id); vhost-user cannot.
+    fn device_type(&self) -> Option<u32> {
+        None
+    }
     /// A short name for messages ("vhost-user /run/x.sock", "pci 0000:00:03.0").
     fn describe(&self) -> String;
 }

@@ -1,4 +1,4 @@
-//! Finding virtio-scsi PCI functions in sysfs, and moving them between their kernel driver and
+//! Finding virtio-scsi and virtio-blk PCI functions in sysfs, and moving them between their kernel driver and
 //! vfio-pci through `driver_override` (which, unlike `new_id`, touches only the one function).
 
 use std::fs;
@@ -12,12 +12,33 @@ pub const VIRTIO_VENDOR: u16 = 0x1af4;
 pub const VIRTIO_SCSI_TRANSITIONAL: u16 = 0x1004;
 /// Modern-only virtio-scsi: 0x1040 + device type 8.
 pub const VIRTIO_SCSI_MODERN: u16 = 0x1048;
+/// Transitional virtio-blk.
+pub const VIRTIO_BLK_TRANSITIONAL: u16 = 0x1001;
+/// Modern-only virtio-blk: 0x1040 + device type 2.
+pub const VIRTIO_BLK_MODERN: u16 = 0x1042;
+/// Virtio device types (virtio 1.2, 5): block and SCSI host.
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+pub const VIRTIO_ID_SCSI: u32 = 8;
 /// Virtio PCI device ids: 0x1000..=0x103f transitional, 0x1040..=0x107f modern.
 const VIRTIO_DEVICE_IDS: std::ops::RangeInclusive<u16> = 0x1000..=0x107f;
 
 pub const VFIO_DRIVER: &str = "vfio-pci";
 /// Drivers VFIO accepts on the other devices of a group.
 const VFIO_FRIENDLY_DRIVERS: [&str; 2] = [VFIO_DRIVER, "pci-stub"];
+
+/// The virtio device type (2 block, 8 SCSI, ...) a PCI id names: modern ids are 0x1040 plus
+/// the type; of the transitional ids, those of the devices this driver knows.
+pub fn virtio_device_type(vendor: u16, device: u16) -> Option<u32> {
+    if vendor != VIRTIO_VENDOR {
+        return None;
+    }
+    match device {
+        VIRTIO_BLK_TRANSITIONAL => Some(VIRTIO_ID_BLOCK),
+        VIRTIO_SCSI_TRANSITIONAL => Some(VIRTIO_ID_SCSI),
+        d @ 0x1040..=0x107f => Some(u32::from(d - 0x1040)),
+        _ => None,
+    }
+}
 
 /// Which interfaces a virtio PCI function has, by its device id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,7 +72,17 @@ impl PciFunction {
     }
 
     pub fn is_virtio_scsi(&self) -> bool {
-        self.vendor == VIRTIO_VENDOR && matches!(self.device, VIRTIO_SCSI_TRANSITIONAL | VIRTIO_SCSI_MODERN)
+        self.virtio_device_type() == Some(VIRTIO_ID_SCSI)
+    }
+
+    /// The virtio device type its id names (see [`virtio_device_type`]).
+    pub fn virtio_device_type(&self) -> Option<u32> {
+        virtio_device_type(self.vendor, self.device)
+    }
+
+    /// A virtio-scsi or virtio-blk function: what this driver drives.
+    pub fn is_virtio_storage(&self) -> bool {
+        matches!(self.virtio_device_type(), Some(VIRTIO_ID_SCSI | VIRTIO_ID_BLOCK))
     }
 
     /// The virtio interface its id promises; `None` when it is not a virtio device.
@@ -65,8 +96,8 @@ impl PciFunction {
         }
     }
 
-    /// Errors out unless this is a virtio-scsi function.
-    pub fn require_virtio_scsi(&self) -> Result<(), PciError> {
+    /// Errors out unless this is a virtio-scsi or virtio-blk function.
+    pub fn require_virtio_storage(&self) -> Result<(), PciError> {
         if !self.is_virtio() {
             return Err(PciError::NotVirtio {
                 address: self.address,
@@ -74,8 +105,8 @@ impl PciFunction {
                 device: self.device,
             });
         }
-        if !self.is_virtio_scsi() {
-            return Err(PciError::NotVirtioScsi { address: self.address, device: self.device });
+        if !self.is_virtio_storage() {
+            return Err(PciError::NotVirtioStorage { address: self.address, device: self.device });
         }
         Ok(())
     }
@@ -171,9 +202,10 @@ impl Sysfs {
         Ok(out)
     }
 
-    /// Every virtio-scsi function (1af4:1004, 1af4:1048), whatever driver it has.
-    pub fn virtio_scsi_functions(&self) -> Result<Vec<PciFunction>, PciError> {
-        Ok(self.functions()?.into_iter().filter(PciFunction::is_virtio_scsi).collect())
+    /// Every virtio-scsi (1af4:1004, 1af4:1048) and virtio-blk (1af4:1001, 1af4:1042) function,
+    /// whatever driver it has.
+    pub fn virtio_storage_functions(&self) -> Result<Vec<PciFunction>, PciError> {
+        Ok(self.functions()?.into_iter().filter(PciFunction::is_virtio_storage).collect())
     }
 
     /// The other functions of an IOMMU group, with their drivers.
@@ -217,11 +249,11 @@ impl Sysfs {
         }
     }
 
-    /// Checks that `address` is a virtio-scsi function bound to vfio-pci, with an IOMMU group;
+    /// Checks that `address` is a virtio-scsi or virtio-blk function bound to vfio-pci, with an IOMMU group;
     /// returns its description.
     pub fn check_openable(&self, address: PciAddress) -> Result<PciFunction, PciError> {
         let f = self.function(address)?;
-        f.require_virtio_scsi()?;
+        f.require_virtio_storage()?;
         if f.iommu_group.is_none() {
             return Err(PciError::NoIommu(address));
         }
@@ -232,12 +264,12 @@ impl Sysfs {
         }
     }
 
-    /// Hands the virtio-scsi function at `address` to vfio-pci: sets `driver_override`,
+    /// Hands the virtio-scsi or virtio-blk function at `address` to vfio-pci: sets `driver_override`,
     /// unbinds it from its current driver and asks the kernel to probe it again. Returns the
     /// new state. Nothing happens when it already is bound to vfio-pci.
     pub fn bind_vfio(&self, address: PciAddress) -> Result<PciFunction, PciError> {
         let f = self.function(address)?;
-        f.require_virtio_scsi()?;
+        f.require_virtio_storage()?;
         if f.iommu_group.is_none() {
             return Err(PciError::NoIommu(address));
         }

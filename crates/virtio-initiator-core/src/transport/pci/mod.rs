@@ -34,7 +34,9 @@ use std::fmt;
 use std::io;
 use std::str::FromStr;
 
-pub use discover::{PciFunction, Sysfs, VirtioInterface};
+pub use discover::{
+    virtio_device_type, PciFunction, Sysfs, VirtioInterface, VIRTIO_ID_BLOCK, VIRTIO_ID_SCSI,
+};
 pub use vfio::{IovaRange, VfioPci};
 pub use virtio_pci::{PciAccess, VirtioCaps, VirtioPciTransport};
 
@@ -113,10 +115,10 @@ pub enum PciError {
     #[error("{address} is not a virtio device (vendor {vendor:04x}, device {device:04x})")]
     NotVirtio { address: PciAddress, vendor: u16, device: u16 },
     #[error(
-        "{address} is a virtio device but not virtio-scsi (device id {device:04x}; virtio-scsi is \
-         1af4:1004 or 1af4:1048)"
+        "{address} is a virtio device but neither virtio-scsi (1af4:1004, 1af4:1048) nor virtio-blk \
+         (1af4:1001, 1af4:1042): device id {device:04x}"
     )]
-    NotVirtioScsi { address: PciAddress, device: u16 },
+    NotVirtioStorage { address: PciAddress, device: u16 },
     #[error(
         "{0} has only the legacy virtio interface; a virtio 1.x (modern) interface is required \
          (QEMU: disable-modern=off)"

@@ -14,8 +14,8 @@ use virtio_scsi_proto::Config;
 use super::vfio::{parse_iommu_info, IovaRange};
 use super::virtio_pci::*;
 use super::*;
+use crate::driver::{Controller, ControllerOptions, DeviceType, DriverError, RequestChannel};
 use crate::memory::{free_hugepages, DmaPool, HugePages, IovaPlacement, PoolConfig, HUGE_PAGE_SIZE};
-use crate::scsi::{ControllerOptions, RequestChannel, ScsiController, ScsiError};
 use crate::transport::{Notifier, RingAddresses, Transport, TransportError};
 
 const MIB: u64 = 1 << 20;
@@ -272,17 +272,22 @@ impl Drop for FakeSysfs {
 }
 
 #[test]
-fn sysfs_lists_virtio_scsi_functions_with_driver_and_group() {
+fn sysfs_lists_virtio_scsi_and_blk_functions_with_driver_and_group() {
     let fake = FakeSysfs::new("list");
     fake.add("0000:00:00.0", 0x8086, 0x29c0, None, Some(0));
     fake.add("0000:00:02.0", 0x1af4, 0x1048, Some("vfio-pci"), Some(2));
     fake.add("0000:00:03.0", 0x1af4, 0x1004, Some("virtio-pci"), Some(3));
     fake.add("0000:00:04.0", 0x1af4, 0x1009, Some("virtio-pci"), Some(4));
+    fake.add("0000:00:05.0", 0x1af4, 0x1042, Some("virtio-pci"), Some(5));
+    fake.add("0000:00:06.0", 0x1af4, 0x1001, None, Some(6));
+    fake.add("0000:00:07.0", 0x1af4, 0x1041, Some("virtio-pci"), Some(7));
     fs::create_dir_all(fake.root.join("bus/pci/devices/not-an-address")).unwrap();
     let sysfs = fake.sysfs();
     let all = sysfs.functions().unwrap();
-    assert_eq!(all.len(), 4);
-    let scsi = sysfs.virtio_scsi_functions().unwrap();
+    assert_eq!(all.len(), 7);
+    let types: Vec<_> = all.iter().map(PciFunction::virtio_device_type).collect();
+    assert_eq!(types, [None, Some(8), Some(8), None, Some(2), Some(2), Some(1)]);
+    let scsi = sysfs.virtio_storage_functions().unwrap();
     let found: Vec<_> =
         scsi.iter().map(|f| (f.address.to_string(), f.driver.clone(), f.iommu_group)).collect();
     assert_eq!(
@@ -290,6 +295,8 @@ fn sysfs_lists_virtio_scsi_functions_with_driver_and_group() {
         [
             ("0000:00:02.0".to_string(), Some("vfio-pci".to_string()), Some(2)),
             ("0000:00:03.0".to_string(), Some("virtio-pci".to_string()), Some(3)),
+            ("0000:00:05.0".to_string(), Some("virtio-pci".to_string()), Some(5)),
+            ("0000:00:06.0".to_string(), None, Some(6)),
         ]
     );
     assert_eq!(scsi[0].interface(), Some(VirtioInterface::Modern));
@@ -314,7 +321,8 @@ fn sysfs_refuses_what_cannot_be_opened_with_clear_errors() {
     let e = msg(s.check_openable(addr("00:00.0")));
     assert!(e.contains("0000:00:00.0 is not a virtio device (vendor 8086, device 29c0)"), "{e}");
     let e = msg(s.check_openable(addr("00:04.0")));
-    assert!(e.contains("not virtio-scsi (device id 1009"), "{e}");
+    assert!(e.contains("neither virtio-scsi (1af4:1004, 1af4:1048) nor virtio-blk"), "{e}");
+    assert!(e.contains("device id 1009"), "{e}");
     let e = msg(s.check_openable(addr("00:03.0")));
     assert!(e.contains("0000:00:03.0 is bound to virtio-pci, not to vfio-pci"), "{e}");
     let e = msg(s.check_openable(addr("00:06.0")));
@@ -322,7 +330,7 @@ fn sysfs_refuses_what_cannot_be_opened_with_clear_errors() {
     let e = msg(s.check_openable(addr("00:05.0")));
     assert!(e.contains("has no IOMMU group"), "{e}");
     assert!(matches!(s.bind_vfio(addr("00:05.0")), Err(PciError::NoIommu(_))));
-    assert!(matches!(s.bind_vfio(addr("00:04.0")), Err(PciError::NotVirtioScsi { .. })));
+    assert!(matches!(s.bind_vfio(addr("00:04.0")), Err(PciError::NotVirtioStorage { .. })));
 }
 
 #[test]
@@ -852,7 +860,7 @@ fn controller_opens_over_the_transport_with_the_devices_queue_limit() {
         hugepages: HugePages::Never,
         ..Default::default()
     };
-    let c = ScsiController::open(Box::new(t), &opts).unwrap();
+    let c = Controller::open(Box::new(t), &opts).unwrap();
     let info = c.info();
     assert_eq!(info.queue_size, 128);
     assert_eq!(info.request_queues, 2);
@@ -875,6 +883,52 @@ fn controller_opens_over_the_transport_with_the_devices_queue_limit() {
 }
 
 #[test]
+fn a_virtio_blk_function_opens_as_blk_with_request_queues_from_zero() {
+    const BLK_SIZE: u64 = 1 << 6;
+    let blk_function = || {
+        let dev = FakeDevice::new(&[64, 64], VERSION_1 | ACCESS_PLATFORM | BLK_SIZE);
+        {
+            let mut s = dev.s();
+            s.cfg = config_space(0x1042, &QEMU_CAPS);
+            let config = virtio_blk_proto::Config { capacity: 1 << 21, blk_size: 4096, ..Default::default() };
+            s.device_cfg = config.encode().to_vec();
+        }
+        let t = VirtioPciTransport::new(dev.clone()).unwrap();
+        (dev, t)
+    };
+    let opts = ControllerOptions { memory_bytes: 4 * MIB, hugepages: HugePages::Never, ..Default::default() };
+
+    // The PCI id says virtio-blk: no control or event queue, both queues serve requests.
+    let (dev, t) = blk_function();
+    assert_eq!(t.device_type(), Some(VIRTIO_ID_BLOCK));
+    let c = Controller::open(Box::new(t), &opts).unwrap();
+    let info = c.info();
+    assert_eq!(info.device_type(), DeviceType::Blk);
+    let blk = info.blk().unwrap();
+    assert_eq!((blk.capacity, blk.block_size, blk.sector_shift()), (1 << 21, 4096, 3));
+    assert_eq!((info.request_queues, info.hotplug), (2, false));
+    assert!(dev.s().queues.iter().all(|q| q.enable == 1 && q.desc != 0), "both queues set up");
+    let ch = RequestChannel::open(&c).unwrap();
+    assert_eq!(ch.queue_index(), 0);
+
+    // The capacity is read anew each time: a device may change it.
+    assert_eq!(c.blk_capacity().unwrap(), 1 << 21);
+    dev.s().device_cfg[0..8].copy_from_slice(&(3u64 << 20).to_le_bytes());
+    assert_eq!(c.blk_capacity().unwrap(), 3 << 20);
+    let e = c.task_management(virtio_scsi_proto::LunAddress::new(0, 0), 0, 0).unwrap_err().to_string();
+    assert!(e.contains("task management is for virtio-scsi devices"), "{e}");
+    assert!(c.poll_events().unwrap().is_empty());
+    drop(ch);
+    c.close();
+
+    // Asked to be virtio-scsi, it is refused by name.
+    let (_dev, t) = blk_function();
+    let scsi = ControllerOptions { device: Some(DeviceType::Scsi), ..opts.clone() };
+    let e = Controller::open(Box::new(t), &scsi).err().unwrap().to_string();
+    assert!(e.contains("is a virtio-blk device, not virtio-scsi"), "{e}");
+}
+
+#[test]
 fn a_device_that_needs_a_reset_is_reset_and_set_up_again_in_place() {
     let dev = FakeDevice::new(&[64, 64, 64], VERSION_1 | ACCESS_PLATFORM | EVENT_IDX);
     dev.s().ranges = vec![IovaRange { start: 0, end: 0xfedf_ffff }];
@@ -882,7 +936,7 @@ fn a_device_that_needs_a_reset_is_reset_and_set_up_again_in_place() {
     fake.ranges = vec![IovaRange { start: 0, end: 0xfedf_ffff }];
     let t = VirtioPciTransport::new(fake).unwrap();
     let opts = ControllerOptions { memory_bytes: 4 * MIB, hugepages: HugePages::Never, ..Default::default() };
-    let c = ScsiController::open(Box::new(t), &opts).unwrap();
+    let c = Controller::open(Box::new(t), &opts).unwrap();
     let generation = c.connection();
     // A channel holds the one request queue through the reset.
     let old = RequestChannel::open(&c).unwrap();
@@ -917,7 +971,7 @@ fn a_device_that_needs_a_reset_is_reset_and_set_up_again_in_place() {
     drop(new);
     // One queue, not two: the old one went when it was given back.
     let a = RequestChannel::open(&c).unwrap();
-    assert!(matches!(RequestChannel::open(&c), Err(ScsiError::NoFreeQueue(1))));
+    assert!(matches!(RequestChannel::open(&c), Err(DriverError::NoFreeQueue(1))));
     drop(a);
     assert!(c.failure().is_none(), "working again");
     assert_ne!(c.connection(), generation, "channels opened before fail");

@@ -229,6 +229,8 @@ struct Mapped {
 pub struct VirtioPciTransport<D: PciAccess> {
     dev: D,
     caps: VirtioCaps,
+    /// The virtio device type its PCI id names.
+    device_type: Option<u32>,
     num_queues: u16,
     /// Features acknowledged with FEATURES_OK.
     acked: Option<u64>,
@@ -272,6 +274,7 @@ impl<D: PciAccess> VirtioPciTransport<D> {
         let mut t = VirtioPciTransport {
             dev,
             caps,
+            device_type: super::discover::virtio_device_type(vendor, device),
             num_queues: 0,
             acked: None,
             started: false,
@@ -666,6 +669,10 @@ impl<D: PciAccess> Transport for VirtioPciTransport<D> {
             return gone(format!("was reset underneath the driver (status {status:#04x})"));
         }
         Ok(())
+    }
+
+    fn device_type(&self) -> Option<u32> {
+        self.device_type
     }
 
     fn describe(&self) -> String {

@@ -1,6 +1,8 @@
 //! The packed request and completion records that cross the JavaScript boundary. Batches of
 //! them travel in fixed buffers each way, so one native call carries many requests. This is the
-//! one definition of the layout on the Rust side; `ts/records.ts` is its TypeScript twin.
+//! one definition of the layout on the Rust side; `ts/records.ts` is its TypeScript twin. The
+//! records name requests, not wire formats: the channel frames each one for its device
+//! (virtio-scsi CDBs, or virtio-blk request headers).
 //!
 //! Submission record, 64 bytes, little-endian:
 //!
@@ -11,11 +13,11 @@
 //! | 5 | u8 direction: 0 none, 1 data-in (device writes), 2 data-out (device reads) |
 //! | 6 | u16 LUN |
 //! | 8 | u32 data length (by-address data) |
-//! | 12 | u8 kind: 0 CDB as given, 1 READ, 2 WRITE, 3 SYNCHRONIZE CACHE |
+//! | 12 | u8 kind: 0 CDB as given (SCSI), 1 READ, 2 WRITE, 3 FLUSH (SYNCHRONIZE CACHE), 4 DISCARD, 5 WRITE ZEROES, 6 GET ID (blk) |
 //! | 13 | u8 SAM task attribute |
-//! | 14 | u8 flags: FUA, data by address, 16-byte CDB |
+//! | 14 | u8 flags: FUA, data by address, 16-byte CDB, unmap (WRITE ZEROES) |
 //! | 15 | u8 CDB length (kind CDB) |
-//! | 16 | CDB (kind CDB, 32 bytes), or u64 LBA at 16 and u32 blocks at 24 (READ, WRITE) |
+//! | 16 | CDB (kind CDB, 32 bytes), or u64 LBA at 16 and u32 blocks at 24 (READ, WRITE, DISCARD, WRITE ZEROES; in logical blocks) |
 //! | 48 | u64 data: a host address inside DMA memory (flag), else an index into the buffer list |
 //!
 //! Completion record, 24 bytes, followed in the completion area by one 96-byte sense slot per
@@ -24,8 +26,8 @@
 //! | offset | field |
 //! |---|---|
 //! | 0 | u32 token |
-//! | 4 | u8 virtio-scsi response |
-//! | 5 | u8 SAM status |
+//! | 4 | u8 response: virtio-scsi's (0 OK); virtio-blk: 0 when the device wrote a status |
+//! | 5 | u8 status: SAM status (SCSI), or the virtio-blk status byte (0 OK, 1 IOERR, 2 UNSUPP) |
 //! | 6 | u16 sense length |
 //! | 8 | u32 residual |
 //! | 12 | u32 bytes written into the data-in buffer |
@@ -44,6 +46,8 @@ pub const FLAG_FUA: u8 = 1;
 pub const FLAG_DATA_ADDRESS: u8 = 2;
 /// Flag: use the 16-byte form (SYNCHRONIZE CACHE; READ and WRITE choose by themselves).
 pub const FLAG_LONG_CDB: u8 = 4;
+/// Flag: WRITE ZEROES may deallocate the blocks.
+pub const FLAG_UNMAP: u8 = 8;
 
 const OP_READ_10: u8 = 0x28;
 const OP_WRITE_10: u8 = 0x2a;
@@ -75,16 +79,64 @@ pub enum DataRef {
     },
 }
 
-/// One request as the caller packed it, with its CDB built.
+/// What a record asks for, before it is framed for a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// A SCSI command as given (virtio-scsi only).
+    Cdb {
+        cdb: [u8; CDB_SIZE],
+        len: u8,
+    },
+    Read {
+        lba: u64,
+        blocks: u32,
+        fua: bool,
+    },
+    Write {
+        lba: u64,
+        blocks: u32,
+        fua: bool,
+    },
+    /// The whole medium to stable storage; `long`: the 16-byte SYNCHRONIZE CACHE.
+    Flush {
+        long: bool,
+    },
+    Discard {
+        lba: u64,
+        blocks: u32,
+    },
+    WriteZeroes {
+        lba: u64,
+        blocks: u32,
+        unmap: bool,
+    },
+    /// The device's ID string (virtio-blk only).
+    GetId,
+}
+
+impl Request {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Cdb { .. } => "SCSI command",
+            Request::Read { .. } => "READ",
+            Request::Write { .. } => "WRITE",
+            Request::Flush { .. } => "FLUSH",
+            Request::Discard { .. } => "DISCARD",
+            Request::WriteZeroes { .. } => "WRITE ZEROES",
+            Request::GetId => "GET ID",
+        }
+    }
+}
+
+/// One request as the caller packed it.
 #[derive(Clone, Copy, Debug)]
 pub struct SubmitRecord {
     pub token: u32,
     pub addr: LunAddress,
     pub direction: Direction,
     pub data: DataRef,
-    pub cdb_len: u8,
     pub task_attr: u8,
-    pub cdb: [u8; CDB_SIZE],
+    pub request: Request,
 }
 
 fn u16_at(raw: &[u8], at: usize) -> u16 {
@@ -116,8 +168,27 @@ pub fn read_write_cdb(write: bool, lba: u64, blocks: u32, fua: bool) -> ([u8; CD
     }
 }
 
+/// The CDB of a request on a virtio-scsi device.
+pub fn scsi_cdb(request: &Request) -> Result<([u8; CDB_SIZE], u8), String> {
+    match *request {
+        Request::Cdb { cdb, len } => Ok((cdb, len)),
+        Request::Read { lba, blocks, fua } => Ok(read_write_cdb(false, lba, blocks, fua)),
+        Request::Write { lba, blocks, fua } => Ok(read_write_cdb(true, lba, blocks, fua)),
+        Request::Flush { long } => {
+            // Zero LBA and zero blocks: the whole medium.
+            let mut cdb = [0u8; CDB_SIZE];
+            cdb[0] = if long { OP_SYNC_16 } else { OP_SYNC_10 };
+            Ok((cdb, if long { 16 } else { 10 }))
+        }
+        Request::Discard { .. } | Request::WriteZeroes { .. } | Request::GetId => Err(format!(
+            "a {} record is for virtio-blk devices; a virtio-scsi device takes a CDB",
+            request.name()
+        )),
+    }
+}
+
 impl SubmitRecord {
-    /// Decodes one record, building the CDB for the READ, WRITE and SYNCHRONIZE CACHE kinds.
+    /// Decodes one record, checking that its direction and data suit its kind.
     pub fn decode(raw: &[u8]) -> Result<Self, String> {
         if raw.len() < SUBMIT_RECORD_SIZE {
             return Err(format!("record is {} bytes, {SUBMIT_RECORD_SIZE} needed", raw.len()));
@@ -144,7 +215,9 @@ impl SubmitRecord {
             }
             _ => DataRef::Index(u32_at(raw, 48)),
         };
-        let (cdb, cdb_len) = match raw[12] {
+        let lba = u64_at(raw, 16);
+        let blocks = u32_at(raw, 24);
+        let (request, want) = match raw[12] {
             0 => {
                 let len = raw[15];
                 if !(6..=CDB_SIZE as u8).contains(&len) {
@@ -152,47 +225,50 @@ impl SubmitRecord {
                 }
                 let mut cdb = [0u8; CDB_SIZE];
                 cdb[..len as usize].copy_from_slice(&raw[16..16 + len as usize]);
-                (cdb, len)
+                (Request::Cdb { cdb, len }, None)
             }
-            kind @ (1 | 2) => {
-                let write = kind == 2;
-                let want = if write { Direction::ToDevice } else { Direction::FromDevice };
-                if direction != want {
-                    return Err(format!(
-                        "a {} record needs direction {}",
-                        if write { "WRITE" } else { "READ" },
-                        if write { 2 } else { 1 }
-                    ));
-                }
-                let blocks = u32_at(raw, 24);
-                if blocks == 0 {
-                    return Err("READ/WRITE of 0 blocks".into());
-                }
-                read_write_cdb(write, u64_at(raw, 16), blocks, flags & FLAG_FUA != 0)
+            1 => (Request::Read { lba, blocks, fua: flags & FLAG_FUA != 0 }, Some(Direction::FromDevice)),
+            2 => (Request::Write { lba, blocks, fua: flags & FLAG_FUA != 0 }, Some(Direction::ToDevice)),
+            3 => (Request::Flush { long: flags & FLAG_LONG_CDB != 0 }, Some(Direction::None)),
+            4 => (Request::Discard { lba, blocks }, Some(Direction::None)),
+            5 => {
+                (Request::WriteZeroes { lba, blocks, unmap: flags & FLAG_UNMAP != 0 }, Some(Direction::None))
             }
-            3 => {
-                // Zero LBA and zero blocks: the whole medium.
-                let mut cdb = [0u8; CDB_SIZE];
-                if flags & FLAG_LONG_CDB != 0 {
-                    cdb[0] = OP_SYNC_16;
-                    (cdb, 16)
-                } else {
-                    cdb[0] = OP_SYNC_10;
-                    (cdb, 10)
-                }
-            }
+            6 => (Request::GetId, Some(Direction::FromDevice)),
             k => {
-                return Err(format!("kind {k} is not 0 (CDB), 1 (READ), 2 (WRITE) or 3 (SYNCHRONIZE CACHE)"))
+                return Err(format!(
+                    "kind {k} is not 0 (CDB), 1 (READ), 2 (WRITE), 3 (FLUSH), 4 (DISCARD), 5 (WRITE ZEROES) \
+                     or 6 (GET ID)"
+                ))
             }
         };
+        if let Some(want) = want {
+            if direction != want {
+                let code = match want {
+                    Direction::None => 0,
+                    Direction::FromDevice => 1,
+                    Direction::ToDevice => 2,
+                };
+                return Err(format!("a {} record needs direction {code}", request.name()));
+            }
+        }
+        if matches!(
+            request,
+            Request::Read { .. }
+                | Request::Write { .. }
+                | Request::Discard { .. }
+                | Request::WriteZeroes { .. }
+        ) && blocks == 0
+        {
+            return Err(format!("{} of 0 blocks", request.name()));
+        }
         Ok(SubmitRecord {
             token: u32_at(raw, 0),
             addr: LunAddress::new(raw[4], lun),
             direction,
             data,
-            cdb_len,
             task_attr: raw[13],
-            cdb,
+            request,
         })
     }
 }
@@ -277,8 +353,9 @@ mod tests {
         raw[16] = 0x28;
         raw[48..56].copy_from_slice(&2u64.to_le_bytes());
         let r = SubmitRecord::decode(&raw).unwrap();
+        let (cdb, cdb_len) = scsi_cdb(&r.request).unwrap();
         assert_eq!(
-            (r.token, r.addr, r.direction, r.data, r.cdb_len, r.cdb[0]),
+            (r.token, r.addr, r.direction, r.data, cdb_len, cdb[0]),
             (77, LunAddress::new(3, 300), Direction::FromDevice, DataRef::Index(2), 10, 0x28)
         );
         raw[5] = 7;
@@ -297,15 +374,17 @@ mod tests {
         raw[24..28].copy_from_slice(&8u32.to_le_bytes());
         let r = SubmitRecord::decode(&raw).unwrap();
         assert_eq!(r.data, DataRef::Address { addr: 0x7f00_1000, len: 4096 });
-        assert_eq!((r.cdb_len, &r.cdb[..10]), (10, &[0x28, 0, 0, 0, 0x12, 0x34, 0, 0, 8, 0][..]));
+        let (cdb, cdb_len) = scsi_cdb(&r.request).unwrap();
+        assert_eq!((cdb_len, &cdb[..10]), (10, &[0x28, 0, 0, 0, 0x12, 0x34, 0, 0, 8, 0][..]));
 
         // Above 32-bit LBAs and 16-bit lengths: the 16-byte form, FUA set.
         let mut raw = record(2, 2, FLAG_DATA_ADDRESS | FLAG_FUA);
         raw[16..24].copy_from_slice(&0x1_0000_0000u64.to_le_bytes());
         raw[24..28].copy_from_slice(&0x1_0000u32.to_le_bytes());
         let r = SubmitRecord::decode(&raw).unwrap();
-        assert_eq!(r.cdb_len, 16);
-        assert_eq!(&r.cdb[..14], &[0x8a, 0x08, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0]);
+        let (cdb, cdb_len) = scsi_cdb(&r.request).unwrap();
+        assert_eq!(cdb_len, 16);
+        assert_eq!(&cdb[..14], &[0x8a, 0x08, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0]);
 
         // The direction must match the kind; zero blocks and zero lengths are refused.
         assert!(SubmitRecord::decode(&record(1, 2, 0))
@@ -321,9 +400,33 @@ mod tests {
     #[test]
     fn synchronize_cache_records() {
         let r = SubmitRecord::decode(&record(3, 0, 0)).unwrap();
-        assert_eq!((r.cdb_len, r.cdb[0], r.data), (10, 0x35, DataRef::None));
+        let (cdb, cdb_len) = scsi_cdb(&r.request).unwrap();
+        assert_eq!((cdb_len, cdb[0], r.data), (10, 0x35, DataRef::None));
         let r = SubmitRecord::decode(&record(3, 0, FLAG_LONG_CDB)).unwrap();
-        assert_eq!((r.cdb_len, r.cdb[0]), (16, 0x91));
+        let (cdb, cdb_len) = scsi_cdb(&r.request).unwrap();
+        assert_eq!((cdb_len, cdb[0]), (16, 0x91));
+        assert!(SubmitRecord::decode(&record(3, 1, 0))
+            .unwrap_err()
+            .contains("FLUSH record needs direction 0"));
+    }
+
+    #[test]
+    fn block_device_records() {
+        let mut raw = record(4, 0, 0);
+        raw[16..24].copy_from_slice(&9u64.to_le_bytes());
+        raw[24..28].copy_from_slice(&3u32.to_le_bytes());
+        assert_eq!(SubmitRecord::decode(&raw).unwrap().request, Request::Discard { lba: 9, blocks: 3 });
+        raw[12] = 5;
+        raw[14] = FLAG_UNMAP;
+        let r = SubmitRecord::decode(&raw).unwrap();
+        assert_eq!(r.request, Request::WriteZeroes { lba: 9, blocks: 3, unmap: true });
+        assert!(scsi_cdb(&r.request).unwrap_err().contains("WRITE ZEROES record is for virtio-blk"));
+        raw[24..28].copy_from_slice(&0u32.to_le_bytes());
+        assert!(SubmitRecord::decode(&raw).unwrap_err().contains("WRITE ZEROES of 0 blocks"));
+        assert_eq!(SubmitRecord::decode(&record(6, 1, 0)).unwrap().request, Request::GetId);
+        assert!(SubmitRecord::decode(&record(6, 0, 0))
+            .unwrap_err()
+            .contains("GET ID record needs direction 1"));
     }
 
     #[test]

@@ -1,20 +1,22 @@
-//! A virtio-scsi controller: negotiation, the DMA pool, the control and event queues, and the
-//! request queues waiting to be taken by channels.
+//! A controller of one virtio device (virtio-scsi or virtio-blk): negotiation, the DMA pool,
+//! the request queues waiting to be taken by channels, and for virtio-scsi the control and event
+//! queues. Everything but those two queues and the configuration space is the same for both.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
-use virtio_scsi_proto::{
-    event, feature, response, Config, Event, LunAddress, TmfRequest, CDB_SIZE, SENSE_SIZE,
-};
+use virtio_scsi_proto::{event, response, Config, Event, LunAddress, TmfRequest};
 
+use super::blk::{self, BlkConfig};
 use super::dma::{DmaMemory, Span};
+use super::scsi;
 use super::shared::{QueueCell, QueueShare};
-use super::ScsiError;
+use super::DriverError;
 use crate::memory::{DmaBuf, DmaPool, HugePages, PoolConfig};
 use crate::queue::{QueueFeatures, Segment, SplitQueue};
+use crate::transport::pci::{VIRTIO_ID_BLOCK, VIRTIO_ID_SCSI};
 use crate::transport::{Notifier, QueueHandle, RingAddresses, Transport};
 
 /// The device takes any split of header and data across descriptors (legacy devices without
@@ -46,6 +48,41 @@ pub struct ControllerOptions {
     /// `memory_bytes`, at least 256 MiB. Equal to `memory_bytes`, it never grows.
     pub max_memory_bytes: Option<u64>,
     pub hugepages: HugePages,
+    /// The device type: None takes what the transport tells (a PCI function's id), else
+    /// virtio-scsi; one given must match what the transport tells.
+    pub device: Option<DeviceType>,
+}
+
+/// The kind of virtio device a controller drives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeviceType {
+    #[default]
+    Scsi,
+    Blk,
+}
+
+impl DeviceType {
+    /// Virtqueues before the first request queue (virtio-scsi's control and event queues).
+    pub fn first_request_queue(self) -> u16 {
+        match self {
+            DeviceType::Scsi => virtio_scsi_proto::FIRST_REQUEST_QUEUE,
+            DeviceType::Blk => 0,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceType::Scsi => "virtio-scsi",
+            DeviceType::Blk => "virtio-blk",
+        }
+    }
+}
+
+/// The configuration a device reported, by device type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceConfig {
+    Scsi(Config),
+    Blk(BlkConfig),
 }
 
 impl Default for ControllerOptions {
@@ -58,6 +95,7 @@ impl Default for ControllerOptions {
             memory_bytes: 4 << 20,
             max_memory_bytes: None,
             hugepages: HugePages::Auto,
+            device: None,
         }
     }
 }
@@ -66,7 +104,7 @@ impl Default for ControllerOptions {
 #[derive(Clone, Debug)]
 pub struct ControllerInfo {
     pub transport: String,
-    pub config: Config,
+    pub config: DeviceConfig,
     pub request_queues: u16,
     pub queue_size: u16,
     pub event_idx: bool,
@@ -74,6 +112,31 @@ pub struct ControllerInfo {
     pub hotplug: bool,
     pub change: bool,
     pub hugepages: bool,
+}
+
+impl ControllerInfo {
+    pub fn device_type(&self) -> DeviceType {
+        match self.config {
+            DeviceConfig::Scsi(_) => DeviceType::Scsi,
+            DeviceConfig::Blk(_) => DeviceType::Blk,
+        }
+    }
+
+    /// The virtio-scsi configuration; None for other devices.
+    pub fn scsi(&self) -> Option<&Config> {
+        match &self.config {
+            DeviceConfig::Scsi(c) => Some(c),
+            DeviceConfig::Blk(_) => None,
+        }
+    }
+
+    /// The virtio-blk configuration as of opening; None for other devices.
+    pub fn blk(&self) -> Option<&BlkConfig> {
+        match &self.config {
+            DeviceConfig::Blk(c) => Some(c),
+            DeviceConfig::Scsi(_) => None,
+        }
+    }
 }
 
 /// An event from the device's event queue.
@@ -109,13 +172,14 @@ struct EventQueue {
     buffers: Vec<DmaBuf>,
 }
 
-pub struct ScsiController {
+pub struct Controller {
     /// `None` once closed: dropping the transport ends the connection (or releases the device).
     transport: Mutex<Option<Box<dyn Transport>>>,
     memory: DmaMemory,
     info: ControllerInfo,
-    control: Mutex<ControlQueue>,
-    events: Mutex<EventQueue>,
+    /// virtio-scsi only.
+    control: Option<Mutex<ControlQueue>>,
+    events: Option<Mutex<EventQueue>>,
     request_queues: Mutex<Vec<QueueParts>>,
     /// Request queues taken by channels and not given back, with the connection they were
     /// taken on: a new connection makes anew every queue that is neither parked nor here (those
@@ -147,62 +211,82 @@ fn has(features: u64, bit: u32) -> bool {
     features & (1 << bit) != 0
 }
 
-impl ScsiController {
+impl Controller {
     /// Brings the device up: features, configuration, memory, every queue, and the event
     /// buffers. Every failure names what went wrong.
-    pub fn open(mut transport: Box<dyn Transport>, opts: &ControllerOptions) -> Result<Arc<Self>, ScsiError> {
+    pub fn open(
+        mut transport: Box<dyn Transport>,
+        opts: &ControllerOptions,
+    ) -> Result<Arc<Self>, DriverError> {
         let size = opts.queue_size;
         if !size.is_power_of_two() || !(4..=1024).contains(&size) {
-            return Err(ScsiError::Config(format!("queue size {size} is not a power of two from 4 to 1024")));
+            return Err(DriverError::Config(format!(
+                "queue size {size} is not a power of two from 4 to 1024"
+            )));
         }
+        let told = match transport.device_type() {
+            None => None,
+            Some(VIRTIO_ID_SCSI) => Some(DeviceType::Scsi),
+            Some(VIRTIO_ID_BLOCK) => Some(DeviceType::Blk),
+            Some(other) => {
+                return Err(DriverError::Config(format!(
+                    "{} is virtio device type {other}, neither virtio-scsi nor virtio-blk",
+                    transport.describe()
+                )))
+            }
+        };
+        let device = match (opts.device, told) {
+            (Some(want), Some(is)) if want != is => {
+                return Err(DriverError::Config(format!(
+                    "{} is a {} device, not {}",
+                    transport.describe(),
+                    is.name(),
+                    want.name()
+                )))
+            }
+            (want, is) => want.or(is).unwrap_or_default(),
+        };
         let offered = transport.device_features()?;
+        let specific: &[u32] = match device {
+            DeviceType::Scsi => &scsi::FEATURES,
+            DeviceType::Blk => &blk::FEATURES,
+        };
         let wanted = [
             VIRTIO_F_ANY_LAYOUT,
             VIRTIO_F_VERSION_1,
             VIRTIO_F_ACCESS_PLATFORM,
             VIRTIO_RING_F_INDIRECT_DESC,
             VIRTIO_RING_F_EVENT_IDX,
-            feature::HOTPLUG,
-            feature::CHANGE,
         ]
         .iter()
+        .chain(specific)
         .fold(0u64, |acc, &b| acc | (1 << b));
         let features = offered & wanted;
         transport.set_features(features)?;
 
-        let config = match read_config(transport.as_mut()) {
-            Ok(c) => c,
-            Err(e) => {
-                // A backend without the CONFIG protocol feature: the spec's defaults and one
-                // request queue, unless the transport knows better.
-                debug!("no configuration space ({e}); using defaults");
-                Config {
-                    num_queues: 1,
-                    seg_max: u32::from(size) - 2,
-                    max_sectors: 0xffff,
-                    cmd_per_lun: u32::from(size),
-                    event_info_size: Event::SIZE as u32,
-                    sense_size: SENSE_SIZE as u32,
-                    cdb_size: CDB_SIZE as u32,
-                    max_channel: 0,
-                    max_target: 255,
-                    max_lun: u32::from(virtio_scsi_proto::lun::MAX_LUN),
-                }
-            }
+        let config = match device {
+            DeviceType::Scsi => DeviceConfig::Scsi(scsi::read_config(transport.as_mut(), size)),
+            DeviceType::Blk => DeviceConfig::Blk(blk::read_config(transport.as_mut(), features)?),
         };
+        let fixed = device.first_request_queue();
         let device_queues = match transport.queue_count()? {
-            Some(n) if n >= 3 => n - 2,
+            Some(n) if n > fixed => n - fixed,
             Some(n) => {
-                return Err(ScsiError::Config(format!(
-                    "device has {n} virtqueues, a virtio-scsi device needs at least 3"
+                return Err(DriverError::Config(format!(
+                    "device has {n} virtqueues, a {} device needs at least {}",
+                    device.name(),
+                    fixed + 1
                 )))
             }
-            None => config.num_queues.clamp(1, 256) as u16,
+            None => match &config {
+                DeviceConfig::Scsi(c) => c.num_queues.clamp(1, 256) as u16,
+                DeviceConfig::Blk(c) => c.num_queues,
+            },
         };
         let request_queues = match opts.request_queues {
-            Some(0) => return Err(ScsiError::Config("requestQueues must be at least 1".into())),
+            Some(0) => return Err(DriverError::Config("requestQueues must be at least 1".into())),
             Some(n) if n > device_queues => {
-                return Err(ScsiError::Config(format!(
+                return Err(DriverError::Config(format!(
                     "{n} request queues asked for, the device has {device_queues}"
                 )))
             }
@@ -212,10 +296,10 @@ impl ScsiController {
 
         // A device may take smaller rings than asked for (a PCI function reports its maximum).
         let mut size = size;
-        for index in 0..2 + request_queues {
+        for index in 0..fixed + request_queues {
             match transport.max_queue_size(index)? {
                 Some(0) => {
-                    return Err(ScsiError::Config(format!(
+                    return Err(DriverError::Config(format!(
                         "virtqueue {index} is not available on the device"
                     )))
                 }
@@ -239,23 +323,41 @@ impl ScsiController {
             max_segments: SEGMENTS_PER_REQUEST,
         };
         let mut setup = |index: u16| new_queue(&pool, size, qf, transport.as_mut(), index);
-        let control = setup(virtio_scsi_proto::CONTROL_QUEUE)?;
-        let mut eventq = setup(virtio_scsi_proto::EVENT_QUEUE)?;
+        let (mut control, mut events) = (None, None);
+        if device == DeviceType::Scsi {
+            let cq = setup(virtio_scsi_proto::CONTROL_QUEUE)?;
+            control = Some(Mutex::new(ControlQueue {
+                queue: cq.queue,
+                rings: cq.rings,
+                notifier: cq.handle.notifier,
+                pending: Vec::new(),
+                next_token: 0,
+            }));
+            let mut eq = setup(virtio_scsi_proto::EVENT_QUEUE)?;
+            // The event queue always has buffers posted, so no event is ever missed for want of one.
+            let mut buffers = Vec::new();
+            for token in 0..EVENT_BUFFERS {
+                let buf = pool.alloc_shared(Event::SIZE)?;
+                eq.queue.add(&[], &[Segment::new(buf.iova(), Event::SIZE as u32)], u64::from(token))?;
+                buffers.push(buf);
+            }
+            events = Some(Mutex::new(EventQueue {
+                queue: eq.queue,
+                rings: eq.rings,
+                notifier: eq.handle.notifier,
+                buffers,
+            }));
+        }
         let mut requests = Vec::with_capacity(request_queues as usize);
         for i in 0..request_queues {
-            requests.push(setup(virtio_scsi_proto::FIRST_REQUEST_QUEUE + i)?);
-        }
-
-        // The event queue always has buffers posted, so no event is ever missed for want of one.
-        let mut event_buffers = Vec::new();
-        for token in 0..EVENT_BUFFERS {
-            let buf = pool.alloc_shared(Event::SIZE)?;
-            eventq.queue.add(&[], &[Segment::new(buf.iova(), Event::SIZE as u32)], u64::from(token))?;
-            event_buffers.push(buf);
+            requests.push(setup(fixed + i)?);
         }
         transport.start()?;
-        if eventq.queue.publish() {
-            eventq.handle.notifier.notify().map_err(crate::transport::TransportError::from)?;
+        if let Some(eq) = &events {
+            let mut eq = eq.lock().unwrap();
+            if eq.queue.publish() {
+                eq.notifier.notify().map_err(crate::transport::TransportError::from)?;
+            }
         }
 
         let memory_limit = opts
@@ -269,28 +371,17 @@ impl ScsiController {
             queue_size: size,
             event_idx: qf.event_idx,
             indirect: qf.indirect,
-            hotplug: has(features, feature::HOTPLUG),
-            change: has(features, feature::CHANGE),
+            hotplug: device == DeviceType::Scsi && has(features, virtio_scsi_proto::feature::HOTPLUG),
+            change: device == DeviceType::Scsi && has(features, virtio_scsi_proto::feature::CHANGE),
             hugepages: pool.regions().iter().all(|r| r.hugepages),
         };
         debug!("controller up: {info:?}");
-        Ok(Arc::new(ScsiController {
+        Ok(Arc::new(Controller {
             transport: Mutex::new(Some(transport)),
             memory: DmaMemory::new(pool, memory_limit, opts.hugepages),
             info,
-            control: Mutex::new(ControlQueue {
-                queue: control.queue,
-                rings: control.rings,
-                notifier: control.handle.notifier,
-                pending: Vec::new(),
-                next_token: 0,
-            }),
-            events: Mutex::new(EventQueue {
-                queue: eventq.queue,
-                rings: eventq.rings,
-                notifier: eventq.handle.notifier,
-                buffers: event_buffers,
-            }),
+            control,
+            events,
             request_queues: Mutex::new(requests),
             taken_queues: Mutex::new(Vec::new()),
             cells: Mutex::new(Vec::new()),
@@ -316,11 +407,11 @@ impl ScsiController {
 
     /// A DMA buffer for long-lived use (JavaScript buffers, bounce buffers): from any pool with
     /// room, growing the memory by one pool when all are full and the limit allows.
-    pub fn alloc_dma(&self, len: usize, align: usize) -> Result<DmaBuf, ScsiError> {
+    pub fn alloc_dma(&self, len: usize, align: usize) -> Result<DmaBuf, DriverError> {
         // Memory given back after close may still be written by a device that was let go
         // without being quiesced: none of it is handed out again.
         if self.closing.load(Ordering::Acquire) {
-            return Err(ScsiError::Closed);
+            return Err(DriverError::Closed);
         }
         self.memory.alloc_or_grow(len, align, &self.transport)
     }
@@ -332,9 +423,9 @@ impl ScsiController {
 
     /// Grows the DMA memory ahead of need when it is low; false when it was not. Blocks for as
     /// long as making and announcing a pool takes: call it from a thread that does no I/O.
-    pub fn grow_memory_ahead(&self) -> Result<bool, ScsiError> {
+    pub fn grow_memory_ahead(&self) -> Result<bool, DriverError> {
         if self.closing.load(Ordering::Acquire) {
-            return Err(ScsiError::Closed);
+            return Err(DriverError::Closed);
         }
         self.memory.grow_ahead(&self.transport)
     }
@@ -353,6 +444,18 @@ impl ScsiController {
     /// DMA memory now, and how far it may grow.
     pub fn memory_bytes(&self) -> (u64, u64) {
         (self.memory.total_bytes(), self.memory.limit())
+    }
+
+    /// The capacity of a virtio-blk device now, in 512-byte sectors: a device may change it at
+    /// any time (virtio-blk has no event queue to say so).
+    pub fn blk_capacity(&self) -> Result<u64, DriverError> {
+        self.check_usable()?;
+        if self.info.blk().is_none() {
+            return Err(DriverError::Config("only a virtio-blk device has a capacity of its own".into()));
+        }
+        let mut transport = self.transport.lock().unwrap();
+        let t = transport.as_mut().ok_or(DriverError::Closed)?;
+        blk::read_capacity(t.as_mut())
     }
 
     /// Marks the controller failed; every later operation reports `reason`.
@@ -374,37 +477,37 @@ impl ScsiController {
     }
 
     /// Errors out if the controller can no longer be used.
-    pub(super) fn check_usable(&self) -> Result<(), ScsiError> {
+    pub(super) fn check_usable(&self) -> Result<(), DriverError> {
         if self.closed.load(Ordering::Acquire) {
-            return Err(ScsiError::Closed);
+            return Err(DriverError::Closed);
         }
         match self.failure() {
-            Some(reason) => Err(ScsiError::Failed(reason)),
+            Some(reason) => Err(DriverError::Failed(reason)),
             None => Ok(()),
         }
     }
 
     /// Asks the transport whether the device is still there; fails the controller if not.
-    pub fn check_alive(&self) -> Result<(), ScsiError> {
+    pub fn check_alive(&self) -> Result<(), DriverError> {
         self.check_usable()?;
         let result = match self.transport.lock().unwrap().as_mut() {
             Some(t) => t.check_alive(),
             // Closing: the device is being reset, and its queues fail once that is done.
             None if !self.closed.load(Ordering::Acquire) && self.closing.load(Ordering::Acquire) => Ok(()),
-            None => return Err(ScsiError::Closed),
+            None => return Err(DriverError::Closed),
         };
         if let Err(e) = result {
             self.fail(e.to_string());
-            return Err(ScsiError::Failed(e.to_string()));
+            return Err(DriverError::Failed(e.to_string()));
         }
         Ok(())
     }
 
     /// Closed (or closing) is an error; a failed controller still counts as open (its failure
     /// is reported by the calls that need the device).
-    pub fn check_open(&self) -> Result<(), ScsiError> {
+    pub fn check_open(&self) -> Result<(), DriverError> {
         if self.closing.load(Ordering::Acquire) {
-            return Err(ScsiError::Closed);
+            return Err(DriverError::Closed);
         }
         Ok(())
     }
@@ -420,17 +523,17 @@ impl ScsiController {
     }
 
     /// A request queue for the calling thread (see [`QueueShare`]).
-    pub fn open_queue(self: &Arc<Self>) -> Result<QueueShare, ScsiError> {
+    pub fn open_queue(self: &Arc<Self>) -> Result<QueueShare, DriverError> {
         QueueShare::open(self, &self.cells)
     }
 
     /// A free request queue, and the connection it is set up on (read under the same lock a
     /// reconnect bumps it under, so the two always match).
-    pub(super) fn take_queue(&self) -> Result<(QueueParts, u64), ScsiError> {
+    pub(super) fn take_queue(&self) -> Result<(QueueParts, u64), DriverError> {
         self.check_usable()?;
         let mut free = self.request_queues.lock().unwrap();
         if free.is_empty() {
-            return Err(ScsiError::NoFreeQueue(self.info.request_queues));
+            return Err(DriverError::NoFreeQueue(self.info.request_queues));
         }
         let parts = free.remove(0);
         let connection = self.connection();
@@ -548,11 +651,11 @@ impl ScsiController {
 
     /// Errors out for a channel opened on an earlier connection: its ring is not the one the
     /// device now serves.
-    pub(super) fn check_connection(&self, opened_on: u64) -> Result<(), ScsiError> {
+    pub(super) fn check_connection(&self, opened_on: u64) -> Result<(), DriverError> {
         if self.connection() == opened_on {
             Ok(())
         } else {
-            Err(ScsiError::Failed("the device was reconnected since this request queue was opened".into()))
+            Err(DriverError::Failed("the device was reconnected since this request queue was opened".into()))
         }
     }
 
@@ -560,15 +663,15 @@ impl ScsiController {
     /// [`Self::reconnect`] does over a new connection: the controller fails with `reason` first,
     /// so channels opened before fail and give their rings back, and the reset stops the device
     /// from touching any of our memory before the transport is let go of.
-    pub fn reset_in_place(&self, reason: String) -> Result<(), ScsiError> {
+    pub fn reset_in_place(&self, reason: String) -> Result<(), DriverError> {
         self.check_open()?;
         self.fail(reason);
         let transport = {
             let mut current = self.transport.lock().unwrap();
-            current.as_mut().ok_or(ScsiError::Closed)?.reinit()?;
+            current.as_mut().ok_or(DriverError::Closed)?.reinit()?;
             current.take()
         };
-        self.bring_up(transport.ok_or(ScsiError::Closed)?, false)
+        self.bring_up(transport.ok_or(DriverError::Closed)?, false)
     }
 
     /// Fails the controller and drops its connection: a vhost-user backend then stops and lets
@@ -584,52 +687,55 @@ impl ScsiController {
     /// region, so buffers handed out stay valid and zero-copy), and every queue from a clean
     /// state. Requests of the old connection failed when it went; channels opened on it fail
     /// from now on, and new ones get the new rings.
-    pub fn reconnect(&self, transport: Box<dyn Transport>) -> Result<(), ScsiError> {
+    pub fn reconnect(&self, transport: Box<dyn Transport>) -> Result<(), DriverError> {
         self.bring_up(transport, true)
     }
 
     /// Sets the device up again on `transport`; `late_queues`: the device accepts request
     /// queues after it started, so those still taken by channels wait to be given back.
-    fn bring_up(&self, mut transport: Box<dyn Transport>, late_queues: bool) -> Result<(), ScsiError> {
+    fn bring_up(&self, mut transport: Box<dyn Transport>, late_queues: bool) -> Result<(), DriverError> {
         self.check_open()?;
         if !self.failed.load(Ordering::Acquire) {
-            return Err(ScsiError::Config(
+            return Err(DriverError::Config(
                 "the controller works: only one whose device went away reconnects".into(),
             ));
         }
         let mut current = self.transport.lock().unwrap();
         let offered = transport.device_features()?;
         if offered & self.features != self.features {
-            return Err(ScsiError::Config(format!(
+            return Err(DriverError::Config(format!(
                 "the device no longer offers features {:#x} it had before",
                 self.features & !offered
             )));
         }
         transport.set_features(self.features)?;
+        let first = self.info.device_type().first_request_queue();
         if let Some(n) = transport.queue_count()? {
-            if n < 2 + self.info.request_queues {
-                return Err(ScsiError::Config(format!(
+            if n < first + self.info.request_queues {
+                return Err(DriverError::Config(format!(
                     "the device now has {n} virtqueues; {} were in use",
-                    2 + self.info.request_queues
+                    first + self.info.request_queues
                 )));
             }
         }
         transport.set_memory(&self.memory.regions())?;
 
         let t = transport.as_mut();
-        {
-            let mut cq = self.control.lock().unwrap();
+        if let Some(cq) = &self.control {
+            let mut cq = cq.lock().unwrap();
             cq.queue.reset();
             cq.pending.clear();
             cq.notifier = t.setup_queue(virtio_scsi_proto::CONTROL_QUEUE, &cq.rings)?.notifier;
         }
-        let mut eq = self.events.lock().unwrap();
-        eq.queue.reset();
-        for token in 0..eq.buffers.len() {
-            let seg = Segment::new(eq.buffers[token].iova(), Event::SIZE as u32);
-            eq.queue.add(&[], &[seg], token as u64)?;
+        let mut eq = self.events.as_ref().map(|eq| eq.lock().unwrap());
+        if let Some(eq) = eq.as_mut() {
+            eq.queue.reset();
+            for token in 0..eq.buffers.len() {
+                let seg = Segment::new(eq.buffers[token].iova(), Event::SIZE as u32);
+                eq.queue.add(&[], &[seg], token as u64)?;
+            }
+            eq.notifier = t.setup_queue(virtio_scsi_proto::EVENT_QUEUE, &eq.rings)?.notifier;
         }
-        eq.notifier = t.setup_queue(virtio_scsi_proto::EVENT_QUEUE, &eq.rings)?.notifier;
         {
             let mut free = self.request_queues.lock().unwrap();
             for parts in free.iter_mut() {
@@ -645,7 +751,6 @@ impl ScsiController {
             } else {
                 Vec::new()
             };
-            let first = virtio_scsi_proto::FIRST_REQUEST_QUEUE;
             for index in first..first + self.info.request_queues {
                 if !free.iter().any(|p| p.index == index) && !taken.contains(&index) {
                     free.push(new_queue(&pool, self.info.queue_size, self.queue_features, t, index)?);
@@ -656,8 +761,10 @@ impl ScsiController {
             self.connection.fetch_add(1, Ordering::AcqRel);
         }
         t.start()?;
-        if eq.queue.publish() {
-            eq.notifier.notify().map_err(crate::transport::TransportError::from)?;
+        if let Some(eq) = eq.as_mut() {
+            if eq.queue.publish() {
+                eq.notifier.notify().map_err(crate::transport::TransportError::from)?;
+            }
         }
         drop(eq);
         let released = current.as_mut().map_or(true, |old| old.released());
@@ -676,9 +783,15 @@ impl ScsiController {
     }
 
     /// Runs a task management function and waits for the device's answer.
-    pub fn task_management(&self, addr: LunAddress, subtype: u32, tag: u64) -> Result<u8, ScsiError> {
+    pub fn task_management(&self, addr: LunAddress, subtype: u32, tag: u64) -> Result<u8, DriverError> {
         self.check_usable()?;
-        let mut cq = self.control.lock().unwrap();
+        let Some(cq) = &self.control else {
+            return Err(DriverError::Config(format!(
+                "task management is for virtio-scsi devices; this is a {} device",
+                self.info.device_type().name()
+            )));
+        };
+        let mut cq = cq.lock().unwrap();
         let buf_len = TmfRequest::SIZE + TmfRequest::RESPONSE_SIZE;
         let mut buf = self.alloc_dma(buf_len, 64)?;
         buf.write_at(0, &TmfRequest { subtype, lun: addr.encode(), tag }.encode())?;
@@ -722,16 +835,18 @@ impl ScsiController {
             if start.elapsed() > TMF_TIMEOUT {
                 drop(cq);
                 self.check_alive()?;
-                return Err(ScsiError::Timeout(TMF_TIMEOUT));
+                return Err(DriverError::Timeout(TMF_TIMEOUT));
             }
             std::thread::sleep(Duration::from_micros(50));
         }
     }
 
     /// Takes the events the device posted and gives their buffers back to it.
-    pub fn poll_events(&self) -> Result<Vec<ScsiEvent>, ScsiError> {
+    pub fn poll_events(&self) -> Result<Vec<ScsiEvent>, DriverError> {
         self.check_usable()?;
-        let mut eq = self.events.lock().unwrap();
+        // Only virtio-scsi has an event queue.
+        let Some(eq) = &self.events else { return Ok(Vec::new()) };
+        let mut eq = eq.lock().unwrap();
         let mut out = Vec::new();
         let mut reposted = false;
         loop {
@@ -802,7 +917,7 @@ fn new_queue(
     qf: QueueFeatures,
     transport: &mut dyn Transport,
     index: u16,
-) -> Result<QueueParts, ScsiError> {
+) -> Result<QueueParts, DriverError> {
     let mut queue = SplitQueue::from_pool(pool, size, qf)?;
     queue.disable_interrupts();
     // QEMU's virtio-scsi counts data-out bytes into the used length; the scsi layer takes data
@@ -821,10 +936,4 @@ fn new_queue(
     };
     let handle = transport.setup_queue(index, &rings)?;
     Ok(QueueParts { index, queue, handle, rings })
-}
-
-fn read_config(t: &mut dyn Transport) -> Result<Config, ScsiError> {
-    let mut raw = [0u8; Config::SIZE];
-    t.read_config(0, &mut raw)?;
-    Config::decode(&raw).ok_or_else(|| ScsiError::Config("short configuration space".into()))
 }

@@ -5,15 +5,17 @@ use std::mem::ManuallyDrop;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use virtio_scsi_proto::{response, CmdRequest, CmdResponse, SENSE_SIZE};
+use virtio_scsi_proto::{response, CmdRequest, CmdResponse, LunAddress, SENSE_SIZE};
 
-use super::controller::{QueueParts, ScsiController};
-use super::records::{CompletionRecord, DataRef, Direction, SubmitRecord, SUBMIT_RECORD_SIZE};
-use super::ScsiError;
+use super::blk::{self, BlkConfig};
+use super::controller::{Controller, QueueParts};
+use super::records::{scsi_cdb, CompletionRecord, DataRef, Direction, SubmitRecord, SUBMIT_RECORD_SIZE};
+use super::DriverError;
 use crate::memory::{Arena, DmaBuf};
 use crate::queue::{QueueError, Segment};
 
-/// Header bytes per request slot: the request header at 0, the response at `RESPONSE_AT`. A
+/// Header bytes per request slot: the request header at 0 (virtio-blk: the header, then the
+/// range of a DISCARD or WRITE ZEROES), the response (or status byte) at `RESPONSE_AT`. A
 /// power of two that divides the page, so no header or response ever crosses a 4 KiB page:
 /// pages adjacent in IOVA space need not be adjacent in memory, and a device without
 /// VIRTIO_F_ANY_LAYOUT takes the first descriptor piece as the whole header.
@@ -22,11 +24,15 @@ const RESPONSE_AT: usize = 64;
 const PAGE: usize = 4096;
 const _: () = assert!(CmdRequest::SIZE <= RESPONSE_AT && RESPONSE_AT + CmdResponse::SIZE <= SLOT_BYTES);
 const _: () = assert!(PAGE % SLOT_BYTES == 0);
+const _: () =
+    assert!(virtio_blk_proto::RequestHeader::SIZE + virtio_blk_proto::RangeSegment::SIZE <= RESPONSE_AT);
 /// Written into the response byte before a request goes down: a device that reports a whole
 /// response without writing one is caught, not taken for success.
 const NO_RESPONSE: u8 = 0xff;
 /// Offset of the response byte inside a virtio-scsi command response.
 const RESPONSE_BYTE: usize = 11;
+/// Where a virtio-blk request's range goes, after its header.
+const RANGE_AT: usize = virtio_blk_proto::RequestHeader::SIZE;
 /// How often an idle poll asks the transport whether the device is still there.
 const LIVENESS_INTERVAL: Duration = Duration::from_millis(10);
 
@@ -55,6 +61,12 @@ struct Slot {
     submitted: u64,
 }
 
+/// A request's header, framed for its device.
+enum Header {
+    Scsi(CmdRequest),
+    Blk(blk::Framed),
+}
+
 /// What became of one record offered to the ring.
 enum Added {
     Queued,
@@ -64,7 +76,9 @@ enum Added {
 }
 
 pub struct RequestChannel {
-    controller: Arc<ScsiController>,
+    controller: Arc<Controller>,
+    /// How requests are framed: virtio-scsi (None), or virtio-blk with its configuration.
+    blk: Option<Box<BlkConfig>>,
     parts: Option<QueueParts>,
     /// One header area per ring slot, indexed by slot number.
     headers: ManuallyDrop<DmaBuf>,
@@ -95,7 +109,7 @@ unsafe impl Send for RequestChannel {}
 
 impl RequestChannel {
     /// Takes a free request queue of `controller`.
-    pub fn open(controller: &Arc<ScsiController>) -> Result<Self, ScsiError> {
+    pub fn open(controller: &Arc<Controller>) -> Result<Self, DriverError> {
         let (parts, connection) = controller.take_queue()?;
         let size = parts.queue.size() as usize;
         let bytes = (size * SLOT_BYTES).next_multiple_of(PAGE);
@@ -103,6 +117,7 @@ impl RequestChannel {
         let headers = arena.alloc(bytes, PAGE)?;
         Ok(RequestChannel {
             controller: controller.clone(),
+            blk: controller.info().blk().cloned().map(Box::new),
             parts: Some(parts),
             headers: ManuallyDrop::new(headers),
             headers_arena: ManuallyDrop::new(arena),
@@ -118,8 +133,8 @@ impl RequestChannel {
         })
     }
 
-    fn parts(&mut self) -> Result<&mut QueueParts, ScsiError> {
-        self.parts.as_mut().ok_or(ScsiError::Closed)
+    fn parts(&mut self) -> Result<&mut QueueParts, DriverError> {
+        self.parts.as_mut().ok_or(DriverError::Closed)
     }
 
     pub fn queue_index(&self) -> u16 {
@@ -149,7 +164,7 @@ impl RequestChannel {
         batch: &[u8],
         count: usize,
         buffers: &[Option<HostBuffer>],
-    ) -> Result<usize, ScsiError> {
+    ) -> Result<usize, DriverError> {
         self.controller.check_usable()?;
         self.controller.check_connection(self.connection)?;
         let count = count.min(batch.len() / SUBMIT_RECORD_SIZE);
@@ -209,25 +224,42 @@ impl RequestChannel {
     }
 
     /// Puts one request on the ring.
-    fn add(&mut self, rec: &SubmitRecord, data: Option<HostBuffer>) -> Result<Added, ScsiError> {
+    fn add(&mut self, rec: &SubmitRecord, data: Option<HostBuffer>) -> Result<Added, DriverError> {
+        // Framed before a slot is taken: a request the device type cannot carry is refused.
+        let header = match self.frame(rec, data.map_or(0, |b| b.len)) {
+            Ok(h) => h,
+            Err(why) => return Ok(Added::Refused(why)),
+        };
         // Whether completions will come that can free bounce memory (before this request's slot
         // is taken, which would count it).
         let others_in_flight = self.in_flight() > 0;
         let Some(slot) = self.free.pop() else { return Ok(Added::NoRoom) };
         let base = slot as usize * SLOT_BYTES;
-        let header = CmdRequest {
-            lun: rec.addr.encode(),
-            tag: u64::from(rec.token),
-            task_attr: rec.task_attr,
-            prio: 0,
-            crn: 0,
-            cdb: rec.cdb,
+        let iova = self.headers.iova() + base as u64;
+        let (head_seg, range_seg, resp_seg) = match header {
+            Header::Scsi(h) => {
+                self.headers.write_at(base, &h.encode())?;
+                self.headers.write_at(base + RESPONSE_AT + RESPONSE_BYTE, &[NO_RESPONSE])?;
+                let resp = Segment::new(iova + RESPONSE_AT as u64, CmdResponse::SIZE as u32);
+                (Segment::new(iova, CmdRequest::SIZE as u32), None, resp)
+            }
+            Header::Blk(f) => {
+                self.headers.write_at(base, &f.header.encode())?;
+                let range = match f.range {
+                    Some(r) => {
+                        self.headers.write_at(base + RANGE_AT, &r.encode())?;
+                        Some(Segment::new(
+                            iova + RANGE_AT as u64,
+                            virtio_blk_proto::RangeSegment::SIZE as u32,
+                        ))
+                    }
+                    None => None,
+                };
+                self.headers.write_at(base + RESPONSE_AT, &[NO_RESPONSE])?;
+                let status = Segment::new(iova + RESPONSE_AT as u64, 1);
+                (Segment::new(iova, virtio_blk_proto::RequestHeader::SIZE as u32), range, status)
+            }
         };
-        self.headers.write_at(base, &header.encode())?;
-        self.headers.write_at(base + RESPONSE_AT + RESPONSE_BYTE, &[NO_RESPONSE])?;
-        let req_seg = Segment::new(self.headers.iova() + base as u64, CmdRequest::SIZE as u32);
-        let resp_seg =
-            Segment::new(self.headers.iova() + (base + RESPONSE_AT) as u64, CmdResponse::SIZE as u32);
 
         let mut bounce = None;
         let mut copy_back = None;
@@ -244,7 +276,7 @@ impl RequestChannel {
                             self.free.push(slot);
                             return Ok(Added::NoRoom);
                         }
-                        Err(ScsiError::Closed) => return Err(ScsiError::Closed),
+                        Err(DriverError::Closed) => return Err(DriverError::Closed),
                         Err(e) => {
                             self.free.push(slot);
                             return Ok(Added::Refused(format!(
@@ -266,13 +298,17 @@ impl RequestChannel {
                 }
             }),
         };
-        // Header then data-out (readable), response then data-in (writable), on the stack.
-        let (readable, writable) =
-            ([req_seg, data_seg.unwrap_or(req_seg)], [resp_seg, data_seg.unwrap_or(resp_seg)]);
-        let (r, w) = match (rec.direction, data_seg) {
-            (Direction::ToDevice, Some(_)) => (2, 1),
-            (Direction::FromDevice, Some(_)) => (1, 2),
-            _ => (1, 1),
+        // Header, then data-out or a range (readable); virtio-scsi: response, then data-in;
+        // virtio-blk: data-in, then the status byte last (writable). On the stack.
+        let readable = [head_seg, range_seg.or(data_seg).unwrap_or(head_seg)];
+        let r = match (rec.direction, data_seg, range_seg) {
+            (_, _, Some(_)) | (Direction::ToDevice, Some(_), _) => 2,
+            _ => 1,
+        };
+        let (writable, w) = match (rec.direction, data_seg) {
+            (Direction::FromDevice, Some(d)) if self.blk.is_some() => ([d, resp_seg], 2),
+            (Direction::FromDevice, Some(d)) => ([resp_seg, d], 2),
+            _ => ([resp_seg, resp_seg], 1),
         };
         let parts = self.parts()?;
         match parts.queue.add(&readable[..r], &writable[..w], u64::from(slot)) {
@@ -297,6 +333,32 @@ impl RequestChannel {
         }
     }
 
+    /// The device's form of a record's request.
+    fn frame(&self, rec: &SubmitRecord, data_len: usize) -> Result<Header, String> {
+        match &self.blk {
+            None => {
+                let (cdb, _) = scsi_cdb(&rec.request)?;
+                Ok(Header::Scsi(CmdRequest {
+                    lun: rec.addr.encode(),
+                    tag: u64::from(rec.token),
+                    task_attr: rec.task_attr,
+                    prio: 0,
+                    crn: 0,
+                    cdb,
+                }))
+            }
+            Some(config) => {
+                if rec.addr != LunAddress::new(0, 0) {
+                    return Err(format!(
+                        "a virtio-blk device is one disk; target {} LUN {} do not exist",
+                        rec.addr.target, rec.addr.lun
+                    ));
+                }
+                blk::frame(&rec.request, data_len, config).map(Header::Blk)
+            }
+        }
+    }
+
     fn refresh_spans(&mut self) {
         if self.controller.memory_generation() != self.spans.0 {
             self.spans = self.controller.memory_spans();
@@ -317,7 +379,7 @@ impl RequestChannel {
         &mut self,
         max: usize,
         mut each: impl FnMut(usize, &CompletionRecord, &[u8]),
-    ) -> Result<usize, ScsiError> {
+    ) -> Result<usize, DriverError> {
         self.controller.check_usable()?;
         self.controller.check_connection(self.connection)?;
         let mut n = 0;
@@ -344,7 +406,7 @@ impl RequestChannel {
                 Err(e) => {
                     let reason = format!("{} on request queue {}", e, parts.index);
                     self.controller.fail(reason.clone());
-                    return Err(ScsiError::Failed(reason));
+                    return Err(DriverError::Failed(reason));
                 }
             };
             let slot_no = done.token as usize;
@@ -355,7 +417,6 @@ impl RequestChannel {
             self.free.push(slot_no as u16);
             let base = slot_no * SLOT_BYTES + RESPONSE_AT;
             let mut head = [0u8; 12];
-            self.headers.read_at(base, &mut head)?;
             let now = *found_at.get_or_insert_with(|| nanos_since(self.epoch));
             let mut rec = CompletionRecord {
                 token: slot.token,
@@ -363,9 +424,24 @@ impl RequestChannel {
                 latency_ns: now.saturating_sub(slot.submitted),
                 ..Default::default()
             };
+            if self.blk.is_some() {
+                // The status byte comes last, after the data-in: a used length without it, or
+                // the sentinel still in place, is FAILURE, and no data.
+                self.headers.read_at(base, &mut head[..1])?;
+                if done.len >= 1 && head[0] != NO_RESPONSE {
+                    rec.response = response::OK;
+                    rec.status = head[0];
+                    rec.data_len = (done.len - 1).min(slot.data_in);
+                }
+            } else {
+                self.headers.read_at(base, &mut head)?;
+            }
             // A response the device did not wholly write (short used length, or the sentinel
             // still in place) cannot be trusted: FAILURE, and no data.
-            if done.len as usize >= CmdResponse::SIZE && head[RESPONSE_BYTE] != NO_RESPONSE {
+            if self.blk.is_none()
+                && done.len as usize >= CmdResponse::SIZE
+                && head[RESPONSE_BYTE] != NO_RESPONSE
+            {
                 let sense_len = u32::from_le_bytes(head[0..4].try_into().unwrap()).min(SENSE_SIZE as u32);
                 rec.response = head[RESPONSE_BYTE];
                 rec.status = head[10];
@@ -409,7 +485,7 @@ impl RequestChannel {
     ///
     /// # Safety
     /// As for [`submit`](Self::submit).
-    pub unsafe fn push(&mut self, rec: &SubmitRecord, data: Option<HostBuffer>) -> Result<bool, ScsiError> {
+    pub unsafe fn push(&mut self, rec: &SubmitRecord, data: Option<HostBuffer>) -> Result<bool, DriverError> {
         match self.add(rec, data)? {
             Added::Queued => Ok(true),
             Added::NoRoom => Ok(false),
@@ -428,7 +504,7 @@ impl RequestChannel {
     }
 
     /// Makes the queued requests visible to the device, notifying it when it asks to be.
-    pub fn publish(&mut self) -> Result<(), ScsiError> {
+    pub fn publish(&mut self) -> Result<(), DriverError> {
         self.batch_time = None;
         let parts = self.parts()?;
         if parts.queue.publish() {
@@ -439,12 +515,12 @@ impl RequestChannel {
 
     /// Asks the device to signal the queue's interrupt descriptor at the next completion.
     /// Returns true when completions are already waiting (poll them instead of waiting).
-    pub fn arm_interrupts(&mut self) -> Result<bool, ScsiError> {
+    pub fn arm_interrupts(&mut self) -> Result<bool, DriverError> {
         Ok(self.parts()?.queue.enable_interrupts() || !self.refused.is_empty())
     }
 
     /// Back to polling: the device stops signalling.
-    pub fn disarm_interrupts(&mut self) -> Result<(), ScsiError> {
+    pub fn disarm_interrupts(&mut self) -> Result<(), DriverError> {
         self.parts()?.queue.disable_interrupts();
         Ok(())
     }
@@ -452,11 +528,11 @@ impl RequestChannel {
     /// A descriptor of the caller's own for the queue's interrupt eventfd, in blocking mode,
     /// so that a thread can wait in `read` for the device's signal. Errors where the transport
     /// has no interrupt descriptor (PCI functions are driven without MSI-X).
-    pub fn interrupt_fd(&mut self) -> Result<std::os::fd::OwnedFd, ScsiError> {
+    pub fn interrupt_fd(&mut self) -> Result<std::os::fd::OwnedFd, DriverError> {
         use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
         let parts = self.parts()?;
         let Some(call) = parts.handle.interrupt.as_ref() else {
-            return Err(ScsiError::Config(format!(
+            return Err(DriverError::Config(format!(
                 "request queue {} has no interrupt descriptor on this transport; poll it instead",
                 parts.index
             )));
@@ -467,7 +543,7 @@ impl RequestChannel {
         let fd = unsafe {
             let raw = libc::fcntl(call.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0);
             if raw < 0 {
-                return Err(ScsiError::Transport(std::io::Error::last_os_error().into()));
+                return Err(DriverError::Transport(std::io::Error::last_os_error().into()));
             }
             OwnedFd::from_raw_fd(raw)
         };
@@ -475,7 +551,7 @@ impl RequestChannel {
         unsafe {
             let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
             if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0 {
-                return Err(ScsiError::Transport(std::io::Error::last_os_error().into()));
+                return Err(DriverError::Transport(std::io::Error::last_os_error().into()));
             }
         }
         Ok(fd)

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use log::info;
 
-use super::ScsiError;
+use super::DriverError;
 use crate::memory::{DmaBuf, DmaPool, HugePages, MemoryError, PoolConfig};
 use crate::transport::Transport;
 
@@ -123,7 +123,7 @@ impl DmaMemory {
     /// Grows by one step when [`Self::low`]; false when there was no need (or another thread
     /// grew it meanwhile). Meant for a thread other than the one doing I/O: allocations go on
     /// from the pools there are while the new one is made.
-    pub fn grow_ahead(&self, transport: &Mutex<Option<Box<dyn Transport>>>) -> Result<bool, ScsiError> {
+    pub fn grow_ahead(&self, transport: &Mutex<Option<Box<dyn Transport>>>) -> Result<bool, DriverError> {
         let _one_at_a_time = self.growing.lock().unwrap();
         if !self.low() {
             return Ok(false);
@@ -138,7 +138,7 @@ impl DmaMemory {
         len: usize,
         align: usize,
         transport: &Mutex<Option<Box<dyn Transport>>>,
-    ) -> Result<DmaBuf, ScsiError> {
+    ) -> Result<DmaBuf, DriverError> {
         let exhausted = match self.try_alloc(len, align) {
             Ok(b) => return Ok(b),
             Err(e @ MemoryError::Exhausted { .. }) => e,
@@ -156,8 +156,8 @@ impl DmaMemory {
                 self.publish(pool);
                 Ok(buf)
             }
-            Err(ScsiError::MemoryLimit { requested, have, limit, .. }) => {
-                Err(ScsiError::MemoryLimit { requested, have, limit, cause: exhausted })
+            Err(DriverError::MemoryLimit { requested, have, limit, .. }) => {
+                Err(DriverError::MemoryLimit { requested, have, limit, cause: exhausted })
             }
             Err(e) => Err(e),
         }
@@ -171,13 +171,13 @@ impl DmaMemory {
         len: usize,
         align: usize,
         transport: &Mutex<Option<Box<dyn Transport>>>,
-    ) -> Result<Arc<DmaPool>, ScsiError> {
+    ) -> Result<Arc<DmaPool>, DriverError> {
         let need = (len as u64 + align as u64).div_ceil(HUGE_PAGE).max(1) * HUGE_PAGE;
         let have = self.total_bytes();
         // A full step where the limit allows, else what is left of it (when that is enough).
         let size = self.step.max(need).min(self.limit.saturating_sub(have) / HUGE_PAGE * HUGE_PAGE).max(need);
         if have + size > self.limit {
-            return Err(ScsiError::MemoryLimit {
+            return Err(DriverError::MemoryLimit {
                 requested: len as u64,
                 have,
                 limit: self.limit,
@@ -197,14 +197,14 @@ impl DmaMemory {
             let mut guard = transport.lock().unwrap();
             guard
                 .as_mut()
-                .ok_or(ScsiError::Closed)?
+                .ok_or(DriverError::Closed)?
                 .pool_config(PoolConfig::new(size).hugepages(self.hugepages))?
         };
         config.iova_base = config.iova_base.max(base);
         let pool = Arc::new(DmaPool::new(config)?);
         {
             let mut guard = transport.lock().unwrap();
-            let t = guard.as_mut().ok_or(ScsiError::Closed)?;
+            let t = guard.as_mut().ok_or(DriverError::Closed)?;
             for r in pool.regions() {
                 t.add_memory(r)?;
             }

@@ -15,9 +15,9 @@ use log::warn;
 use virtio_scsi_proto::SENSE_SIZE;
 
 use super::channel::{HostBuffer, RequestChannel};
-use super::controller::ScsiController;
+use super::controller::Controller;
 use super::records::{CompletionArea, CompletionRecord, SUBMIT_RECORD_SIZE};
-use super::ScsiError;
+use super::DriverError;
 
 /// Tokens of members carry the member id above this bit; the member's own token below it.
 const MEMBER_SHIFT: u32 = 16;
@@ -55,7 +55,7 @@ pub struct QueueCell {
 pub struct QueueShare {
     cell: Arc<QueueCell>,
     member: u16,
-    controller: Arc<ScsiController>,
+    controller: Arc<Controller>,
     left: bool,
 }
 
@@ -67,9 +67,9 @@ unsafe impl Sync for QueueCell {}
 impl QueueShare {
     /// A free request queue of its own, or, when none is free, a place on the least used one.
     pub fn open(
-        controller: &Arc<ScsiController>,
+        controller: &Arc<Controller>,
         cells: &Mutex<Vec<Weak<QueueCell>>>,
-    ) -> Result<Self, ScsiError> {
+    ) -> Result<Self, DriverError> {
         let mut cells = cells.lock().unwrap();
         cells.retain(|c| c.strong_count() > 0);
         match RequestChannel::open(controller) {
@@ -84,17 +84,17 @@ impl QueueShare {
                 cells.push(Arc::downgrade(&cell));
                 Ok(QueueShare { cell, member: 0, controller: controller.clone(), left: false })
             }
-            Err(ScsiError::NoFreeQueue(n)) => {
+            Err(DriverError::NoFreeQueue(n)) => {
                 let cell = cells
                     .iter()
                     .filter_map(Weak::upgrade)
                     .filter(|c| c.active.load(Ordering::Acquire) > 0)
                     .min_by_key(|c| c.active.load(Ordering::Acquire))
-                    .ok_or(ScsiError::NoFreeQueue(n))?;
+                    .ok_or(DriverError::NoFreeQueue(n))?;
                 let mut members = cell.members.lock().unwrap();
                 if cell.active.load(Ordering::Acquire) == 0 {
                     // Its last member left meanwhile and closed it.
-                    return Err(ScsiError::NoFreeQueue(n));
+                    return Err(DriverError::NoFreeQueue(n));
                 }
                 let member =
                     match members.iter().position(|m| !m.active && m.in_flight == 0 && m.inbox.is_empty()) {
@@ -103,7 +103,7 @@ impl QueueShare {
                             members.push(Member::default());
                             members.len() - 1
                         }
-                        None => return Err(ScsiError::NoFreeQueue(n)),
+                        None => return Err(DriverError::NoFreeQueue(n)),
                     };
                 members[member] = Member { active: true, ..Default::default() };
                 cell.active.fetch_add(1, Ordering::AcqRel);
@@ -150,9 +150,9 @@ impl QueueShare {
         count: usize,
         buffers: &[Option<HostBuffer>],
         out: &mut [u8],
-    ) -> Result<(usize, usize), ScsiError> {
+    ) -> Result<(usize, usize), DriverError> {
         if self.left {
-            return Err(ScsiError::Closed);
+            return Err(DriverError::Closed);
         }
         let count = count.min(batch.len() / SUBMIT_RECORD_SIZE);
         let mut area = CompletionArea::new(out, self.cell.capacity);
@@ -207,14 +207,14 @@ impl QueueShare {
     /// Runs `f` on the queue, which must not be shared (the native load generator).
     pub fn with_exclusive<T>(
         &mut self,
-        f: impl FnOnce(&mut RequestChannel) -> Result<T, ScsiError>,
-    ) -> Result<T, ScsiError> {
+        f: impl FnOnce(&mut RequestChannel) -> Result<T, DriverError>,
+    ) -> Result<T, DriverError> {
         if self.left {
-            return Err(ScsiError::Closed);
+            return Err(DriverError::Closed);
         }
         let mut ch = self.cell.channel.lock().unwrap();
         if self.cell.active.load(Ordering::Acquire) > 1 {
-            return Err(ScsiError::Config(format!(
+            return Err(DriverError::Config(format!(
                 "request queue {} is shared by {} threads; this needs one of its own",
                 self.cell.queue_index,
                 self.cell.active.load(Ordering::Acquire)
@@ -225,7 +225,7 @@ impl QueueShare {
 
     /// Interrupts for a queue of its own (see [`RequestChannel::arm_interrupts`]); a shared
     /// queue is polled, since a signal could be for another member.
-    pub fn arm_interrupts(&mut self) -> Result<bool, ScsiError> {
+    pub fn arm_interrupts(&mut self) -> Result<bool, DriverError> {
         let mut ch = self.cell.channel.lock().unwrap();
         if self.is_shared() {
             return Ok(true);
@@ -233,11 +233,11 @@ impl QueueShare {
         ch.arm_interrupts()
     }
 
-    pub fn disarm_interrupts(&mut self) -> Result<(), ScsiError> {
+    pub fn disarm_interrupts(&mut self) -> Result<(), DriverError> {
         self.cell.channel.lock().unwrap().disarm_interrupts()
     }
 
-    pub fn interrupt_fd(&mut self) -> Result<std::os::fd::OwnedFd, ScsiError> {
+    pub fn interrupt_fd(&mut self) -> Result<std::os::fd::OwnedFd, DriverError> {
         self.cell.channel.lock().unwrap().interrupt_fd()
     }
 
@@ -315,7 +315,7 @@ fn route(
     max: usize,
     mut take: impl FnMut(&CompletionRecord, &[u8]) -> bool,
     me: usize,
-) -> Result<usize, ScsiError> {
+) -> Result<usize, DriverError> {
     ch.complete(max, |_, rec, sense| {
         let owner = (rec.token >> MEMBER_SHIFT) as usize;
         let mut rec = *rec;
