@@ -11,7 +11,7 @@ export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-was
 
 /**
  * One request queue, used from one thread. Requests go down as packed records (see
- * `virtio_initiator_core::scsi::records`) in the submission area and come back in the
+ * `virtio_initiator_core::driver::records`) in the submission area and come back in the
  * completion area, both shared with JavaScript, so that one `pump` call moves both ways.
  */
 export declare class Channel {
@@ -70,20 +70,26 @@ export declare class Channel {
   close(): void
 }
 
-/** A virtio-scsi controller. */
+/** A controller of one virtio-scsi or virtio-blk device. */
 export declare class Controller {
   /**
-   * Connects to a vhost-user-scsi socket and brings the device up, in libuv's thread pool.
+   * Connects to a vhost-user socket (virtio-scsi, or virtio-blk with `deviceType: "blk"`)
+   * and brings the device up, in libuv's thread pool.
    * Resolves with the controller, or with why it failed: the message and, for a failed
    * connection, its errno name (ECONNREFUSED, ETIMEDOUT, ...) as `code`.
    */
   static connectVhostUser(path: string, options?: ControllerOptions | undefined | null): Promise<Controller | OpenFailure>
   /**
-   * Opens a virtio-scsi PCI function bound to vfio-pci ("0000:00:03.0") and brings the
+   * Opens a virtio-scsi or virtio-blk PCI function bound to vfio-pci ("0000:00:03.0") and brings the
    * device up, in libuv's thread pool; resolves as `connectVhostUser` does.
    */
   static openPci(address: string, options?: ControllerOptions | undefined | null): Promise<Controller | OpenFailure>
   get info(): ControllerInfo
+  /**
+   * The capacity of a virtio-blk device now, in 512-byte sectors, read from its configuration
+   * space in libuv's thread pool (a device may change it at any time).
+   */
+  readCapacity(): Promise<number>
   /**
    * A request queue for the calling thread: one of its own while there are free ones, else
    * a place on the least used one (shared, with completions routed to their submitter).
@@ -157,10 +163,34 @@ export declare class Controller {
 }
 
 /**
- * Hands a virtio-scsi PCI function to vfio-pci (through driver_override); returns its new
+ * Hands a virtio-scsi or virtio-blk PCI function to vfio-pci (through driver_override); returns its new
  * state. Needs root.
  */
 export declare function bindVfioPci(address: string): PciDeviceInfo
+
+/** What a virtio-blk device offers (configuration space under the features agreed). */
+export interface BlkInfo {
+  /** In 512-byte sectors. */
+  capacitySectors: number
+  blockSize: number
+  physicalBlockExp: number
+  optIoBlocks: number
+  /** Largest data segment in bytes (0: not stated). */
+  sizeMax: number
+  /** Most data segments per request (0: not stated). */
+  segMax: number
+  readOnly: boolean
+  flush: boolean
+  writeback: boolean
+  discard: boolean
+  maxDiscardSectors: number
+  maxDiscardSeg: number
+  discardAlignment: number
+  writeZeroes: boolean
+  maxWriteZeroesSectors: number
+  maxWriteZeroesSeg: number
+  writeZeroesMayUnmap: boolean
+}
 
 /** Size of one packed completion record. */
 export declare const COMPLETION_RECORD_SIZE: number
@@ -177,6 +207,8 @@ export interface ControllerEvent {
 
 export interface ControllerInfo {
   transport: string
+  /** "scsi" or "blk". */
+  deviceType: string
   requestQueues: number
   queueSize: number
   segMax: number
@@ -192,6 +224,8 @@ export interface ControllerInfo {
   /** DMA memory now; it grows up to `maxMemoryBytes` when allocations run dry. */
   memoryBytes: number
   maxMemoryBytes: number
+  /** virtio-blk devices only. */
+  blk?: BlkInfo
 }
 
 export interface ControllerOptions {
@@ -205,9 +239,14 @@ export interface ControllerOptions {
   maxMemoryBytes?: number
   /** "auto" (default), "require" or "never". */
   hugepages?: string
+  /**
+   * "scsi" or "blk". vhost-user cannot tell the device type (default "scsi"); a PCI function's
+   * id does, and one given must match it.
+   */
+  deviceType?: string
 }
 
-/** Every virtio-scsi PCI function of the system, with its driver and IOMMU group. */
+/** Every virtio-scsi and virtio-blk PCI function of the system, with its driver and IOMMU group. */
 export declare function listPciDevices(): Array<PciDeviceInfo>
 
 export interface LoadLatency {
@@ -272,13 +311,15 @@ export interface OpenFailure {
   message: string
 }
 
-/** A virtio-scsi PCI function as sysfs describes it. */
+/** A virtio-scsi or virtio-blk PCI function as sysfs describes it. */
 export interface PciDeviceInfo {
   /** "0000:00:03.0". */
   address: string
   vendorId: number
   deviceId: number
-  /** "modern" (1af4:1048) or "transitional" (1af4:1004). */
+  /** "scsi" (1af4:1004, 1af4:1048) or "blk" (1af4:1001, 1af4:1042). */
+  deviceType: string
+  /** "modern" (1af4:104x) or "transitional" (1af4:100x). */
   interface: string
   /** Bound driver ("virtio-pci", "vfio-pci"), or null. */
   driver?: string

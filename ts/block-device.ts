@@ -1,11 +1,14 @@
-// A direct-access logical unit as a block device: read, write, flush, unmap, write zeroes, reset
-// and raw passthrough, with arguments checked before anything reaches the device and transfers
-// split to the device's and the transport's limits.
+// A disk as a block device: a direct-access SCSI logical unit, or the one disk of a virtio-blk
+// device. Read, write, flush, unmap, write zeroes (and for SCSI reset and raw passthrough), with
+// arguments checked before anything reaches the device and transfers split to the device's and
+// the transport's limits.
 
+import { type BlkConfig, blkGeometry, throwForBlkResult } from './blk.js';
 import { isIllegalRequest, type RetryPolicy, runCommand, type RunOptions, throwForResult } from './command.js';
 import { ClosedError, DeviceError, DeviceRemovedError, NotSupportedError, TaskManagementError, VirtioResponse } from './errors.js';
 import {
   badTimeout,
+  type BlockRequest,
   type CommandResult,
   countTransfer,
   type IoQueue,
@@ -47,6 +50,16 @@ export interface DeviceContext {
   readonly policy: Readonly<RetryPolicy>;
   /** Called when a refresh or rescan finds a different capacity or block size. */
   onGeometryChange?(device: BlockDevice, before: Geometry): void;
+  /** virtio-blk: the capacity now, in 512-byte sectors, from the configuration space. */
+  readCapacity?(): Promise<number>;
+}
+
+/** The one disk of a virtio-blk device, as its controller found it. */
+export interface BlkUnit {
+  readonly name: string;
+  readonly config: BlkConfig;
+  /** From GET ID, when the device has an ID. */
+  readonly serial?: string;
 }
 
 export interface IoOptions {
@@ -129,6 +142,8 @@ export interface BlockDeviceLimits {
 
 export interface BlockDeviceInfo {
   name: string;
+  /** The device behind it: a SCSI logical unit, or a virtio-blk disk (target 0, LUN 0). */
+  deviceType: 'scsi' | 'blk';
   target: number;
   lun: number;
   blockSize: number;
@@ -226,7 +241,10 @@ export class BlockDevice {
   readonly name: string;
   readonly target: number;
   readonly lun: number;
-  private lunInfo: ScannedLun;
+  readonly deviceType: 'scsi' | 'blk';
+  /** What the scan found (SCSI), or the virtio-blk disk: exactly one is set. */
+  private lunInfo: ScannedLun | undefined;
+  private blk: BlkUnit | undefined;
   private geometry: Geometry;
   private cachedInfo: BlockDeviceInfo | undefined;
   private zeroStrategy: ZeroStrategy;
@@ -257,18 +275,27 @@ export class BlockDevice {
   private blockCountNumber = 0;
   private readonly runOptions: RunOptions;
 
-  /** Built by Controller.scan from a ready disk with geometry. */
+  /** Built by Controller.scan from a ready disk with geometry, or a virtio-blk disk. */
   constructor(
     private readonly ctx: DeviceContext,
-    lun: ScannedLun,
+    unit: ScannedLun | BlkUnit,
   ) {
-    if (!lun.geometry) throw new DeviceError(`${lun.name}: no geometry (${lun.problem ?? 'not scanned'})`);
-    this.name = lun.name;
-    this.target = lun.target;
-    this.lun = lun.lun;
-    this.lunInfo = lun;
-    this.geometry = lun.geometry;
-    this.setGeometry(lun.geometry);
+    this.name = unit.name;
+    if ('config' in unit) {
+      this.deviceType = 'blk';
+      this.target = 0;
+      this.lun = 0;
+      this.blk = unit;
+      this.geometry = blkGeometry(unit.config.capacitySectors, unit.config.blockSize);
+    } else {
+      if (!unit.geometry) throw new DeviceError(`${unit.name}: no geometry (${unit.problem ?? 'not scanned'})`);
+      this.deviceType = 'scsi';
+      this.target = unit.target;
+      this.lun = unit.lun;
+      this.lunInfo = unit;
+      this.geometry = unit.geometry;
+    }
+    this.setGeometry(this.geometry);
     this.zeroStrategy = this.initialZeroStrategy();
     this.runOptions = {
       device: this.name,
@@ -356,15 +383,28 @@ export class BlockDevice {
       if (this.removed) throw this.removed;
       const buf = this.checkBuffer(buffer);
       const blocks = buf.length / this.geometry.blockSize;
-      return this.transfer(true, this.checkLba(lba, blocks), blocks, buf, opts?.fua === true, opts, undefined) as Promise<void>;
+      const start = this.checkLba(lba, blocks);
+      // virtio-blk has no forced unit access: the write, then a flush.
+      if (this.blk && opts?.fua === true) {
+        return (this.transfer(true, start, blocks, buf, false, opts, undefined) as Promise<void>).then(() => this.flush(opts));
+      }
+      return this.transfer(true, start, blocks, buf, opts?.fua === true, opts, undefined) as Promise<void>;
     } catch (e) {
       return Promise.reject(e);
     }
   }
 
-  /** SYNCHRONIZE CACHE over the whole device. */
+  /**
+   * SYNCHRONIZE CACHE over the whole device (virtio-blk: FLUSH; a device without a write cache,
+   * which does not offer FLUSH, has nothing to flush).
+   */
   async flush(opts: IoOptions = {}): Promise<void> {
     this.checkUsable();
+    if (this.blk) {
+      if (this.blk.config.flush) await this.blockRequest({ op: 'flush' }, 'FLUSH', opts);
+      this.io.flushOps++;
+      return;
+    }
     // Zero LBA and zero blocks mean "the whole medium"; the 16-byte form only matters when a
     // 10-byte LBA could not address the device anyway.
     const cdb = this.blockCount > BigInt(U32) ? synchronizeCache16() : synchronizeCache10();
@@ -372,7 +412,10 @@ export class BlockDevice {
     this.io.flushOps++;
   }
 
-  /** Deallocates the ranges (UNMAP). Throws NotSupportedError when the device has no UNMAP. */
+  /**
+   * Deallocates the ranges (UNMAP; virtio-blk: DISCARD). Throws NotSupportedError when the
+   * device has neither.
+   */
   async unmap(ranges: BlockRange | readonly BlockRange[], opts: IoOptions = {}): Promise<void> {
     this.checkUsable();
     const list = Array.isArray(ranges) ? (ranges as readonly BlockRange[]) : [ranges as BlockRange];
@@ -385,7 +428,11 @@ export class BlockDevice {
       return { lba, blocks };
     });
     if (!this.info.unmap) {
-      throw new NotSupportedError(`${this.name} does not support UNMAP (logical block provisioning VPD page)`);
+      throw new NotSupportedError(
+        this.blk
+          ? `${this.name} does not support DISCARD (the device does not offer VIRTIO_BLK_F_DISCARD)`
+          : `${this.name} does not support UNMAP (logical block provisioning VPD page)`,
+      );
     }
     const { maxUnmapBlocks, maxUnmapDescriptors } = this.info.limits;
     const pieces: Array<{ lba: bigint; blocks: number }> = [];
@@ -398,12 +445,20 @@ export class BlockDevice {
       }
     }
     const started = performance.now();
-    const perCommand = Math.min(maxUnmapDescriptors, MAX_UNMAP_DESCRIPTORS);
-    const commands = Math.ceil(pieces.length / perCommand);
-    await windowed(commands, async (i) => {
-      const params = unmapParameterList(pieces.slice(i * perCommand, (i + 1) * perCommand));
-      await this.run({ cdb: unmapCdb(params.length), dataOut: params }, opts);
-    });
+    if (this.blk) {
+      // One range per DISCARD request.
+      await windowed(pieces.length, async (i) => {
+        const p = pieces[i]!;
+        await this.blockRequest({ op: 'discard', lba: Number(p.lba), blocks: p.blocks }, `DISCARD of ${p.blocks} blocks at LBA ${p.lba}`, opts);
+      });
+    } else {
+      const perCommand = Math.min(maxUnmapDescriptors, MAX_UNMAP_DESCRIPTORS);
+      const commands = Math.ceil(pieces.length / perCommand);
+      await windowed(commands, async (i) => {
+        const params = unmapParameterList(pieces.slice(i * perCommand, (i + 1) * perCommand));
+        await this.run({ cdb: unmapCdb(params.length), dataOut: params }, opts);
+      });
+    }
     const ns = Math.round((performance.now() - started) * 1e6);
     const io = this.io;
     io.unmapOps++;
@@ -416,13 +471,15 @@ export class BlockDevice {
   /**
    * Writes zeroes over `blocks` blocks: WRITE SAME (16) with UNMAP where unmapped blocks read
    * as zeroes, else WRITE SAME (16) of a zero block, else plain WRITEs of a zero buffer. A
-   * method the device rejects as an ILLEGAL REQUEST is not tried again.
+   * method the device rejects as an ILLEGAL REQUEST is not tried again. virtio-blk: WRITE
+   * ZEROES (allowed to deallocate where the device says it may), else plain writes.
    */
   async writeZeroes(lba: Lba, blocks: number | bigint, opts: IoOptions = {}): Promise<void> {
     this.checkUsable();
     const start = toBigLba(lba, 'lba');
     const count = positiveBlocks(blocks, 'blocks');
     this.checkRange(start, count);
+    if (this.blk) return this.blkWriteZeroes(start, count, opts);
     for (;;) {
       const strategy = this.zeroStrategy;
       try {
@@ -438,9 +495,13 @@ export class BlockDevice {
     }
   }
 
-  /** LOGICAL UNIT RESET through the control queue. Commands in flight on the LUN are aborted. */
+  /**
+   * LOGICAL UNIT RESET through the control queue. Commands in flight on the LUN are aborted.
+   * virtio-blk has no task management: NotSupportedError.
+   */
   async reset(opts: IoOptions = {}): Promise<void> {
     this.checkUsable();
+    this.scsiOnly('reset');
     opts.signal?.throwIfAborted();
     const response = await this.ctx.taskManagement(this.target, this.lun, TMF_LOGICAL_UNIT_RESET);
     if (response !== VirtioResponse.OK && response !== VirtioResponse.FUNCTION_SUCCEEDED) {
@@ -454,6 +515,7 @@ export class BlockDevice {
    */
   async passthrough(cdb: Uint8Array, opts: PassthroughOptions = {}): Promise<PassthroughResult> {
     this.checkUsable();
+    this.scsiOnly('passthrough');
     if (!(cdb instanceof Uint8Array)) throw new TypeError('cdb must be a Buffer or Uint8Array');
     if (cdb.length < 6 || cdb.length > 32) throw new RangeError(`cdb length ${cdb.length} out of range 6..32`);
     if (opts.dataIn !== undefined && opts.dataOut !== undefined) {
@@ -489,17 +551,26 @@ export class BlockDevice {
     return out;
   }
 
-  /** Re-reads the capacity (the device reports CAPACITY DATA HAS CHANGED on its own, too). */
+  /**
+   * Re-reads the capacity (a SCSI device reports CAPACITY DATA HAS CHANGED on its own, too; a
+   * virtio-blk device's configuration space is read again).
+   */
   async refresh(opts: IoOptions = {}): Promise<void> {
     this.checkUsable();
     this.refreshing ??= (async () => {
       try {
+        if (this.blk) {
+          if (!this.ctx.readCapacity) return;
+          this.setGeometry(blkGeometry(await this.ctx.readCapacity(), this.blockSize));
+          return;
+        }
+        const lunInfo = this.lunInfo!;
         const scanOpts = {
           controllerName: this.ctx.controllerName,
           maxTarget: this.target,
           maxLun: this.lun,
-          inquiry: this.lunInfo.inquiry,
-          vpdPages: this.lunInfo.vpdPages,
+          inquiry: lunInfo.inquiry,
+          vpdPages: lunInfo.vpdPages,
           policy: this.ctx.policy,
           ...(opts.signal ? { signal: opts.signal } : {}),
         };
@@ -511,11 +582,16 @@ export class BlockDevice {
     await this.refreshing;
   }
 
-  /** Takes the result of a rescan of the same logical unit. */
-  update(lun: ScannedLun): void {
-    if (!lun.geometry) return;
-    this.lunInfo = lun;
-    this.setGeometry(lun.geometry);
+  /** Takes the result of a rescan of the same logical unit (or virtio-blk disk). */
+  update(unit: ScannedLun | BlkUnit): void {
+    if ('config' in unit) {
+      this.blk = unit;
+      this.setGeometry(blkGeometry(unit.config.capacitySectors, unit.config.blockSize));
+      return;
+    }
+    if (!unit.geometry) return;
+    this.lunInfo = unit;
+    this.setGeometry(unit.geometry);
     this.zeroStrategy = this.initialZeroStrategy();
   }
 
@@ -534,6 +610,53 @@ export class BlockDevice {
 
   private checkUsable(): void {
     if (this.removed) throw this.removed;
+  }
+
+  private scsiOnly(what: string): void {
+    if (this.blk) throw new NotSupportedError(`${what} is for SCSI devices; ${this.name} is a virtio-blk disk`);
+  }
+
+  /** A virtio-blk request; rejects with the typed error of its status. */
+  private async blockRequest(req: BlockRequest, what: string, opts: IoOptions): Promise<CommandResult> {
+    if (opts.signal) req.signal = opts.signal;
+    if (opts.timeoutMs !== undefined) req.timeoutMs = opts.timeoutMs;
+    const r = await this.ctx.executor().blockRequest(req).catch(this.removedOr);
+    throwForBlkResult(r, what, this.name);
+    return r;
+  }
+
+  /** WRITE ZEROES in pieces the device takes, or plain writes of a zero buffer without it. */
+  private async blkWriteZeroes(lba: bigint, count: bigint, opts: IoOptions): Promise<void> {
+    const config = this.blk!.config;
+    if (!config.writeZeroes) return this.zeroByTransfer(lba, count, opts);
+    const max = BigInt(this.info.limits.maxWriteSameBlocks);
+    const unmap = config.writeZeroesMayUnmap;
+    await windowed(Number((count + max - 1n) / max), async (i) => {
+      const first = lba + BigInt(i) * max;
+      const n = Number(lba + count - first < max ? lba + count - first : max);
+      await this.blockRequest({ op: 'write-zeroes', lba: Number(first), blocks: n, unmap }, `WRITE ZEROES of ${n} blocks at LBA ${first}`, opts);
+    });
+  }
+
+  /** Plain writes of a zero buffer, through the READ/WRITE path. */
+  private async zeroByTransfer(lba: bigint, count: bigint, opts: IoOptions): Promise<void> {
+    const zeroes = this.zeroChunk();
+    const step = BigInt(zeroes.length / this.blockSize);
+    await windowed(Number((count + step - 1n) / step), async (i) => {
+      const first = lba + BigInt(i) * step;
+      const n = Number(lba + count - first < step ? lba + count - first : step);
+      await this.transfer(true, Number(first), n, zeroes.subarray(0, n * this.blockSize), false, opts, undefined);
+    });
+  }
+
+  /** The shared zero buffer for writes of zeroes: as many blocks as one transfer takes, up to 1 MiB. */
+  private zeroChunk(): Buffer {
+    const bs = this.blockSize;
+    const chunkBlocks = Math.max(1, Math.min(this.info.limits.maxTransferBlocks, Math.floor(ZERO_BUFFER_BYTES / bs)));
+    if (this.zeroBuffer === undefined || this.zeroBuffer.length !== chunkBlocks * bs) {
+      this.zeroBuffer = this.allocData(chunkBlocks * bs).fill(0);
+    }
+    return this.zeroBuffer;
   }
 
   private checkRange(lba: bigint, blocks: bigint, what = 'request'): void {
@@ -601,6 +724,17 @@ export class BlockDevice {
         .transfer(write, this.target, this.lun, lba, blocks, buf, fua, opts?.signal, opts?.timeoutMs, value, this.owner);
     }
     const bs = this.blockSize;
+    if (this.blk) {
+      // virtio-blk: every piece through the fast path (an LBA that high is on no device).
+      if (typeof lba !== 'number') throw new RangeError(`${this.name}: LBA ${lba} is above 2^53`);
+      const exec = this.ctx.executor();
+      return windowed(Math.ceil(blocks / max), async (i) => {
+        const first = i * max;
+        const n = Math.min(max, blocks - first);
+        const part = buf.subarray(first * bs, (first + n) * bs);
+        await exec.transfer(write, 0, 0, lba + first, n, part, fua, opts?.signal, opts?.timeoutMs, undefined, this.owner);
+      }).then(() => value, this.removedOr);
+    }
     const start = BigInt(lba);
     const signal = opts?.signal;
     const timeoutMs = opts?.timeoutMs;
@@ -626,12 +760,25 @@ export class BlockDevice {
    */
   private readonly owner: TransferOwner = {
     counters: this.io,
-    recover: (result: CommandResult, cmd: ScsiCommand): Promise<unknown> =>
-      runCommand(this.ctx.executor(), cmd, this.runOptions, result).then((r) => {
+    recover: (result: CommandResult, cmd: ScsiCommand): Promise<unknown> => {
+      if (this.blk) {
+        // No retries: virtio-blk's statuses are final. The status names the error; a read
+        // that succeeded short is the device's fault.
+        const data = cmd.dataIn ?? cmd.dataOut!;
+        const what = `${cmd.dataIn ? 'READ' : 'WRITE'} of ${data.length} bytes`;
+        try {
+          throwForBlkResult(result, what, this.name);
+          throw new DeviceError(`${this.name}: ${what} returned ${result.dataLength} bytes`);
+        } catch (e) {
+          return Promise.reject(this.removed ?? e);
+        }
+      }
+      return runCommand(this.ctx.executor(), cmd, this.runOptions, result).then((r) => {
         this.checkTransferred(r, cmd);
         this.counted(cmd, r);
         return cmd.dataIn;
-      }, this.removedOr),
+      }, this.removedOr);
+    },
   };
 
   /** Adds a READ or WRITE that completed outside the queue's fast path to the counters. */
@@ -694,13 +841,9 @@ export class BlockDevice {
 
   private async zeroByWrite(lba: bigint, count: bigint, opts: IoOptions): Promise<void> {
     const bs = this.blockSize;
-    const chunkBlocks = Math.max(1, Math.min(this.info.limits.maxTransferBlocks, Math.floor(ZERO_BUFFER_BYTES / bs)));
-    if (this.zeroBuffer === undefined || this.zeroBuffer.length !== chunkBlocks * bs) {
-      this.zeroBuffer = this.allocData(chunkBlocks * bs).fill(0);
-    }
     // Every chunk writes from the same buffer: the device only reads it.
-    const zeroes = this.zeroBuffer;
-    const step = BigInt(chunkBlocks);
+    const zeroes = this.zeroChunk();
+    const step = BigInt(zeroes.length / bs);
     const commands = Number((count + step - 1n) / step);
     await windowed(commands, async (i) => {
       const first = BigInt(i) * step;
@@ -711,6 +854,7 @@ export class BlockDevice {
   }
 
   private initialZeroStrategy(): ZeroStrategy {
+    if (!this.lunInfo) return 'write';
     const prov = this.lunInfo.provisioning;
     const lbprz = (this.geometry.capacity16?.lbprz ?? false) || (prov?.lbprz ?? false);
     if (prov?.lbpws && lbprz) return 'write-same-unmap';
@@ -718,7 +862,8 @@ export class BlockDevice {
   }
 
   private buildInfo(): BlockDeviceInfo {
-    const lun = this.lunInfo;
+    if (this.blk) return this.buildBlkInfo(this.blk);
+    const lun = this.lunInfo!;
     const g = this.geometry;
     const bs = g.blockSize;
     const bl: BlockLimits | undefined = lun.blockLimits;
@@ -740,6 +885,7 @@ export class BlockDevice {
 
     const info: BlockDeviceInfo = {
       name: this.name,
+      deviceType: 'scsi',
       target: this.target,
       lun: this.lun,
       blockSize: bs,
@@ -767,6 +913,48 @@ export class BlockDevice {
     };
     if (lun.serial !== undefined) info.serial = lun.serial;
     if (lun.caching !== undefined) info.writeCache = lun.caching.wce;
+    return info;
+  }
+
+  private buildBlkInfo(unit: BlkUnit): BlockDeviceInfo {
+    const c = unit.config;
+    const g = this.geometry;
+    const bs = g.blockSize;
+    const perBlock = bs / 512;
+    // One data segment per request: SIZE_MAX bounds it, as do the caller's cap and a 32-bit length.
+    const limit = minPositive(Math.floor(c.sizeMax / bs), this.ctx.maxTransferBytes > 0 ? Math.floor(this.ctx.maxTransferBytes / bs) : 0);
+    const sectorsToBlocks = (sectors: number): number => Math.min(Math.floor(sectors / perBlock), U32);
+    const info: BlockDeviceInfo = {
+      name: this.name,
+      deviceType: 'blk',
+      target: 0,
+      lun: 0,
+      blockSize: bs,
+      blockCount: g.blockCount,
+      sizeBytes: g.blockCount * BigInt(bs),
+      physicalBlockSize: bs * 2 ** c.physicalBlockExp,
+      vendor: '',
+      product: 'virtio-blk',
+      revision: '',
+      identifiers: [],
+      thinProvisioned: c.discard,
+      unmap: c.discard,
+      writeSameUnmap: c.writeZeroesMayUnmap,
+      unmappedReadsZero: false,
+      protectionType: 0,
+      rotationRate: 0,
+      writeCache: c.writeback,
+      limits: {
+        maxTransferBlocks: Math.max(1, Math.min(limit, Math.floor(U32 / bs))),
+        optimalTransferBlocks: c.optIoBlocks,
+        // A device that offers DISCARD without a limit: one request's 32-bit sector count.
+        maxUnmapBlocks: c.discard ? Math.max(1, sectorsToBlocks(c.maxDiscardSectors || U32)) : 0,
+        maxUnmapDescriptors: c.discard ? 1 : 0,
+        unmapGranularity: sectorsToBlocks(c.discardAlignment),
+        maxWriteSameBlocks: c.writeZeroes ? Math.max(1, sectorsToBlocks(c.maxWriteZeroesSectors || U32)) : 0,
+      },
+    };
+    if (unit.serial !== undefined) info.serial = unit.serial;
     return info;
   }
 }

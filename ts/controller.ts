@@ -1,11 +1,13 @@
-// A virtio-scsi controller: the connection to one device (a vhost-user socket today, a VFIO PCI
-// function later), its request queue for the calling thread, the scan and the block devices.
+// A controller: the connection to one virtio-scsi or virtio-blk device (a vhost-user socket, or a
+// VFIO PCI function), its request queue for the calling thread, the scan and the block devices.
+// A virtio-scsi device has targets and LUNs to scan; a virtio-blk device is one disk.
 
 import { EventEmitter } from 'node:events';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { stat } from 'node:fs/promises';
 
-import { BlockDevice, type DeviceContext } from './block-device.js';
+import { type BlkConfig, BLK_ID_BYTES, blkDiskName, blkGeometry, blkIdString, BlkStatus } from './blk.js';
+import { type BlkUnit, BlockDevice, type DeviceContext } from './block-device.js';
 import { DEFAULT_RETRY_POLICY, type RetryPolicy } from './command.js';
 import { ClosedError, CONNECT_ERRNOS, ConnectError, ControllerFailedError, InitiatorError } from './errors.js';
 import {
@@ -23,13 +25,18 @@ import { type Geometry, lunName, type ScannedLun, scanTargets, type ScanResult }
 import { type EventPlan, EventWatcher } from './watch.js';
 
 /**
- * How to reach the device: a vhost-user-scsi socket, or a virtio-scsi PCI function bound to
- * vfio-pci (inside a VM), e.g. "0000:00:03.0".
+ * How to reach the device: a vhost-user socket, or a virtio-scsi or virtio-blk PCI function
+ * bound to vfio-pci (inside a VM), e.g. "0000:00:03.0".
  */
 export type Transport = { type: 'vhost-user'; path: string } | { type: 'pci'; address: string };
 
 export interface ControllerOptions {
-  /** Prefix of device names (default "VirtioScsi0"). */
+  /**
+   * The device type: 'scsi' (default over vhost-user, which cannot tell) or 'blk'. A PCI
+   * function's id tells it; one given must match.
+   */
+  type?: 'scsi' | 'blk';
+  /** Prefix of device names (default "VirtioScsi0"); a virtio-blk disk's name (default "VirtioBlk0"). */
   name?: string;
   /** Request queues to set up (default: all the device offers, at most 16). */
   requestQueues?: number;
@@ -105,10 +112,11 @@ function reconnectPolicy(r: ControllerOptions['reconnect']): Readonly<Required<R
   return Object.freeze(policy);
 }
 
-/** What the device and the negotiation gave (virtio-scsi config space and features). */
+/** What the device and the negotiation gave (config space and features). */
 export interface ControllerInfo {
   /** e.g. "vhost-user /tmp/x.sock". */
   transport: string;
+  deviceType: 'scsi' | 'blk';
   requestQueues: number;
   queueSize: number;
   segMax: number;
@@ -124,6 +132,8 @@ export interface ControllerInfo {
   /** DMA memory now; it grows up to maxMemoryBytes. */
   memoryBytes: number;
   maxMemoryBytes: number;
+  /** virtio-blk: the configuration space as of opening (the capacity may change since). */
+  blk?: BlkConfig;
 }
 
 export const ControllerEventType = {
@@ -164,10 +174,13 @@ export interface ControllerHandle {
   readonly timeoutMs: number;
   /** The LUNs of the last scan, so that the thread need not scan again. */
   readonly luns: readonly ScannedLun[];
+  /** virtio-blk: the disk of the last scan. */
+  readonly blk?: BlkUnit;
 }
 
 const HANDLE_KIND = 'virtio-initiator/controller';
 const DEFAULT_NAME = 'VirtioScsi0';
+const DEFAULT_BLK_NAME = 'VirtioBlk0';
 /** Default transfer cap: this fraction of the DMA pool per command, and at least MIN_TRANSFER_CAP. */
 const POOL_SHARE_PER_TRANSFER = 8;
 const MIN_TRANSFER_CAP = 2 << 20;
@@ -206,6 +219,10 @@ function nativeOptions(o: ControllerOptions): NativeControllerOptions {
   if (o.memoryBytes !== undefined) out.memoryBytes = o.memoryBytes;
   if (o.maxMemoryBytes !== undefined) out.maxMemoryBytes = o.maxMemoryBytes;
   if (o.hugepages !== undefined) out.hugepages = o.hugepages;
+  if (o.type !== undefined) {
+    if (o.type !== 'scsi' && o.type !== 'blk') throw new RangeError(`type must be 'scsi' or 'blk', got ${String(o.type)}`);
+    out.deviceType = o.type;
+  }
   return out;
 }
 
@@ -267,6 +284,8 @@ export interface ControllerEventMap {
 export class Controller extends EventEmitter<ControllerEventMap> implements AsyncDisposable {
   readonly name: string;
   readonly transport: Readonly<Transport>;
+  /** 'scsi', or 'blk' (one disk, named after the controller). */
+  readonly deviceType: 'scsi' | 'blk';
   private readonly handle: NativeController;
   private readonly policy: Readonly<RetryPolicy>;
   private readonly poll: boolean;
@@ -283,6 +302,8 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
   private closedError: ClosedError | undefined;
   private closing: Promise<void> | undefined;
   private scanned: readonly ScannedLun[] = [];
+  /** virtio-blk: the disk of the last scan. */
+  private blkUnit: BlkUnit | undefined;
   private blockDevices = new Map<string, BlockDevice>();
   private watcher: EventWatcher | undefined;
   /** Host address of each DMA Buffer's memory, for requests that name their data by address. */
@@ -317,9 +338,12 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
     this.timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
     this.reconnectPolicy = reconnectPolicy(options.reconnect);
     this.trace = options.trace === true;
+    const info = handle.info;
+    this.deviceType = info.deviceType === 'blk' ? 'blk' : 'scsi';
     this.recovery = new Recovery({
       controllerName: name,
-      taskManagement: (target, lun, fn, tag) => this.taskManagement(target, lun, fn, tag),
+      // virtio-blk has no task management: recovery goes straight to a device reset.
+      ...(this.deviceType === 'scsi' ? { taskManagement: (target: number, lun: number, fn: number, tag?: number) => this.taskManagement(target, lun, fn, tag) } : {}),
       report: (step) => {
         if (step.returned) log('info', 'recovery', `${step.device}: ${step.action} brought back ${step.request}`);
         else log('warn', 'recovery', `${step.device}: ${step.action} did not bring back ${step.request}`);
@@ -328,7 +352,6 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
       resetDevice: (reason) => this.resetDevice(reason),
       giveUp: (reason) => this.giveUp(reason),
     });
-    const info = handle.info;
     this.context = {
       controllerName: name,
       executor: () => this.executor(),
@@ -339,21 +362,22 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
         options.maxTransferBytes ?? Math.max(MIN_TRANSFER_CAP, Math.floor(info.memoryBytes / POOL_SHARE_PER_TRANSFER)),
       policy,
       onGeometryChange: (dev, before) => this.emit('capacity-changed', dev, before),
+      readCapacity: () => this.handle.readCapacity(),
     };
   }
 
-  /** Connects to a vhost-user-scsi socket. */
+  /** Connects to a vhost-user socket: virtio-scsi, or virtio-blk with `{ type: 'blk' }`. */
   static connect(socketPath: string, options: ControllerOptions = {}): Promise<Controller> {
     return Controller.open({ type: 'vhost-user', path: socketPath }, options);
   }
 
-  /** Opens a virtio-scsi PCI function bound to vfio-pci (see `Transport`). */
+  /** Opens a virtio-scsi or virtio-blk PCI function bound to vfio-pci (see `Transport`). */
   static openPci(address: string, options: ControllerOptions = {}): Promise<Controller> {
     return Controller.open({ type: 'pci', address }, options);
   }
 
   static async open(transport: Transport, options: ControllerOptions = {}): Promise<Controller> {
-    const name = options.name ?? DEFAULT_NAME;
+    const name = options.name ?? (options.type === 'blk' ? DEFAULT_BLK_NAME : DEFAULT_NAME);
     if (typeof name !== 'string' || !CONTROLLER_NAME.test(name)) {
       throw new RangeError(`name ${JSON.stringify(name)} must be 1 to 64 letters, digits, '_', '.' or '-'`);
     }
@@ -403,7 +427,9 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
       throw new ConnectError(label, opened.message, errno ? { errno } : {});
     }
     const handle = opened;
-    const ctrl = new Controller(handle, name, transport, options, policy);
+    // A PCI function told its type: the default name follows it.
+    const told = handle.info.deviceType === 'blk' && options.name === undefined ? DEFAULT_BLK_NAME : name;
+    const ctrl = new Controller(handle, told, transport, options, policy);
     ctrl.watch();
     return ctrl;
   }
@@ -437,7 +463,17 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
         log('warn', 'controller', `${this.name}: acting on events: ${error.message}`);
         this.emit('event-error', error);
       },
+      ...(this.deviceType === 'blk' ? { changedCapacity: () => this.changedCapacity() } : {}),
     });
+  }
+
+  /** virtio-blk: the disk, when its capacity in the configuration space is not what it knows. */
+  private async changedCapacity(): Promise<string[]> {
+    const dev = this.blockDevices.get(blkDiskName(this.name));
+    if (dev === undefined || dev.detached || this.closedError || this.reconnectingNow) return [];
+    const sectors = await this.handle.readCapacity();
+    const now = blkGeometry(sectors, dev.blockSize).blockCount;
+    return now === dev.blockCount ? [] : [dev.name];
   }
 
   /**
@@ -512,7 +548,10 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
 
   get info(): ControllerInfo {
     this.checkOpen();
-    return { ...this.handle.info };
+    const { blk, deviceType, ...rest } = this.handle.info;
+    const info: ControllerInfo = { ...rest, deviceType: deviceType === 'blk' ? 'blk' : 'scsi' };
+    if (blk) info.blk = blk;
+    return info;
   }
 
   /**
@@ -569,6 +608,7 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
 
   /** Scans all targets or some; devices of other targets stay as they are. */
   private async rescan(targets: 'all' | readonly number[], signal?: AbortSignal): Promise<ScanResult> {
+    if (this.deviceType === 'blk') return this.rescanBlk(signal);
     const info = this.info;
     const result = await scanTargets(this.executor(), {
       controllerName: this.name,
@@ -583,6 +623,43 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
     this.install(result.luns, targets);
     this.emit('rescanned', result, targets);
     return result;
+  }
+
+  /**
+   * virtio-blk: the one disk, its capacity read afresh and its ID (GET ID, when the device has
+   * one) as serial number. The scan result lists no LUNs.
+   */
+  private async rescanBlk(signal?: AbortSignal): Promise<ScanResult> {
+    const config = this.info.blk;
+    if (config === undefined) throw new Error(`${this.name}: a virtio-blk controller without its configuration`);
+    const id = Buffer.alloc(BLK_ID_BYTES);
+    const r = await this.executor().blockRequest({ op: 'get-id', dataIn: id, ...(signal ? { signal } : {}) });
+    // A device without an ID answers UNSUPP (or IOERR): the disk simply has no serial number.
+    const serial = r.response === 0 && r.status === BlkStatus.OK ? blkIdString(id, r.dataLength) : undefined;
+    const capacitySectors = await this.handle.readCapacity();
+    this.checkOpen();
+    const unit: BlkUnit = { name: blkDiskName(this.name), config: { ...config, capacitySectors }, ...(serial !== undefined ? { serial } : {}) };
+    this.installBlk(unit);
+    const result: ScanResult = { luns: [], problems: [] };
+    this.emit('rescanned', result, 'all');
+    return result;
+  }
+
+  /** The virtio-blk disk: kept when its ID is the same, else replaced. */
+  private installBlk(unit: BlkUnit): void {
+    this.blkUnit = unit;
+    const old = this.blockDevices.get(unit.name);
+    if (old && old.info.serial === unit.serial) {
+      old.update(unit);
+      return;
+    }
+    const dev = new BlockDevice(this.context, unit);
+    this.blockDevices = new Map([[unit.name, dev]]);
+    if (old) {
+      old.detach('replaced by a different disk', true);
+      this.emit('device-removed', old);
+    }
+    this.emit('device-added', dev);
   }
 
   /**
@@ -604,6 +681,7 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
       poll: this.poll,
       timeoutMs: this.timeoutMs,
       luns: this.scanned,
+      ...(this.blkUnit ? { blk: this.blkUnit } : {}),
     };
   }
 
@@ -626,7 +704,8 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
       { maxTransferBytes: handle.maxTransferBytes, poll: handle.poll, timeoutMs: handle.timeoutMs },
       Object.freeze({ ...handle.retry }),
     );
-    c.install(handle.luns);
+    if (handle.blk) c.installBlk(handle.blk);
+    else c.install(handle.luns);
     return c;
   }
 

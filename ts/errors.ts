@@ -49,7 +49,8 @@ export type InitiatorErrorCode =
   | 'ERR_VIRTIO_DEVICE'
   | 'ERR_VIRTIO_TASK_MANAGEMENT'
   | 'ERR_VIRTIO_REQUEST_REFUSED'
-  | 'ERR_VIRTIO_TIMEOUT';
+  | 'ERR_VIRTIO_TIMEOUT'
+  | 'ERR_VIRTIO_BLK_IOERR';
 
 /** Base class of the initiator's own errors; `code` tells them apart without instanceof. */
 export class InitiatorError extends Error {
@@ -157,6 +158,14 @@ export class DeviceError extends InitiatorError {
   constructor(message: string) {
     super('ERR_VIRTIO_DEVICE', message);
     this.name = 'DeviceError';
+  }
+}
+
+/** A virtio-blk device answered a request with VIRTIO_BLK_S_IOERR. */
+export class BlkIoError extends InitiatorError {
+  constructor(message: string) {
+    super('ERR_VIRTIO_BLK_IOERR', message);
+    this.name = 'BlkIoError';
   }
 }
 

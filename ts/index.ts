@@ -1,4 +1,4 @@
-// virtio-initiator: a userspace poll-mode virtio-scsi initiator.
+// virtio-initiator: a userspace poll-mode virtio-scsi and virtio-blk initiator.
 
 export {
   Controller,
@@ -12,8 +12,10 @@ export {
   type ReconnectOptions,
   type Transport,
 } from './controller.js';
+export { BlkStatus, type BlkConfig } from './blk.js';
 export {
   BlockDevice,
+  type BlkUnit,
   type BlockDeviceInfo,
   type BlockDeviceIostat,
   type BlockDeviceLimits,
@@ -26,6 +28,7 @@ export {
 } from './block-device.js';
 export { DEFAULT_RETRY_POLICY, type RetryPolicy } from './command.js';
 export {
+  BlkIoError,
   ClosedError,
   ConnectError,
   type ConnectErrno,
@@ -63,6 +66,7 @@ export {
   RequestQueue,
   RequestRefusedError,
   type CommandExecutor,
+  type BlockRequest,
   type CommandResult,
   type RequestQueueStats,
   type ScsiCommand,

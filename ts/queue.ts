@@ -14,7 +14,7 @@
 import { closeSync, read, writeSync } from 'node:fs';
 
 import { ClosedError, ControllerFailedError, InitiatorError, RequestTimeoutError } from './errors.js';
-import { CompletionReader, Direction, RecordWriter, RESPONSE_REFUSED, SubmitRecord } from './records.js';
+import { CompletionReader, Direction, Flag, Kind, RecordWriter, RESPONSE_REFUSED, SubmitRecord } from './records.js';
 
 import { describeCdb, read as readCdb, write as writeCdb } from './scsi/cdb.js';
 
@@ -135,8 +135,33 @@ export interface TransferOwner {
   recover(result: CommandResult, cmd: ScsiCommand): unknown;
 }
 
-/** What block devices need of a queue: commands, and the READ/WRITE fast path. */
-export type IoQueue = Pick<RequestQueue, 'execute' | 'transfer'>;
+/** What block devices need of a queue: commands, virtio-blk requests, and the READ/WRITE fast path. */
+export type IoQueue = Pick<RequestQueue, 'execute' | 'transfer' | 'blockRequest'>;
+
+/**
+ * A virtio-blk request other than READ and WRITE. It completes with response 0 once the device
+ * wrote its status byte, and `status` is that byte (0 OK, 1 IOERR, 2 UNSUPP).
+ */
+export interface BlockRequest {
+  op: 'flush' | 'discard' | 'write-zeroes' | 'get-id';
+  /** DISCARD, WRITE ZEROES: the range, in logical blocks. */
+  lba?: number;
+  blocks?: number;
+  /** WRITE ZEROES: the device may deallocate the blocks. */
+  unmap?: boolean;
+  /** GET ID: the buffer for the ID (20 bytes). */
+  dataIn?: Uint8Array;
+  signal?: AbortSignal;
+  timeoutMs?: number;
+}
+
+const BLOCK_KINDS: Record<BlockRequest['op'], number> = {
+  flush: Kind.SYNCHRONIZE_CACHE,
+  discard: Kind.DISCARD,
+  'write-zeroes': Kind.WRITE_ZEROES,
+  'get-id': Kind.GET_ID,
+};
+const BLOCK_NAMES = ['', '', '', 'FLUSH', 'DISCARD', 'WRITE ZEROES', 'GET ID'];
 
 export interface RequestQueueStats {
   /** The virtqueue this queue submits to (2 for the first request queue). */
@@ -230,6 +255,8 @@ const enum Mode {
   Command,
   /** READ/WRITE fast path: resolves with a fixed value on success, else asks `recover`. */
   Transfer,
+  /** A virtio-blk request (its record kind in `value`): resolves with a CommandResult. */
+  Block,
 }
 
 /** The commands of one `executeAll`, admitted in order as slots free up. */
@@ -561,6 +588,25 @@ export class RequestQueue implements CommandExecutor {
   }
 
   /**
+   * Queues one virtio-blk request (see `BlockRequest`), framed natively. Rejects only for bad
+   * arguments, abort, close or controller failure.
+   */
+  blockRequest(req: BlockRequest): Promise<CommandResult> {
+    const kind = BLOCK_KINDS[req.op];
+    if (kind === undefined) return Promise.reject(new TypeError(`${this.label}: unknown block request ${String(req.op)}`));
+    const lba = req.lba ?? 0;
+    const blocks = req.blocks ?? 0;
+    if (!Number.isSafeInteger(lba) || lba < 0 || !Number.isInteger(blocks) || blocks < 0 || blocks > 0xffffffff) {
+      return Promise.reject(new RangeError(`${this.label}: ${req.op} of ${blocks} blocks at LBA ${lba} is not a range`));
+    }
+    const data = req.dataIn === undefined ? null : asBuffer(req.dataIn);
+    const timeout = req.timeoutMs ?? this.timeoutMs;
+    const bad = badTimeout(timeout);
+    if (bad !== undefined) return Promise.reject(new TypeError(`${this.label}: ${bad}`));
+    return this.enqueue(Mode.Block, undefined, false, 0, 0, lba, blocks, data, req.unmap === true, req.signal, timeout, kind, undefined) as Promise<CommandResult>;
+  }
+
+  /**
    * Rejects everything queued or in flight with ControllerFailedError (`reason`) and releases
    * the channel: the controller behind it failed, or its device was reset.
    */
@@ -674,7 +720,10 @@ export class RequestQueue implements CommandExecutor {
         this.passBuffers.push(asBuffer(data));
       }
     }
-    if (this.mode[slot] === Mode.Transfer) {
+    if (this.mode[slot] === Mode.Block) {
+      const flags = this.fua[slot] === 1 ? Flag.UNMAP : 0;
+      this.writer.blockRequest(i, slot, this.value[slot] as number, this.lba[slot]!, this.blocks[slot]!, flags, addr, length, index);
+    } else if (this.mode[slot] === Mode.Transfer) {
       this.writer.readWrite(
         i,
         slot,
@@ -946,7 +995,7 @@ export class RequestQueue implements CommandExecutor {
       latencyNs: r.latencyNs(k),
     };
     if (r.senseLength(k) > 0) result.sense = r.sense(k);
-    if (this.mode[slot] === Mode.Command) {
+    if (this.mode[slot] !== Mode.Transfer) {
       this.release(slot);
       resolve(result);
       return;
@@ -985,6 +1034,10 @@ export class RequestQueue implements CommandExecutor {
       what = describeCdb(this.isWrite[slot] === 1 ? writeCdb(args) : readCdb(args));
       target = this.target[slot]!;
       lun = this.lun[slot]!;
+    } else if (this.mode[slot] === Mode.Block) {
+      what = this.describe(slot);
+      target = 0;
+      lun = 0;
     } else {
       const cmd = this.cmd[slot]!;
       what = `${describeCdb(cmd.cdb)} [${Buffer.from(cmd.cdb).toString('hex')}]`;
@@ -1071,6 +1124,11 @@ export class RequestQueue implements CommandExecutor {
     if (this.mode[slot] === Mode.Transfer) {
       const op = this.isWrite[slot] === 1 ? 'WRITE' : 'READ';
       return `${op} of ${this.blocks[slot]} blocks at LBA ${this.lba[slot]}`;
+    }
+    if (this.mode[slot] === Mode.Block) {
+      const kind = this.value[slot] as number;
+      const name = BLOCK_NAMES[kind]!;
+      return kind === Kind.DISCARD || kind === Kind.WRITE_ZEROES ? `${name} of ${this.blocks[slot]} blocks at LBA ${this.lba[slot]}` : name;
     }
     return describeCdb(this.cmd[slot]!.cdb);
   }

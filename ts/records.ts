@@ -52,10 +52,13 @@ export interface CompletionFields {
 /** Data direction byte. */
 export const Direction = { NONE: 0, IN: 1, OUT: 2 } as const;
 
-/** Record kinds: a CDB as given, or one the native side builds. */
-export const Kind = { CDB: 0, READ: 1, WRITE: 2, SYNCHRONIZE_CACHE: 3 } as const;
+/**
+ * Record kinds: a CDB as given (virtio-scsi), or a request the native side frames for its
+ * device (READ, WRITE and FLUSH for both; the others for virtio-blk).
+ */
+export const Kind = { CDB: 0, READ: 1, WRITE: 2, SYNCHRONIZE_CACHE: 3, DISCARD: 4, WRITE_ZEROES: 5, GET_ID: 6 } as const;
 
-export const Flag = { FUA: 1, DATA_ADDRESS: 2, LONG_CDB: 4 } as const;
+export const Flag = { FUA: 1, DATA_ADDRESS: 2, LONG_CDB: 4, UNMAP: 8 } as const;
 
 /** Response of a completion for a request refused before it reached the device. */
 export const RESPONSE_REFUSED = 0xfe;
@@ -131,6 +134,22 @@ export class RecordWriter {
     this.words[w + 5] = Math.floor(lba / TWO_32);
     this.words[w + 6] = blocks;
     if (fua) this.bytes[off + SubmitRecord.FLAGS] = Flag.FUA;
+    if (addr >= 0) this.address(off, addr, length);
+    else this.index(off, index);
+  }
+
+  /**
+   * A virtio-blk request of `kind` (FLUSH, DISCARD, WRITE ZEROES with `flags`, GET ID) over
+   * `blocks` blocks at `lba`; GET ID names its data-in as `readWrite` does.
+   */
+  blockRequest(i: number, token: number, kind: number, lba: number, blocks: number, flags: number, addr: number, length: number, index: number): void {
+    const off = this.head(i, token, 0, 0, kind === Kind.GET_ID ? Direction.IN : Direction.NONE, kind);
+    const w = off >>> 2;
+    this.words[w + 4] = lba % TWO_32;
+    this.words[w + 5] = Math.floor(lba / TWO_32);
+    this.words[w + 6] = blocks;
+    this.bytes[off + SubmitRecord.FLAGS] = flags;
+    if (kind !== Kind.GET_ID) return;
     if (addr >= 0) this.address(off, addr, length);
     else this.index(off, index);
   }

@@ -3,7 +3,8 @@
 // LOGICAL UNIT RESET, then I_T NEXUS RESET for its target, then a reset of the device and its
 // bring-up from a clean state. A task management answer alone is not trusted: a step succeeds
 // when the request has come back, which each step waits for, bounded. When none brings it back,
-// the controller is failed.
+// the controller is failed. A device without task management (virtio-blk) goes straight to the
+// reset.
 
 import type { AbandonedRequest } from './queue.js';
 import { lunName } from './scan.js';
@@ -36,7 +37,8 @@ export interface RecoveryStep {
 
 export interface RecoveryContext {
   controllerName: string;
-  taskManagement(target: number, lun: number, fn: number, tag?: number): Promise<number>;
+  /** Absent for a device without task management (virtio-blk). */
+  taskManagement?(target: number, lun: number, fn: number, tag?: number): Promise<number>;
   report(step: RecoveryStep): void;
   /**
    * Resets the device and brings it up again, failing whatever is in flight (the request among
@@ -90,12 +92,13 @@ export class Recovery {
     // A request that came back meanwhile (or was brought back by an earlier recovery of its
     // LUN) needs nothing.
     await Promise.resolve();
-    const device = lunName(this.ctx.controllerName, req.target, req.lun);
-    for (const [action, fn] of STEPS) {
+    const tmf = this.ctx.taskManagement?.bind(this.ctx);
+    const device = tmf ? lunName(this.ctx.controllerName, req.target, req.lun) : this.ctx.controllerName;
+    for (const [action, fn] of tmf ? STEPS : []) {
       if (back) return;
       const step: RecoveryStep = { device, request: req.what, why: req.why, action, returned: false };
       try {
-        step.response = await this.ctx.taskManagement(req.target, req.lun, fn, action === 'abort-task' ? req.tag : undefined);
+        step.response = await tmf!(req.target, req.lun, fn, action === 'abort-task' ? req.tag : undefined);
       } catch (e) {
         step.error = e instanceof Error ? e.message : String(e);
       }
@@ -104,7 +107,9 @@ export class Recovery {
       if (step.returned) return;
     }
     if (back) return;
-    const why = `${device}: the device did not give back ${req.what} after ABORT TASK, LOGICAL UNIT RESET and I_T NEXUS RESET`;
+    const why = tmf
+      ? `${device}: the device did not give back ${req.what} after ABORT TASK, LOGICAL UNIT RESET and I_T NEXUS RESET`
+      : `${device}: the device did not give back ${req.what} (virtio-blk has no task management)`;
     const reset: RecoveryStep = { device, request: req.what, why: req.why, action: 'device-reset', returned: false };
     const error = await this.ctx.resetDevice(why);
     if (error !== undefined) reset.error = error;

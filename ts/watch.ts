@@ -7,6 +7,8 @@ import type { ControllerEvent } from './controller.js';
 
 /** How often the event queue and the connection are looked at. */
 export const WATCH_INTERVAL_MS = 50;
+/** Every this many looks, a device without an event queue (virtio-blk) has its capacity read. */
+const CAPACITY_TICKS = 20;
 
 /** TRANSPORT_RESET reasons (virtio 1.2, 5.6.6.3.1). */
 const RESET_RESCAN = 1;
@@ -70,6 +72,11 @@ export interface Watched {
   lost(reason: string): void;
   /** Acting on events failed (the next events are still handled). */
   failedToApply(error: unknown): void;
+  /**
+   * A device that cannot announce a capacity change (virtio-blk): the devices whose capacity
+   * differs from what they know, looked at every second.
+   */
+  changedCapacity?(): Promise<string[]>;
 }
 
 /** One plan that does what both do. */
@@ -85,6 +92,8 @@ export class EventWatcher {
   private pending: EventPlan | undefined;
   private applying: Promise<void> | undefined;
   private stopped = false;
+  private ticks = 0;
+  private lookingAtCapacity = false;
 
   constructor(private readonly watched: Watched) {
     this.timer = setInterval(() => this.tick(), WATCH_INTERVAL_MS);
@@ -117,10 +126,30 @@ export class EventWatcher {
       this.watched.lost(e instanceof Error ? e.message : String(e));
       return;
     }
+    if (this.watched.changedCapacity && ++this.ticks % CAPACITY_TICKS === 0) this.lookAtCapacity();
     if (events.length === 0) return;
-    const plan = planEvents(events);
+    this.plan(planEvents(events));
+  }
+
+  private plan(plan: EventPlan): void {
     this.pending = this.pending ? mergePlans(this.pending, plan) : plan;
     this.applying ??= this.drain();
+  }
+
+  private lookAtCapacity(): void {
+    if (this.lookingAtCapacity) return;
+    this.lookingAtCapacity = true;
+    this.watched.changedCapacity!().then(
+      (refresh) => {
+        this.lookingAtCapacity = false;
+        if (refresh.length > 0 && !this.stopped) this.plan({ rescan: [], refresh, media: [] });
+      },
+      (e: unknown) => {
+        this.lookingAtCapacity = false;
+        // A device that went away is noticed by the next look at the connection.
+        if (!this.stopped) this.watched.failedToApply(e);
+      },
+    );
   }
 
   /** Applies pending plans one at a time until none is left. */
