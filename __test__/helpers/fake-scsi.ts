@@ -117,6 +117,11 @@ export class FakeScsiTarget implements IoQueue {
     return this.log.filter((c) => c.op === op);
   }
 
+  /** A SCSI target takes no virtio-blk requests. */
+  blockRequest(): Promise<CommandResult> {
+    return Promise.reject(new Error('a SCSI target takes no virtio-blk requests'));
+  }
+
   /** The queue's READ/WRITE fast path, on top of `execute`, with the same settling rules. */
   async transfer(
     write: boolean,

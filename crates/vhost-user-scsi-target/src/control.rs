@@ -72,6 +72,15 @@ enum Size {
     Text(String),
 }
 
+impl Size {
+    fn bytes(self) -> Result<u64, String> {
+        match self {
+            Size::Bytes(b) => Ok(b),
+            Size::Text(t) => parse_size(&t).map_err(|e| format!("size: {e}")),
+        }
+    }
+}
+
 #[derive(Deserialize, Clone, Copy)]
 #[serde(rename_all = "snake_case")]
 enum FaultKind {
@@ -181,10 +190,7 @@ fn scsi(backend: &ScsiBackend, req: Request) -> Result<Value, String> {
                 Ok(json!({}))
             }
             Request::ResizeLun { target, lun, size } => {
-                let bytes = match size {
-                    Size::Bytes(b) => b,
-                    Size::Text(t) => parse_size(&t).map_err(|e| format!("size: {e}"))?,
-                };
+                let bytes = size.bytes()?;
                 let addr = LunAddress::new(target, lun);
                 bus.resize(addr, bytes).map_err(|e| e.to_string())?;
                 let (a, q) = asc::CAPACITY_DATA_CHANGED;
@@ -258,9 +264,15 @@ fn blk(backend: &BlkBackend, req: Request) -> Result<Value, String> {
             }))
         }
         Request::Stats => Ok(json!({ "queues": backend.stats() })),
-        Request::AddLun { .. } | Request::RemoveLun { .. } | Request::ResizeLun { .. } => {
-            Err("a virtio-blk target has one disk: LUNs are added, removed and resized with --type scsi"
-                .into())
+        Request::ResizeLun { target, lun, size } => {
+            disk_only(target, lun)?;
+            // vhost-user offers no way to announce it here: the frontend finds the new capacity
+            // in the configuration space.
+            let bytes = backend.resize(size.bytes()?)?;
+            Ok(json!({ "bytes": bytes }))
+        }
+        Request::AddLun { .. } | Request::RemoveLun { .. } => {
+            Err("a virtio-blk target has one disk: LUNs are added and removed with --type scsi".into())
         }
         Request::Disconnect => unreachable!("answered for every device"),
     }

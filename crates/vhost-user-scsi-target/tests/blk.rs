@@ -183,6 +183,16 @@ fn faults_stats_and_disconnect_through_the_control_socket() {
         serde_json::from_str::<serde_json::Value>(&line).unwrap()["error"].as_str().unwrap().to_string()
     };
     assert!(bad(r#"{"op":"add_lun","spec":"0:1:ram:1M"}"#).contains("one disk"));
+    assert!(bad(r#"{"op":"resize_lun","target":0,"lun":0,"size":100}"#).contains("no block of 512 bytes"));
+
+    // A resize shows in the configuration space of a new connection, cut to whole blocks.
+    assert_eq!(t.control(r#"{"op":"resize_lun","target":0,"lun":0,"size":"2M"}"#)["bytes"], 2 << 20);
+    assert_eq!(t.control(r#"{"op":"resize_lun","target":0,"lun":0,"size":3000000}"#)["bytes"], 2_999_808);
+    let mut rig = Rig::connect(&t, false);
+    let zeros = [0u8; Config::SIZE];
+    let (_, raw) =
+        rig.frontend.get_config(0, Config::SIZE as u32, VhostUserConfigFlags::empty(), &zeros).unwrap();
+    assert_eq!(Config::decode(&raw).unwrap().capacity, 2_999_808 / 512);
     assert!(bad(r#"{"op":"inject","target":0,"lun":0,"fault":"busy"}"#).contains("io_error, delay and never"));
     assert!(bad(r#"{"op":"inject","target":0,"lun":1,"fault":"never"}"#).contains("not 0:1"));
 }

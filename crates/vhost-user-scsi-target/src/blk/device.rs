@@ -127,6 +127,18 @@ impl BlkBackend {
         }
     }
 
+    /// Changes the disk's size to `bytes`, cut down to whole blocks; the configuration space
+    /// shows the new capacity from then on.
+    pub fn resize(&self, bytes: u64) -> Result<u64, String> {
+        let bs = u64::from(self.inner.opts.block_size);
+        let whole = bytes - bytes % bs;
+        if whole == 0 {
+            return Err(format!("{bytes} bytes hold no block of {bs} bytes"));
+        }
+        self.inner.storage.resize(whole).map_err(|e| e.to_string())?;
+        Ok(whole)
+    }
+
     /// The next `count` requests get `fault` (replacing a fault not used up yet).
     pub fn inject(&self, fault: BlkFault, count: u32) {
         *self.inner.fault.lock().unwrap() = (count > 0).then_some((fault, count));

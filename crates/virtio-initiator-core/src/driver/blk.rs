@@ -104,7 +104,13 @@ impl BlkConfig {
 /// Reads and interprets the configuration space.
 pub(super) fn read_config(t: &mut dyn Transport, features: u64) -> Result<BlkConfig, DriverError> {
     let mut raw = [0u8; Config::SIZE];
-    t.read_config(0, &mut raw)?;
+    // vhost-user cannot tell the device type: a backend of another type may not answer for the
+    // 60 bytes of a virtio-blk configuration space.
+    t.read_config(0, &mut raw).map_err(|e| {
+        DriverError::Config(format!(
+            "cannot read a virtio-blk configuration space ({e}); is the device a virtio-blk one?"
+        ))
+    })?;
     let config =
         Config::decode(&raw).ok_or_else(|| DriverError::Config("short configuration space".into()))?;
     BlkConfig::new(config, features)
