@@ -168,7 +168,10 @@ blk('the status byte as typed errors; SCSI-only calls and writes to a read-only 
   t.is((await ro.d.read(0, 1)).length, 512);
   const before = await requestsSeen(ro.ctl);
   await t.throwsAsync(ro.d.write(0, Buffer.alloc(512)), { instanceOf: RequestRefusedError, message: /the device is read-only/ });
-  t.is(await requestsSeen(ro.ctl), before, 'the write never reached the device');
+  await t.throwsAsync(ro.d.writeZeroes(0, 1), { instanceOf: RequestRefusedError, message: /the device is read-only/ });
+  await t.throwsAsync(ro.d.unmap({ lba: 0, blocks: 1 }), { instanceOf: NotSupportedError, message: /does not support DISCARD \(the device is read-only\)/ });
+  await ro.d.flush();
+  t.is((await requestsSeen(ro.ctl)) - before, 1, 'only the flush reached the device');
 });
 
 blk('a request held past its deadline: no task management, the device is reset, and the disk works after', async (t) => {

@@ -1,8 +1,9 @@
 #!/bin/bash
 # shellcheck source-path=SCRIPTDIR
-# setup-system.sh - prepare a host for the QEMU guest tests and for PCI/hugepage
-# work: host tools, the guest kernel, 2 MiB hugepages.  Idempotent; silent when
-# everything is already in place, one line per action otherwise.
+# setup-system.sh - prepare a host for the QEMU guest tests, the qemu-storage-daemon
+# interop tests and for PCI/hugepage work: host tools, the guest kernel, 2 MiB
+# hugepages.  Idempotent; silent when everything is already in place, one line
+# per action otherwise.
 #
 # Usage: scripts/setup-system.sh [--kernel-dir DIR] [--hugepages N] [--no-kernel] [--no-hugepages]
 #
@@ -48,7 +49,8 @@ IS_ROOT=0
 # copied into the guest initramfs, which has no libc)
 PKGS="qemu-system-x86:/usr/bin/qemu-system-x86_64 busybox-static:/bin/busybox kmod:/sbin/depmod
 cpio:/usr/bin/cpio xz-utils:/usr/bin/xz file:/usr/bin/file util-linux:/usr/bin/flock
-python3-venv:/usr/share/doc/python3-venv binutils:/usr/bin/objdump"
+python3-venv:/usr/share/doc/python3-venv binutils:/usr/bin/objdump
+qemu-system-common:/usr/bin/qemu-storage-daemon"
 pkg_installed() {
   [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]
 }

@@ -430,7 +430,7 @@ export class BlockDevice {
     if (!this.info.unmap) {
       throw new NotSupportedError(
         this.blk
-          ? `${this.name} does not support DISCARD (the device does not offer VIRTIO_BLK_F_DISCARD)`
+          ? `${this.name} does not support DISCARD (${this.blk.config.readOnly ? 'the device is read-only' : 'the device does not offer VIRTIO_BLK_F_DISCARD'})`
           : `${this.name} does not support UNMAP (logical block provisioning VPD page)`,
       );
     }
@@ -938,7 +938,8 @@ export class BlockDevice {
       revision: '',
       identifiers: [],
       thinProvisioned: c.discard,
-      unmap: c.discard,
+      // A read-only disk discards nothing (such requests are refused before they go down).
+      unmap: c.discard && !c.readOnly,
       writeSameUnmap: c.writeZeroesMayUnmap,
       unmappedReadsZero: false,
       protectionType: 0,

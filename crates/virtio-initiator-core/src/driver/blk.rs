@@ -155,6 +155,10 @@ pub(super) fn frame(req: &Request, data_len: usize, config: &BlkConfig) -> Resul
         }
         sectors(lba)
     };
+    let changes = matches!(req, Request::Write { .. } | Request::Discard { .. } | Request::WriteZeroes { .. });
+    if changes && config.read_only {
+        return Err("the device is read-only".into());
+    }
     Ok(match *req {
         Request::Read { lba, blocks, .. } => {
             Framed { header: header(request::IN, transfer(lba, blocks)?), range: None }
@@ -163,9 +167,6 @@ pub(super) fn frame(req: &Request, data_len: usize, config: &BlkConfig) -> Resul
             // virtio-blk has no forced unit access; the caller flushes after the write instead.
             if fua {
                 return Err("virtio-blk has no forced unit access: write, then flush".into());
-            }
-            if config.read_only {
-                return Err("the device is read-only".into());
             }
             Framed { header: header(request::OUT, transfer(lba, blocks)?), range: None }
         }
@@ -227,8 +228,16 @@ mod tests {
         assert!(e.contains("virtio-scsi"), "{e}");
         let e = frame(&Request::Write { lba: 0, blocks: 1, fua: true }, 4096, &c).err().unwrap();
         assert!(e.contains("forced unit access"), "{e}");
-        let ro = config(512, 1 << feature::RO);
-        let e = frame(&Request::Write { lba: 0, blocks: 1, fua: false }, 512, &ro).err().unwrap();
-        assert!(e.contains("read-only"), "{e}");
+        let ro = config(512, 1 << feature::RO | 1 << feature::DISCARD | 1 << feature::WRITE_ZEROES);
+        for req in [
+            Request::Write { lba: 0, blocks: 1, fua: false },
+            Request::Discard { lba: 0, blocks: 1 },
+            Request::WriteZeroes { lba: 0, blocks: 1, unmap: false },
+        ] {
+            let e = frame(&req, 512, &ro).err().unwrap();
+            assert!(e.contains("read-only"), "{}: {e}", req.name());
+        }
+        assert!(frame(&Request::Read { lba: 0, blocks: 1, fua: false }, 512, &ro).is_ok());
+        assert!(frame(&Request::Flush { long: false }, 0, &ro).is_ok());
     }
 }
