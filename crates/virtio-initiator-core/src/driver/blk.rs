@@ -155,7 +155,8 @@ pub(super) fn frame(req: &Request, data_len: usize, config: &BlkConfig) -> Resul
         }
         sectors(lba)
     };
-    let changes = matches!(req, Request::Write { .. } | Request::Discard { .. } | Request::WriteZeroes { .. });
+    let changes =
+        matches!(req, Request::Write { .. } | Request::Discard { .. } | Request::WriteZeroes { .. });
     if changes && config.read_only {
         return Err("the device is read-only".into());
     }
