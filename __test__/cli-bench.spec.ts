@@ -1,7 +1,8 @@
 // The command line: dispatch and help, one-line usage errors with exit status 2, `bench` through
 // each request path against the bundled target (with verification on), in this thread and in
-// worker threads with queues of their own (or shared ones), verification that catches data the
-// target corrupts, and the `target` wrapper passing on arguments, exit status and signals.
+// worker threads with queues of their own (or shared ones), the same against its virtio-blk disk
+// (--type blk), verification that catches data the target corrupts, and the `target` wrapper
+// passing on arguments, exit status and signals.
 import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -20,6 +21,9 @@ import { startTarget } from './helpers/target.js';
 interface BenchJson {
   api: string;
   device: string;
+  blockSize: number;
+  reads: number;
+  writes: number;
   interrupts: boolean;
   rw: string;
   bs: number;
@@ -46,7 +50,8 @@ function describe(r: Run): string {
   return `exit ${r.code} (signal ${r.signal})\nstdout:\n${r.stdout}\nstderr:\n${r.stderr}`;
 }
 
-function checkShape(t: ExecutionContext, j: BenchJson, workers = 1): void {
+/** `firstQueue`: the index of the first request queue (virtio-scsi 2, after control and event; virtio-blk 0). */
+function checkShape(t: ExecutionContext, j: BenchJson, workers = 1, firstQueue = 2): void {
   for (const k of ['mean', 'p50', 'p99', 'p999', 'max'] as const) {
     t.true(typeof j.latencyUs[k] === 'number' && j.latencyUs[k] >= 0, `latencyUs.${k}`);
   }
@@ -55,7 +60,7 @@ function checkShape(t: ExecutionContext, j: BenchJson, workers = 1): void {
   t.true(typeof j.cpu.initiator === 'number' && j.cpu.initiator >= 0);
   t.is(j.workers.length, workers);
   for (const w of j.workers) {
-    t.true(Number.isInteger(w.queue) && w.queue >= 2, `queue ${w.queue}`);
+    t.true(Number.isInteger(w.queue) && w.queue >= firstQueue, `queue ${w.queue}`);
     t.true(w.iops > 0);
     t.is(typeof w.shared, 'boolean');
   }
@@ -209,7 +214,7 @@ test('bench --help describes its options and exits 0', async (t) => {
   const r = await cli(['bench', '--help']);
   t.is(r.code, 0, describe(r));
   const options = ['--api', '--rw', '--bs', '--qd', '--time', '--ios', '--verify', '--json'];
-  options.push('--socket', '--pci', '--target-lun', '--device', '--seed', '--size', '--workers');
+  options.push('--socket', '--pci', '--type', '--target-lun', '--device', '--seed', '--size', '--workers');
   for (const o of options) t.true(r.stdout.includes(o), `help mentions ${o}`);
 });
 
@@ -240,6 +245,11 @@ const badArguments: Array<[string[], RegExp]> = [
   [['--json=yes'], /--json takes no value/],
   [['--socket', '/nonexistent', '--target-lun', '0:0:ram:1M'], /--target-lun is for the bundled target/],
   [['--target-lun', 'ram'], /--target-lun "ram": expected T:L:/],
+  [['--type', 'nvme'], /--type "nvme": expected scsi or blk/],
+  [['--config', 'x.conf', '--type', 'blk'], /--type comes from the configuration with --config/],
+  [['--type', 'blk', '--target-lun', '0:0:ram:1M', '--target-lun', '0:1:ram:1M'], /--type blk: the bundled target serves one disk \(give --target-lun once\)/],
+  [['--type', 'blk', '--target-lun', '1:0:ram:1M'], /--target-lun "1:0:ram:1M": expected the one disk of --type blk, 0:0:KIND:/],
+  [['--type', 'blk', '--target-poll'], /--target-poll is for virtio-scsi/],
   [['extra'], /unexpected argument "extra"/],
 ];
 
@@ -348,6 +358,112 @@ bench('bench --qd above the queue size is exit 2 naming --qd', async (t) => {
   const r = await cli(['bench', '--qd', '1024', '--ios', '10']);
   t.is(r.code, 2, describe(r));
   t.regex(r.stderr.trimEnd(), /^virtio-initiator bench: --qd "1024": expected at most \d+/);
+});
+
+// ---- virtio-blk (--type blk) ---------------------------------------------------------------------
+
+for (const api of ['promise', 'batch'] as const) {
+  bench(`bench --type blk --api ${api} --rw randrw --verify on the bundled target's disk: no errors, no mismatches`, async (t) => {
+    const r = await cli(['bench', '--json', '--type', 'blk', '--api', api, '--rw', 'randrw', '--verify', '--ios', '3000']);
+    t.is(r.code, 0, describe(r));
+    const j = lastJson(r);
+    t.is(j.api, api);
+    t.is(j.device, 'VirtioBlk0', 'the one disk, named after the controller');
+    t.is(j.blockSize, 512, 'the default writable disk, 0:0:ram:256M:512');
+    t.true(j.ios >= 3000, `ios ${j.ios}`);
+    t.true(j.reads > 0 && j.writes > 0, `${j.reads} reads, ${j.writes} writes`);
+    t.is(j.errors, 0);
+    t.is(j.mismatches, 0);
+    t.true(typeof j.cpu.target === 'number', 'bench started the target');
+    checkShape(t, j, 1, 0);
+  });
+}
+
+bench('bench --type blk --api native runs exactly --ios on the disk', async (t) => {
+  const r = await cli(['bench', '--json', '--type', 'blk', '--api', 'native', '--rw', 'randrw', '--ios', '20000']);
+  t.is(r.code, 0, describe(r));
+  const j = lastJson(r);
+  t.is(j.device, 'VirtioBlk0');
+  t.is(j.ios, 20000);
+  t.is(j.reads + j.writes, 20000);
+  t.true(j.reads > 0 && j.writes > 0);
+  t.is(j.errors, 0);
+  checkShape(t, j, 1, 0);
+});
+
+bench('bench --type blk --workers 2 --api batch --verify: a queue each, no mismatches', async (t) => {
+  const r = await cli(['bench', '--json', '--type', 'blk', '--workers', '2', '--api', 'batch', '--rw', 'randrw', '--verify', '--ios', '4000']);
+  t.is(r.code, 0, describe(r));
+  const j = lastJson(r);
+  t.true(j.ios >= 4000, `ios ${j.ios}`);
+  t.is(j.errors, 0);
+  t.is(j.mismatches, 0);
+  checkShape(t, j, 2, 0);
+  t.deepEqual(queuesOf(j).sort(), [0, 1]);
+});
+
+bench('bench --type blk --workers 3 --api promise on 2 target queues shares a queue, data still verified', async (t) => {
+  const args = ['--type', 'blk', '--workers', '3', '--target-queues', '2', '--api', 'promise', '--rw', 'randrw', '--verify', '--ios', '3000'];
+  const r = await cli(['bench', '--json', ...args]);
+  t.is(r.code, 0, describe(r));
+  const j = lastJson(r);
+  t.is(j.errors, 0);
+  t.is(j.mismatches, 0);
+  checkShape(t, j, 3, 0);
+  const queues = queuesOf(j);
+  t.deepEqual([...new Set(queues)].sort(), [0, 1]);
+  t.true(j.workers.filter((w) => w.shared).length >= 2, `workers ${JSON.stringify(j.workers)}`);
+});
+
+bench('bench --type blk --socket: every write reaches the virtio-blk target, --device names its disk, no --type says what to give', async (t) => {
+  const s = await startTestTarget({ type: 'blk', luns: ['0:0:ram:16M:4096'] });
+  t.teardown(() => s.cleanup());
+  const r = await cli(['bench', '--socket', s.socket, '--type', 'blk', '--device', 'VirtioBlk0', '--json', '--rw', 'randwrite', '--verify', '--ios', '2000']);
+  t.is(r.code, 0, describe(r));
+  const j = lastJson(r);
+  t.is(j.blockSize, 4096);
+  t.is(j.writes, 2000);
+  t.is(j.errors, 0);
+  t.is(j.mismatches, 0, 'the read-back after the run found every block as written');
+  t.is(j.cpu.target, null);
+  const queues = (await (await s.target.control()).stats()).queues as Array<{ bytes_out: number; requests: number }>;
+  t.is(queues.reduce((n, q) => n + q.bytes_out, 0), 2000 * 4096, 'the target received every byte written');
+
+  const unknown = await cli(['bench', '--socket', s.socket, '--type', 'blk', '--device', 'VirtioBlk0t0', '--ios', '10']);
+  t.is(unknown.code, 2, describe(unknown));
+  t.regex(unknown.stderr, /--device "VirtioBlk0t0": expected one of VirtioBlk0$/m);
+
+  const untyped = await cli(['bench', '--socket', s.socket, '--ios', '10']);
+  t.is(untyped.code, 1, describe(untyped));
+  t.regex(untyped.stderr.trim(), /^virtio-initiator bench: cannot open vhost-user socket .* \(opened as virtio-scsi; if the target is a virtio-blk one, give --type blk\)$/);
+});
+
+bench('bench --type blk --target-lun: the bundled target serves that disk', async (t) => {
+  const r = await cli(['bench', '--json', '--type', 'blk', '--target-lun', '0:0:ram:32M:4096', '--rw', 'randrw', '--verify', '--ios', '1000']);
+  t.is(r.code, 0, describe(r));
+  const j = lastJson(r);
+  t.is(j.blockSize, 4096);
+  t.is(j.errors, 0);
+  t.is(j.mismatches, 0);
+});
+
+bench('bench --config loads a virtio-blk disk the file names (Type Blk) beside a virtio-scsi one', async (t) => {
+  const a = await startTestTarget({ luns: ['0:0:ram:16M:512'] });
+  t.teardown(() => a.cleanup());
+  const b = await startTestTarget({ type: 'blk', luns: ['0:0:ram:16M:4096'] });
+  t.teardown(() => b.cleanup());
+  const dir = mkdtempSync(join(tmpdir(), 'bench-config-blk-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const ini = join(dir, 'virtio.conf');
+  writeFileSync(ini, `[VirtioUser0]\n  Path ${a.socket}\n[VirtioUser1]\n  Path ${b.socket}\n  Type Blk\n  Name Disk\n`);
+  const r = await cli(['bench', '--json', '--config', ini, '--device', 'Disk', '--rw', 'randrw', '--verify', '--ios', '2000']);
+  t.is(r.code, 0, describe(r));
+  const j = lastJson(r);
+  t.is(j.device, 'Disk');
+  t.is(j.blockSize, 4096);
+  t.true(j.ios >= 2000);
+  t.is(j.errors, 0);
+  t.is(j.mismatches, 0);
 });
 
 // ---- verification catches corrupted data --------------------------------------------------------

@@ -32,13 +32,15 @@ function call(path: string, method: string, params?: unknown): Promise<{ result?
   });
 }
 
-testWhen(test, 'rpc --config attaches at start, serves calls with a log line each, and cleans up on SIGTERM', initiatorRequirements, async (t) => {
+testWhen(test, 'rpc --config attaches at start (virtio-scsi and virtio-blk), serves calls with a log line each, and cleans up on SIGTERM', initiatorRequirements, async (t) => {
   const target = await startTestTarget({ luns: ['0:0:ram:16M:512', '0:1:null:1G:4096'] });
   t.teardown(() => target.cleanup());
+  const disk = await startTestTarget({ type: 'blk', luns: ['0:0:ram:32M:4096'] });
+  t.teardown(() => disk.cleanup());
   const dir = mkdtempSync(join(tmpdir(), 'cli-rpc-'));
   t.teardown(() => rmSync(dir, { recursive: true, force: true }));
   const ini = join(dir, 'virtio.conf');
-  writeFileSync(ini, `[VirtioUser0]\n  Path ${target.socket}\n  Name Cfg0\n  Queues 1\n`);
+  writeFileSync(ini, `[VirtioUser0]\n  Path ${target.socket}\n  Name Cfg0\n  Queues 1\n[VirtioUser1]\n  Path ${disk.socket}\n  Type Blk\n`);
   const sock = join(dir, 'rpc.sock');
   const child = spawn(process.execPath, ['--import', 'tsx', join(repoRoot, 'ts', 'cli', 'main.ts'), 'rpc', '--listen', sock, '--config', ini], {
     cwd: repoRoot,
@@ -56,15 +58,21 @@ testWhen(test, 'rpc --config attaches at start, serves calls with a log line eac
   t.teardown(() => child.kill('SIGKILL'));
   await listening;
   t.regex(stderr, /attached Cfg0: Cfg0t0, Cfg0t0l1/);
+  t.regex(stderr, /attached VirtioBlk1: VirtioBlk1\n/);
   t.is(statSync(sock).mode & 0o777, 0o600);
 
+  // The virtio-scsi controllers only, as SPDK lists them; the virtio-blk one is its bdev.
   const devices = await call(sock, 'bdev_virtio_scsi_get_devices');
+  t.deepEqual((devices.result as Array<{ name: string }>).map((d) => d.name), ['Cfg0']);
   t.like(devices.result, [{ name: 'Cfg0', virtio: { type: 'user', socket: target.socket, vq_count: 1 } }]);
-  const bdevs = (await call(sock, 'bdev_get_bdevs')).result as Array<{ name: string; block_size: number }>;
-  t.deepEqual(bdevs.map((b) => [b.name, b.block_size]), [
-    ['Cfg0t0', 512],
-    ['Cfg0t0l1', 4096],
+  const bdevs = (await call(sock, 'bdev_get_bdevs')).result as Array<{ name: string; block_size: number; num_blocks: number; product_name: string }>;
+  t.deepEqual(bdevs.map((b) => [b.name, b.product_name, b.block_size, b.num_blocks]), [
+    ['Cfg0t0', 'Virtio SCSI Disk', 512, 32768],
+    ['Cfg0t0l1', 'Virtio SCSI Disk', 4096, 262144],
+    ['VirtioBlk1', 'VirtioBlk Disk', 4096, 8192],
   ]);
+  const blk = await call(sock, 'bdev_get_bdevs', { name: 'VirtioBlk1' });
+  t.like(blk.result, [{ driver_specific: { virtio: { type: 'user', socket: disk.socket }, virtio_blk: { serial: 'VIRTINIT-ram' } } }]);
   const missing = await call(sock, 'bdev_get_bdevs', { name: 'Nope0t0' });
   t.is(missing.error?.code, -19);
   t.regex(stderr, /bdev_get_bdevs/, 'a log line per call');
@@ -72,10 +80,12 @@ testWhen(test, 'rpc --config attaches at start, serves calls with a log line eac
   child.kill('SIGTERM');
   t.is(await exited, 0, stderr);
   t.false(existsSync(sock), 'the socket is removed');
-  t.regex(stderr, /SIGTERM: detaching 1 controller/);
-  // The target is free for the next frontend: the controller was detached.
+  t.regex(stderr, /SIGTERM: detaching 2 controller/);
+  // The targets are free for the next frontend: the controllers were detached.
   const again = await cli(['scan', '--socket', target.socket, '--json']);
   t.is(again.code, 0, again.stderr);
+  const againBlk = await cli(['scan', '--socket', disk.socket, '--type', 'blk', '--json']);
+  t.is(againBlk.code, 0, againBlk.stderr);
 });
 
 test('rpc without --listen, or with a bad --mode, is exit 2 with one line', async (t) => {
@@ -151,6 +161,31 @@ testWhen(test, 'bdev_get_iostat reports what the bdevs completed in the serving 
   await call(server.path, 'bdev_get_iostat', { reset_mode: 'all' });
   const cleared = (await call(server.path, 'bdev_get_iostat', { name: 'Io0t0' })).result as typeof stat;
   t.like(cleared.bdevs[0], { num_read_ops: 0, bytes_read: 0, read_latency_ticks: 0, num_write_ops: 0, num_unmap_ops: 0 });
+});
+
+testWhen(test, 'bdev_virtio_attach_controller dev_type "blk": the one bdev, its iostat, detach; "scsi" on a virtio-blk target says what to give', initiatorRequirements, async (t) => {
+  const disk = await startTestTarget({ type: 'blk', luns: ['0:0:ram:8M:512'] });
+  t.teardown(() => disk.cleanup());
+  const dir = mkdtempSync(join(tmpdir(), 'rpc-blk-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const server = await startRpcServer({ path: join(dir, 'rpc.sock') });
+  t.teardown(() => server.close());
+  const params = { name: 'D0', trtype: 'user', traddr: disk.socket };
+  const wrong = await call(server.path, 'bdev_virtio_attach_controller', { ...params, dev_type: 'scsi' });
+  t.is(wrong.error?.code, -5);
+  t.regex(wrong.error?.message ?? '', /give dev_type "blk" \(-d blk\)\)$/);
+
+  t.deepEqual((await call(server.path, 'bdev_virtio_attach_controller', { ...params, dev_type: 'blk' })).result, ['D0']);
+  const dev = server.controllers.get('D0')!.controller.device('D0');
+  await dev.write(0, Buffer.alloc(1024, 3));
+  t.deepEqual(await dev.read(0, 2), Buffer.alloc(1024, 3));
+  const stat = (await call(server.path, 'bdev_get_iostat', { name: 'D0' })).result as { bdevs: Array<Record<string, unknown>> };
+  t.like(stat.bdevs, [{ name: 'D0', num_write_ops: 1, bytes_written: 1024, num_read_ops: 1, bytes_read: 1024 }]);
+  t.deepEqual((await call(server.path, 'bdev_virtio_scsi_get_devices')).result, []);
+
+  t.is((await call(server.path, 'bdev_virtio_detach_controller', { name: 'D0' })).result, true);
+  t.is((await call(server.path, 'bdev_get_bdevs', { name: 'D0' })).error?.code, -19);
+  t.is(server.controllers.size, 0);
 });
 
 testWhen(test, 'virtio_initiator_get_events: what the controllers reported since a cursor, and their state', initiatorRequirements, async (t) => {

@@ -1,5 +1,6 @@
 // `virtio-initiator scan`: the LUNs of the bundled target as a table and as JSON, with the time
-// attaching and scanning took, and one-line usage errors with exit status 2.
+// attaching and scanning took; its virtio-blk disk (--type blk); a socket opened as the wrong
+// type; and one-line usage errors with exit status 2.
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -92,12 +93,92 @@ testWhen(test, 'scan --config attaches every controller an SPDK INI names, with 
   );
 });
 
+testWhen(test, 'scan --type blk --json: the one disk named after the controller, with its size and serial number', initiatorRequirements, async (t) => {
+  const s = await startTestTarget({ type: 'blk', luns: ['0:0:ram:64M:4096'] });
+  t.teardown(() => s.cleanup());
+  const r = await cli(['scan', '--socket', s.socket, '--type', 'blk', '--name', 'Blk3', '--json']);
+  t.is(r.code, 0, r.stderr);
+  const report = JSON.parse(r.stdout.trim().split('\n').pop()!) as ScanReport;
+  t.is(report.controllers.length, 1);
+  const c = report.controllers[0]!;
+  t.like(c, { controller: 'Blk3', deviceType: 'blk', transport: `vhost-user ${s.socket}`, problems: [] });
+  t.deepEqual(c.luns, [
+    {
+      name: 'Blk3',
+      target: 0,
+      lun: 0,
+      type: 'virtio-blk disk',
+      vendor: '',
+      product: 'virtio-blk',
+      revision: '',
+      serial: 'VIRTINIT-ram',
+      blockSize: 4096,
+      blocks: '16384',
+      bytes: String(64 << 20),
+      unmap: true,
+      writeCache: true,
+      ready: true,
+      problem: null,
+    },
+  ]);
+});
+
+testWhen(test, 'scan --type blk prints the disk as a table (default name VirtioBlk0); --trace shows its GET ID', initiatorRequirements, async (t) => {
+  const s = await startTestTarget({ type: 'blk', luns: ['0:0:ram:16M:512'] });
+  t.teardown(() => s.cleanup());
+  const r = await cli(['scan', '--socket', s.socket, '--type', 'blk', '--trace']);
+  t.is(r.code, 0, r.stderr);
+  t.regex(r.stdout, /^VirtioBlk0 over vhost-user .*: virtio-blk, 1 disk, scanned in [0-9.]+ ms$/m);
+  t.regex(r.stdout, /^VirtioBlk0\s+0\s+0\s+virtio-blk disk\s+-\s+virtio-blk\s+512\s+32768\s+16M\s+VIRTINIT-ram\s+yes$/m);
+  t.regex(r.stderr, /VirtioBlk0 0:0 GET ID: response 0 status 0 data \d+/);
+});
+
+testWhen(test, 'scan --config lists a virtio-scsi and a virtio-blk controller of our JSON', initiatorRequirements, async (t) => {
+  const scsi = await startTestTarget({ luns: ['0:0:ram:16M:512'] });
+  t.teardown(() => scsi.cleanup());
+  const blk = await startTestTarget({ type: 'blk', luns: ['0:0:ram:8M:4096'] });
+  t.teardown(() => blk.cleanup());
+  const dir = mkdtempSync(join(tmpdir(), 'scan-config-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const file = join(dir, 'virtio.json');
+  writeFileSync(file, JSON.stringify({ controllers: [{ name: 'S', socket: scsi.socket }, { name: 'Disk', socket: blk.socket, type: 'blk' }] }));
+  const r = await cli(['scan', '--config', file, '--json']);
+  t.is(r.code, 0, r.stderr);
+  const report = JSON.parse(r.stdout.trim().split('\n').pop()!) as ScanReport;
+  t.deepEqual(
+    report.controllers.map((c) => [c.controller, c.deviceType, c.luns.map((l) => [l.name, l.blockSize, l.blocks, l.serial])]),
+    [
+      ['S', 'scsi', [['St0', 512, '32768', report.controllers[0]!.luns[0]!.serial]]],
+      ['Disk', 'blk', [['Disk', 4096, '2048', 'VIRTINIT-ram']]],
+    ],
+  );
+});
+
+testWhen(test, 'scan of a socket of the other type fails (exit 1) naming the --type to give', initiatorRequirements, async (t) => {
+  const scsi = await startTestTarget({ luns: ['0:0:ram:16M:512'] });
+  t.teardown(() => scsi.cleanup());
+  const blk = await startTestTarget({ type: 'blk', luns: ['0:0:ram:8M:512'] });
+  t.teardown(() => blk.cleanup());
+  const [asScsi, asBlk] = await Promise.all([
+    cli(['scan', '--socket', blk.socket]),
+    cli(['scan', '--socket', scsi.socket, '--type', 'blk']),
+  ]);
+  t.is(asScsi.code, 1, asScsi.stderr);
+  t.is(asScsi.stderr.trim().split('\n').length, 1, asScsi.stderr);
+  t.regex(asScsi.stderr, /^virtio-initiator scan: cannot open vhost-user socket .*virtio-scsi.* \(opened as virtio-scsi; if the target is a virtio-blk one, give --type blk\)$/m);
+  // A virtio-scsi target does not answer a virtio-blk configuration read (the reply deadline).
+  t.is(asBlk.code, 1, asBlk.stderr);
+  t.is(asBlk.stderr.trim().split('\n').length, 1, asBlk.stderr);
+  t.regex(asBlk.stderr, /^virtio-initiator scan: cannot open vhost-user socket .*virtio-blk.* \(opened as virtio-blk; if the target is a virtio-scsi one, give --type scsi\)$/m);
+  t.is(asScsi.stdout + asBlk.stdout, '');
+});
+
 for (const [args, message] of [
   [[], /give the device: --socket PATH, --pci BDF or --config FILE/],
   [['--socket', 'a', '--pci', '00:03.0'], /--socket, --pci and --config exclude each other/],
   [['--config', 'c.ini', '--name', 'X'], /--name comes from the configuration with --config/],
   [['--pci', 'nope'], /--pci "nope": expected a PCI address/],
-  [['--socket', 'a', '--type', 'blk'], /--type blk: virtio-blk is not supported yet/],
+  [['--config', 'c.ini', '--type', 'blk'], /--type comes from the configuration with --config/],
   [['--socket', 'a', '--type', 'nvme'], /--type "nvme": expected scsi or blk/],
   [['--socket', 'a', '--frobnicate'], /--frobnicate/],
   [['--socket', 'a', '--log-level', 'loud'], /--log-level "loud": expected one of off, error, warn, info, debug, trace/],

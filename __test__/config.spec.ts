@@ -1,16 +1,18 @@
 // Configuration files (design D8): the seeds' SPDK INI snippets as they are, an SPDK-era INI with
 // every key, SPDK JSON as save_config writes it, our JSON, broken files and their messages, and
-// a configuration attached to the bundled target.
+// configurations attached to the bundled target, serving virtio-scsi and virtio-blk.
 import test from 'ava';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
+import type { Controller } from '../ts/controller.js';
 import {
   AttachError,
   attachAll,
   CONFIG_SCHEMA,
   ConfigError,
+  type ConfigFormat,
   type ControllerConfig,
   expandPciAll,
   loadConfig,
@@ -28,6 +30,7 @@ const fixture = (name: string) => join(fixtures, name);
 const CWD = '/srv/spdk';
 
 const scsi = { deviceType: 'scsi', requestQueues: 1, queueSize: 512 } as const;
+const blk = { ...scsi, deviceType: 'blk' } as const;
 
 test('seed: [Virtio] Dev Pci enumerates every PCI function', async (t) => {
   const config = await loadConfig(fixture('seed-virtio-dev-pci.conf'));
@@ -41,9 +44,27 @@ test('seed: [Virtio] Dev User /tmp/vhost.0', async (t) => {
   t.deepEqual(config.controllers, [{ name: 'VirtioScsi0', transport: { type: 'vhost-user', path: '/tmp/vhost.0' }, ...scsi }]);
 });
 
-test('seed: [VirtioPci] Enable Yes', async (t) => {
+test('seed: [VirtioPci] Enable Yes enumerates virtio-scsi and virtio-blk functions, as SPDK\'s two modules did', async (t) => {
   const config = await loadConfig(fixture('seed-virtiopci-enable.conf'));
-  t.deepEqual(config.controllers, [{ name: 'VirtioScsi', transport: { type: 'pci-all' }, ...scsi }]);
+  t.deepEqual(config.controllers, [
+    { name: 'VirtioScsi', transport: { type: 'pci-all' }, ...scsi },
+    { name: 'VirtioBlk', transport: { type: 'pci-all' }, ...blk },
+  ]);
+});
+
+test('INI: Dev Pci (virtio-scsi only, as in 2017) and Enable Yes together enumerate each type once', (t) => {
+  const config = parseConfig('[Virtio]\n  Dev Pci\n[VirtioPci]\n  Enable Yes\n[VirtioPci]\n  Enable Yes\n', { source: 'e.conf' });
+  t.deepEqual(config.controllers, [
+    { name: 'VirtioScsi', transport: { type: 'pci-all' }, ...scsi },
+    { name: 'VirtioBlk', transport: { type: 'pci-all' }, ...blk },
+  ]);
+  t.deepEqual(config.warnings, [
+    // The repeated section is one section, whose first Enable counts.
+    'e.conf:6: Enable is given again in [VirtioPci]; the first one (line 4) is used, as SPDK did',
+    'e.conf:4: Enable Yes repeats the virtio-scsi PCI enumeration of line 2; the functions are attached once',
+  ]);
+  const devPciOnly = parseConfig('[Virtio]\n  Dev Pci\n', { source: 'd.conf' });
+  t.deepEqual(devPciOnly.controllers.map((c) => c.deviceType), ['scsi']);
 });
 
 test('seed: [VirtioUser0] Path /tmp/vhost.0', async (t) => {
@@ -57,8 +78,9 @@ test('SPDK-era INI with every key, other sections, any case, quotes and relative
   t.deepEqual(config.controllers, [
     { name: 'VirtioScsi0', transport: { type: 'vhost-user', path: '/tmp/vhost.0' }, deviceType: 'scsi', requestQueues: 2, queueSize: 512 },
     { name: 'VirtioScsi1', transport: { type: 'vhost-user', path: '/srv/spdk/vhost.1' }, ...scsi },
-    { name: 'VirtioBlk2', transport: { type: 'vhost-user', path: '/tmp/vhost.2' }, ...scsi, deviceType: 'blk' },
+    { name: 'VirtioBlk2', transport: { type: 'vhost-user', path: '/tmp/vhost.2' }, ...blk },
     { name: 'VirtioScsi', transport: { type: 'pci-all' }, ...scsi },
+    { name: 'VirtioBlk', transport: { type: 'pci-all' }, ...blk },
     // Dev User lines take the lowest names the sections left free.
     { name: 'VirtioScsi2', transport: { type: 'vhost-user', path: '/tmp/vhost.3' }, ...scsi },
     { name: 'VirtioScsi3', transport: { type: 'vhost-user', path: '/tmp/vhost 4' }, ...scsi },
@@ -249,37 +271,73 @@ test('a configuration built in code is checked like a file', (t) => {
   t.is(err?.path, 'controllers[1].queueSize');
 });
 
-test('virtio-blk is refused at attach, before anything is connected', async (t) => {
-  const config = parseConfig('[VirtioUser0]\n  Path /nonexistent.sock\n  Type Blk\n', { source: 'blk.conf' });
-  t.is(config.controllers[0]?.deviceType, 'blk');
-  const err = await t.throwsAsync(attachAll(config), { instanceOf: AttachError });
-  t.is(err?.message, 'controller VirtioBlk0: virtio-blk is not supported yet (use a virtio-scsi target)');
-  t.is(err?.controller, 'VirtioBlk0');
+/** A PCI function as listPciDevices describes it: virtio-scsi (1af4:1048) or virtio-blk (1af4:1042). */
+const fn = (address: string, deviceType: 'scsi' | 'blk', driver?: string): PciDeviceInfo => ({
+  address,
+  vendorId: 0x1af4,
+  deviceId: deviceType === 'blk' ? 0x1042 : 0x1048,
+  deviceType,
+  interface: 'modern',
+  ...(driver ? { driver } : {}),
 });
 
-test('pci-all becomes the functions bound to vfio-pci, named around the configured ones', (t) => {
-  const fn = (address: string, driver?: string): PciDeviceInfo => ({
-    address,
-    vendorId: 0x1af4,
-    deviceId: 0x1048,
-    interface: 'modern',
-    ...(driver ? { driver } : {}),
-  });
+test('pci-all becomes the functions of its type bound to vfio-pci, named around the configured ones', (t) => {
   const config = parseConfig('[VirtioUser0]\n  Path /a\n[VirtioUser1]\n  Path /b\n  Name VirtioScsi2\n[VirtioPci]\n  Enable Yes\n', { source: 'p.conf' });
-  const list = () => [fn('0000:00:05.0', 'vfio-pci'), fn('0000:00:04.0', 'vfio-pci'), fn('0000:00:06.0', 'virtio-pci'), fn('0000:00:07.0')];
+  const list = () => [
+    fn('0000:00:05.0', 'scsi', 'vfio-pci'),
+    fn('0000:00:04.0', 'scsi', 'vfio-pci'),
+    fn('0000:00:06.0', 'scsi', 'virtio-pci'),
+    fn('0000:00:07.0', 'scsi'),
+    fn('0000:00:09.0', 'blk', 'vfio-pci'),
+    fn('0000:00:08.0', 'blk', 'vfio-pci'),
+    fn('0000:00:0a.0', 'blk', 'virtio-pci'),
+  ];
   const expanded = expandPciAll(config.controllers, list);
   t.deepEqual(
-    expanded.map((c) => [c.name, c.transport]),
+    expanded.map((c) => [c.name, c.deviceType, c.transport]),
     [
-      ['VirtioScsi0', { type: 'vhost-user', path: '/a' }],
-      ['VirtioScsi2', { type: 'vhost-user', path: '/b' }],
-      ['VirtioScsi1', { type: 'pci', address: '0000:00:04.0' }],
-      ['VirtioScsi3', { type: 'pci', address: '0000:00:05.0' }],
+      ['VirtioScsi0', 'scsi', { type: 'vhost-user', path: '/a' }],
+      ['VirtioScsi2', 'scsi', { type: 'vhost-user', path: '/b' }],
+      ['VirtioScsi1', 'scsi', { type: 'pci', address: '0000:00:04.0' }],
+      ['VirtioScsi3', 'scsi', { type: 'pci', address: '0000:00:05.0' }],
+      ['VirtioBlk0', 'blk', { type: 'pci', address: '0000:00:08.0' }],
+      ['VirtioBlk1', 'blk', { type: 'pci', address: '0000:00:09.0' }],
     ],
   );
   const warnings: string[] = [];
   t.deepEqual(expandPciAll(config.controllers, () => [], (w) => warnings.push(w)).length, 2);
-  t.deepEqual(warnings, ['controller VirtioScsi: no virtio-scsi PCI function is bound to vfio-pci']);
+  t.deepEqual(warnings, [
+    'controller VirtioScsi: no virtio-scsi PCI function is bound to vfio-pci',
+    'controller VirtioBlk: no virtio-blk PCI function is bound to vfio-pci',
+  ]);
+});
+
+test('our JSON: "pci": "all" takes the functions of the controller\'s type only; a named function is not taken twice', (t) => {
+  const config = parseConfig(
+    JSON.stringify({
+      controllers: [
+        { name: 'Disk', pci: 'all', type: 'blk', queueSize: 128 },
+        { pci: '0000:00:08.0', type: 'blk' },
+        { pci: 'all', type: 'blk' },
+      ],
+    }),
+    { source: 'a.json' },
+  );
+  const warnings: string[] = [];
+  const expanded = expandPciAll(
+    config.controllers,
+    () => [fn('0000:00:04.0', 'scsi', 'vfio-pci'), fn('0000:00:08.0', 'blk', 'vfio-pci'), fn('0000:00:09.0', 'blk', 'vfio-pci')],
+    (w) => warnings.push(w),
+  );
+  t.deepEqual(
+    expanded.map((c) => [c.name, c.deviceType, c.transport, c.queueSize]),
+    [
+      ['Disk0', 'blk', { type: 'pci', address: '0000:00:09.0' }, 128],
+      ['VirtioBlk0', 'blk', { type: 'pci', address: '0000:00:08.0' }, 512],
+    ],
+    'the scsi function stays out; the second "all" of the same type has nothing left to take',
+  );
+  t.deepEqual(warnings, []);
 });
 
 testWhen(test.serial, 'an INI naming the bundled target: loadConfig, attachAll, I/O, and clean-up on failure', initiatorRequirements, async (t) => {
@@ -321,4 +379,102 @@ testWhen(test.serial, 'an INI naming the bundled target: loadConfig, attachAll, 
   } finally {
     await setup.cleanup();
   }
+});
+
+/** Closes the controllers and waits until each has let go of its target (one frontend at a time). */
+async function closeAll(controllers: readonly Controller[]): Promise<void> {
+  await Promise.all(controllers.map((c) => c.close()));
+}
+
+testWhen(test.serial, 'virtio-blk in each format (INI Type Blk, SPDK dev_type blk, our type blk): one disk named after the controller', initiatorRequirements, async (t) => {
+  const setup = await startTestTarget({ type: 'blk', luns: ['0:0:ram:64M:4096'] });
+  t.teardown(() => setup.cleanup());
+  const spdkJson = {
+    subsystems: [
+      {
+        subsystem: 'bdev',
+        config: [
+          {
+            method: 'bdev_virtio_attach_controller',
+            params: { name: 'SpdkBlk', trtype: 'user', traddr: setup.socket, dev_type: 'blk', vq_count: 1, vq_size: 256 },
+          },
+        ],
+      },
+    ],
+  };
+  const formats: Array<[format: ConfigFormat, text: string, name: string, queueSize: number]> = [
+    ['spdk-ini', `[VirtioUser3]\n  Path ${setup.socket}\n  Type Blk\n`, 'VirtioBlk3', 512],
+    ['spdk-json', JSON.stringify(spdkJson), 'SpdkBlk', 256],
+    ['native-json', JSON.stringify({ controllers: [{ socket: setup.socket, type: 'blk' }] }), 'VirtioBlk0', 512],
+  ];
+  let previous: { lba: number; data: Buffer } | undefined;
+  for (const [i, [format, text, name, queueSize]] of formats.entries()) {
+    const config = parseConfig(text, { source: `blk.${format}` });
+    t.is(config.format, format);
+    t.is(config.controllers[0]?.deviceType, 'blk');
+    const controllers = await attachAll(config, { defaults: { memoryBytes: 32 << 20 } });
+    try {
+      t.deepEqual(
+        controllers.map((c) => [c.name, c.deviceType, c.info.deviceType, c.devices.map((d) => d.name)]),
+        [[name, 'blk', 'blk', [name]]],
+        format,
+      );
+      const ctrl = controllers[0]!;
+      t.is(ctrl.info.queueSize, queueSize, `${format}: the ring size of the configuration`);
+      const disk = ctrl.device(name);
+      t.is(disk.deviceType, 'blk');
+      t.is(disk.info.deviceType, 'blk');
+      t.is(disk.blockSize, 4096);
+      t.is(disk.blockCount, 16384n);
+      t.is(disk.info.serial, 'VIRTINIT-ram');
+      // The same disk under each configuration: what the previous one wrote is there.
+      if (previous) t.deepEqual(await disk.read(previous.lba, previous.data.length / 4096), previous.data, `${format} reads what was written before`);
+      const data = pattern(3 * 4096, 11 + i);
+      await disk.write(100 * (i + 1), data);
+      t.deepEqual(await disk.read(100 * (i + 1), 3), data);
+      previous = { lba: 100 * (i + 1), data };
+    } finally {
+      await closeAll(controllers);
+    }
+  }
+});
+
+testWhen(test.serial, 'a configuration of both types attaches both; a virtio-blk target configured as scsi fails naming the controller and the type', initiatorRequirements, async (t) => {
+  const scsiTarget = await startTestTarget({ luns: ['0:0:ram:16M:512'] });
+  t.teardown(() => scsiTarget.cleanup());
+  const blkTarget = await startTestTarget({ type: 'blk', luns: ['0:0:ram:32M:512'] });
+  t.teardown(() => blkTarget.cleanup());
+  const options = { defaults: { memoryBytes: 32 << 20 } };
+  const both = parseConfig(
+    JSON.stringify({ controllers: [{ name: 'S', socket: scsiTarget.socket }, { name: 'Disk', socket: blkTarget.socket, type: 'blk' }] }),
+    { source: 'both.json' },
+  );
+  const controllers = await attachAll(both, options);
+  try {
+    t.deepEqual(
+      controllers.map((c) => [c.name, c.deviceType, c.devices.map((d) => d.name)]),
+      [
+        ['S', 'scsi', ['St0']],
+        ['Disk', 'blk', ['Disk']],
+      ],
+    );
+    t.is(controllers[1]!.device('Disk').blockCount, 65536n);
+  } finally {
+    await closeAll(controllers);
+  }
+
+  // The type left out: the virtio-blk socket is opened as virtio-scsi.
+  const wrong = parseConfig(
+    JSON.stringify({ controllers: [{ name: 'S', socket: scsiTarget.socket }, { name: 'Disk', socket: blkTarget.socket }] }),
+    { source: 'wrong.json' },
+  );
+  const err = await t.throwsAsync(attachAll(wrong, options), { instanceOf: AttachError });
+  t.is(err?.controller, 'Disk');
+  t.regex(err?.message ?? '', /^controller Disk: cannot connect: cannot open vhost-user socket .*virtio-scsi/);
+  t.true(
+    err?.message.endsWith(' (opened as virtio-scsi; if the target is a virtio-blk one, give the controller type blk)'),
+    err?.message,
+  );
+  // S was closed again: both targets take a new frontend.
+  await closeAll(await attachAll(both, options));
 });

@@ -728,9 +728,11 @@ async function openPath(ctrl: Controller, dev: BlockDevice, api: Api): Promise<R
     };
   }
   if (ctrl.queueStats === undefined) {
-    // The thread's queue opens with its first command. Whether this one succeeds does not
-    // matter: a device that fails it fails the run's requests too, and they report it.
-    await dev.passthrough(TEST_UNIT_READY).catch(() => undefined);
+    // The thread's queue opens with its first command (virtio-blk has no TEST UNIT READY: a
+    // read of one block). Whether it succeeds does not matter: a device that fails it fails
+    // the run's requests too, and they report it.
+    const first = dev.deviceType === 'blk' ? dev.read(0, 1) : dev.passthrough(TEST_UNIT_READY);
+    await first.catch(() => undefined);
   }
   return {
     raw: undefined,

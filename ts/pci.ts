@@ -1,4 +1,4 @@
-// PCI functions for PCI mode: find virtio-scsi functions, hand them to vfio-pci and back.
+// PCI functions for PCI mode: find virtio-scsi and virtio-blk functions, hand them to vfio-pci and back.
 // Opening one is `Controller.openPci(address)`.
 
 import { loadNative } from './native.js';
@@ -7,10 +7,13 @@ import type * as NativeModule from '../native/index.cjs';
 /** A PCI address: DDDD:BB:DD.F, or BB:DD.F in domain 0 (groups: domain, bus, device, function). */
 export const PCI_ADDRESS = /^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])$/;
 
-/** A virtio-scsi PCI function as sysfs describes it. */
+/** A virtio-scsi or virtio-blk PCI function as sysfs describes it (`deviceType` 'scsi' or 'blk'). */
 export type PciDeviceInfo = NativeModule.PciDeviceInfo;
 
-/** Every virtio-scsi function (1af4:1004 transitional, 1af4:1048 modern) with its driver and IOMMU group. */
+/**
+ * Every virtio-scsi function (1af4:1004 transitional, 1af4:1048 modern) and virtio-blk function
+ * (1af4:1001, 1af4:1042) with its driver and IOMMU group.
+ */
 export function listPciDevices(): PciDeviceInfo[] {
   return loadNative().listPciDevices();
 }

@@ -4,6 +4,7 @@
 
 import { LOG_LEVELS, type LogLevel } from '../log.js';
 import { PCI_ADDRESS } from '../pci.js';
+import type { DeviceType } from '../device-type.js';
 
 export class UsageError extends Error {
   constructor(message: string) {
@@ -31,17 +32,28 @@ export const LOG_LEVEL_OPTION: OptionSpec = {
   help: 'diagnostics on stderr: off, error, warn (default), info, debug, trace (or VIRTIO_INITIATOR_LOG)',
 };
 
-/** How `scan` and `bench` are told the device: a socket, a PCI function or a configuration file. */
+/**
+ * How `scan` and `bench` are told the device: a socket, a PCI function or a configuration file,
+ * and the device type (a vhost-user socket cannot tell it).
+ */
 export const DEVICE_OPTIONS: readonly OptionSpec[] = [
-  { name: 'socket', kind: 'value', metavar: 'PATH', help: 'vhost-user-scsi socket of a running target' },
-  { name: 'pci', kind: 'value', metavar: 'BDF', help: 'virtio-scsi PCI function bound to vfio-pci (0000:00:03.0)' },
+  { name: 'socket', kind: 'value', metavar: 'PATH', help: 'vhost-user socket of a running target (virtio-scsi, or virtio-blk with --type blk)' },
+  { name: 'pci', kind: 'value', metavar: 'BDF', help: 'virtio-scsi or virtio-blk PCI function bound to vfio-pci (0000:00:03.0)' },
   { name: 'config', kind: 'value', metavar: 'FILE', help: 'the controllers a configuration file names (SPDK INI or JSON, or ours)' },
+  {
+    name: 'type',
+    kind: 'value',
+    metavar: 'TYPE',
+    help: 'device type: scsi (default) or blk (virtio-blk: one disk, named after the controller); a PCI function tells it',
+  },
 ];
 
 export interface DeviceArgs {
   socket: string | undefined;
   pci: string | undefined;
   config: string | undefined;
+  /** As given; undefined means virtio-scsi over vhost-user, and what the function is over PCI. */
+  type: DeviceType | undefined;
 }
 
 /** The device options given, checked: at most one of them, each well-formed. */
@@ -53,7 +65,10 @@ export function deviceArgs(a: ParsedArgs): DeviceArgs {
   if (d.socket === '') throw bad('socket', d.socket, 'a socket path');
   if (d.config === '') throw bad('config', d.config, 'a file');
   if (d.pci !== undefined && !PCI_ADDRESS.test(d.pci)) throw bad('pci', d.pci, 'a PCI address like 0000:00:03.0');
-  return d;
+  const type = a.string('type');
+  if (type !== undefined && type !== 'scsi' && type !== 'blk') throw bad('type', type, 'scsi or blk');
+  if (type !== undefined && d.config !== undefined) throw new UsageError('--type comes from the configuration with --config');
+  return { ...d, type };
 }
 
 /** The --log-level given, checked (the caller applies it with setLogLevel). */

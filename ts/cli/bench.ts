@@ -1,7 +1,8 @@
 // `virtio-initiator bench`: a fio/bdevperf-like load on one block device, through the Promise
 // API, the batch binding or the native load loop (ts/bench.ts), against a vhost-user socket, a
-// PCI function, or the bundled target started for the run; in this thread, or in worker threads
-// with a request queue each (--workers, workers.ts).
+// PCI function, or the bundled target started for the run (virtio-scsi, or virtio-blk with
+// --type blk); in this thread, or in worker threads with a request queue each (--workers,
+// workers.ts).
 
 import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
@@ -23,8 +24,9 @@ import {
 import type { BlockDevice } from '../block-device.js';
 import { startTarget, type TargetProcess } from '../bundled-target.js';
 import { attachAll, loadConfig } from '../config/index.js';
-import { Controller } from '../controller.js';
+import type { Controller } from '../controller.js';
 import { type LogLevel, setLogLevel } from '../log.js';
+import type { DeviceType } from '../device-type.js';
 import {
   bad,
   DEVICE_OPTIONS,
@@ -39,6 +41,7 @@ import {
   type Subcommand,
   UsageError,
 } from './args.js';
+import { openController } from './open.js';
 import { compact, printEvents, ProgressLine, table, writeJsonLine } from './output.js';
 import { runWorkers, type WorkerSummary } from './workers.js';
 
@@ -48,14 +51,14 @@ const MAX_WORKERS = 64;
 const OPTIONS: readonly OptionSpec[] = [
   ...DEVICE_OPTIONS,
   { name: 'target-queues', kind: 'value', metavar: 'N', help: 'bundled target: request queues (default: one per worker)' },
-  { name: 'target-poll', kind: 'flag', help: 'bundled target: busy-poll its queues (--poll)' },
+  { name: 'target-poll', kind: 'flag', help: 'bundled target: busy-poll its queues (--poll; virtio-scsi only)' },
   {
     name: 'target-lun',
     kind: 'list',
     metavar: 'SPEC',
-    help: 'bundled target: a LUN (default 0:0:null:1G:512; 0:0:ram:256M:512 when writing or verifying)',
+    help: 'bundled target: a LUN (default 0:0:null:1G:512; 0:0:ram:256M:512 when writing or verifying); with --type blk its one disk, 0:0:...',
   },
-  { name: 'device', kind: 'value', metavar: 'NAME', help: 'block device to load (default: the first disk found)' },
+  { name: 'device', kind: 'value', metavar: 'NAME', help: 'block device to load (default: the first disk found; a virtio-blk device has one)' },
   { name: 'api', kind: 'value', metavar: 'API', help: `request path: ${APIS.join(', ')} (default promise)` },
   { name: 'rw', kind: 'value', metavar: 'MODE', help: `access pattern: ${READ_WRITE_MODES.join(', ')} (default randread)` },
   { name: 'mix', kind: 'value', metavar: 'PCT', help: 'share of reads for randrw (default 50)' },
@@ -90,7 +93,8 @@ const OPTIONS: readonly OptionSpec[] = [
 const HELP = `usage: virtio-initiator bench [options]
 
 Runs a load on one block device and reports IOPS, MB/s, latency percentiles, errors, data
-mismatches (--verify) and CPU use. Without --socket or --pci it starts the bundled target.
+mismatches (--verify) and CPU use. Without --socket, --pci or --config it starts the bundled
+target (serving virtio-blk with --type blk).
 
 options:
 ${optionsHelp(OPTIONS)}
@@ -102,6 +106,8 @@ exit status: 0 the run completed without errors or mismatches, 1 it had some (or
 const DEFAULT_NULL_LUN = '0:0:null:1G:512';
 const DEFAULT_RAM_LUN = '0:0:ram:256M:512';
 const LUN_SPEC = /^[0-9]+:[0-9]+:(ram|null|file):[^:]+(:[^:]*)*$/;
+/** The one disk of the bundled target serving virtio-blk. */
+const BLK_LUN_SPEC = /^0+:0+:/;
 /** Largest ring a virtio queue here can have. */
 const MAX_QUEUE_DEPTH = 1024;
 const MAX_BS = 16 * 2 ** 20;
@@ -119,6 +125,8 @@ interface BenchConfig {
   socket: string | undefined;
   pci: string | undefined;
   config: string | undefined;
+  /** As given; the bundled target serves this type (default scsi). */
+  type: DeviceType | undefined;
   targetQueues: number;
   targetPoll: boolean;
   targetLuns: string[];
@@ -146,7 +154,7 @@ export function parseBenchArgs(argv: readonly string[]): BenchConfig | 'help' {
   const a = parseArgs(argv, OPTIONS);
   if (a.flag('help')) return 'help';
   const workers = a.integer('workers', { min: 1, max: MAX_WORKERS }, 1);
-  const { socket, pci, config } = deviceArgs(a);
+  const { socket, pci, config, type } = deviceArgs(a);
   if (socket !== undefined || pci !== undefined || config !== undefined) {
     const given = ['target-queues', 'target-poll', 'target-lun'].find((n) => a.has(n));
     if (given !== undefined) {
@@ -157,6 +165,17 @@ export function parseBenchArgs(argv: readonly string[]): BenchConfig | 'help' {
   const targetLuns = a.strings('target-lun');
   for (const spec of targetLuns) {
     if (!LUN_SPEC.test(spec)) throw bad('target-lun', spec, 'T:L:ram|null|file:SIZE-or-PATH[:BS] (like 0:0:ram:256M:512)');
+  }
+  if (type === 'blk') {
+    // The target's own checks, made before anything is started.
+    if (targetLuns.length > 1) throw new UsageError('--type blk: the bundled target serves one disk (give --target-lun once)');
+    const spec = targetLuns[0];
+    if (spec !== undefined && !BLK_LUN_SPEC.test(spec)) {
+      throw bad('target-lun', spec, 'the one disk of --type blk, 0:0:KIND:... (like 0:0:ram:256M:512)');
+    }
+    if (a.flag('target-poll')) {
+      throw new UsageError('--target-poll is for virtio-scsi (the bundled target does not poll virtio-blk queues)');
+    }
   }
   const api = a.choice('api', APIS, 'promise');
   const rw = a.choice('rw', READ_WRITE_MODES, 'randread');
@@ -193,6 +212,7 @@ export function parseBenchArgs(argv: readonly string[]): BenchConfig | 'help' {
     socket,
     pci,
     config,
+    type,
     // One queue per worker: the main thread gives back the one the scan opened (see run()).
     targetQueues: a.integer('target-queues', { min: 1, max: 64 }, workers),
     targetPoll: a.flag('target-poll'),
@@ -445,6 +465,7 @@ async function run(cfg: BenchConfig, stop: AbortController, leftovers: Leftovers
       progress.update(`starting the bundled target (${luns.join(', ')})`);
       targetProcess = await startTarget({
         socket: join(dir, 'vhost.sock'),
+        ...(cfg.type !== undefined ? { type: cfg.type } : {}),
         luns,
         queues: cfg.targetQueues,
         poll: cfg.targetPoll,
@@ -467,13 +488,11 @@ async function run(cfg: BenchConfig, stop: AbortController, leftovers: Leftovers
     } else {
       ctrl =
         cfg.pci !== undefined
-          ? await Controller.openPci(cfg.pci, memory)
-          : await Controller.connect(cfg.socket ?? targetProcess!.socket, {
-              ...memory,
-              ...queues,
-              poll: !cfg.interrupts,
-              ...(cfg.reconnect ? { reconnect: BENCH_RECONNECT } : {}),
-            });
+          ? await openController(cfg, memory)
+          : await openController(
+              { ...cfg, socket: cfg.socket ?? targetProcess!.socket },
+              { ...memory, ...queues, poll: !cfg.interrupts, ...(cfg.reconnect ? { reconnect: BENCH_RECONNECT } : {}) },
+            );
       attached = [ctrl];
       const scan = await ctrl.scan();
       devices = [...ctrl.devices];

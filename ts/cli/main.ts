@@ -26,7 +26,7 @@ const SUBCOMMANDS: readonly Entry[] = [
   },
   {
     name: 'scan',
-    summary: 'attach a controller and list its targets and LUNs (with attach and scan times)',
+    summary: 'attach a controller and list its targets and LUNs, or its virtio-blk disk (with attach and scan times)',
     load: async () => (await import('./scan.js')).scan,
   },
   {
@@ -43,7 +43,7 @@ function usage(): string {
   return [
     `usage: ${PROGRAM} <subcommand> [options]`,
     '',
-    'Userspace poll-mode virtio-scsi initiator.',
+    'Userspace poll-mode virtio-scsi and virtio-blk initiator.',
     '',
     'subcommands:',
     ...SUBCOMMANDS.map((c) => `  ${c.name.padEnd(width)}  ${c.summary}`),

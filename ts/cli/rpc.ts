@@ -21,6 +21,7 @@ Serves JSON-RPC 2.0 on a unix socket with SPDK's method names and parameters
 (bdev_virtio_attach_controller, bdev_virtio_detach_controller, bdev_virtio_scsi_get_devices,
 bdev_get_bdevs, bdev_get_iostat, rpc_get_methods, spdk_get_version), so that SPDK's own client
 drives it: spdk-rpc -s PATH bdev_virtio_attach_controller -t user -a /run/vhost.sock -d scsi Virtio0
+(-d blk for a virtio-blk target: one bdev, named like the controller)
 
 options:
 ${optionsHelp(OPTIONS)}
@@ -69,14 +70,13 @@ export const rpc: Subcommand = {
     });
     try {
       for (const c of expandPciAll(config?.controllers ?? [], undefined, (w) => log(w))) {
-        if (c.deviceType === 'blk') throw new Error(`${c.name}: virtio-blk is not supported yet`);
         const transport = c.transport;
         if (transport.type === 'pci-all') continue; // expanded above
         const bdevs = await server.attach({
           name: c.name,
           trtype: transport.type === 'vhost-user' ? 'user' : 'pci',
           traddr: transport.type === 'vhost-user' ? transport.path : transport.address,
-          dev_type: 'scsi',
+          dev_type: c.deviceType,
           vq_count: c.requestQueues,
           vq_size: c.queueSize,
         });

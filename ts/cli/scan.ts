@@ -1,15 +1,17 @@
-// `virtio-initiator scan`: attach a controller, enumerate its targets and LUNs, print them as a
-// table (or one JSON object with --json), with the time attaching and scanning took.
+// `virtio-initiator scan`: attach a controller, enumerate its targets and LUNs (or find the one
+// disk of a virtio-blk device), print them as a table (or one JSON object with --json), with the
+// time attaching and scanning took.
 
 import { performance } from 'node:perf_hooks';
 import { setFlagsFromString } from 'node:v8';
 
+import type { BlockDevice } from '../block-device.js';
 import { attachAll, loadConfig } from '../config/index.js';
-import { Controller } from '../controller.js';
+import type { Controller } from '../controller.js';
 import type { ScannedLun } from '../scan.js';
 import { type LogLevel, setLogLevel } from '../log.js';
+import type { DeviceType } from '../device-type.js';
 import {
-  bad,
   DEVICE_OPTIONS,
   deviceArgs,
   formatSize,
@@ -22,12 +24,17 @@ import {
   type Subcommand,
   UsageError,
 } from './args.js';
+import { openController } from './open.js';
 import { printEvents, table, writeJsonLine } from './output.js';
 
 const OPTIONS: readonly OptionSpec[] = [
   ...DEVICE_OPTIONS,
-  { name: 'type', kind: 'value', metavar: 'TYPE', help: 'device type: scsi (default) or blk' },
-  { name: 'name', kind: 'value', metavar: 'NAME', help: 'controller name, the prefix of device names (default VirtioScsi0)' },
+  {
+    name: 'name',
+    kind: 'value',
+    metavar: 'NAME',
+    help: 'controller name, the prefix of device names (default VirtioScsi0); with --type blk the disk\'s name (default VirtioBlk0)',
+  },
   { name: 'json', kind: 'flag', help: 'print the result as one JSON object on stdout' },
   { name: 'trace', kind: 'flag', help: 'log every command of the scan (CDB, status, sense, latency) on stderr' },
   LOG_LEVEL_OPTION,
@@ -37,7 +44,9 @@ const OPTIONS: readonly OptionSpec[] = [
 const HELP = `usage: virtio-initiator scan (--socket PATH | --pci BDF | --config FILE) [options]
 
 Attaches virtio-scsi controllers, enumerates their targets and LUNs (REPORT LUNS, INQUIRY and its
-VPD pages, READ CAPACITY) and lists them with the time attaching and scanning took.
+VPD pages, READ CAPACITY) and lists them with the time attaching and scanning took. A virtio-blk
+device (--type blk, or a virtio-blk PCI function) is one disk: its size from the configuration
+space, its serial number from GET ID.
 
 options:
 ${optionsHelp(OPTIONS)}
@@ -50,6 +59,7 @@ interface ScanConfig {
   socket: string | undefined;
   pci: string | undefined;
   config: string | undefined;
+  type: DeviceType | undefined;
   name: string | undefined;
   json: boolean;
 }
@@ -57,15 +67,12 @@ interface ScanConfig {
 export function parseScanArgs(argv: readonly string[]): ScanConfig | 'help' {
   const a = parseArgs(argv, OPTIONS);
   if (a.flag('help')) return 'help';
-  const { socket, pci, config } = deviceArgs(a);
+  const { socket, pci, config, type } = deviceArgs(a);
   if (socket === undefined && pci === undefined && config === undefined) {
     throw new UsageError('give the device: --socket PATH, --pci BDF or --config FILE');
   }
   if (config !== undefined && a.has('name')) throw new UsageError('--name comes from the configuration with --config');
-  const type = a.string('type') ?? 'scsi';
-  if (type !== 'scsi' && type !== 'blk') throw bad('type', type, 'scsi or blk');
-  if (type === 'blk') throw new UsageError('--type blk: virtio-blk is not supported yet');
-  return { logLevel: logLevelOf(a), trace: a.flag('trace'), socket, pci, config, name: a.string('name'), json: a.flag('json') };
+  return { logLevel: logLevelOf(a), trace: a.flag('trace'), socket, pci, config, type, name: a.string('name'), json: a.flag('json') };
 }
 
 /** One LUN as the scan reports it (JSON field names). */
@@ -90,6 +97,8 @@ export interface ScanLunReport {
 export interface ControllerScan {
   controller: string;
   transport: string;
+  /** 'blk': `luns` holds the device's one disk (target 0, LUN 0). */
+  deviceType: DeviceType;
   /** Milliseconds the scan took. */
   scanMs: number;
   luns: ScanLunReport[];
@@ -125,6 +134,28 @@ function lunReport(l: ScannedLun): ScanLunReport {
   };
 }
 
+/** The one disk of a virtio-blk device, in the fields of a LUN. */
+function blkDiskReport(d: BlockDevice): ScanLunReport {
+  const info = d.info;
+  return {
+    name: d.name,
+    target: info.target,
+    lun: info.lun,
+    type: 'virtio-blk disk',
+    vendor: info.vendor,
+    product: info.product,
+    revision: info.revision,
+    serial: info.serial ?? null,
+    blockSize: info.blockSize,
+    blocks: String(info.blockCount),
+    bytes: String(info.sizeBytes),
+    unmap: info.unmap,
+    writeCache: info.writeCache ?? null,
+    ready: true,
+    problem: null,
+  };
+}
+
 const round2 = (x: number): number => Math.round(x * 100) / 100;
 
 export const scan: Subcommand = {
@@ -150,10 +181,7 @@ export const scan: Subcommand = {
       for (const w of config.warnings) process.stderr.write(`virtio-initiator scan: ${w}\n`);
       controllers = await attachAll(config, { scan: false, defaults: { trace: cfg.trace } });
     } else {
-      const options = { ...(cfg.name !== undefined ? { name: cfg.name } : {}), trace: cfg.trace };
-      controllers = [
-        cfg.pci !== undefined ? await Controller.openPci(cfg.pci, options) : await Controller.connect(cfg.socket!, options),
-      ];
+      controllers = [await openController(cfg, { ...(cfg.name !== undefined ? { name: cfg.name } : {}), trace: cfg.trace })];
     }
     // A target that goes away or changes during the scan is reported as it happens.
     printEvents('scan', controllers, ['device-added', 'rescanned']);
@@ -166,8 +194,9 @@ export const scan: Subcommand = {
         scans.push({
           controller: ctrl.name,
           transport: ctrl.info.transport,
+          deviceType: ctrl.deviceType,
           scanMs: round2(performance.now() - start),
-          luns: result.luns.map(lunReport),
+          luns: ctrl.deviceType === 'blk' ? ctrl.devices.map(blkDiskReport) : result.luns.map(lunReport),
           problems: result.problems.map((p) => ({ target: p.target, lun: p.lun ?? null, error: p.error.message })),
         });
       }
@@ -191,7 +220,7 @@ function human(r: ScanReport): string {
         String(l.target),
         String(l.lun),
         l.type,
-        l.vendor,
+        l.vendor || '-',
         l.product,
         l.blockSize === null ? '-' : String(l.blockSize),
         l.blocks ?? '-',
@@ -200,7 +229,8 @@ function human(r: ScanReport): string {
         l.unmap ? 'yes' : 'no',
       ]);
     }
-    lines.push('', `${c.controller} over ${c.transport}: ${c.luns.length} LUN(s), scanned in ${c.scanMs} ms`);
+    const found = c.deviceType === 'blk' ? `virtio-blk, ${c.luns.length} disk` : `${c.luns.length} LUN(s)`;
+    lines.push('', `${c.controller} over ${c.transport}: ${found}, scanned in ${c.scanMs} ms`);
     lines.push(table(rows, new Set([1, 2, 6, 7])));
     for (const p of c.problems) lines.push(`problem: target ${p.target}${p.lun === null ? '' : ` lun ${p.lun}`}: ${p.error}`);
   }

@@ -5,6 +5,7 @@ import { readFile } from 'node:fs/promises';
 
 import { Controller, type ControllerOptions } from '../controller.js';
 import { listPciDevices, type PciDeviceInfo } from '../pci.js';
+import { deviceTypeHint } from '../device-type.js';
 import { parseIni } from './ini.js';
 import { parseJson } from './json.js';
 import { parseNativeJson } from './native-json.js';
@@ -15,6 +16,7 @@ import {
   checkQueueSize,
   checkRequestQueues,
   ConfigError,
+  type ConfigDeviceType,
   type ControllerConfig,
   fail,
   type InitiatorConfig,
@@ -117,7 +119,7 @@ export class AttachError extends Error {
 
 export interface AttachAllOptions {
   /** Controller options the configuration does not set (maxTransferBytes, retry, poll, ...). */
-  defaults?: Omit<ControllerOptions, 'name' | 'requestQueues' | 'queueSize'>;
+  defaults?: Omit<ControllerOptions, 'name' | 'type' | 'requestQueues' | 'queueSize'>;
   /** Scan each controller after connecting it (default true). */
   scan?: boolean;
   signal?: AbortSignal;
@@ -128,9 +130,10 @@ export interface AttachAllOptions {
 }
 
 /**
- * The configuration with every `pci-all` replaced by the virtio-scsi functions bound to
- * vfio-pci, named `<prefix><n>` with the lowest n no other controller has, in address order.
- * Functions the configuration names on their own are not taken twice.
+ * The configuration with every `pci-all` replaced by the functions of its device type bound to
+ * vfio-pci (virtio-scsi, or virtio-blk for `deviceType: 'blk'`), named `<prefix><n>` with the
+ * lowest n no other controller has, in address order. Functions the configuration names on
+ * their own are not taken twice.
  */
 export function expandPciAll(
   controllers: readonly ControllerConfig[],
@@ -155,17 +158,18 @@ export function expandPciAll(
     .filter((f) => f.driver === 'vfio-pci' && !explicit.has(f.address.toLowerCase()))
     .sort((a, b) => a.address.localeCompare(b.address));
   const out: ControllerConfig[] = [];
-  let used = false;
+  const taken = new Set<ConfigDeviceType>();
   for (const c of controllers) {
     if (c.transport.type !== 'pci-all') {
       out.push(c);
       continue;
     }
-    // Two pci-all entries cannot both have the same functions; the first one takes them.
-    if (used) continue;
-    used = true;
-    if (bound.length === 0) onWarning(`controller ${c.name}: no virtio-scsi PCI function is bound to vfio-pci`);
-    for (const f of bound) {
+    // Two pci-all entries of one type cannot both have its functions; the first one takes them.
+    if (taken.has(c.deviceType)) continue;
+    taken.add(c.deviceType);
+    const mine = bound.filter((f) => f.deviceType === c.deviceType);
+    if (mine.length === 0) onWarning(`controller ${c.name}: no virtio-${c.deviceType} PCI function is bound to vfio-pci`);
+    for (const f of mine) {
       out.push({ ...c, name: names.next(c.name, f.address), transport: { type: 'pci', address: f.address } });
     }
   }
@@ -178,9 +182,6 @@ export function expandPciAll(
  */
 export async function attachAll(config: Pick<InitiatorConfig, 'controllers'>, options: AttachAllOptions = {}): Promise<Controller[]> {
   validateConfig(config);
-  // Refused before anything is connected, so that there is nothing to undo.
-  const blk = config.controllers.find((c) => c.deviceType === 'blk');
-  if (blk) throw new AttachError(blk.name, 'virtio-blk is not supported yet (use a virtio-scsi target)');
   const controllers = expandPciAll(config.controllers, options.listPci, options.onWarning);
   const attached: Controller[] = [];
   try {
@@ -196,16 +197,26 @@ export async function attachAll(config: Pick<InitiatorConfig, 'controllers'>, op
 }
 
 async function attachOne(c: ControllerConfig, options: AttachAllOptions): Promise<Controller> {
-  const opts: ControllerOptions = { ...options.defaults, name: c.name, requestQueues: c.requestQueues, queueSize: c.queueSize };
+  const opts: ControllerOptions = {
+    ...options.defaults,
+    name: c.name,
+    type: c.deviceType,
+    requestQueues: c.requestQueues,
+    queueSize: c.queueSize,
+  };
   if (c.memoryBytes !== undefined) opts.memoryBytes = c.memoryBytes;
   if (c.hugepages !== undefined) opts.hugepages = c.hugepages;
+  const transport = c.transport;
+  if (transport.type === 'pci-all') throw new Error('pci-all must be expanded first');
   let ctrl: Controller;
   try {
-    if (c.transport.type === 'vhost-user') ctrl = await Controller.connect(c.transport.path, opts);
-    else if (c.transport.type === 'pci') ctrl = await Controller.openPci(c.transport.address, opts);
-    else throw new Error('pci-all must be expanded first');
+    ctrl =
+      transport.type === 'vhost-user'
+        ? await Controller.connect(transport.path, opts)
+        : await Controller.openPci(transport.address, opts);
   } catch (e) {
-    throw new AttachError(c.name, `cannot connect: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
+    const hint = deviceTypeHint(e, transport.type, c.deviceType, (other) => `the controller type ${other}`);
+    throw new AttachError(c.name, `cannot connect: ${e instanceof Error ? e.message : String(e)}${hint}`, { cause: e });
   }
   if (options.scan === false) return ctrl;
   try {

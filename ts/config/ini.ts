@@ -182,24 +182,31 @@ export function parseIni(text: string, ctx: ParseContext): InitiatorConfig {
   const warnings: string[] = [];
   const pending: Pending[] = [];
   const names = new NameBook();
-  let pciAll: Pending | undefined;
+  /** The PCI enumeration of each device type, where it was asked for. */
+  const pciAll = new Map<ConfigDeviceType, Pending>();
 
-  const addPciAll = (line: number, how: string): void => {
-    if (pciAll) {
-      warnings.push(`${source}:${line}: ${how} repeats the PCI enumeration of line ${pciAll.line}; the functions are attached once`);
-      return;
+  const addPciAll = (line: number, how: string, types: readonly ConfigDeviceType[]): void => {
+    const repeated = types.filter((t) => pciAll.has(t));
+    if (repeated.length > 0) {
+      const what = repeated.map((t) => `virtio-${t}`).join(' and ');
+      const first = pciAll.get(repeated[0]!)!.line;
+      warnings.push(`${source}:${line}: ${how} repeats the ${what} PCI enumeration of line ${first}; the functions are attached once`);
     }
-    pciAll = {
-      config: {
-        transport: { type: 'pci-all' },
-        deviceType: 'scsi',
-        requestQueues: DEFAULT_REQUEST_QUEUES,
-        queueSize: DEFAULT_QUEUE_SIZE,
-      },
-      line,
-      prefix: DEFAULT_NAME_PREFIX,
-    };
-    pending.push(pciAll);
+    for (const deviceType of types) {
+      if (pciAll.has(deviceType)) continue;
+      const p: Pending = {
+        config: {
+          transport: { type: 'pci-all' },
+          deviceType,
+          requestQueues: DEFAULT_REQUEST_QUEUES,
+          queueSize: DEFAULT_QUEUE_SIZE,
+        },
+        line,
+        prefix: deviceType === 'blk' ? DEFAULT_BLK_NAME_PREFIX : DEFAULT_NAME_PREFIX,
+      };
+      pciAll.set(deviceType, p);
+      pending.push(p);
+    }
   };
 
   for (const section of readSections(text, source)) {
@@ -215,7 +222,8 @@ export function parseIni(text: string, ctx: ParseContext): InitiatorConfig {
         const kind = type?.toLowerCase();
         if (kind === 'pci') {
           if (path !== undefined) fail(where, `Dev Pci takes no further value, got ${JSON.stringify(path)}`);
-          addPciAll(item.line, 'Dev Pci');
+          // The form of 2017, before SPDK had virtio-blk: virtio-scsi functions only.
+          addPciAll(item.line, 'Dev Pci', ['scsi']);
         } else if (kind === 'user') {
           if (path === undefined) fail(where, 'Dev User needs the path of a vhost-user socket');
           if (rest.length > 0) fail(where, `Dev User takes one path, got ${1 + rest.length} values (quote a path with blanks)`);
@@ -241,7 +249,8 @@ export function parseIni(text: string, ctx: ParseContext): InitiatorConfig {
         continue;
       }
       const value = single(enable, section, source).toLowerCase();
-      if (TRUE_WORDS.has(value)) addPciAll(enable.line, 'Enable Yes');
+      // SPDK's virtio-scsi and virtio-blk modules each took their functions on it.
+      if (TRUE_WORDS.has(value)) addPciAll(enable.line, 'Enable Yes', ['scsi', 'blk']);
       else if (!FALSE_WORDS.has(value)) {
         fail({ source, line: enable.line }, `Enable must be Yes or No, got ${JSON.stringify(enable.values[0])}`);
       }

@@ -9,7 +9,7 @@ export const CONFIG_SCHEMA = {
   $schema: 'https://json-schema.org/draft/2020-12/schema',
   $id: CONFIG_SCHEMA_ID,
   title: 'virtio-initiator configuration',
-  description: 'Controllers to attach at start-up: vhost-user sockets and virtio-scsi PCI functions.',
+  description: 'Controllers to attach at start-up: vhost-user sockets and virtio-scsi or virtio-blk PCI functions.',
   type: 'object',
   additionalProperties: false,
   required: ['controllers'],
@@ -30,7 +30,7 @@ export const CONFIG_SCHEMA = {
           type: 'string',
           pattern: '^[A-Za-z0-9_.-]{1,64}$',
           description:
-            'Controller name and prefix of its devices (default VirtioScsi<n>, or VirtioBlk<n> for blk, with the lowest free n). With "pci": "all", the prefix of the functions\' names.',
+            'Controller name: the prefix of its devices, or for blk the name of its one disk (default VirtioScsi<n>, or VirtioBlk<n> for blk, with the lowest free n). With "pci": "all", the prefix of the functions\' names.',
         },
         socket: {
           type: 'string',
@@ -40,9 +40,14 @@ export const CONFIG_SCHEMA = {
         pci: {
           type: 'string',
           pattern: '^(all|([0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\\.[0-7])$',
-          description: 'A virtio-scsi PCI function bound to vfio-pci (DDDD:BB:DD.F or BB:DD.F), or "all" for every such function.',
+          description:
+            'A PCI function bound to vfio-pci (DDDD:BB:DD.F or BB:DD.F), or "all" for every such function of the controller\'s type.',
         },
-        type: { enum: ['scsi', 'blk'], default: 'scsi', description: 'Device type (virtio-blk is not supported yet).' },
+        type: {
+          enum: ['scsi', 'blk'],
+          default: 'scsi',
+          description: 'Device type: virtio-scsi (targets and LUNs, scanned) or virtio-blk (one disk, named after the controller).',
+        },
         requestQueues: { type: 'integer', minimum: 1, maximum: 255, default: 1 },
         queueSize: {
           enum: [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024],

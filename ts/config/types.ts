@@ -4,7 +4,7 @@
 import { CONTROLLER_NAME } from '../controller.js';
 import { PCI_ADDRESS } from '../pci.js';
 
-/** Where a controller is reached. `pci-all` is every virtio-scsi function bound to vfio-pci. */
+/** Where a controller is reached. `pci-all` is every function of the controller's device type bound to vfio-pci. */
 export type ConfigTransport = { type: 'vhost-user'; path: string } | { type: 'pci'; address: string } | { type: 'pci-all' };
 
 export type ConfigDeviceType = 'scsi' | 'blk';

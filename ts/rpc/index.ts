@@ -1,5 +1,5 @@
 // Management RPC (design D9): a JSON-RPC 2.0 server on a unix socket with SPDK's method names,
-// parameters and wire behaviour, attaching and detaching virtio-scsi controllers.
+// parameters and wire behaviour, attaching and detaching virtio-scsi and virtio-blk controllers.
 
 import type { ControllerOptions } from '../controller.js';
 import { type AttachedController, VirtioRpcMethods } from './methods.js';
@@ -29,7 +29,7 @@ export interface StartRpcServerOptions {
   /** Largest request in bytes (default 1 MiB); a larger one gets -32700 and the connection ends. */
   maxRequestBytes?: number;
   /** Options every attached controller gets (e.g. memoryBytes). */
-  controllerOptions?: Omit<ControllerOptions, 'name' | 'requestQueues' | 'queueSize'>;
+  controllerOptions?: Omit<ControllerOptions, 'name' | 'type' | 'requestQueues' | 'queueSize'>;
 }
 
 export interface RpcServer extends AsyncDisposable {

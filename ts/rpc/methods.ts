@@ -9,11 +9,14 @@ import { ConnectError } from '../errors.js';
 import type { RequestQueueStats } from '../queue.js';
 import type { Designator } from '../scsi/index.js';
 import { describeEvent, EventLog } from '../event-log.js';
+import { type DeviceType, deviceTypeHint } from '../device-type.js';
 import { Errno, invalidParams, RpcError, type RpcParams } from './server.js';
 
 /** A controller the server attached, with what `bdev_virtio_scsi_get_devices` reports. */
 export interface AttachedController {
   readonly controller: Controller;
+  /** SPDK's dev_type: virtio-scsi, or virtio-blk (one bdev, named like the controller). */
+  readonly devType: DeviceType;
   readonly trtype: 'user' | 'pci';
   /** Socket path (user) or PCI address (pci). */
   readonly traddr: string;
@@ -23,7 +26,7 @@ export interface AttachedController {
 
 export interface MethodsOptions {
   /** Options every attached controller gets (memory sizes, retry policy, ...). */
-  controllerOptions?: Omit<ControllerOptions, 'name' | 'requestQueues' | 'queueSize'>;
+  controllerOptions?: Omit<ControllerOptions, 'name' | 'type' | 'requestQueues' | 'queueSize'>;
   log?: (line: string) => void;
 }
 
@@ -33,8 +36,8 @@ const EVENT_LOG_CAPACITY = 1024;
 /** SPDK's defaults for bdev_virtio_attach_controller. */
 const DEFAULT_VQ_COUNT = 1;
 const DEFAULT_VQ_SIZE = 512;
-/** SPDK's product_name of virtio-scsi bdevs. */
-const PRODUCT_NAME = 'Virtio SCSI Disk';
+/** SPDK's product_name of virtio-scsi and virtio-blk bdevs. */
+const PRODUCT_NAME: Record<DeviceType, string> = { scsi: 'Virtio SCSI Disk', blk: 'VirtioBlk Disk' };
 /** Latencies are reported in nanoseconds: tick_rate is ticks per second. */
 const TICK_RATE = 1_000_000_000;
 /** Polling interval of bdev_get_bdevs' `timeout` (wait for a bdev to appear). */
@@ -120,7 +123,7 @@ function errorText(e: unknown): string {
 }
 
 /** Why an attach failed, as SPDK would answer it: a negative errno and a message to act on. */
-function attachError(e: unknown, trtype: string, traddr: string): RpcError {
+function attachError(e: unknown, trtype: 'user' | 'pci', traddr: string, devType: DeviceType): RpcError {
   if (e instanceof RpcError) return e;
   if (e instanceof RangeError || e instanceof TypeError) return invalidParams(e.message);
   const text = errorText(e);
@@ -138,19 +141,23 @@ function attachError(e: unknown, trtype: string, traddr: string): RpcError {
   if (e instanceof ConnectError && e.errno === 'ECONNREFUSED') {
     return new RpcError(Errno.ECONNREFUSED, `${text}: nothing accepts connections on ${traddr}; is the target running?`);
   }
-  return new RpcError(Errno.EIO, `cannot attach ${traddr}: ${text}`);
+  const hint = deviceTypeHint(e, trtype === 'user' ? 'vhost-user' : 'pci', devType, (other) => `dev_type "${other}" (-d ${other})`);
+  return new RpcError(Errno.EIO, `cannot attach ${traddr}: ${text}${hint}`);
 }
 
-function ioTypes(dev: BlockDevice): Record<string, boolean> {
+function ioTypes(dev: BlockDevice, a: AttachedController): Record<string, boolean> {
   const info = dev.info;
+  // A read-only virtio-blk device refuses writes; a SCSI unit says so per command.
+  const writable = a.devType === 'scsi' || a.controller.info.blk?.readOnly !== true;
   return {
     read: true,
-    write: true,
+    write: writable,
     unmap: info.unmap,
-    // writeZeroes always works: WRITE SAME, or plain WRITEs of zeros where that is missing.
-    write_zeroes: true,
+    // writeZeroes works wherever writes do: WRITE SAME or WRITE ZEROES, else plain writes of zeros.
+    write_zeroes: writable,
     flush: true,
-    reset: true,
+    // LOGICAL UNIT RESET; virtio-blk has no task management.
+    reset: a.devType === 'scsi',
     compare: false,
     compare_and_write: false,
     abort: false,
@@ -220,13 +227,12 @@ export class VirtioRpcMethods {
     const name = requiredString(p, 'name');
     const trtype = oneOf(p, 'trtype', ['user', 'pci', 'vfio-user'] as const);
     const traddr = requiredString(p, 'traddr');
-    const devType = oneOf(p, 'dev_type', ['scsi', 'blk'] as const);
+    const devType: DeviceType = oneOf(p, 'dev_type', ['scsi', 'blk'] as const);
     const vqCount = optionalInt(p, 'vq_count', 1, 16);
     const vqSize = optionalInt(p, 'vq_size', 2, 1024);
     if (vqSize !== undefined && (vqSize & (vqSize - 1)) !== 0) {
       throw invalidParams(`parameter "vq_size" must be a power of two up to 1024, got ${vqSize}`);
     }
-    if (devType === 'blk') throw new RpcError(Errno.EOPNOTSUPP, 'virtio-blk is not supported yet (use dev_type "scsi")');
     if (trtype === 'vfio-user') {
       throw new RpcError(Errno.EOPNOTSUPP, 'trtype "vfio-user" is not supported (use "user" or "pci")');
     }
@@ -237,7 +243,7 @@ export class VirtioRpcMethods {
     this.attaching.add(name);
     let ctrl: Controller | undefined;
     try {
-      const base: ControllerOptions = { ...this.options.controllerOptions, name };
+      const base: ControllerOptions = { ...this.options.controllerOptions, name, type: devType };
       if (trtype === 'user') {
         ctrl = await Controller.connect(traddr, {
           ...base,
@@ -263,16 +269,18 @@ export class VirtioRpcMethods {
       const info = ctrl.info;
       this.controllers.set(name, {
         controller: ctrl,
+        devType,
         trtype,
         traddr,
         vqCount: info.requestQueues,
         vqSize: info.queueSize,
       });
+      // SPDK's answer: the bdevs created (for virtio-blk the one, named like the controller).
       return ctrl.devices.map((d) => d.name);
     } catch (e) {
       if (ctrl) this.events.forget(ctrl);
       await ctrl?.close();
-      throw attachError(e, trtype, traddr);
+      throw attachError(e, trtype, traddr, devType);
     } finally {
       this.attaching.delete(name);
     }
@@ -313,9 +321,12 @@ export class VirtioRpcMethods {
     };
   }
 
+  /** The virtio-scsi controllers, as SPDK lists them (virtio-blk ones show as their bdev). */
   getDevices(p: RpcParams): Array<Record<string, unknown>> {
     checkKnown(p, []);
-    return [...this.controllers.entries()].map(([name, a]) => ({ name, virtio: virtioJson(a) }));
+    return [...this.controllers.entries()]
+      .filter(([, a]) => a.devType === 'scsi')
+      .map(([name, a]) => ({ name, virtio: virtioJson(a) }));
   }
 
   async getBdevs(p: RpcParams): Promise<Array<Record<string, unknown>>> {
@@ -436,7 +447,7 @@ export class VirtioRpcMethods {
     const out: Record<string, unknown> = {
       name: dev.name,
       aliases: [],
-      product_name: PRODUCT_NAME,
+      product_name: PRODUCT_NAME[a.devType],
       block_size: info.blockSize,
       num_blocks: Number(info.blockCount),
     };
@@ -446,18 +457,22 @@ export class VirtioRpcMethods {
       assigned_rate_limits: { rw_ios_per_sec: 0, rw_mbytes_per_sec: 0, r_mbytes_per_sec: 0, w_mbytes_per_sec: 0 },
       claimed: false,
       zoned: false,
-      supported_io_types: ioTypes(dev),
+      supported_io_types: ioTypes(dev, a),
       driver_specific: {
-        // SPDK's own key for virtio bdevs, then what this initiator knows of the LUN.
+        // SPDK's own key for virtio bdevs, then what this initiator knows of the LUN or disk.
         virtio: virtioJson(a),
-        virtio_scsi: {
-          target: info.target,
-          lun: info.lun,
-          vendor: info.vendor,
-          product: info.product,
-          revision: info.revision,
-          serial: info.serial ?? null,
-        },
+        ...(a.devType === 'blk'
+          ? { virtio_blk: { serial: info.serial ?? null } }
+          : {
+              virtio_scsi: {
+                target: info.target,
+                lun: info.lun,
+                vendor: info.vendor,
+                product: info.product,
+                revision: info.revision,
+                serial: info.serial ?? null,
+              },
+            }),
       },
     });
     return out;
