@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Fuzzes the Rust parsers of hostile input (used ring, command responses, configuration space,
-# vhost-user replies, the target's request path) on stable Rust:
+# Fuzzes the Rust parsers of hostile input (used ring, virtio-scsi and virtio-blk responses,
+# configuration space, vhost-user replies, the target's request path) on stable Rust:
 #   scripts/fuzz-native.sh [--count N] [--seed S] [TARGET]
-# TARGET is one of used-ring, scsi-response, config-space, vhost-user-reply, target-request,
-# or all (the default); N defaults to 100000 executions per target. One line per target; a
-# crash prints the input and how to reproduce it, and the script exits non-zero.
+# TARGET is one of used-ring, scsi-response, blk-response, config-space, vhost-user-reply,
+# target-request, or all (the default); N defaults to 100000 executions per target. One line
+# per target; a crash prints the input and how to reproduce it, and the script exits non-zero.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

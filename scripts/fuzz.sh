@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # fuzz.sh - every fuzz target at a given count: the native ones (crates/fuzz: used rings,
-# command responses, configuration space, vhost-user replies, the target's request path) and the
-# TypeScript SCSI response parsers (fast-check properties). One line per target; exits non-zero
-# on the first crash or failed property, with what reproduces it.
+# virtio-scsi and virtio-blk responses, configuration space, vhost-user replies, the target's
+# request path) and the TypeScript SCSI response parsers (fast-check properties). One line per
+# target; exits non-zero on the first crash or failed property, with what reproduces it.
 #
 # Usage: scripts/fuzz.sh [--count N] [--seed S]   (N executions per target, default 100000)
 set -euo pipefail
@@ -14,7 +14,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --count) count="$2"; shift 2 ;;
     --seed) seed="$2"; shift 2 ;;
-    -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "fuzz.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -21,7 +21,8 @@ use input::{hex, unhex, Rng};
 use targets::Target;
 
 const USAGE: &str = "usage: virtio-fuzz TARGET [--count N] [--seed S] [--replay HEX]
-  TARGET: all, or one of: used-ring scsi-response config-space vhost-user-reply target-request";
+  TARGET: all, or one of: used-ring scsi-response blk-response config-space vhost-user-reply
+          target-request";
 
 /// An execution running longer than this is a hang.
 const HANG_AFTER: Duration = Duration::from_secs(30);

@@ -212,6 +212,11 @@ impl DevQueue {
             if flags & 2 != 0 {
                 chain.writable.push((addr, len));
             } else {
+                // virtio 1.2, 2.7.4.2: device-writable descriptors come after every readable one.
+                assert!(
+                    chain.writable.is_empty(),
+                    "driver put a readable descriptor after a writable one at head {head}"
+                );
                 chain.readable.push((addr, len));
             }
             if flags & 1 == 0 {

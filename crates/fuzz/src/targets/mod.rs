@@ -1,6 +1,7 @@
 //! The fuzz targets. Each decodes its input with [`crate::input::Input`], drives the code under
 //! test, and panics when a property check fails; the code under test must never panic itself.
 
+mod blk_response;
 mod config_space;
 mod fake;
 mod scsi_response;
@@ -15,13 +16,14 @@ pub trait Target {
     fn run(&mut self, data: &[u8]);
 }
 
-pub const NAMES: [&str; 5] =
-    ["used-ring", "scsi-response", "config-space", "vhost-user-reply", "target-request"];
+pub const NAMES: [&str; 6] =
+    ["used-ring", "scsi-response", "blk-response", "config-space", "vhost-user-reply", "target-request"];
 
 pub fn create(name: &str) -> Option<Box<dyn Target>> {
     Some(match name {
         "used-ring" => Box::new(used_ring::UsedRing::new()),
         "scsi-response" => Box::new(scsi_response::ScsiResponse::new()),
+        "blk-response" => Box::new(blk_response::BlkResponse::new()),
         "config-space" => Box::new(config_space::ConfigSpace::new()),
         "vhost-user-reply" => Box::new(vhost_user_reply::VhostUserReply::new()),
         "target-request" => Box::new(target_request::TargetRequest::new()),
