@@ -1,7 +1,9 @@
 // PCI mode end to end: inside a QEMU guest (TCG, emulated Intel IOMMU) a virtio-scsi PCI
 // function is handed to vfio-pci and driven from userspace by the addon, running the same
 // initiator bodies (__test__/helpers/initiator-bodies.ts) that run here on the host over
-// vhost-user. Two guests:
+// vhost-user; then a virtio-blk function of the same guest, on vfio-pci too, is opened through
+// the facade and runs the virtio-blk bodies (BLK_BODIES), which also run here on the host over
+// vhost-user-blk. Two guests:
 //
 //  - "pci/iommu": QEMU's own virtio-scsi-pci (iommu_platform=on, modern only) with scsi-hd
 //    LUNs of 512- and 4096-byte blocks on image files; the device reaches the DMA pool
@@ -12,21 +14,37 @@
 //    response) fails every time, not only in a guest whose free memory happens to be
 //    fragmented. This guest also checks bad input, driver binding through driver_override, a
 //    non-viable IOMMU group, and a transitional function (1af4:1004) behind a PCI bridge driven
-//    through its modern interface with physical addresses.
+//    through its modern interface with physical addresses. Its virtio-blk function is QEMU's
+//    virtio-blk-pci (iommu_platform=on, modern only) with 4096-byte blocks and a serial
+//    number; opening each function as the other's type is refused.
 //  - "pci/physical": vhost-user-scsi-pci served by the bundled target on the host; no
-//    ACCESS_PLATFORM, so descriptors carry guest-physical addresses of pinned hugepages.
+//    ACCESS_PLATFORM, so descriptors carry guest-physical addresses of pinned hugepages. Its
+//    virtio-blk function is a transitional vhost-user-blk-pci (1af4:1001) served by a second
+//    bundled target (--type blk) with 512-byte blocks.
 //
 // After each guest the host checks the image files for the bytes the guest wrote. The guests
 // run once each; every body is its own test, asserted from the guest's marker lines.
 import test, { type ExecutionContext } from 'ava';
-import { mkdtempSync, openSync, readSync, closeSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { mkdtempSync, openSync, readSync, closeSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
+import { Controller } from '../ts/index.js';
 import { loadNative, nativeUnavailableReason } from '../ts/native.js';
 import { repoRoot, requireCommands, requireGuestKernel, requireRoot, requireTargetBinary, testWhen, type Requirement } from './helpers/env.js';
 import { markers, runGuest, type GuestResult } from './helpers/guest.js';
-import { BODIES, lunId, pattern, regionsFor, type LunSpec } from './helpers/initiator-bodies.js';
+import {
+  BLK_BODIES,
+  BODIES,
+  blkDisk,
+  blkImageAfterBodies,
+  lunId,
+  pattern,
+  regionsFor,
+  type BlkDiskSpec,
+  type LunSpec,
+  type PatternRegion,
+} from './helpers/initiator-bodies.js';
 import type { RunnerSpec } from './helpers/pci-guest-runner.js';
 import { startTarget, type TargetProcess } from './helpers/target.js';
 
@@ -49,8 +67,11 @@ function lunSpecs(): LunSpec[] {
   ];
 }
 
-/** A sparse image with the LUN's preset bytes in place. */
-function makeImage(path: string, l: LunSpec): void {
+/** The serial number of QEMU's virtio-blk-pci: all 20 bytes of a virtio-blk ID, no NUL. */
+const QEMU_BLK_SERIAL = 'PCI-BLK-IOMMU-012345';
+
+/** A sparse image with the LUN's (or disk's) preset bytes in place. */
+function makeImage(path: string, l: { blockSize: number; blocks: number; preset?: PatternRegion }): void {
   writeFileSync(path, '');
   truncateSync(path, l.blocks * l.blockSize);
   if (l.preset) {
@@ -74,10 +95,24 @@ function readImage(path: string, offset: number, bytes: number): Buffer {
   return buf;
 }
 
+/** A disk on a file of the bundled target (--type blk): the image made, and the serial number
+ * GET ID reports for it (the target names a file disk after the file's inode). */
+function targetBlkDisk(image: string, blockSize: number, bytes: number): BlkDiskSpec {
+  const layout = blkDisk({ blockSize, blocks: bytes / blockSize, serial: '', discard: true });
+  makeImage(image, layout);
+  return { ...layout, serial: `VIRTINIT-${statSync(image, { bigint: true }).ino.toString(16)}`.slice(0, 20) };
+}
+
+/** Compares the image's bytes with what must be there. */
+function checkImage(t: ExecutionContext, image: string, expected: Array<{ offset: number; bytes: Buffer; what: string }>, label: string): void {
+  for (const e of expected) t.true(readImage(image, e.offset, e.bytes.length).equals(e.bytes), `${label}: ${e.what}`);
+}
+
 interface Run {
   result: GuestResult;
   images: Map<string, string>;
   luns: LunSpec[];
+  blk: { image: string; disk: BlkDiskSpec };
   backendLog: string;
 }
 
@@ -121,6 +156,13 @@ async function iommuRun(): Promise<Run> {
     '-device', 'scsi-hd,bus=t1.0,scsi-id=0,lun=0,drive=dt',
     '-device', 'virtio-scsi-pci,id=t2,bus=br0,addr=2',
   );
+  const blkImage = join(d, 'blk.img');
+  const disk = blkDisk({ blockSize: 4096, blocks: (32 * MiB) / 4096, serial: QEMU_BLK_SERIAL, discard: true });
+  makeImage(blkImage, disk);
+  qemu.push(
+    '-drive', `if=none,id=b0,file=${blkImage},format=raw,discard=unmap,cache=directsync`,
+    '-device', `virtio-blk-pci,drive=b0,disable-legacy=on,iommu_platform=on,serial=${disk.serial},logical_block_size=4096,physical_block_size=4096`,
+  );
   const spec: RunnerSpec = {
     expectDma: 'iommu',
     luns,
@@ -130,17 +172,20 @@ async function iommuRun(): Promise<Run> {
     badInput: true,
     transitionalLun,
     scatterPool: { maxAdjacentShare: MAX_ADJACENT_SHARE },
+    // The split transfer goes down at the default cap of a pool of ordinary pages (2 MiB): QEMU
+    // maps a descriptor through the IOMMU page by page and takes at most 1024 pieces per request.
+    blk: { id: '1af4:1042', disk, typeMismatch: true },
   };
   const result = await runGuest({
     command: guestCommand(spec),
     qemuArgs: qemu,
-    // 1af4:1048 only: the transitional functions stay on virtio-pci for the binding checks.
-    env: { GUEST_VFIO_BIND: '1af4:1048', GUEST_HUGEPAGES: '8', GUEST_TIMEOUT: '600' },
+    // Modern functions only: the transitional ones stay on virtio-pci for the binding checks.
+    env: { GUEST_VFIO_BIND: '1af4:1048 1af4:1042', GUEST_HUGEPAGES: '8', GUEST_TIMEOUT: '600' },
   }).done;
-  return { result, images, luns, backendLog: '' };
+  return { result, images, luns, blk: { image: blkImage, disk }, backendLog: '' };
 }
 
-/** vhost-user-scsi-pci served by the bundled target: physical addresses. */
+/** vhost-user-scsi-pci and vhost-user-blk-pci served by the bundled target: physical addresses. */
 async function physicalRun(): Promise<Run> {
   const d = dir('pci-physical-');
   const luns = lunSpecs();
@@ -151,25 +196,45 @@ async function physicalRun(): Promise<Run> {
     images.set(lunId(l), img);
   }
   const socket = join(d, 'vhost.sock');
-  let target: TargetProcess | undefined;
+  const blkImage = join(d, 'blk.img');
+  const disk = targetBlkDisk(blkImage, 512, 64 * MiB);
+  const blkSocket = join(d, 'vhost-blk.sock');
+  const targets: TargetProcess[] = [];
   try {
-    target = await startTarget({
-      socket,
-      luns: luns.map((l) => `${l.target}:${l.lun}:file:${images.get(lunId(l))}:${l.blockSize}`),
-      queues: 2,
-    });
-    const spec: RunnerSpec = { expectDma: 'physical', luns, options: { memoryBytes: 32 * MiB }, badInput: false };
+    targets.push(
+      await startTarget({
+        socket,
+        luns: luns.map((l) => `${l.target}:${l.lun}:file:${images.get(lunId(l))}:${l.blockSize}`),
+        queues: 2,
+      }),
+    );
+    targets.push(await startTarget({ socket: blkSocket, luns: [`0:0:file:${blkImage}:${disk.blockSize}`], queues: 2, type: 'blk' }));
+    const spec: RunnerSpec = {
+      expectDma: 'physical',
+      luns,
+      options: { memoryBytes: 32 * MiB },
+      badInput: false,
+      blk: { id: '1af4:1001', disk, typeMismatch: false },
+    };
     const guest = runGuest({
       command: guestCommand(spec),
-      qemuArgs: ['-chardev', `socket,id=vus,path=${socket}`, '-device', 'vhost-user-scsi-pci,chardev=vus,num_queues=2,disable-legacy=on'],
-      env: { GUEST_VFIO_BIND: '1af4:1048', GUEST_HUGEPAGES: '32', GUEST_MEMFD: '1', GUEST_TIMEOUT: '600' },
+      qemuArgs: [
+        '-chardev', `socket,id=vus,path=${socket}`,
+        '-device', 'vhost-user-scsi-pci,chardev=vus,num_queues=2,disable-legacy=on',
+        // Transitional (1af4:1001): driven through its modern interface.
+        '-chardev', `socket,id=vub,path=${blkSocket}`,
+        '-device', 'vhost-user-blk-pci,chardev=vub,num-queues=2',
+      ],
+      // Three pools of 32 MiB one after the other: a closed controller's hugepages stay taken
+      // until the garbage collector frees the DMA buffers the bodies held.
+      env: { GUEST_VFIO_BIND: '1af4:1048 1af4:1001', GUEST_HUGEPAGES: '48', GUEST_MEMFD: '1', GUEST_TIMEOUT: '600' },
     });
     // A target that dies would leave the guest polling until its timeouts.
-    void target.exited.then(() => guest.kill());
+    for (const target of targets) void target.exited.then(() => guest.kill());
     const result = await guest.done;
-    return { result, images, luns, backendLog: target.log };
+    return { result, images, luns, blk: { image: blkImage, disk }, backendLog: targets.map((x) => x.log).join('\n') };
   } finally {
-    await target?.stop();
+    for (const target of targets) await target.stop();
   }
 }
 
@@ -259,20 +324,37 @@ function registerRun(label: string, run: () => Promise<Run>, extraChecks: string
       assertMarker(t, await run(), 'CHECK', name);
     });
   }
+  for (const [name] of BLK_BODIES) {
+    testWhen(test.serial, `${label}: ${name}`, guestRequirements, async (t) => {
+      assertMarker(t, await run(), 'BODY', name);
+    });
+  }
   testWhen(test.serial, `${label}: the host finds the guest's data in the images`, guestRequirements, async (t) => {
     const r = await run();
     for (const l of r.luns) {
       const hc = l.hostCheck!;
-      const got = readImage(r.images.get(lunId(l))!, hc.offset, hc.bytes);
-      t.true(got.equals(pattern(hc.seed, hc.bytes)), `host-check region of ${lunId(l)} holds what the guest wrote`);
       const preset = l.preset!;
-      t.true(readImage(r.images.get(lunId(l))!, preset.offset, preset.bytes).equals(pattern(preset.seed, preset.bytes)), `preset region of ${lunId(l)} untouched`);
+      checkImage(
+        t,
+        r.images.get(lunId(l))!,
+        [
+          { offset: hc.offset, bytes: pattern(hc.seed, hc.bytes), what: 'the host-check region holds what the guest wrote' },
+          { offset: preset.offset, bytes: pattern(preset.seed, preset.bytes), what: 'the preset region untouched' },
+        ],
+        lunId(l),
+      );
     }
+    checkImage(t, r.blk.image, blkImageAfterBodies(r.blk.disk), 'virtio-blk disk');
   });
 }
 
-registerRun('pci/iommu (QEMU virtio-scsi-pci, scattered pool)', once(iommuRun), ['device-reset', 'bad-addresses', 'binding', 'facade'], { scattered: true });
-registerRun('pci/physical (vhost-user-scsi-pci, bundled target)', once(physicalRun), ['device-reset', 'facade']);
+registerRun(
+  'pci/iommu (QEMU virtio-scsi-pci and virtio-blk-pci, scattered pool)',
+  once(iommuRun),
+  ['device-reset', 'bad-addresses', 'binding', 'facade', 'blk-type-mismatch', 'blk-open'],
+  { scattered: true },
+);
+registerRun('pci/physical (vhost-user-scsi-pci and vhost-user-blk-pci, bundled targets)', once(physicalRun), ['device-reset', 'facade', 'blk-open']);
 
 // The same bodies on the host over vhost-user: the transport is the only difference, and this
 // keeps the bodies themselves honest without a guest.
@@ -301,9 +383,38 @@ for (const [name, body] of BODIES) {
   });
 }
 
+let hostBlk: { target: TargetProcess; controller?: Controller } | undefined;
+const hostBlkRun = once(async () => {
+  const d = dir('pci-blk-bodies-host-');
+  const image = join(d, 'blk.img');
+  const disk = targetBlkDisk(image, 4096, 32 * MiB);
+  const socket = join(d, 'vhost-blk.sock');
+  const target = await startTarget({ socket, luns: [`0:0:file:${image}:${disk.blockSize}`], type: 'blk' });
+  hostBlk = { target };
+  const controller = (hostBlk.controller = await Controller.connect(socket, { type: 'blk', memoryBytes: 32 * MiB }));
+  await controller.scan();
+  return { controller, disk, image };
+});
+
+for (const [name, body] of BLK_BODIES) {
+  testWhen(test.serial, `vhost-user-blk (host, same bodies): ${name}`, [requireAddon, requireTargetBinary], async (t) => {
+    const { controller, disk } = await hostBlkRun();
+    await body(t, { controller, disk });
+  });
+}
+
+testWhen(test.serial, 'vhost-user-blk (host, same bodies): the image holds what the bodies wrote', [requireAddon, requireTargetBinary], async (t) => {
+  const { disk, image } = await hostBlkRun();
+  checkImage(t, image, blkImageAfterBodies(disk), 'virtio-blk disk');
+});
+
 test.after.always(async () => {
   if (host) {
     host.close();
     await host.target.stop();
+  }
+  if (hostBlk) {
+    await hostBlk.controller?.close();
+    await hostBlk.target.stop();
   }
 });

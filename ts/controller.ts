@@ -58,7 +58,8 @@ export interface ControllerOptions {
   hugepages?: 'auto' | 'require' | 'never';
   /**
    * Cap on the bytes of one READ or WRITE command; larger transfers are split. Default: an
-   * eighth of the DMA pool at first, at least 2 MiB, so that several bounced transfers fit.
+   * eighth of the DMA pool at first, at least 2 MiB, so that several bounced transfers fit; 2 MiB
+   * on a pool of ordinary pages.
    */
   maxTransferBytes?: number;
   /**
@@ -184,6 +185,17 @@ const DEFAULT_BLK_NAME = 'VirtioBlk0';
 /** Default transfer cap: this fraction of the DMA pool per command, and at least MIN_TRANSFER_CAP. */
 const POOL_SHARE_PER_TRANSFER = 8;
 const MIN_TRANSFER_CAP = 2 << 20;
+/**
+ * Default transfer cap on a pool of 4 KiB pages. A device behind an IOMMU may see each page as a
+ * piece of its own, and QEMU takes at most 1024 pieces per request (header and status included):
+ * 512 pages stay well inside.
+ */
+const SMALL_PAGE_TRANSFER_CAP = 2 << 20;
+function defaultTransferCap(info: { memoryBytes: number; hugepages: boolean }): number {
+  const share = Math.max(MIN_TRANSFER_CAP, Math.floor(info.memoryBytes / POOL_SHARE_PER_TRANSFER));
+  return info.hugepages ? share : Math.min(share, SMALL_PAGE_TRANSFER_CAP);
+}
+
 /** What a controller name may be (it prefixes the device names). */
 export const CONTROLLER_NAME = /^[A-Za-z0-9_.-]{1,64}$/;
 const EVENT_TYPES: Record<number, ControllerEvent['type']> = {
@@ -358,8 +370,7 @@ export class Controller extends EventEmitter<ControllerEventMap> implements Asyn
       allocBuffer: (bytes) => this.allocBuffer(bytes),
       taskManagement: (target, lun, fn) => this.taskManagement(target, lun, fn),
       maxSectors: info.maxSectors,
-      maxTransferBytes:
-        options.maxTransferBytes ?? Math.max(MIN_TRANSFER_CAP, Math.floor(info.memoryBytes / POOL_SHARE_PER_TRANSFER)),
+      maxTransferBytes: options.maxTransferBytes ?? defaultTransferCap(info),
       policy,
       onGeometryChange: (dev, before) => this.emit('capacity-changed', dev, before),
       readCapacity: () => this.handle.readCapacity(),

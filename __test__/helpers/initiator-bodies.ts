@@ -2,13 +2,17 @@
 // flush, reset, error cases and batching, written against the native binding (packed
 // submit/reap records). The same bodies run over a vhost-user socket on the host and over a
 // VFIO PCI function inside a QEMU guest (scripts/guest/pci-check.sh), so both transports are
-// held to identical assertions.
+// held to identical assertions. BLK_BODIES do the same for a virtio-blk disk, through the
+// TypeScript facade (a virtio-blk device has no SCSI commands to send raw).
 //
 // `Check` is the part of ava's ExecutionContext the bodies use: ava's `t` can be passed as it
 // is, and the guest runner supplies one that records failures and prints them.
 
 import { setImmediate as yieldToLoop } from 'node:timers/promises';
 
+import type { Controller } from '../../ts/controller.js';
+import type { BlockDevice } from '../../ts/block-device.js';
+import { NotSupportedError } from '../../ts/errors.js';
 import type { NativeChannel, NativeController } from '../../ts/native.js';
 import { CompletionReader, Direction, RecordWriter } from '../../ts/records.js';
 import {
@@ -587,4 +591,255 @@ export const BODIES: ReadonlyArray<readonly [string, Body]> = [
   ['unmap', unmapBody],
   ['reset', reset],
   ['errors', errors],
+];
+
+// ---------------------------------------------------------------- virtio-blk bodies
+
+/** `f` must throw (or reject with) an error whose message matches `re`, of class `type` when
+ * one is given. */
+export async function refuses(
+  t: Check,
+  what: string,
+  f: () => unknown,
+  re: RegExp,
+  type?: abstract new (...args: never[]) => Error,
+): Promise<void> {
+  try {
+    await f();
+    t.true(false, `${what}: no error`);
+  } catch (e) {
+    const text = e instanceof Error ? e.message : String(e);
+    if (type) t.true(e instanceof type, `${what}: ${e instanceof Error ? e.name : typeof e} "${text}" is not a ${type.name}`);
+    t.true(re.test(text), `${what}: error "${text}" does not match ${re}`);
+    t.log(`${what}: ${text}`);
+  }
+}
+
+/** A virtio-blk disk as the host set it up: what the scan must find, and the regions the host
+ * preset and checks afterwards. */
+export interface BlkDiskSpec {
+  blockSize: number;
+  blocks: number;
+  /** The ID string GET ID returns: the disk's serial number. */
+  serial: string;
+  /** The device offers DISCARD. */
+  discard: boolean;
+  preset: PatternRegion;
+  hostCheck: PatternRegion;
+}
+
+export interface BlkBodyContext {
+  /** A virtio-blk controller, open and scanned. */
+  controller: Controller;
+  disk: BlkDiskSpec;
+}
+
+export type BlkBody = (t: Check, ctx: BlkBodyContext) => Promise<void>;
+
+/** A disk (of at least MIN_LUN_BYTES) with its preset and host-check regions, their seeds apart
+ * from any SCSI LUN's. */
+export function blkDisk(d: Omit<BlkDiskSpec, 'preset' | 'hostCheck'>): BlkDiskSpec {
+  return {
+    ...d,
+    preset: { offset: 2 * MiB, bytes: 64 * KiB, seed: 2900 },
+    hostCheck: { offset: 1 * MiB, bytes: 64 * KiB, seed: 1900 },
+  };
+}
+
+/** A range written with pattern(seed) whose middle half (`hole`) a body then zeroes. */
+interface ZeroedRange extends PatternRegion {
+  hole: { offset: number; bytes: number };
+}
+
+/** Where the blk bodies write (none overlaps another, or a preset or host-check region). */
+function blkPlaces(d: BlkDiskSpec) {
+  const bs = d.blockSize;
+  const zeroed = (offset: number, seed: number): ZeroedRange => ({ offset, bytes: 256 * KiB, seed, hole: { offset: offset + 64 * KiB, bytes: 128 * KiB } });
+  return {
+    /** The first and the last blocks; one DMA buffer of many blocks; a plain Buffer of an odd
+     * number of blocks (bounced); one call larger than a transfer (split in pieces). */
+    data: [
+      { offset: 0, bytes: bs, seed: 3100, dma: true },
+      { offset: d.blocks * bs - 8 * bs, bytes: 8 * bs, seed: 3101, dma: true },
+      { offset: 3 * MiB, bytes: 1 * MiB, seed: 3102, dma: true },
+      { offset: 4 * MiB, bytes: 64 * KiB + 3 * bs, seed: 3103, dma: false },
+      { offset: 8 * MiB, bytes: BLK_SPLIT_BYTES, seed: 3104, dma: true },
+    ],
+    fua: { offset: 4 * MiB + 512 * KiB, bytes: 16 * KiB, seed: 3105 },
+    writeZeroes: zeroed(5 * MiB, 3106),
+    discard: zeroed(5 * MiB + 512 * KiB, 3107),
+  };
+}
+
+/** Bytes of the blk data body's largest call: more than one transfer of the controllers the
+ * bodies run on (4 MiB at most: an eighth of a 32 MiB pool; 2 MiB on ordinary pages), so it goes
+ * down in pieces (the body checks that). */
+const BLK_SPLIT_BYTES = 6 * MiB;
+
+/** The bytes the image of `d` holds after the blk bodies ran, where they wrote or the host
+ * preset: the host compares its own view of the disk with these. */
+export function blkImageAfterBodies(d: BlkDiskSpec): Array<{ offset: number; bytes: Buffer; what: string }> {
+  const p = blkPlaces(d);
+  const zeroed = (z: ZeroedRange): Buffer => {
+    const b = pattern(z.seed, z.bytes);
+    b.fill(0, z.hole.offset - z.offset, z.hole.offset - z.offset + z.hole.bytes);
+    return b;
+  };
+  return [
+    ...p.data.map((s) => ({ offset: s.offset, bytes: pattern(s.seed, s.bytes), what: `${s.bytes} bytes written at ${s.offset}` })),
+    { offset: p.fua.offset, bytes: pattern(p.fua.seed, p.fua.bytes), what: 'the write with fua' },
+    { offset: d.hostCheck.offset, bytes: pattern(d.hostCheck.seed, d.hostCheck.bytes), what: 'the host-check region' },
+    { offset: d.preset.offset, bytes: pattern(d.preset.seed, d.preset.bytes), what: 'the preset region, untouched' },
+    { offset: p.writeZeroes.offset, bytes: zeroed(p.writeZeroes), what: 'the range with zeroes written in its middle' },
+    ...(d.discard ? [{ offset: p.discard.offset, bytes: zeroed(p.discard), what: 'the range discarded in its middle' }] : []),
+  ];
+}
+
+/** The controller's one disk; throws when the scan did not make it. */
+function blkDevice(ctx: BlkBodyContext): BlockDevice {
+  const dev = ctx.controller.devices[0];
+  if (!dev) throw new Error(`${ctx.controller.name} has no disk`);
+  return dev;
+}
+
+async function blkWriteRead(t: Check, dev: BlockDevice, offset: number, data: Buffer, what: string): Promise<void> {
+  const lba = offset / dev.blockSize;
+  await dev.write(lba, data);
+  sameBytes(t, await dev.read(lba, data.length / dev.blockSize), data, `${what}: ${data.length} bytes at ${offset} read back`);
+}
+
+/** Writes pattern(seed) over `z`, zeroes its hole with `zero`, and finds zeros in the hole
+ * and the pattern around it. */
+async function blkZeroHole(t: Check, dev: BlockDevice, z: ZeroedRange, what: string, zero: (lba: number, blocks: number) => Promise<void>): Promise<void> {
+  const bs = dev.blockSize;
+  const before = pattern(z.seed, z.bytes);
+  await blkWriteRead(t, dev, z.offset, before, `before ${what}`);
+  await zero(z.hole.offset / bs, z.hole.bytes / bs);
+  const back = await dev.read(z.offset / bs, z.bytes / bs);
+  const h0 = z.hole.offset - z.offset;
+  const h1 = h0 + z.hole.bytes;
+  sameBytes(t, back.subarray(0, h0), before.subarray(0, h0), `data before the range of ${what}`);
+  sameBytes(t, back.subarray(h0, h1), Buffer.alloc(z.hole.bytes), `the range of ${what} reads zeros`);
+  sameBytes(t, back.subarray(h1), before.subarray(h1), `data after the range of ${what}`);
+}
+
+/** The scan found one disk, named after the controller, with the geometry and serial number
+ * the host gave it; a rescan keeps it. */
+const blkIdentity: BlkBody = async (t, ctx) => {
+  const c = ctx.controller;
+  const d = ctx.disk;
+  t.true(d.blocks * d.blockSize >= MIN_LUN_BYTES, `the disk has at least ${MIN_LUN_BYTES} bytes`);
+  t.is(c.deviceType, 'blk', 'controller device type');
+  t.is(c.info.deviceType, 'blk', 'controller info device type');
+  t.deepEqual(
+    { blockSize: c.info.blk?.blockSize, capacitySectors: c.info.blk?.capacitySectors, discard: c.info.blk?.discard },
+    { blockSize: d.blockSize, capacitySectors: (d.blocks * d.blockSize) / 512, discard: d.discard },
+    'configuration space',
+  );
+  t.deepEqual(c.luns, [], 'a virtio-blk controller has no LUNs');
+  t.deepEqual(
+    c.devices.map((x) => ({ name: x.info.name, deviceType: x.info.deviceType, target: x.info.target, lun: x.info.lun })),
+    [{ name: c.name, deviceType: 'blk', target: 0, lun: 0 }],
+    'one disk, named after the controller',
+  );
+  const dev = blkDevice(ctx);
+  t.deepEqual(
+    { blockSize: dev.blockSize, blockCount: dev.blockCount, sizeBytes: dev.info.sizeBytes, serial: dev.info.serial, unmap: dev.info.unmap },
+    { blockSize: d.blockSize, blockCount: BigInt(d.blocks), sizeBytes: BigInt(d.blocks * d.blockSize), serial: d.serial, unmap: d.discard },
+    'geometry, serial number (GET ID) and DISCARD',
+  );
+  t.log(`${dev.name}: ${dev.blockCount} blocks of ${dev.blockSize} bytes, serial ${JSON.stringify(dev.info.serial)}, ${JSON.stringify(dev.info.limits)}`);
+  const again = await c.scan();
+  t.deepEqual(again, { luns: [], problems: [] }, 'rescan result');
+  t.true(c.devices.length === 1 && c.devices[0] === dev, 'a rescan keeps the same disk');
+  t.is(dev.info.serial, d.serial, 'the serial number after a rescan');
+};
+
+/** Writes read back: the first and last blocks, many blocks in one DMA buffer, a plain Buffer
+ * of an odd number of blocks, and one call larger than a transfer; the host's preset bytes
+ * read back unchanged; the host-check region written and flushed for the host to compare. */
+const blkData: BlkBody = async (t, ctx) => {
+  const dev = blkDevice(ctx);
+  const d = ctx.disk;
+  const split = blkPlaces(d).data.at(-1)!;
+  const perTransfer = dev.info.limits.maxTransferBlocks * dev.blockSize;
+  t.true(split.bytes > perTransfer, `the largest call (${split.bytes} bytes) is more than one transfer (${perTransfer} bytes)`);
+  for (const s of blkPlaces(d).data) {
+    const data = s.dma ? dev.allocBuffer(s.bytes) : Buffer.alloc(s.bytes);
+    pattern(s.seed, s.bytes).copy(data);
+    await blkWriteRead(t, dev, s.offset, data, s.dma ? 'DMA buffer' : 'plain Buffer');
+  }
+  // Into a buffer of the caller's, too.
+  const last = blkPlaces(d).data[1]!;
+  const into = Buffer.alloc(last.bytes, 0xee);
+  await dev.read(last.offset / dev.blockSize, into);
+  sameBytes(t, into, pattern(last.seed, last.bytes), 'the last blocks read into a plain Buffer');
+  sameBytes(t, await dev.read(d.preset.offset / dev.blockSize, d.preset.bytes / dev.blockSize), pattern(d.preset.seed, d.preset.bytes), 'bytes the host put on the disk');
+  await dev.write(d.hostCheck.offset / dev.blockSize, pattern(d.hostCheck.seed, d.hostCheck.bytes));
+  // On the medium, not in a cache, when the host looks.
+  await dev.flush();
+  t.is(ctx.controller.failure, null, 'controller still healthy');
+};
+
+/** FLUSH, and a write with fua (a write, then a FLUSH: virtio-blk has no forced unit access). */
+const blkFlush: BlkBody = async (t, ctx) => {
+  const dev = blkDevice(ctx);
+  const flushes = dev.iostat.flushOps;
+  t.true(ctx.controller.info.blk?.flush === true, 'the device offers FLUSH');
+  await dev.flush();
+  t.is(dev.iostat.flushOps, flushes + 1, 'the flush is counted');
+  const f = blkPlaces(ctx.disk).fua;
+  const data = pattern(f.seed, f.bytes);
+  await dev.write(f.offset / dev.blockSize, data, { fua: true });
+  t.is(dev.iostat.flushOps, flushes + 2, 'a write with fua flushes');
+  sameBytes(t, await dev.read(f.offset / dev.blockSize, f.bytes / dev.blockSize), data, 'the write with fua reads back');
+};
+
+/** WRITE ZEROES over the middle of written data: zeros there, the data around it kept. */
+const blkWriteZeroes: BlkBody = async (t, ctx) => {
+  const dev = blkDevice(ctx);
+  t.true(ctx.controller.info.blk?.writeZeroes === true, 'the device offers WRITE ZEROES');
+  await blkZeroHole(t, dev, blkPlaces(ctx.disk).writeZeroes, 'WRITE ZEROES', (lba, blocks) => dev.writeZeroes(lba, blocks));
+};
+
+/** DISCARD over the middle of written data where the device offers it (zeros there, the data
+ * around it kept); NotSupportedError where it does not. */
+const blkDiscard: BlkBody = async (t, ctx) => {
+  const dev = blkDevice(ctx);
+  const z = blkPlaces(ctx.disk).discard;
+  t.is(dev.info.unmap, ctx.disk.discard, 'DISCARD offered as the host set up');
+  if (!ctx.disk.discard) {
+    await refuses(t, 'DISCARD', () => dev.unmap({ lba: z.hole.offset / dev.blockSize, blocks: 1 }), /does not support DISCARD/, NotSupportedError);
+    return;
+  }
+  await blkZeroHole(t, dev, z, 'DISCARD', (lba, blocks) => dev.unmap({ lba, blocks }));
+};
+
+/** What the facade must refuse: ranges past the end (RangeError, before anything reaches the
+ * device) and SCSI-only calls (NotSupportedError); the disk works on afterwards. */
+const blkErrors: BlkBody = async (t, ctx) => {
+  const dev = blkDevice(ctx);
+  const n = ctx.disk.blocks;
+  const one = Buffer.alloc(dev.blockSize);
+  const past = /exceeds the capacity/;
+  await refuses(t, 'READ of the block after the last', () => dev.read(n, 1), past, RangeError);
+  await refuses(t, 'READ across the end', () => dev.read(BigInt(n - 1), 2), past, RangeError);
+  await refuses(t, 'WRITE of the block after the last', () => dev.write(n, one), past, RangeError);
+  await refuses(t, 'WRITE ZEROES across the end', () => dev.writeZeroes(n - 1, 2), past, RangeError);
+  await refuses(t, 'DISCARD of the block after the last', () => dev.unmap({ lba: n, blocks: 1 }), past, RangeError);
+  await refuses(t, 'passthrough', () => dev.passthrough(testUnitReady()), /passthrough is for SCSI devices; .* is a virtio-blk disk/, NotSupportedError);
+  await refuses(t, 'LOGICAL UNIT RESET', () => dev.reset(), /reset is for SCSI devices; .* is a virtio-blk disk/, NotSupportedError);
+  const last = blkPlaces(ctx.disk).data[1]!;
+  sameBytes(t, await dev.read(n - 1, 1), pattern(last.seed, last.bytes).subarray(-dev.blockSize), 'the last block still reads');
+  t.is(ctx.controller.failure, null, 'refused calls leave the controller healthy');
+};
+
+/** Every virtio-blk body, by name, in the order they run (blk-errors reads what blk-data wrote). */
+export const BLK_BODIES: ReadonlyArray<readonly [string, BlkBody]> = [
+  ['blk-identity', blkIdentity],
+  ['blk-data', blkData],
+  ['blk-flush', blkFlush],
+  ['blk-write-zeroes', blkWriteZeroes],
+  ['blk-discard', blkDiscard],
+  ['blk-errors', blkErrors],
 ];

@@ -1,6 +1,7 @@
 // Runs inside the QEMU guest (through scripts/guest/pci-check.sh): opens a virtio-scsi PCI
 // function through VFIO with the native binding, runs the shared initiator bodies on it, and
-// checks the bad-input errors and the driver binding. Everything it finds is printed as marker
+// checks the bad-input errors and the driver binding; then opens a virtio-blk function through
+// the facade and runs the virtio-blk bodies on its disk. Everything it finds is printed as marker
 // lines (`@@NAME subject key=value ...`) that __test__/pci-initiator.spec.ts asserts on; failed
 // assertions follow their marker as lines starting with "!! ".
 //
@@ -12,8 +13,8 @@ import { fileURLToPath } from 'node:url';
 import { isDeepStrictEqual, inspect } from 'node:util';
 
 import { loadNative, type Native, type NativeController, type NativeControllerOptions } from '../../ts/native.js';
-import { BODIES, RawChannel, lunId, pattern, type Check, type LunSpec } from './initiator-bodies.js';
-import { Controller, type ControllerOptions } from '../../ts/index.js';
+import { BLK_BODIES, BODIES, RawChannel, lunId, pattern, refuses, type BlkDiskSpec, type Check, type LunSpec } from './initiator-bodies.js';
+import { Controller, ConnectError, type ControllerOptions } from '../../ts/index.js';
 import { Direction } from '../../ts/records.js';
 import { read10, write10 } from '../../ts/scsi/index.js';
 
@@ -32,7 +33,19 @@ export interface RunnerSpec {
    * plain memory only); the POOL marker passes when at most `maxAdjacentShare` of its
    * consecutive pages are physically adjacent. Without it, the marker only informs. */
   scatterPool?: { maxAdjacentShare: number };
+  /** A virtio-blk function, also on vfio-pci, driven through the facade after the virtio-scsi one
+   * is closed (same options, same way of reaching memory). */
+  blk?: {
+    /** Its vendor:device id (1af4:1042 modern, 1af4:1001 transitional). */
+    id: string;
+    disk: BlkDiskSpec;
+    /** Check that each function, told the other's type, is refused. */
+    typeMismatch: boolean;
+  };
 }
+
+/** vendor:device ids of the functions openPci takes. */
+const STORAGE_IDS = ['1af4:1001', '1af4:1004', '1af4:1042', '1af4:1048'];
 
 /** The core's testing knob that scatters the pages of plain-memory DMA pools (see
  * crates/virtio-initiator-core/src/memory/pool.rs). */
@@ -83,31 +96,22 @@ function report(kind: 'BODY' | 'CHECK', name: string, r: Recorder, ms: number): 
   return ok;
 }
 
-/** Runs one check of the guest and reports it as a CHECK marker; true when it passed. */
-async function runCheck(name: string, check: (t: Recorder) => Promise<void>): Promise<boolean> {
+/** Runs one body or check of the guest and reports it as a BODY or CHECK marker (a body's
+ * start is announced too); true when it passed. */
+async function runReported(kind: 'BODY' | 'CHECK', name: string, check: (t: Recorder) => Promise<void>): Promise<boolean> {
   const r = new Recorder();
   const start = Date.now();
+  if (kind === 'BODY') out(`@@BODY_START ${name}`);
   try {
     await check(r);
   } catch (e) {
     r.failures.push(`threw: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`);
   }
-  return report('CHECK', name, r, Date.now() - start);
+  return report(kind, name, r, Date.now() - start);
 }
 
 function message(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
-}
-
-/** `f` must throw an error whose message matches `re`. */
-async function refuses(t: Check, what: string, f: () => unknown, re: RegExp): Promise<void> {
-  try {
-    await f();
-    t.true(false, `${what}: no error`);
-  } catch (e) {
-    t.true(re.test(message(e)), `${what}: error "${message(e)}" does not match ${re}`);
-    t.log(`${what}: ${message(e)}`);
-  }
 }
 
 /** Opens a PCI function through the addon (off the event loop); its failure as an Error. */
@@ -229,7 +233,7 @@ async function bindingChecks(native: Native, main: string, open: NativeControlle
   };
   const all = pciFunctions();
   const transitional = all.filter((f) => f.id === '1af4:1004').map((f) => f.address);
-  const otherVirtio = all.find((f) => f.id.startsWith('1af4:') && f.id !== '1af4:1004' && f.id !== '1af4:1048');
+  const otherVirtio = all.find((f) => f.id.startsWith('1af4:') && !STORAGE_IDS.includes(f.id));
   const nonVirtio = all.find((f) => !f.id.startsWith('1af4:'));
 
   await check('bad-addresses', async (t) => {
@@ -242,7 +246,7 @@ async function bindingChecks(native: Native, main: string, open: NativeControlle
     }
     t.true(otherVirtio !== undefined, 'a virtio function of another type exists');
     if (otherVirtio) {
-      await refuses(t, `virtio ${otherVirtio.id}`, () => openPci(native, otherVirtio.address), /is a virtio device but not virtio-scsi/);
+      await refuses(t, `virtio ${otherVirtio.id}`, () => openPci(native, otherVirtio.address), /is a virtio device but neither virtio-scsi \(.*\) nor virtio-blk/);
     }
     await refuses(t, 'the open function again', () => openPci(native, main), /is in use/);
     // vfio-pci's unbind would wait for this very process to let the device go: refused.
@@ -338,10 +342,7 @@ async function resetCheck(t: Check, controller: NativeController, spec: RunnerSp
 
 /** The TypeScript facade over the same function: scan, then block I/O on each disk. */
 async function facadeCheck(t: Check, address: string, spec: RunnerSpec): Promise<void> {
-  const opts: ControllerOptions = { name: 'Pci0' };
-  if (spec.options.memoryBytes != null) opts.memoryBytes = spec.options.memoryBytes;
-  if (spec.options.hugepages != null) opts.hugepages = spec.options.hugepages as ControllerOptions['hugepages'];
-  const c = await Controller.openPci(address, opts);
+  const c = await Controller.openPci(address, facadeOptions(spec, 'Pci0'));
   try {
     const result = await c.scan();
     t.deepEqual(result.problems, [], 'scan problems');
@@ -365,6 +366,62 @@ async function facadeCheck(t: Check, address: string, spec: RunnerSpec): Promise
   }
 }
 
+/** The facade's options of the spec. */
+function facadeOptions(spec: RunnerSpec, name?: string): ControllerOptions {
+  const opts: ControllerOptions = name === undefined ? {} : { name };
+  if (spec.options.memoryBytes != null) opts.memoryBytes = spec.options.memoryBytes;
+  if (spec.options.hugepages != null) opts.hugepages = spec.options.hugepages as ControllerOptions['hugepages'];
+  return opts;
+}
+
+/**
+ * The virtio-blk function of the spec: listed as such and on vfio-pci; each function told the
+ * other's type is refused by name (blk-type-mismatch); opened without a type it is found to be
+ * virtio-blk and reaches memory as the spec expects; scanned, it has one disk (blk-open). Then
+ * every virtio-blk body runs on that disk.
+ */
+async function blkRun(native: Native, scsiAddress: string, spec: RunnerSpec): Promise<boolean> {
+  const blk = spec.blk!;
+  const onVfio = (process.env.VFIO_BDFS ?? '').split(' ');
+  const address = pciFunctions().find((f) => f.id === blk.id && onVfio.includes(f.address))?.address;
+  let ok = true;
+  if (blk.typeMismatch) {
+    ok = (await runReported('CHECK', 'blk-type-mismatch', async (t) => {
+      if (!address) throw new Error(`no ${blk.id} function on vfio-pci`);
+      await refuses(t, 'virtio-blk opened as virtio-scsi', () => Controller.openPci(address, { ...facadeOptions(spec), type: 'scsi' }), /is a virtio-blk device, not virtio-scsi/, ConnectError);
+      await refuses(t, 'virtio-scsi opened as virtio-blk', () => Controller.openPci(scsiAddress, { ...facadeOptions(spec), type: 'blk' }), /is a virtio-scsi device, not virtio-blk/, ConnectError);
+    })) && ok;
+  }
+  const opened: { controller?: Controller } = {};
+  ok = (await runReported('CHECK', 'blk-open', async (t) => {
+    if (!address) throw new Error(`no ${blk.id} function on vfio-pci (VFIO_BDFS: ${process.env.VFIO_BDFS ?? ''})`);
+    const listed = native.listPciDevices().find((d) => d.address === address);
+    t.deepEqual([listed?.deviceType, listed?.driver], ['blk', 'vfio-pci'], `${address} listed as virtio-blk on vfio-pci`);
+    const t0 = Date.now();
+    const controller = (opened.controller = await Controller.openPci(address, facadeOptions(spec)));
+    t.log(`opened in ${Date.now() - t0} ms: ${controller.info.transport}; ${controller.info.requestQueues} queues of ${controller.info.queueSize}`);
+    t.is(controller.name, 'VirtioBlk0', 'the default name of a virtio-blk controller');
+    t.is(controller.info.deviceType, 'blk', 'the type told by the PCI id');
+    const dma = spec.expectDma === 'iommu' ? 'through the IOMMU' : 'physical addresses';
+    t.true(controller.info.transport.includes(dma), `the device reaches memory ${dma}: ${controller.info.transport}`);
+    t.deepEqual(await controller.scan(), { luns: [], problems: [] }, 'scan result');
+    t.is(controller.devices.length, 1, 'one disk');
+  })) && ok;
+  const controller = opened.controller;
+  if (!controller) return false;
+  try {
+    const ctx = { controller, disk: blk.disk };
+    for (const [name, body] of BLK_BODIES) ok = (await runReported('BODY', name, (r) => body(r, ctx))) && ok;
+    if (controller.failure !== null) {
+      out(`!! virtio-blk controller failed: ${controller.failure}`);
+      ok = false;
+    }
+  } finally {
+    await controller.close();
+  }
+  return ok;
+}
+
 async function main(): Promise<number> {
   const spec = JSON.parse(Buffer.from(process.argv[2] ?? '', 'base64').toString('utf8')) as RunnerSpec;
   // Read by the core whenever it makes a DMA pool: it must be set before the first one.
@@ -372,7 +429,7 @@ async function main(): Promise<number> {
   const native = loadNative();
   const address = spec.address ?? (process.env.VFIO_BDFS ?? '').split(' ')[0] ?? '';
   for (const d of native.listPciDevices()) {
-    out(`@@PCI ${d.address} driver=${d.driver ?? 'none'} group=${d.iommuGroup ?? 'none'} interface=${d.interface}`);
+    out(`@@PCI ${d.address} type=${d.deviceType} driver=${d.driver ?? 'none'} group=${d.iommuGroup ?? 'none'} interface=${d.interface}`);
   }
   const t0 = Date.now();
   let controller: NativeController;
@@ -396,19 +453,9 @@ async function main(): Promise<number> {
   // The pool the bodies use, as it lies in physical memory, before and after them (it may
   // have grown meanwhile).
   ok = reportPool('layout', spec) && ok;
-  for (const [name, body] of BODIES) {
-    const r = new Recorder();
-    const start = Date.now();
-    out(`@@BODY_START ${name}`);
-    try {
-      await body(r, { controller, luns: spec.luns });
-    } catch (e) {
-      r.failures.push(`threw: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`);
-    }
-    ok = report('BODY', name, r, Date.now() - start) && ok;
-  }
+  for (const [name, body] of BODIES) ok = (await runReported('BODY', name, (r) => body(r, { controller, luns: spec.luns }))) && ok;
   ok = reportPool('after-bodies', spec) && ok;
-  ok = (await runCheck('device-reset', (r) => resetCheck(r, controller, spec))) && ok;
+  ok = (await runReported('CHECK', 'device-reset', (r) => resetCheck(r, controller, spec))) && ok;
   if (spec.badInput) ok = (await bindingChecks(native, address, controller, spec)) && ok;
   const failure = controller.failure;
   if (failure !== null) {
@@ -417,7 +464,8 @@ async function main(): Promise<number> {
   }
   await controller.close();
   // Closing let the device go: the facade can open it again at once.
-  ok = (await runCheck('facade', (r) => facadeCheck(r, address, spec))) && ok;
+  ok = (await runReported('CHECK', 'facade', (r) => facadeCheck(r, address, spec))) && ok;
+  if (spec.blk) ok = (await blkRun(native, address, spec)) && ok;
   out(`@@RESULT ${ok ? 'PASS' : 'FAIL'}`);
   return ok ? 0 : 1;
 }
