@@ -1,6 +1,6 @@
 // The packed submission and completion records shared with the native channel: the one
 // encoder/decoder of the TypeScript side (its Rust twin is crates/virtio-initiator-core/src/
-// scsi/records.rs, which documents the layout). Everything that talks to a channel — the
+// driver/records.rs, which documents the layout). Everything that talks to a channel — the
 // request queue, the batch benchmark, the transport test bodies — goes through these.
 
 /** Submission record layout (little-endian). */
