@@ -11,7 +11,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::debug;
-use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -166,6 +165,51 @@ fn probe(stream: &UnixStream, path: &str) -> Result<()> {
     Ok(())
 }
 
+/// GET_CONFIG by hand. A backend that cannot serve the range (one of another device type, whose
+/// configuration space is shorter) answers with an empty payload, which the `vhost` crate's
+/// frontend would wait on for the payload it asked for; here it is an error naming the range.
+fn get_config(stream: &UnixStream, offset: u32, len: usize) -> std::result::Result<Vec<u8>, String> {
+    const GET_CONFIG: u32 = 24;
+    const VERSION_1: u32 = 0x1;
+    const REPLY: u32 = 0x4;
+    /// offset, size and flags.
+    const BODY: usize = 12;
+    let size = u32::try_from(BODY + len).map_err(|_| format!("{len} bytes is too large a read"))?;
+    let mut request = Vec::with_capacity(12 + BODY + len);
+    for word in [GET_CONFIG, VERSION_1, size, offset, len as u32, 0] {
+        request.extend_from_slice(&word.to_le_bytes());
+    }
+    request.resize(12 + BODY + len, 0);
+    let mut s = stream;
+    s.write_all(&request).map_err(|e| format!("cannot send: {e}"))?;
+
+    let word = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let mut header = [0u8; 12];
+    s.read_exact(&mut header).map_err(|e| format!("reading the reply: {e}"))?;
+    let reply_size = word(&header, 8) as usize;
+    if word(&header, 0) != GET_CONFIG
+        || word(&header, 4) & REPLY == 0
+        || !(BODY..=BODY + len).contains(&reply_size)
+    {
+        return Err(format!("the reply is not one to GET_CONFIG of {len} bytes: {header:02x?}"));
+    }
+    let mut reply = vec![0u8; reply_size];
+    s.read_exact(&mut reply).map_err(|e| format!("reading the reply: {e}"))?;
+    let (got_offset, got_len) = (word(&reply, 0), word(&reply, 4) as usize);
+    if got_len == 0 {
+        return Err(format!(
+            "the backend refused to read {len} bytes of configuration space at offset {offset}"
+        ));
+    }
+    if got_offset != offset || got_len != len || reply_size != BODY + len {
+        return Err(format!(
+            "asked for {len} bytes at offset {offset}, the reply has {got_len} at {got_offset} in {reply_size} bytes"
+        ));
+    }
+    reply.drain(..BODY);
+    Ok(reply)
+}
+
 /// Bounds the wait for each reply of the backend. A thread sleeps until the deadline of the
 /// request in progress and, should it pass, shuts the socket down: the `vhost` crate's blocking
 /// read then ends and the request fails, instead of the caller hanging on a backend that is
@@ -296,13 +340,8 @@ impl Transport for VhostUserTransport {
         if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             return Err(TransportError::Unsupported("GET_CONFIG (protocol feature CONFIG)"));
         }
-        let zeros = vec![0u8; buf.len()];
-        let (_, payload) = self.watchdog.call("GET_CONFIG", || {
-            self.frontend.get_config(offset, buf.len() as u32, VhostUserConfigFlags::empty(), &zeros)
-        })?;
-        if payload.len() != buf.len() {
-            return Err(TransportError::Protocol { request: "GET_CONFIG", detail: "short reply".into() });
-        }
+        let peer = &self.peer;
+        let payload = self.watchdog.call("GET_CONFIG", || get_config(peer, offset, buf.len()))?;
         buf.copy_from_slice(&payload);
         Ok(())
     }
