@@ -643,14 +643,34 @@ bench('bench prints what the controller reports while it runs (a LUN added, a ca
   t.regex(r.stderr, /virtio-initiator bench: event VirtioScsi0 capacity-changed VirtioScsi0t0 \{"before":/);
 });
 
-for (const [api, workers] of [['promise', 1], ['promise', 2], ['batch', 1]] as const) {
-bench(`bench --api ${api} --workers ${workers} --reconnect --verify rides out a target that drops the connection again and again: no errors, no mismatches`, async (t) => {
-  const s = await startTestTarget({ luns: [`0:0:ram:${LUN_BYTES}:512`], queues: workers });
+bench('bench --type blk prints a capacity change of the disk while it runs', async (t) => {
+  const s = await startTestTarget({ type: 'blk', luns: [`0:0:ram:${LUN_BYTES}:512`] });
   t.teardown(() => s.cleanup());
   const control = await s.target.control();
+  const run = cli(['bench', '--socket', s.socket, '--type', 'blk', '--json', '--rw', 'randread', '--size', String(REGION), '--time', '4']);
+  const moved = async (): Promise<number> => {
+    const queues = (await control.stats()).queues as Array<{ bytes_in: number }>;
+    return queues.reduce((n, q) => n + q.bytes_in, 0);
+  };
+  for (let i = 0; i < 200 && (await moved()) < REGION; i++) await new Promise((r) => setTimeout(r, 25));
+  await control.resizeLun(0, 0, `${(LUN_BYTES >> 20) * 2}M`);
+  const r = await run;
+  t.is(r.code, 0, describe(r));
+  const m = /virtio-initiator bench: event VirtioBlk0 capacity-changed VirtioBlk0 (\{.*\})/.exec(r.stderr);
+  t.truthy(m, r.stderr);
+  const detail = JSON.parse(m![1]!) as { before: { blocks: string }; after: { blocks: string } };
+  t.deepEqual([detail.before.blocks, detail.after.blocks], [String(LUN_BYTES / 512), String((2 * LUN_BYTES) / 512)]);
+});
+
+for (const [api, workers, type] of [['promise', 1, 'scsi'], ['promise', 2, 'scsi'], ['batch', 1, 'scsi'], ['promise', 2, 'blk']] as const) {
+bench(`bench --type ${type} --api ${api} --workers ${workers} --reconnect --verify rides out a target that drops the connection again and again: no errors, no mismatches`, async (t) => {
+  const s = await startTestTarget({ type, luns: [`0:0:ram:${LUN_BYTES}:512`], queues: workers });
+  t.teardown(() => s.cleanup());
+  const control = await s.target.control();
+  const name = type === 'blk' ? 'VirtioBlk0' : 'VirtioScsi0';
   // Time enough for every cut and its reconnection on a loaded machine: a cut the run's end
   // overtakes has no reconnection to count.
-  const run = cli(['bench', '--socket', s.socket, '--json', '--reconnect', '--verify', '--rw', 'randrw', '--size', String(REGION), '--time', '8', '--workers', String(workers), '--api', api]);
+  const run = cli(['bench', '--socket', s.socket, '--type', type, '--json', '--reconnect', '--verify', '--rw', 'randrw', '--size', String(REGION), '--time', '8', '--workers', String(workers), '--api', api]);
   const moved = async (): Promise<number> => {
     const queues = (await control.stats()).queues as Array<{ bytes_in: number }>;
     return queues.reduce((n, q) => n + q.bytes_in, 0);
@@ -678,8 +698,8 @@ bench(`bench --api ${api} --workers ${workers} --reconnect --verify rides out a 
   t.is(rep.mismatches, 0);
   t.true(rep.ios > 0 && rep.writes > 0, `${rep.ios} requests, ${rep.writes} writes`);
   t.log(`${rep.ios} requests, ${rep.lost} lost with the connection, ${rep.reconnects} reconnects`);
-  t.regex(r.stderr, /virtio-initiator bench: event VirtioScsi0 disconnected /);
-  t.regex(r.stderr, /virtio-initiator bench: event VirtioScsi0 reconnected \{"attempts":\d+\}/);
+  t.true(r.stderr.includes(`virtio-initiator bench: event ${name} disconnected `), r.stderr);
+  t.regex(r.stderr, new RegExp(`virtio-initiator bench: event ${name} reconnected \\{"attempts":\\d+\\}`));
 });
 }
 
