@@ -66,7 +66,8 @@ const job = (c: Controller, i: number, extra: Partial<WorkerJob> = {}): WorkerJo
 testWhen(test, 'two workers on queues of their own, with verified data', initiatorRequirements, async (t) => {
   // Three queues: the main thread's (used by the scan) and one per worker.
   await withController(3, async (c) => {
-    const ws = [0, 1].map((i) => start(job(c, i)));
+    const gate = { buffer: new SharedArrayBuffer(4), parties: 2 };
+    const ws = [0, 1].map((i) => start(job(c, i, { gate })));
     const reports = await Promise.all(ws.map((w) => w.report));
     for (const r of reports) {
       t.is(r.error, undefined);

@@ -290,6 +290,9 @@ testWhen(
     t.is(c.info.requestQueues, 3);
     await c.scan();
     const rounds = 3;
+    // Both hold their queues before either runs: a quick one would otherwise give its queue
+    // back before the other opens one.
+    const gate = { buffer: new SharedArrayBuffer(4), parties: 2 };
     const jobs: WorkerJob[] = [0, 1].map((i) => ({
       handle: c.share(),
       device: DISK,
@@ -298,6 +301,7 @@ testWhen(
       depth: 8,
       rounds,
       seed: 200 + i,
+      gate,
     }));
     const running = jobs.map(startWorker);
     t.teardown(() => Promise.all(running.map((r) => r.worker.terminate())));

@@ -17,6 +17,12 @@ export interface WorkerJob {
   /** Write-then-read rounds over the region (0: run until terminated). */
   rounds: number;
   seed: number;
+  /**
+   * Workers that must hold their queues at the same time: each opens its queue, counts itself
+   * in the first Int32 of the buffer and waits for `parties` before its rounds (else a quick
+   * worker may close its queue before a slow one opens, which then takes the same queue).
+   */
+  gate?: { buffer: SharedArrayBuffer; parties: number };
 }
 
 export interface WorkerReport {
@@ -40,6 +46,12 @@ try {
   const per = 8;
   const slots = Math.floor(job.blocks / per);
   parentPort!.postMessage({ started: true });
+  if (job.gate !== undefined) {
+    await dev.read(job.lba, 1); // opens this thread's queue
+    const count = new Int32Array(job.gate.buffer);
+    Atomics.add(count, 0, 1);
+    while (Atomics.load(count, 0) < job.gate.parties) await new Promise((r) => setTimeout(r, 5));
+  }
   for (let round = 0; job.rounds === 0 || round < job.rounds; round++) {
     for (let base = 0; base < slots; base += job.depth) {
       const n = Math.min(job.depth, slots - base);
