@@ -249,7 +249,6 @@ const badArguments: Array<[string[], RegExp]> = [
   [['--config', 'x.conf', '--type', 'blk'], /--type comes from the configuration with --config/],
   [['--type', 'blk', '--target-lun', '0:0:ram:1M', '--target-lun', '0:1:ram:1M'], /--type blk: the bundled target serves one disk \(give --target-lun once\)/],
   [['--type', 'blk', '--target-lun', '1:0:ram:1M'], /--target-lun "1:0:ram:1M": expected the one disk of --type blk, 0:0:KIND:/],
-  [['--type', 'blk', '--target-poll'], /--target-poll is for virtio-scsi/],
   [['extra'], /unexpected argument "extra"/],
 ];
 
@@ -401,6 +400,22 @@ bench('bench --type blk --workers 2 --api batch --verify: a queue each, no misma
   checkShape(t, j, 2, 0);
   t.deepEqual(queuesOf(j).sort(), [0, 1]);
 });
+
+for (const type of ['scsi', 'blk'] as const) {
+  bench(`bench --type ${type} --target-poll --workers 2: the polling target serves both queues, every read verified`, async (t) => {
+    const args = ['--type', type, '--target-poll', '--target-queues', '2', '--workers', '2', '--api', 'batch', '--rw', 'randrw', '--verify', '--ios', '4000'];
+    const r = await cli(['bench', '--json', ...args]);
+    t.is(r.code, 0, describe(r));
+    const j = lastJson(r);
+    t.true(j.ios >= 4000, `ios ${j.ios}`);
+    t.true(j.reads > 0 && j.writes > 0, `${j.reads} reads, ${j.writes} writes`);
+    t.is(j.errors, 0);
+    t.is(j.mismatches, 0);
+    const first = type === 'blk' ? 0 : 2;
+    checkShape(t, j, 2, first);
+    t.deepEqual(queuesOf(j).sort(), [first, first + 1]);
+  });
+}
 
 bench('bench --type blk --workers 3 --api promise on 2 target queues shares a queue, data still verified', async (t) => {
   const args = ['--type', 'blk', '--workers', '3', '--target-queues', '2', '--api', 'promise', '--rw', 'randrw', '--verify', '--ios', '3000'];

@@ -51,7 +51,7 @@ const MAX_WORKERS = 64;
 const OPTIONS: readonly OptionSpec[] = [
   ...DEVICE_OPTIONS,
   { name: 'target-queues', kind: 'value', metavar: 'N', help: 'bundled target: request queues (default: one per worker)' },
-  { name: 'target-poll', kind: 'flag', help: 'bundled target: busy-poll its queues (--poll; virtio-scsi only)' },
+  { name: 'target-poll', kind: 'flag', help: 'bundled target: busy-poll its request queues (--poll)' },
   {
     name: 'target-lun',
     kind: 'list',
@@ -172,9 +172,6 @@ export function parseBenchArgs(argv: readonly string[]): BenchConfig | 'help' {
     const spec = targetLuns[0];
     if (spec !== undefined && !BLK_LUN_SPEC.test(spec)) {
       throw bad('target-lun', spec, 'the one disk of --type blk, 0:0:KIND:... (like 0:0:ram:256M:512)');
-    }
-    if (a.flag('target-poll')) {
-      throw new UsageError('--target-poll is for virtio-scsi (the bundled target does not poll virtio-blk queues)');
     }
   }
   const api = a.choice('api', APIS, 'promise');

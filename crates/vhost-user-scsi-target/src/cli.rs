@@ -13,7 +13,7 @@ Serves virtio-scsi (or, with --type blk, virtio-blk) over vhost-user on a unix s
 options:
   --socket PATH        vhost-user socket to create (must not exist)
   --type TYPE          scsi (default) or blk: one disk, from exactly one --lun 0:0:...; the
-                       SCSI-only options (--max-target, --poll, --quirk) do not apply
+                       SCSI-only options (--max-target, --quirk) do not apply
   --control PATH       control socket (line-delimited JSON) to create
   --lun SPEC           a LUN, repeatable:
                          T:L:ram:SIZE[:BS][:ro]    RAM, thin (unmapped blocks use no memory)
@@ -174,8 +174,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<(Parsed, Option<A
         if luns.len() != 1 || luns[0].addr.target != 0 || luns[0].addr.lun != 0 {
             return Err("--type blk serves one disk: give exactly one --lun 0:0:KIND:...".into());
         }
-        let scsi_only =
-            [(max_target.is_some(), "--max-target"), (poll, "--poll"), (!quirks.is_empty(), "--quirk")];
+        let scsi_only = [(max_target.is_some(), "--max-target"), (!quirks.is_empty(), "--quirk")];
         if let Some((_, name)) = scsi_only.iter().find(|(given, _)| *given) {
             return Err(format!("{name} is for --type scsi only"));
         }
@@ -291,5 +290,20 @@ mod tests {
             .unwrap_err()
             .contains("--poll-threads needs"));
         assert!(run(&["--socket", "s", "--poll=2"]).unwrap_err().starts_with("--poll takes no value"));
+    }
+
+    #[test]
+    fn blk_takes_one_disk_and_polls() {
+        let a = run(&["--socket", "s", "--type", "blk", "--lun", "0:0:ram:1M", "--poll", "--queues", "2"])
+            .unwrap();
+        assert_eq!((a.device_type, a.poll_threads, a.queues), (DeviceType::Blk, Some(1), 2));
+        let e = run(&["--socket", "s", "--type", "blk", "--lun", "0:1:ram:1M"]).unwrap_err();
+        assert!(e.starts_with("--type blk serves one disk"), "{e}");
+        let e =
+            run(&["--socket", "s", "--type", "blk", "--lun", "0:0:ram:1M", "--max-target", "1"]).unwrap_err();
+        assert_eq!(e, "--max-target is for --type scsi only");
+        let e = run(&["--socket", "s", "--type", "blk", "--lun", "0:0:ram:1M", "--quirk", "tmf-ignored"])
+            .unwrap_err();
+        assert_eq!(e, "--quirk is for --type scsi only");
     }
 }

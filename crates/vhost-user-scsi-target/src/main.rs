@@ -98,6 +98,7 @@ fn run_blk(args: cli::Args) -> Result<(), String> {
         block_size: spec.cfg.block_size,
         read_only: spec.cfg.read_only,
         id,
+        poll_threads: args.poll_threads,
     };
     let backend = BlkBackend::new(storage, opts);
     let server = Server::bind(&args.socket).map_err(|e| e.to_string())?;
@@ -111,6 +112,7 @@ fn run_blk(args: cli::Args) -> Result<(), String> {
             "control": args.control,
             "queues": args.queues,
             "queue_size": args.queue_size,
+            "poll_threads": args.poll_threads,
             "disk": { "kind": kind, "bytes": bytes, "block_size": spec.cfg.block_size,
                       "read_only": spec.cfg.read_only, "path": path },
         })

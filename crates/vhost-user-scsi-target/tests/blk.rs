@@ -1,10 +1,10 @@
 //! The target's virtio-blk device (`--type blk`), reached over its socket by a frontend of our
 //! own: configuration space and features, data written and read back, flush, the device ID,
-//! discard and write-zeroes, and requests the disk refuses.
+//! discard and write-zeroes, requests the disk refuses, and polled request queues.
 
 mod common;
 
-use common::{bytes_of, seg, Rig, Target};
+use common::{bytes_of, seg, Rig, Ring, Target};
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
@@ -84,6 +84,8 @@ fn config_features_and_verified_io() {
     let st = rig.buf(1);
     ring.run(&[seg(&h, 16)], &[seg(&back, 8192), seg(&st, 1)]);
     assert!(bytes_of(&back).iter().all(|&b| b == 0));
+    // Everything went through the second queue, and is counted there.
+    assert_eq!((t.requests_seen(0), t.requests_seen(1)), (0, 6));
 
     // Past the end, not whole blocks, an unknown request: refused, and the device goes on.
     for (t, sector, len, want) in [
@@ -122,8 +124,8 @@ fn blk_command_lines_are_checked() {
     let o = run(&["--type", "blk", "--socket", "/tmp/x.sock", "--lun", "0:1:ram:1M"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("exactly one --lun 0:0"));
-    let o = run(&["--type", "blk", "--socket", "/tmp/x.sock", "--lun", "0:0:ram:1M", "--poll"]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--poll is for --type scsi only"));
+    let o = run(&["--type", "blk", "--socket", "/tmp/x.sock", "--lun", "0:0:ram:1M", "--max-target", "1"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--max-target is for --type scsi only"));
     let o = run(&["--type", "tape", "--socket", "/tmp/x.sock"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("'tape' is not scsi or blk"));
 }
@@ -195,4 +197,81 @@ fn faults_stats_and_disconnect_through_the_control_socket() {
     assert_eq!(Config::decode(&raw).unwrap().capacity, 2_999_808 / 512);
     assert!(bad(r#"{"op":"inject","target":0,"lun":0,"fault":"busy"}"#).contains("io_error, delay and never"));
     assert!(bad(r#"{"op":"inject","target":0,"lun":1,"fault":"never"}"#).contains("not 0:1"));
+}
+
+/// Writes `data` at `sector` through `ring`, without kicking.
+fn write_unkicked(rig: &Rig, ring: &mut Ring, sector: u64, data: &[u8]) {
+    let h = header(rig, request::OUT, sector);
+    let mut out = rig.buf(data.len());
+    out.write_at(0, data).unwrap();
+    let st = rig.buf(1);
+    ring.submit(&[seg(&h, 16), seg(&out, data.len())], &[seg(&st, 1)], 1, false);
+    let done = ring.wait();
+    assert_eq!((status_of(&st), done.len), (status::OK, 1));
+}
+
+/// Reads `len` bytes at `sector` through `ring`, without kicking.
+fn read_unkicked(rig: &Rig, ring: &mut Ring, sector: u64, len: usize) -> Vec<u8> {
+    let h = header(rig, request::IN, sector);
+    let back = rig.buf(len);
+    let st = rig.buf(1);
+    ring.submit(&[seg(&h, 16)], &[seg(&back, len), seg(&st, 1)], 1, false);
+    let done = ring.wait();
+    assert_eq!((status_of(&st), done.len as usize), (status::OK, len + 1));
+    bytes_of(&back)
+}
+
+#[test]
+fn polled_queues_need_no_kick_and_follow_reconnection() {
+    for event_idx in [true, false] {
+        let mut t = Target::start_blk(
+            &format!("blk-poll-{event_idx}"),
+            "0:0:ram:8M:512",
+            &["--queues", "3", "--poll", "--poll-threads", "2"],
+        );
+        let mut rig = Rig::connect(&t, event_idx);
+        let mut rings: Vec<Ring> = (0..3).map(|q| rig.ring(q, 16)).collect();
+        for ring in &rings {
+            ring.wait_polled(&rig);
+        }
+        // Nothing ever kicks, and the driver's publishes never ask to.
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8 | 0x40).collect();
+        write_unkicked(&rig, &mut rings[0], 8, &data);
+        for round in 0..20u64 {
+            for ring in rings.iter_mut() {
+                let back = read_unkicked(&rig, ring, 8 + round % 8, 512);
+                assert_eq!(
+                    back,
+                    data[(round % 8) as usize * 512..][..512],
+                    "round {round} queue {}",
+                    ring.index
+                );
+            }
+        }
+        for ring in &rings {
+            assert_eq!((ring.kicks, ring.kick_wanted), (0, 0), "queue {}: a kick was asked for", ring.index);
+            assert!(!ring.called(), "queue {}: interrupt although the driver suppresses them", ring.index);
+        }
+        let seen: Vec<u64> = (0..3).map(|q| t.requests_seen(q)).collect();
+        assert_eq!(seen, [21, 20, 20]);
+
+        // Memory added while polling (ADD_MEM_REG) is served.
+        let region = rig.grow(4 << 20);
+        let big = rig.pool.alloc_shared(4 << 20).unwrap();
+        assert!(region.contains(big.iova(), 4 << 20), "the buffer is not in the new region");
+        drop(big);
+        let back = read_unkicked(&rig, &mut rings[1], 0, 4 << 20);
+        assert_eq!(back[8 * 512..][..data.len()], data[..]);
+
+        // A new connection is polled again; without one the poll threads sleep.
+        drop(rings);
+        drop(rig);
+        let mut rig = Rig::connect(&t, event_idx);
+        let mut ring = rig.ring(2, 16);
+        ring.wait_polled(&rig);
+        assert_eq!(read_unkicked(&rig, &mut ring, 8, data.len()), data);
+        drop(ring);
+        drop(rig);
+        t.assert_idle();
+    }
 }

@@ -1,11 +1,11 @@
 //! The virtio-blk device behind the vhost-user socket: one disk on the storage backends, its
-//! configuration space and feature set, and a worker thread per request queue. Every request
-//! completes as it is served, so stopping a ring (GET_VRING_BASE) or resetting the device finds
-//! nothing held.
+//! configuration space and feature set, and a worker thread per request queue, or in poll mode
+//! poll threads of our own (`device::poll`). Every request completes as it is served, so
+//! stopping a ring (GET_VRING_BASE) or resetting the device finds nothing held.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
@@ -17,8 +17,12 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use super::request::{answer, execute, Disk};
+use crate::device::poll::{self, PollDevice};
+use crate::device::rings::{ring_live, RingTable};
+use crate::device::segments::Segments;
+use crate::device::vring::{self, BoundVring, RingOwner};
 use crate::device::{
-    check_event_set, config_bytes, exit_event, ring, Memory, QueueStats, QueueStatsSnapshot,
+    check_event_set, config_bytes, exit_event, ring, MemGuard, Memory, QueueStats, QueueStatsSnapshot,
     PROTOCOL_FEATURES,
 };
 use crate::storage::Storage;
@@ -46,6 +50,8 @@ pub struct BlkOptions {
     pub read_only: bool,
     /// GET_ID's answer (at most 20 bytes; shorter is NUL-padded).
     pub id: String,
+    /// Busy-poll the request queues with this many threads instead of waiting for kicks.
+    pub poll_threads: Option<u16>,
 }
 
 /// The vhost-user backend; clones share one device, and each frontend connection gets a clone
@@ -61,6 +67,8 @@ struct Inner {
     id: [u8; ID_BYTES],
     mem: RwLock<Option<Memory>>,
     event_idx: AtomicBool,
+    /// The current connection's vrings by queue index.
+    rings: RingTable,
     /// Notifiers that stop this connection's worker threads.
     exits: Mutex<Vec<EventNotifier>>,
     stats: Vec<QueueStats>,
@@ -74,18 +82,21 @@ impl BlkBackend {
         let n = opts.id.len().min(ID_BYTES);
         id[..n].copy_from_slice(&opts.id.as_bytes()[..n]);
         let stats = (0..opts.request_queues).map(|_| QueueStats::default()).collect();
-        BlkBackend {
-            inner: Arc::new(Inner {
-                storage,
-                opts,
-                id,
-                mem: RwLock::new(None),
-                event_idx: AtomicBool::new(false),
-                exits: Mutex::new(Vec::new()),
-                stats,
-                fault: Mutex::new(None),
-            }),
+        let inner = Arc::new(Inner {
+            storage,
+            rings: RingTable::new(opts.request_queues as usize),
+            opts,
+            id,
+            mem: RwLock::new(None),
+            event_idx: AtomicBool::new(false),
+            exits: Mutex::new(Vec::new()),
+            stats,
+            fault: Mutex::new(None),
+        });
+        if let Some(threads) = inner.opts.poll_threads {
+            poll::start(&inner, inner.opts.request_queues, threads);
         }
+        BlkBackend { inner }
     }
 
     pub fn storage(&self) -> &Storage {
@@ -110,21 +121,28 @@ impl BlkBackend {
         }
     }
 
-    /// The daemon for the next frontend connection.
+    /// The daemon for the next frontend connection, with the vrings it creates bound to the
+    /// device.
     pub fn new_daemon(&self) -> Result<VhostUserDaemon<BlkBackend>, vhost_user_backend::Error> {
         *self.inner.mem.write().unwrap() = None;
-        VhostUserDaemon::new(
-            "vhost-user-blk".into(),
-            self.clone(),
-            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
+        self.inner.rings.clear();
+        let owner: Weak<Inner> = Arc::downgrade(&self.inner);
+        vring::bind(owner, || {
+            VhostUserDaemon::new(
+                "vhost-user-blk".into(),
+                self.clone(),
+                GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            )
+        })
     }
 
-    /// Ends the connection that just went away: stops its worker threads.
+    /// Ends the connection that just went away: stops its worker threads and lets go of its
+    /// vrings.
     pub fn end_connection(&self) {
         for n in self.inner.exits.lock().unwrap().drain(..) {
             let _ = n.notify();
         }
+        self.inner.rings.clear();
     }
 
     /// Changes the disk's size to `bytes`, cut down to whole blocks; the configuration space
@@ -148,56 +166,90 @@ impl BlkBackend {
         *self.inner.fault.lock().unwrap() = None;
     }
 
+    pub fn stats(&self) -> Vec<QueueStatsSnapshot> {
+        self.inner.stats.iter().map(QueueStats::snapshot).collect()
+    }
+}
+
+impl Inner {
+    fn memory(&self) -> Option<MemGuard> {
+        self.mem.read().unwrap().as_ref().map(|m| m.memory())
+    }
+
     fn take_fault(&self) -> Option<BlkFault> {
-        let mut f = self.inner.fault.lock().unwrap();
+        let mut f = self.fault.lock().unwrap();
         let (fault, left) = (*f)?;
         *f = (left > 1).then_some((fault, left - 1));
         Some(fault)
     }
 
-    pub fn stats(&self) -> Vec<QueueStatsSnapshot> {
-        self.inner.stats.iter().map(QueueStats::snapshot).collect()
-    }
-
-    fn serve(&self, queue: u16, vring: &VringRwLock) -> io::Result<()> {
-        let inner = &self.inner;
+    /// Runs one request, as the injected fault (if any) says, and counts it.
+    fn serve(&self, rq: u16, mem: &MemGuard, segs: Segments) -> Option<u32> {
         let disk = Disk {
-            storage: &inner.storage,
-            block_size: inner.opts.block_size,
-            read_only: inner.opts.read_only,
-            id: inner.id,
+            storage: &self.storage,
+            block_size: self.opts.block_size,
+            read_only: self.opts.read_only,
+            id: self.id,
             max_ranges: MAX_RANGES,
             write_zeroes_may_unmap: true,
         };
-        let stats = &inner.stats[queue as usize];
-        let memory = || inner.mem.read().unwrap().as_ref().map(|m| m.memory());
-        ring::drain(vring, inner.event_idx.load(Ordering::Relaxed), memory, |mem, _, segs| {
-            stats.requests.fetch_add(1, Ordering::Relaxed);
-            let done = match self.take_fault() {
-                None => execute(&**mem, &segs, &disk),
-                Some(BlkFault::IoError) => answer(&**mem, &segs, status::IOERR),
-                Some(BlkFault::Delay(d)) => {
-                    std::thread::sleep(d);
-                    execute(&**mem, &segs, &disk)
-                }
-                Some(BlkFault::Never) => return None,
-            };
-            match done.status {
-                None => stats.malformed.fetch_add(1, Ordering::Relaxed),
-                Some(status::OK) if done.request_type == request::IN => {
-                    stats.bytes_in.fetch_add(done.bytes, Ordering::Relaxed)
-                }
-                Some(status::OK) => stats.bytes_out.fetch_add(done.bytes, Ordering::Relaxed),
-                Some(_) => stats.errors.fetch_add(1, Ordering::Relaxed),
-            };
-            Some(done.used_len)
-        })
+        let stats = &self.stats[rq as usize];
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        let done = match self.take_fault() {
+            None => execute(&**mem, &segs, &disk),
+            Some(BlkFault::IoError) => answer(&**mem, &segs, status::IOERR),
+            Some(BlkFault::Delay(d)) => {
+                std::thread::sleep(d);
+                execute(&**mem, &segs, &disk)
+            }
+            Some(BlkFault::Never) => return None,
+        };
+        match done.status {
+            None => stats.malformed.fetch_add(1, Ordering::Relaxed),
+            Some(status::OK) if done.request_type == request::IN => {
+                stats.bytes_in.fetch_add(done.bytes, Ordering::Relaxed)
+            }
+            Some(status::OK) => stats.bytes_out.fetch_add(done.bytes, Ordering::Relaxed),
+            Some(_) => stats.errors.fetch_add(1, Ordering::Relaxed),
+        };
+        Some(done.used_len)
+    }
+}
+
+impl RingOwner for Inner {
+    fn attach_ring(&self, queue: u16, ring: VringRwLock) {
+        self.rings.attach(queue, ring);
+    }
+
+    fn change_ring(&self, queue: u16, change: &mut dyn FnMut()) {
+        self.rings.change(queue, change);
+    }
+
+    /// Nothing is held, so stopping a ring only waits for a pass in progress.
+    fn stop_ring(&self, queue: u16, ring: &VringRwLock) {
+        self.rings.change(queue, || ring.set_queue_ready(false));
+    }
+}
+
+impl PollDevice for Inner {
+    const FIRST_REQUEST_QUEUE: u16 = 0;
+
+    fn rings(&self) -> &RingTable {
+        &self.rings
+    }
+
+    fn memory(&self) -> Option<MemGuard> {
+        Inner::memory(self)
+    }
+
+    fn poll_requests(&self, rq: u16, ring: &VringRwLock) -> io::Result<()> {
+        ring::poll(ring, || self.memory(), |mem, _, segs| self.serve(rq, mem, segs))
     }
 }
 
 impl VhostUserBackend for BlkBackend {
     type Bitmap = ();
-    type Vring = VringRwLock;
+    type Vring = BoundVring;
 
     fn num_queues(&self) -> usize {
         self.inner.opts.request_queues as usize
@@ -246,11 +298,16 @@ impl VhostUserBackend for BlkBackend {
 
     fn update_memory(&self, mem: Memory) -> io::Result<()> {
         *self.inner.mem.write().unwrap() = Some(mem);
+        self.inner.rings.wake().bump();
         Ok(())
     }
 
-    /// A thread per request queue.
+    /// A thread per request queue; none in poll mode, where no thread of the crate waits on
+    /// kicks.
     fn queues_per_thread(&self) -> Vec<u64> {
+        if self.inner.opts.poll_threads.is_some() {
+            return Vec::new();
+        }
         (0..self.inner.opts.request_queues).map(|q| 1u64 << q).collect()
     }
 
@@ -260,25 +317,23 @@ impl VhostUserBackend for BlkBackend {
 
     fn handle_event(
         &self,
-        device_event: u16,
+        _device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
-        _thread_id: usize,
+        _vrings: &[BoundVring],
+        thread_id: usize,
     ) -> io::Result<()> {
         check_event_set(evset)?;
-        // Thread k serves request queue k alone, and is told its index.
-        let queue = device_event;
-        let vring = vrings
-            .get(queue as usize)
-            .ok_or_else(|| io::Error::other(format!("queue {queue} has no vring")))?;
-        let live = {
-            let state = vring.get_ref();
-            virtio_queue::QueueT::ready(state.get_queue()) && state.is_enabled()
-        };
-        if !live {
-            // A kick that was pending when the ring was stopped or disabled.
-            return Ok(());
-        }
-        self.serve(queue, vring)
+        // Thread k serves request queue k alone.
+        let rq = thread_id as u16;
+        let inner = &self.inner;
+        let served = inner.rings.with_ring(rq, |vring, _| {
+            if !ring_live(vring) {
+                // A kick that was pending when the ring was stopped or disabled.
+                return Ok(());
+            }
+            let event_idx = inner.event_idx.load(Ordering::Relaxed);
+            ring::drain(vring, event_idx, || inner.memory(), |mem, _, segs| inner.serve(rq, mem, segs))
+        });
+        served.unwrap_or_else(|| Err(io::Error::other(format!("queue {rq} has no vring"))))
     }
 }

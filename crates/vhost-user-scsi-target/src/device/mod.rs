@@ -4,42 +4,43 @@
 //! Queue 0 is the control queue and queue 1 the event queue; both are served by worker thread 0.
 //! Every request queue has a worker thread of its own, so queues never contend for a thread; in
 //! poll mode the request queues are busy-polled by threads of our own instead (`poll`).
+//!
+//! What serves a vring for either device lives here too: `ring` (taking chains, completing
+//! them, notifying), `rings` (the connection's vrings under their locks), `vring` (the hooks on
+//! the frontend's ring messages), `poll` (poll mode), `segments` and `stats`.
 
 mod control_queue;
 mod deferred;
 mod events;
-mod poll;
+pub mod poll;
 mod request;
 pub mod ring;
+pub mod rings;
 pub mod segments;
 mod stats;
-mod vring;
+pub mod vring;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
 
 use log::warn;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
-use virtio_bindings::virtio_ring::{
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VRING_AVAIL_F_NO_INTERRUPT,
-};
-use virtio_queue::QueueT;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_scsi_proto::{feature, Config, Event, LunAddress, CDB_SIZE, FIRST_REQUEST_QUEUE, SENSE_SIZE};
-use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap,
-};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 use crate::scsi::Bus;
 pub use deferred::Deferred;
 pub use events::EventQueue;
+use poll::PollDevice;
+use rings::{ring_live, RingTable};
 pub use stats::{QueueStats, QueueStatsSnapshot};
-pub use vring::ScsiVring;
+use vring::{BoundVring, RingOwner};
 
 pub type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 pub(crate) type MemGuard = GuestMemoryLoadGuard<GuestMemoryMmap>;
@@ -112,63 +113,13 @@ struct Inner {
     event_idx: AtomicBool,
     acked_features: AtomicU64,
     /// The current connection's vrings by queue index.
-    rings: Vec<RingSlot>,
+    rings: RingTable,
     /// Notifiers that stop this connection's worker threads.
     exits: Mutex<Vec<EventNotifier>>,
     events: EventQueue,
     deferred: Deferred,
     an_subscribed: AtomicU32,
     stats: Vec<QueueStats>,
-    /// Wakes idle poll threads when a ring may have become ready to serve.
-    poll_wake: Wake,
-}
-
-/// One queue's vring. Its lock is held while the ring is served (by a worker or a poll
-/// thread, or to complete a held request) and while the frontend changes how it is served
-/// (start, stop, enable, addresses), so a change never lands in the middle of a pass and a
-/// stop waits for the pass in progress.
-#[derive(Default)]
-struct RingSlot {
-    state: Mutex<SlotState>,
-}
-
-#[derive(Default)]
-struct SlotState {
-    ring: Option<VringRwLock>,
-    /// Bumped on every change, so a poll thread knows to set the ring up again.
-    generation: u64,
-}
-
-/// A counter with a condition variable: waiters sleep until it moves.
-#[derive(Default)]
-struct Wake {
-    seq: Mutex<u64>,
-    cond: Condvar,
-}
-
-impl Wake {
-    fn seq(&self) -> u64 {
-        *self.seq.lock().unwrap()
-    }
-
-    fn bump(&self) {
-        *self.seq.lock().unwrap() += 1;
-        self.cond.notify_all();
-    }
-
-    /// Sleeps until the counter moves past `seen`, at most `timeout`.
-    fn wait(&self, seen: u64, timeout: Duration) {
-        let seq = self.seq.lock().unwrap();
-        if *seq == seen {
-            drop(self.cond.wait_timeout(seq, timeout).unwrap());
-        }
-    }
-}
-
-/// Whether a ring is started and enabled: only then may the device use it.
-fn ring_live(ring: &VringRwLock) -> bool {
-    let state = ring.get_ref();
-    state.get_queue().ready() && state.is_enabled()
 }
 
 impl ScsiBackend {
@@ -180,17 +131,16 @@ impl ScsiBackend {
             mem: RwLock::new(None),
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
-            rings: (0..queues).map(|_| RingSlot::default()).collect(),
+            rings: RingTable::new(queues),
             exits: Mutex::new(Vec::new()),
             events: EventQueue::default(),
             deferred: Deferred::default(),
             an_subscribed: AtomicU32::new(0),
             stats: (0..opts.request_queues).map(|_| QueueStats::default()).collect(),
-            poll_wake: Wake::default(),
         });
         Deferred::start_timer(&inner);
         if let Some(threads) = opts.poll_threads {
-            poll::start(&inner, threads);
+            poll::start(&inner, opts.request_queues, threads);
         }
         ScsiBackend { inner }
     }
@@ -219,7 +169,8 @@ impl ScsiBackend {
     /// and the vrings it creates bound to the device.
     pub fn new_daemon(&self) -> Result<VhostUserDaemon<ScsiBackend>, vhost_user_backend::Error> {
         self.begin_connection();
-        vring::bind(&self.inner, || {
+        let owner: std::sync::Weak<Inner> = Arc::downgrade(&self.inner);
+        vring::bind(owner, || {
             VhostUserDaemon::new(
                 "vhost-user-scsi".into(),
                 self.clone(),
@@ -233,11 +184,7 @@ impl ScsiBackend {
     fn begin_connection(&self) {
         let inner = &self.inner;
         *inner.mem.write().unwrap() = None;
-        for slot in &inner.rings {
-            let mut st = slot.state.lock().unwrap();
-            st.ring = None;
-            st.generation += 1;
-        }
+        inner.rings.clear();
         inner.deferred.clear();
         inner.events.clear();
         inner.an_subscribed.store(0, Ordering::Relaxed);
@@ -254,13 +201,8 @@ impl ScsiBackend {
         for n in inner.exits.lock().unwrap().drain(..) {
             let _ = n.notify();
         }
-        for slot in inner.rings.iter() {
-            let mut st = slot.state.lock().unwrap();
-            st.ring = None;
-            st.generation += 1;
-        }
+        inner.rings.clear();
         inner.deferred.clear();
-        inner.poll_wake.bump();
     }
 
     /// Posts an event for the frontend; it is delivered as soon as the driver has an event
@@ -317,43 +259,7 @@ impl Inner {
     /// Runs `f` on queue `queue`'s vring and its generation, under the ring's slot lock.
     /// `None` when the connection has no such ring.
     fn with_ring<R>(&self, queue: u16, f: impl FnOnce(&VringRwLock, u64) -> R) -> Option<R> {
-        let st = self.rings.get(queue as usize)?.state.lock().unwrap();
-        let ring = st.ring.as_ref()?;
-        Some(f(ring, st.generation))
-    }
-
-    /// A vring of a new connection is created.
-    fn attach_ring(&self, queue: u16, ring: VringRwLock) {
-        if let Some(slot) = self.rings.get(queue as usize) {
-            let mut st = slot.state.lock().unwrap();
-            st.ring = Some(ring);
-            st.generation += 1;
-        }
-    }
-
-    /// Applies a frontend's change to how queue `queue` is served, between passes.
-    fn change_ring(&self, queue: u16, f: impl FnOnce()) {
-        match self.rings.get(queue as usize) {
-            Some(slot) => {
-                let mut st = slot.state.lock().unwrap();
-                f();
-                st.generation += 1;
-            }
-            None => f(),
-        }
-        self.deferred.wake();
-        self.poll_wake.bump();
-    }
-
-    /// Stops queue `queue` (GET_VRING_BASE): waits for a pass in progress, finishes what the
-    /// device holds on the ring, then marks it stopped.
-    fn stop_ring(&self, queue: u16, ring: &VringRwLock) {
-        self.change_ring(queue, || {
-            if let Some(rq) = queue.checked_sub(FIRST_REQUEST_QUEUE) {
-                self.drain_held(rq, ring);
-            }
-            ring.set_queue_ready(false);
-        });
+        self.rings.with_ring(queue, f)
     }
 
     fn flush_events(&self) {
@@ -390,45 +296,62 @@ impl Inner {
         ring::drain(vring, self.event_idx.load(Ordering::Relaxed), || self.memory(), serve)
     }
 
-    /// Serves the chains available now (see [`ring::serve_available`]).
-    fn serve_available(
-        &self,
-        vring: &VringRwLock,
-        serve: impl FnMut(&MemGuard, u16, segments::Segments) -> Option<u32>,
-    ) -> io::Result<Option<MemGuard>> {
-        ring::serve_available(vring, || self.memory(), serve)
-    }
-
     fn notify(vring: &VringRwLock) {
         ring::notify(vring)
     }
 
-    fn signal(vring: &VringRwLock) {
-        ring::signal(vring)
+    /// Signals the driver after request completions: as the crate does on event-driven rings,
+    /// and only when the driver asks on polled ones.
+    fn notify_request(&self, vring: &VringRwLock, mem: &MemGuard) {
+        if self.polling() {
+            ring::notify_polled(vring, mem)
+        } else {
+            Inner::notify(vring)
+        }
+    }
+}
+
+impl RingOwner for Inner {
+    fn attach_ring(&self, queue: u16, ring: VringRwLock) {
+        self.rings.attach(queue, ring);
     }
 
-    /// Signals the driver after request completions. Without EVENT_IDX virtio-queue signals
-    /// every time; a polled ring honours VRING_AVAIL_F_NO_INTERRUPT too, so that in poll mode
-    /// the call eventfd is signalled only when the driver asks. Event-driven rings keep the
-    /// crate's behaviour.
-    fn notify_request(&self, vring: &VringRwLock, mem: &MemGuard) {
-        if !self.polling() || vring.get_ref().get_queue().event_idx_enabled() {
-            return Inner::notify(vring);
-        }
-        // The used index must be visible before the driver's flags are read.
-        std::sync::atomic::fence(Ordering::SeqCst);
-        let avail = vring.get_ref().get_queue().avail_ring();
-        match mem.load::<u16>(GuestAddress(avail), Ordering::Acquire) {
-            Ok(flags) if u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 != 0 => {}
-            Ok(_) => Inner::signal(vring),
-            Err(e) => warn!("cannot read the available ring's flags: {e}"),
-        }
+    fn change_ring(&self, queue: u16, change: &mut dyn FnMut()) {
+        self.rings.change(queue, change);
+        self.deferred.wake();
+    }
+
+    /// Stops queue `queue` (GET_VRING_BASE): waits for a pass in progress, finishes what the
+    /// device holds on the ring, then marks it stopped.
+    fn stop_ring(&self, queue: u16, ring: &VringRwLock) {
+        self.change_ring(queue, &mut || {
+            if let Some(rq) = queue.checked_sub(FIRST_REQUEST_QUEUE) {
+                self.drain_held(rq, ring);
+            }
+            ring.set_queue_ready(false);
+        });
+    }
+}
+
+impl PollDevice for Inner {
+    const FIRST_REQUEST_QUEUE: u16 = FIRST_REQUEST_QUEUE;
+
+    fn rings(&self) -> &RingTable {
+        &self.rings
+    }
+
+    fn memory(&self) -> Option<MemGuard> {
+        Inner::memory(self)
+    }
+
+    fn poll_requests(&self, rq: u16, ring: &VringRwLock) -> io::Result<()> {
+        Inner::poll_requests(self, rq, ring)
     }
 }
 
 impl VhostUserBackend for ScsiBackend {
     type Bitmap = ();
-    type Vring = ScsiVring;
+    type Vring = BoundVring;
 
     fn num_queues(&self) -> usize {
         2 + self.inner.opts.request_queues as usize
@@ -482,7 +405,7 @@ impl VhostUserBackend for ScsiBackend {
 
     fn update_memory(&self, mem: Memory) -> io::Result<()> {
         *self.inner.mem.write().unwrap() = Some(mem);
-        self.inner.poll_wake.bump();
+        self.inner.rings.wake().bump();
         Ok(())
     }
 
@@ -504,7 +427,7 @@ impl VhostUserBackend for ScsiBackend {
         &self,
         device_event: u16,
         evset: EventSet,
-        _vrings: &[ScsiVring],
+        _vrings: &[BoundVring],
         thread_id: usize,
     ) -> io::Result<()> {
         check_event_set(evset)?;

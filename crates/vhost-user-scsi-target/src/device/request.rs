@@ -29,12 +29,7 @@ impl Inner {
     /// Serves what a polled request queue has available now, without touching its
     /// notification state.
     pub(super) fn poll_requests(&self, rq: u16, vring: &VringRwLock) -> io::Result<()> {
-        if let Some(mem) =
-            self.serve_available(vring, |mem, head, segs| self.serve_request(rq, head, segs, mem))?
-        {
-            self.notify_request(vring, &mem);
-        }
-        Ok(())
+        super::ring::poll(vring, || self.memory(), |mem, head, segs| self.serve_request(rq, head, segs, mem))
     }
 
     fn serve_request(&self, rq: u16, head: u16, segs: Segments, mem: &MemGuard) -> Option<u32> {

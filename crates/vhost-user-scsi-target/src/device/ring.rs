@@ -7,7 +7,9 @@ use std::sync::atomic::Ordering;
 
 use log::warn;
 use vhost_user_backend::{VringRwLock, VringT};
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::segments::Segments;
 use super::MemGuard;
@@ -67,6 +69,38 @@ pub fn serve_available(
         }
     }
     Ok(completed.then_some(mem))
+}
+
+/// Serves what a polled ring has available now, leaving its notification state alone.
+pub fn poll(
+    vring: &VringRwLock,
+    memory: impl Fn() -> Option<MemGuard>,
+    serve: impl FnMut(&MemGuard, u16, Segments) -> Option<u32>,
+) -> io::Result<()> {
+    if let Some(mem) = serve_available(vring, memory, serve)? {
+        notify_polled(vring, &mem);
+    }
+    Ok(())
+}
+
+/// Signals the driver after completions on a polled ring. Without EVENT_IDX virtio-queue
+/// signals every time; a polled ring honours VRING_AVAIL_F_NO_INTERRUPT too, so that the call
+/// eventfd is signalled only when the driver asks.
+pub fn notify_polled(vring: &VringRwLock, mem: &MemGuard) {
+    let (event_idx, avail) = {
+        let state = vring.get_ref();
+        (state.get_queue().event_idx_enabled(), state.get_queue().avail_ring())
+    };
+    if event_idx {
+        return notify(vring);
+    }
+    // The used index must be visible before the driver's flags are read.
+    std::sync::atomic::fence(Ordering::SeqCst);
+    match mem.load::<u16>(GuestAddress(avail), Ordering::Acquire) {
+        Ok(flags) if u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 != 0 => {}
+        Ok(_) => signal(vring),
+        Err(e) => warn!("cannot read the available ring's flags: {e}"),
+    }
 }
 
 /// Signals the driver if the ring's notification rules ask for it.

@@ -5,8 +5,8 @@
 //! to the device only inside `handle_event`. Two things need more: the poll threads must find
 //! the rings without ever being kicked, and stopping a ring (GET_VRING_BASE, which the crate
 //! answers by calling `set_queue_ready(false)` before it replies) must first finish the
-//! requests the device still holds on it. So each vring knows its queue index and the device,
-//! learnt when the connection's daemon creates it (see [`bind`]).
+//! requests the device still holds on it. So each vring knows its queue index and its device
+//! (a [`RingOwner`]), learnt when the connection's daemon creates it (see [`bind`]).
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -16,19 +16,31 @@ use std::sync::{Arc, RwLockReadGuard, RwLockWriteGuard, Weak};
 use vhost_user_backend::{VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT};
 use virtio_queue::Error as QueueError;
 
-use super::{Inner, Memory};
+use super::Memory;
+
+/// What a device does when the frontend creates, changes or stops one of its rings.
+pub trait RingOwner: Send + Sync {
+    /// A vring of a new connection is created.
+    fn attach_ring(&self, queue: u16, ring: VringRwLock);
+    /// Applies `change` to how queue `queue` is served, while no one is serving it.
+    fn change_ring(&self, queue: u16, change: &mut dyn FnMut());
+    /// Finishes what the device holds on the ring, then marks it stopped.
+    fn stop_ring(&self, queue: u16, ring: &VringRwLock);
+}
+
+type Owner = (Weak<dyn RingOwner>, u16);
 
 thread_local! {
     /// The device whose daemon is being created on this thread, and the index of the next
     /// vring it creates.
-    static BINDING: RefCell<Option<(Weak<Inner>, u16)>> = const { RefCell::new(None) };
+    static BINDING: RefCell<Option<Owner>> = const { RefCell::new(None) };
 }
 
 /// Runs `create` (which creates a `VhostUserDaemon`) with every vring it creates bound to
-/// `inner`, by queue index in creation order: the backend crate creates them in a single loop,
+/// `owner`, by queue index in creation order: the backend crate creates them in a single loop,
 /// queue 0 first, on the calling thread.
-pub(super) fn bind<T>(inner: &Arc<Inner>, create: impl FnOnce() -> T) -> T {
-    BINDING.with(|b| *b.borrow_mut() = Some((Arc::downgrade(inner), 0)));
+pub fn bind<T>(owner: Weak<dyn RingOwner>, create: impl FnOnce() -> T) -> T {
+    BINDING.with(|b| *b.borrow_mut() = Some((owner, 0)));
     let out = create();
     BINDING.with(|b| *b.borrow_mut() = None);
     out
@@ -36,49 +48,56 @@ pub(super) fn bind<T>(inner: &Arc<Inner>, create: impl FnOnce() -> T) -> T {
 
 /// A vring of one connection.
 #[derive(Clone)]
-pub struct ScsiVring {
+pub struct BoundVring {
     ring: VringRwLock,
     /// The device and this ring's queue index, when created under [`bind`].
-    owner: Option<(Weak<Inner>, u16)>,
+    owner: Option<Owner>,
 }
 
-impl ScsiVring {
-    fn owner(&self) -> Option<(Arc<Inner>, u16)> {
-        let (inner, queue) = self.owner.as_ref()?;
-        Some((inner.upgrade()?, *queue))
+impl BoundVring {
+    fn owner(&self) -> Option<(Arc<dyn RingOwner>, u16)> {
+        let (owner, queue) = self.owner.as_ref()?;
+        Some((owner.upgrade()?, *queue))
     }
 
     /// Applies a change of how the ring is served while no one is serving it.
     fn change(&self, f: impl FnOnce(&VringRwLock)) {
         match self.owner() {
-            Some((inner, queue)) => inner.change_ring(queue, || f(&self.ring)),
+            Some((owner, queue)) => {
+                let mut f = Some(f);
+                owner.change_ring(queue, &mut || {
+                    if let Some(f) = f.take() {
+                        f(&self.ring)
+                    }
+                })
+            }
             None => f(&self.ring),
         }
     }
 }
 
-impl<'a> VringStateGuard<'a, Memory> for ScsiVring {
+impl<'a> VringStateGuard<'a, Memory> for BoundVring {
     type G = RwLockReadGuard<'a, VringState<Memory>>;
 }
 
-impl<'a> VringStateMutGuard<'a, Memory> for ScsiVring {
+impl<'a> VringStateMutGuard<'a, Memory> for BoundVring {
     type G = RwLockWriteGuard<'a, VringState<Memory>>;
 }
 
-impl VringT<Memory> for ScsiVring {
+impl VringT<Memory> for BoundVring {
     fn new(mem: Memory, max_queue_size: u16) -> Result<Self, QueueError> {
         let ring = VringRwLock::new(mem, max_queue_size)?;
         let owner = BINDING.with(|b| {
             let mut b = b.borrow_mut();
-            let (inner, next) = b.as_mut()?;
+            let (device, next) = b.as_mut()?;
             let queue = *next;
             *next += 1;
-            Some((inner.clone(), queue))
+            Some((device.clone(), queue))
         });
-        if let Some((inner, queue)) = owner.as_ref().and_then(|(w, q)| Some((w.upgrade()?, *q))) {
-            inner.attach_ring(queue, ring.clone());
+        if let Some((device, queue)) = owner.as_ref().and_then(|(w, q)| Some((w.upgrade()?, *q))) {
+            device.attach_ring(queue, ring.clone());
         }
-        Ok(ScsiVring { ring, owner })
+        Ok(BoundVring { ring, owner })
     }
 
     fn get_ref(&self) -> <Self as VringStateGuard<'_, Memory>>::G {
@@ -148,8 +167,8 @@ impl VringT<Memory> for ScsiVring {
     /// of this ring is written again.
     fn set_queue_ready(&self, ready: bool) {
         match self.owner() {
-            Some((inner, queue)) if !ready => inner.stop_ring(queue, &self.ring),
-            Some((inner, queue)) => inner.change_ring(queue, || self.ring.set_queue_ready(true)),
+            Some((owner, queue)) if !ready => owner.stop_ring(queue, &self.ring),
+            Some((owner, queue)) => owner.change_ring(queue, &mut || self.ring.set_queue_ready(true)),
             None => self.ring.set_queue_ready(ready),
         }
     }

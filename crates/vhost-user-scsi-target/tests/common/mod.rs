@@ -94,6 +94,17 @@ impl Target {
         self.control(r#"{"op":"stats"}"#)["queues"][rq]["requests"].as_u64().unwrap()
     }
 
+    /// Checks that a target left without a frontend sleeps: in poll mode its threads stop
+    /// spinning once no ring is running.
+    pub fn assert_idle(&mut self) {
+        std::thread::sleep(Duration::from_millis(300));
+        let before = cpu_seconds(self.pid());
+        std::thread::sleep(Duration::from_millis(600));
+        let used = cpu_seconds(self.pid()) - before;
+        assert!(used < 0.2, "an idle target used {used:.2} s of CPU in 0.6 s");
+        assert!(self.running());
+    }
+
     /// Waits until request queue `rq` has taken `n` requests.
     pub fn wait_requests(&self, rq: usize, n: u64) {
         let start = Instant::now();
@@ -261,6 +272,21 @@ impl Ring {
         (mem.read_obj(GuestAddress(used)).unwrap(), mem.read_obj(GuestAddress(avail_event)).unwrap())
     }
 
+    /// Waits until the target polls this ring, which it shows by asking not to be kicked:
+    /// VRING_USED_F_NO_NOTIFY, or avail_event parked half the index space away from the
+    /// driver's index.
+    pub fn wait_polled(&self, rig: &Rig) {
+        let start = Instant::now();
+        loop {
+            let (flags, avail_event) = self.suppression(&rig.pool);
+            if (rig.event_idx && avail_event == 0x8000) || (!rig.event_idx && flags & 1 != 0) {
+                return;
+            }
+            assert!(start.elapsed() < PATIENCE, "queue {} is not polled", self.index);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Whether the target has signalled the call eventfd since the last look.
     pub fn called(&self) -> bool {
         self.call.read().is_ok()
@@ -310,4 +336,16 @@ pub fn request(rig: &Rig, cdb: &[u8]) -> DmaBuf {
     let mut req = rig.buf(CmdRequest::SIZE);
     req.write_at(0, &header(virtio_scsi_proto::LunAddress::new(0, 0).encode(), cdb)).unwrap();
     req
+}
+
+/// CPU time the process has used, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at the state, field 3.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks as f64 / hz
 }
