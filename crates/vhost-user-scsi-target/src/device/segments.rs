@@ -3,7 +3,9 @@
 //! descriptors. The spec lets a driver frame a request any way it likes, so nothing here assumes
 //! that the header sits alone in the first descriptor.
 
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryRegion, MemoryRegionAddress,
+};
 
 use crate::scsi::{DataError, DataIn, DataOut};
 
@@ -92,13 +94,23 @@ impl Stream {
 
     pub fn read<M: GuestMemory>(&self, mem: &M, offset: usize, dst: &mut [u8]) -> Result<(), DataError> {
         self.for_each_piece(offset, dst.len(), |addr, r| {
-            mem.read_slice(&mut dst[r], addr).map_err(|e| DataError::Memory(e.to_string()))
+            let dst = &mut dst[r];
+            match within_region(mem, addr, dst.len()) {
+                Some((region, at)) => region.read_slice(dst, at),
+                None => mem.read_slice(dst, addr),
+            }
+            .map_err(memory_error)
         })
     }
 
     pub fn write<M: GuestMemory>(&self, mem: &M, offset: usize, src: &[u8]) -> Result<(), DataError> {
         self.for_each_piece(offset, src.len(), |addr, r| {
-            mem.write_slice(&src[r], addr).map_err(|e| DataError::Memory(e.to_string()))
+            let src = &src[r];
+            match within_region(mem, addr, src.len()) {
+                Some((region, at)) => region.write_slice(src, at),
+                None => mem.write_slice(src, addr),
+            }
+            .map_err(memory_error)
         })
     }
 
@@ -112,6 +124,25 @@ impl Stream {
             }
         })
     }
+}
+
+/// The region holding all of `[addr, addr + len)`, and where in it the range starts. A piece
+/// almost always lies in one region, and is then copied through that region directly: the
+/// memory-wide copy walks the regions with an iterator that the compiler does not always inline,
+/// which costs the target a third of its request rate when it does not. Pieces that span
+/// regions (or fall outside them) take the memory-wide path, which handles and reports them.
+fn within_region<M: GuestMemory>(
+    mem: &M,
+    addr: GuestAddress,
+    len: usize,
+) -> Option<(&M::R, MemoryRegionAddress)> {
+    let (region, at) = mem.to_region_addr(addr)?;
+    let end = at.raw_value().checked_add(len as u64)?;
+    (end <= region.len()).then_some((region, at))
+}
+
+fn memory_error(e: GuestMemoryError) -> DataError {
+    DataError::Memory(e.to_string())
 }
 
 /// The data-out part of a request: the readable stream past the request header.
@@ -203,6 +234,24 @@ mod tests {
         m.read_slice(&mut out, GuestAddress(0x300)).unwrap();
         assert_eq!(out, [0, 9, 9, 0]);
         assert!(s.writable.write(&m, 3, &[1, 1]).is_err());
+    }
+
+    #[test]
+    fn a_piece_may_span_adjacent_regions_but_not_run_off_memory() {
+        let m: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)])
+                .unwrap();
+        let s = Segments::from_descriptors([(GuestAddress(0xff8), 16, true)].into_iter());
+        let data: Vec<u8> = (1..=16).collect();
+        s.writable.write(&m, 0, &data).unwrap();
+        let mut back = [0u8; 16];
+        s.writable.read(&m, 0, &mut back).unwrap();
+        assert_eq!(back[..], data[..]);
+        let mut raw = [0u8; 8];
+        m.read_slice(&mut raw, GuestAddress(0x1000)).unwrap();
+        assert_eq!(raw[..], data[8..], "the second half landed in the second region");
+        let off_end = Segments::from_descriptors([(GuestAddress(0x1ff8), 16, true)].into_iter());
+        assert!(matches!(off_end.writable.write(&m, 0, &data), Err(DataError::Memory(_))));
     }
 
     #[test]
