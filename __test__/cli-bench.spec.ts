@@ -12,6 +12,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import test, { type ExecutionContext, type ImplementationFn } from 'ava';
 
 import { controllerBack, LatencyHistogram, mergeWorkloadResults, Verifier, type WorkloadResult, wordsOf } from '../ts/bench.js';
+import type { ControlClient } from '../ts/bundled-target.js';
 import { cli, type Run } from './helpers/cli.js';
 import { repoRoot, requireTargetBinary, testWhen } from './helpers/env.js';
 import { initiatorRequirements, startTestTarget } from './helpers/initiator.js';
@@ -533,6 +534,12 @@ bench('bench --verify of a write-only run reads back what it wrote (batch path)'
 // ---- worker threads ----------------------------------------------------------------------------
 
 /** Workers queues: distinct when each has one of its own. */
+/** Data-in bytes the target has sent over all its request queues: the bench is moving data. */
+async function bytesSent(control: ControlClient): Promise<number> {
+  const queues = (await control.stats()).queues as Array<{ bytes_in: number }>;
+  return queues.reduce((n, q) => n + q.bytes_in, 0);
+}
+
 function queuesOf(j: BenchJson): number[] {
   return j.workers.map((w) => w.queue);
 }
@@ -645,11 +652,8 @@ bench('bench prints what the controller reports while it runs (a LUN added, a ca
   const control = await s.target.control();
   const run = cli(['bench', '--socket', s.socket, '--json', '--rw', 'randread', '--size', String(REGION), '--time', '3']);
   // Once the bench moves data (its scan is done by then), the target changes under it.
-  const moved = async (): Promise<number> => {
-    const queues = (await control.stats()).queues as Array<{ bytes_in: number }>;
-    return queues.reduce((n, q) => n + q.bytes_in, 0);
-  };
-  for (let i = 0; i < 200 && (await moved()) < REGION; i++) await new Promise((r) => setTimeout(r, 25));
+  const moved = (): Promise<number> => bytesSent(control);
+  for (let i = 0; i < 200 && (await moved()) < REGION; i++) await sleep(25);
   await control.addLun('0:1:ram:1M:512');
   await control.resizeLun(0, 0, `${(LUN_BYTES >> 20) * 2}M`);
   const r = await run;
@@ -663,11 +667,8 @@ bench('bench --type blk prints a capacity change of the disk while it runs', asy
   t.teardown(() => s.cleanup());
   const control = await s.target.control();
   const run = cli(['bench', '--socket', s.socket, '--type', 'blk', '--json', '--rw', 'randread', '--size', String(REGION), '--time', '4']);
-  const moved = async (): Promise<number> => {
-    const queues = (await control.stats()).queues as Array<{ bytes_in: number }>;
-    return queues.reduce((n, q) => n + q.bytes_in, 0);
-  };
-  for (let i = 0; i < 200 && (await moved()) < REGION; i++) await new Promise((r) => setTimeout(r, 25));
+  const moved = (): Promise<number> => bytesSent(control);
+  for (let i = 0; i < 200 && (await moved()) < REGION; i++) await sleep(25);
   await control.resizeLun(0, 0, `${(LUN_BYTES >> 20) * 2}M`);
   const r = await run;
   t.is(r.code, 0, describe(r));
@@ -686,22 +687,19 @@ bench(`bench --type ${type} --api ${api} --workers ${workers} --reconnect --veri
   // Time enough for every cut and its reconnection on a loaded machine: a cut the run's end
   // overtakes has no reconnection to count.
   const run = cli(['bench', '--socket', s.socket, '--type', type, '--json', '--reconnect', '--verify', '--rw', 'randrw', '--size', String(REGION), '--time', '8', '--workers', String(workers), '--api', api]);
-  const moved = async (): Promise<number> => {
-    const queues = (await control.stats()).queues as Array<{ bytes_in: number }>;
-    return queues.reduce((n, q) => n + q.bytes_in, 0);
-  };
-  for (let i = 0; i < 200 && (await moved()) < REGION; i++) await new Promise((r) => setTimeout(r, 25));
+  const moved = (): Promise<number> => bytesSent(control);
+  for (let i = 0; i < 200 && (await moved()) < REGION; i++) await sleep(25);
   // Each cut waits for the bench to move a megabyte over its new connection (the old one may
   // finish a batch it had begun).
   const CUTS = 5;
   for (let cut = 0; cut < CUTS; cut++) {
     const before = await moved();
-    for (let i = 0; i < 400 && (await moved()) < before + (1 << 20); i++) await new Promise((r) => setTimeout(r, 25));
+    for (let i = 0; i < 400 && (await moved()) < before + (1 << 20); i++) await sleep(25);
     // A cut that finds no connection (the bench between two) is tried again shortly.
     let cutOne = false;
     for (let i = 0; i < 40 && !cutOne; i++) {
       cutOne = (await control.disconnect()).connections === 1;
-      if (!cutOne) await new Promise((r) => setTimeout(r, 50));
+      if (!cutOne) await sleep(50);
     }
     t.true(cutOne, `cut ${cut + 1}`);
   }
@@ -732,10 +730,7 @@ bench('bench --reconnect --verify rides out a target killed (SIGKILL) and starte
   let target = await startTarget({ socket, control, luns });
   t.teardown(() => target.stop());
   const run = cli(['bench', '--socket', socket, '--json', '--reconnect', '--verify', '--rw', 'randrw', '--size', String(REGION), '--time', '6']);
-  const moved = async (): Promise<number> => {
-    const queues = (await (await target.control()).stats()).queues as Array<{ bytes_in: number }>;
-    return queues.reduce((n, q) => n + q.bytes_in, 0);
-  };
+  const moved = async (): Promise<number> => bytesSent(await target.control());
   for (let i = 0; i < 200 && (await moved()) < REGION; i++) await sleep(25);
   const KILLS = 2;
   for (let k = 0; k < KILLS; k++) {

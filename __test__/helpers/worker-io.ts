@@ -50,7 +50,9 @@ try {
     await dev.read(job.lba, 1); // opens this thread's queue
     const count = new Int32Array(job.gate.buffer);
     Atomics.add(count, 0, 1);
-    while (Atomics.load(count, 0) < job.gate.parties) await new Promise((r) => setTimeout(r, 5));
+    Atomics.notify(count, 0);
+    // Nothing is in flight here, so this thread may block until the others have opened theirs.
+    for (let n = Atomics.load(count, 0); n < job.gate.parties; n = Atomics.load(count, 0)) Atomics.wait(count, 0, n, 1000);
   }
   for (let round = 0; job.rounds === 0 || round < job.rounds; round++) {
     for (let base = 0; base < slots; base += job.depth) {

@@ -74,6 +74,8 @@ struct Inner {
     stats: Vec<QueueStats>,
     /// The injected fault and how many more requests get it.
     fault: Mutex<Option<(BlkFault, u32)>>,
+    /// Set while a fault is armed, so the common path takes no lock.
+    fault_armed: AtomicBool,
 }
 
 impl BlkBackend {
@@ -92,6 +94,7 @@ impl BlkBackend {
             exits: Mutex::new(Vec::new()),
             stats,
             fault: Mutex::new(None),
+            fault_armed: AtomicBool::new(false),
         });
         if let Some(threads) = inner.opts.poll_threads {
             poll::start(&inner, inner.opts.request_queues, threads);
@@ -159,11 +162,11 @@ impl BlkBackend {
 
     /// The next `count` requests get `fault` (replacing a fault not used up yet).
     pub fn inject(&self, fault: BlkFault, count: u32) {
-        *self.inner.fault.lock().unwrap() = (count > 0).then_some((fault, count));
+        self.inner.arm((count > 0).then_some((fault, count)));
     }
 
     pub fn clear_faults(&self) {
-        *self.inner.fault.lock().unwrap() = None;
+        self.inner.arm(None);
     }
 
     pub fn stats(&self) -> Vec<QueueStatsSnapshot> {
@@ -176,10 +179,20 @@ impl Inner {
         self.mem.read().unwrap().as_ref().map(|m| m.memory())
     }
 
+    fn arm(&self, fault: Option<(BlkFault, u32)>) {
+        let mut f = self.fault.lock().unwrap();
+        *f = fault;
+        self.fault_armed.store(f.is_some(), Ordering::Release);
+    }
+
     fn take_fault(&self) -> Option<BlkFault> {
+        if !self.fault_armed.load(Ordering::Acquire) {
+            return None;
+        }
         let mut f = self.fault.lock().unwrap();
         let (fault, left) = (*f)?;
         *f = (left > 1).then_some((fault, left - 1));
+        self.fault_armed.store(f.is_some(), Ordering::Release);
         Some(fault)
     }
 

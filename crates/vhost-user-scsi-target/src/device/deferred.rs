@@ -128,7 +128,9 @@ impl Deferred {
                 // Slot locks are never taken while the held list is locked: stopping a ring
                 // takes them in the other order.
                 let live: Vec<bool> = (0..inner.opts.request_queues)
-                    .map(|rq| inner.with_ring(FIRST_REQUEST_QUEUE + rq, |r, _| ring_live(r)).unwrap_or(false))
+                    .map(|rq| {
+                        inner.rings.with_ring(FIRST_REQUEST_QUEUE + rq, |r, _| ring_live(r)).unwrap_or(false)
+                    })
                     .collect();
                 let any_due = {
                     let held = inner.deferred.held.lock().unwrap();
@@ -143,7 +145,7 @@ impl Deferred {
                     continue;
                 }
                 for rq in 0..inner.opts.request_queues {
-                    inner.with_ring(FIRST_REQUEST_QUEUE + rq, |ring, _| {
+                    inner.rings.with_ring(FIRST_REQUEST_QUEUE + rq, |ring, _| {
                         if ring_live(ring) {
                             let now = Instant::now();
                             inner.finish_held(
@@ -165,7 +167,7 @@ impl Inner {
     pub(super) fn cancel_held(&self, pick: impl Fn(&Held) -> bool, code: u8) {
         for rq in 0..self.opts.request_queues {
             let queue = FIRST_REQUEST_QUEUE + rq;
-            let done = self.with_ring(queue, |ring, _| {
+            let done = self.rings.with_ring(queue, |ring, _| {
                 self.finish_held(ring, self.deferred.take(|h| h.rq == rq && pick(h)), Some(code))
             });
             if done.is_none() {

@@ -256,15 +256,9 @@ impl Inner {
         self.opts.poll_threads.is_some()
     }
 
-    /// Runs `f` on queue `queue`'s vring and its generation, under the ring's slot lock.
-    /// `None` when the connection has no such ring.
-    fn with_ring<R>(&self, queue: u16, f: impl FnOnce(&VringRwLock, u64) -> R) -> Option<R> {
-        self.rings.with_ring(queue, f)
-    }
-
     fn flush_events(&self) {
         let Some(mem) = self.memory() else { return };
-        self.with_ring(virtio_scsi_proto::EVENT_QUEUE, |ring, _| {
+        self.rings.with_ring(virtio_scsi_proto::EVENT_QUEUE, |ring, _| {
             if ring_live(ring) {
                 if let Err(e) = self.deliver_events(ring, &mem) {
                     warn!("event queue: {e}");
@@ -383,7 +377,7 @@ impl VhostUserBackend for ScsiBackend {
     /// before the reply, as a stop of each ring would.
     fn reset_device(&self) {
         for rq in 0..self.inner.opts.request_queues {
-            self.inner.with_ring(FIRST_REQUEST_QUEUE + rq, |ring, _| self.inner.drain_held(rq, ring));
+            self.inner.rings.with_ring(FIRST_REQUEST_QUEUE + rq, |ring, _| self.inner.drain_held(rq, ring));
         }
         self.inner.deferred.clear();
         self.inner.events.clear();
@@ -437,7 +431,7 @@ impl VhostUserBackend for ScsiBackend {
             return Err(io::Error::other("queue notification before SET_MEM_TABLE"));
         };
         let inner = &self.inner;
-        let served = inner.with_ring(queue, |vring, _| {
+        let served = inner.rings.with_ring(queue, |vring, _| {
             if !ring_live(vring) {
                 // A kick that was pending when the ring was stopped or disabled.
                 return Ok(());

@@ -11,9 +11,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::debug;
-use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserConfig, VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{QueueHandle, Result, RingAddresses, Transport, TransportError};
@@ -121,18 +125,15 @@ impl VhostUserTransport {
 /// a read that times out for ever, so a peer that accepts but never answers would hang it; here
 /// that is a clear error instead. The reply is consumed, and the frontend starts afresh.
 fn probe(stream: &UnixStream, path: &str) -> Result<()> {
-    const GET_FEATURES: u32 = 1;
-    const VERSION_1: u32 = 0x1;
-    const REPLY: u32 = 0x4;
     let not_vhost = |detail: String| TransportError::NotVhostUser { path: path.into(), detail };
 
-    let mut request = [0u8; 12];
-    request[0..4].copy_from_slice(&GET_FEATURES.to_le_bytes());
-    request[4..8].copy_from_slice(&VERSION_1.to_le_bytes());
     stream.set_write_timeout(Some(PROBE_TIMEOUT))?;
-    (&*stream).write_all(&request).map_err(|e| not_vhost(format!("cannot send GET_FEATURES: {e}")))?;
+    (&*stream)
+        .write_all(&frame(FrontendReq::GET_FEATURES, &[]))
+        .map_err(|e| not_vhost(format!("cannot send GET_FEATURES: {e}")))?;
 
-    let mut reply = [0u8; 20];
+    // The header and the 64-bit feature mask.
+    let mut reply = [0u8; HEADER_SIZE + 8];
     let deadline = std::time::Instant::now() + PROBE_TIMEOUT;
     let mut got = 0;
     while got < reply.len() {
@@ -157,56 +158,66 @@ fn probe(stream: &UnixStream, path: &str) -> Result<()> {
             Err(e) => return Err(not_vhost(format!("reading the GET_FEATURES reply: {e}"))),
         }
     }
-    let word = |i: usize| u32::from_le_bytes([reply[i], reply[i + 1], reply[i + 2], reply[i + 3]]);
-    if word(0) != GET_FEATURES || word(4) & REPLY == 0 || word(8) != 8 {
-        return Err(not_vhost(format!("the reply to GET_FEATURES is not vhost-user: {:02x?}", &reply[..12])));
+    let header: &[u8; HEADER_SIZE] = reply[..HEADER_SIZE].try_into().expect("the reply starts with a header");
+    if reply_size(header, FrontendReq::GET_FEATURES) != Some(8) {
+        return Err(not_vhost(format!("the reply to GET_FEATURES is not vhost-user: {header:02x?}")));
     }
     stream.set_write_timeout(None)?;
     Ok(())
+}
+
+/// Size of a vhost-user message header: request code, flags, payload size (native byte order).
+const HEADER_SIZE: usize = 12;
+
+/// A request as sent on the socket: its header (protocol version 1), then `body`.
+fn frame(request: FrontendReq, body: &[u8]) -> Vec<u8> {
+    const VERSION_1: u32 = 0x1;
+    let mut message = Vec::with_capacity(HEADER_SIZE + body.len());
+    for word in [u32::from(request), VERSION_1, body.len() as u32] {
+        message.extend_from_slice(&word.to_ne_bytes());
+    }
+    message.extend_from_slice(body);
+    message
+}
+
+/// The payload size a reply header announces, when it is a reply to `request`.
+fn reply_size(header: &[u8; HEADER_SIZE], request: FrontendReq) -> Option<usize> {
+    let word = |i: usize| u32::from_ne_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let is_reply = word(4) & VhostUserHeaderFlag::REPLY.bits() != 0;
+    (word(0) == u32::from(request) && is_reply).then_some(word(8) as usize)
 }
 
 /// GET_CONFIG by hand. A backend that cannot serve the range (one of another device type, whose
 /// configuration space is shorter) answers with an empty payload, which the `vhost` crate's
 /// frontend would wait on for the payload it asked for; here it is an error naming the range.
 fn get_config(stream: &UnixStream, offset: u32, len: usize) -> std::result::Result<Vec<u8>, String> {
-    const GET_CONFIG: u32 = 24;
-    const VERSION_1: u32 = 0x1;
-    const REPLY: u32 = 0x4;
-    /// offset, size and flags.
-    const BODY: usize = 12;
-    let size = u32::try_from(BODY + len).map_err(|_| format!("{len} bytes is too large a read"))?;
-    let mut request = Vec::with_capacity(12 + BODY + len);
-    for word in [GET_CONFIG, VERSION_1, size, offset, len as u32, 0] {
-        request.extend_from_slice(&word.to_le_bytes());
-    }
-    request.resize(12 + BODY + len, 0);
+    let size = u32::try_from(len).map_err(|_| format!("{len} bytes is too large a read"))?;
+    let mut body = VhostUserConfig::new(offset, size, VhostUserConfigFlags::empty()).as_slice().to_vec();
+    body.resize(body.len() + len, 0);
     let mut s = stream;
-    s.write_all(&request).map_err(|e| format!("cannot send: {e}"))?;
+    s.write_all(&frame(FrontendReq::GET_CONFIG, &body)).map_err(|e| format!("cannot send: {e}"))?;
 
-    let word = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    let mut header = [0u8; 12];
+    let mut header = [0u8; HEADER_SIZE];
     s.read_exact(&mut header).map_err(|e| format!("reading the reply: {e}"))?;
-    let reply_size = word(&header, 8) as usize;
-    if word(&header, 0) != GET_CONFIG
-        || word(&header, 4) & REPLY == 0
-        || !(BODY..=BODY + len).contains(&reply_size)
-    {
-        return Err(format!("the reply is not one to GET_CONFIG of {len} bytes: {header:02x?}"));
-    }
-    let mut reply = vec![0u8; reply_size];
+    let fields = std::mem::size_of::<VhostUserConfig>();
+    let reply_len = reply_size(&header, FrontendReq::GET_CONFIG)
+        .filter(|n| (fields..=body.len()).contains(n))
+        .ok_or_else(|| format!("the reply is not one to GET_CONFIG of {len} bytes: {header:02x?}"))?;
+    let mut reply = vec![0u8; reply_len];
     s.read_exact(&mut reply).map_err(|e| format!("reading the reply: {e}"))?;
-    let (got_offset, got_len) = (word(&reply, 0), word(&reply, 4) as usize);
+    let got = *VhostUserConfig::from_slice(&reply[..fields]).expect("VhostUserConfig is packed");
+    let (got_offset, got_len) = ({ got.offset }, { got.size } as usize);
     if got_len == 0 {
         return Err(format!(
             "the backend refused to read {len} bytes of configuration space at offset {offset}"
         ));
     }
-    if got_offset != offset || got_len != len || reply_size != BODY + len {
+    if got_offset != offset || got_len != len || reply_len != body.len() {
         return Err(format!(
-            "asked for {len} bytes at offset {offset}, the reply has {got_len} at {got_offset} in {reply_size} bytes"
+            "asked for {len} bytes at offset {offset}, the reply has {got_len} at {got_offset} in {reply_len} bytes"
         ));
     }
-    reply.drain(..BODY);
+    reply.drain(..fields);
     Ok(reply)
 }
 
